@@ -1,0 +1,2 @@
+//! The `roomcast` binary: wires the configuration to [`roomcast::server::run`].
+fn main() {}

@@ -1,0 +1,1 @@
+//! The plugin runtime: wasmtime engine, one sandboxed instance per live room.

@@ -1,0 +1,1 @@
+//! Test support: start a server on port 0, connect real clients, build plugins.
