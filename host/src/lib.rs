@@ -1,4 +1,17 @@
 //! Roomcast: a WebSocket room server whose room logic lives in WebAssembly components.
+//!
+//! [`server::run`] serves on a bound listener until a shutdown future resolves; the
+//! `roomcast` binary wires [`config::Config`] to it. See `ARCHITECTURE.md` for the map.
 
+pub mod broadcast;
+pub mod config;
+pub mod frame;
+pub mod handshake;
+pub mod heartbeat;
+pub mod metrics;
 pub mod plugin;
+pub mod room;
+pub mod server;
+pub mod session;
+pub mod shutdown;
 pub mod units;

@@ -1,0 +1,578 @@
+//! Server settings: defaults, the TOML file, and command-line flags, in that order of
+//! precedence (flags over file over defaults).
+//!
+//! Every setting is one top-level TOML key named like its flag (`--max-queue-bytes` is
+//! `max_queue_bytes`). A bad key or value is a [`ConfigError`] that names the key and
+//! where it came from, and the server does not start.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::units::{parse_duration, parse_size};
+
+/// Where a setting's value came from, for error messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Flag,
+}
+
+/// A setting that could not be used. The server refuses to start with one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {reason}", file.display())]
+    Unreadable { file: PathBuf, reason: String },
+    #[error("config file {} is not valid TOML: {reason}", file.display())]
+    Syntax { file: PathBuf, reason: String },
+    #[error("unknown key `{key}` in config file {}", file.display())]
+    UnknownKey { file: PathBuf, key: String },
+    #[error("bad value for `{key}` in config file {}: {reason}", file.display())]
+    BadFileValue {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("bad value for --{flag}: {reason}")]
+    BadFlag { flag: String, reason: String },
+    #[error("cannot read admin token file {}: {reason}", file.display())]
+    TokenFile { file: PathBuf, reason: String },
+}
+
+/// Which browser origins may open a WebSocket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// A request's `Origin` must name the same host and port as its `Host` header.
+    SameHost,
+    /// Any origin.
+    Any,
+    /// Exactly these origins (`scheme://host[:port]`) or subdomain wildcards
+    /// (`https://*.example.com`).
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let items: Vec<String> = text
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Err("empty origin list; use `*` for any origin".into());
+        }
+        if items.iter().any(|s| s == "*") {
+            return Ok(Self::Any);
+        }
+        for item in &items {
+            let Some((scheme, rest)) = item.split_once("://") else {
+                return Err(format!(
+                    "`{item}` is not an origin like https://app.example.com"
+                ));
+            };
+            if scheme.is_empty() || rest.is_empty() || rest.contains('/') {
+                return Err(format!(
+                    "`{item}` is not an origin like https://app.example.com"
+                ));
+            }
+        }
+        Ok(Self::List(items))
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Every setting of `roomcast serve`. See the README's configuration table for the
+/// reason behind each default.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub listen_backlog: u32,
+    pub plugins: Option<PathBuf>,
+    pub heartbeat_interval: Duration,
+    pub pong_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_message_bytes: u64,
+    pub max_queue_bytes: u64,
+    pub max_connections: usize,
+    pub allowed_origins: OriginPolicy,
+    pub admin_token: Option<String>,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub plugin_max_memory: u64,
+    pub plugin_max_deadline: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("listen_backlog", &self.listen_backlog)
+            .field("plugins", &self.plugins)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("pong_timeout", &self.pong_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_queue_bytes", &self.max_queue_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("allowed_origins", &self.allowed_origins)
+            // Tokens never appear in logs.
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("log_format", &self.log_format)
+            .field("plugin_max_memory", &self.plugin_max_memory)
+            .field("plugin_max_deadline", &self.plugin_max_deadline)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_backlog: 4096,
+            plugins: None,
+            heartbeat_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_message_bytes: 64 << 10,
+            max_queue_bytes: 1 << 20,
+            max_connections: 19_000,
+            allowed_origins: OriginPolicy::SameHost,
+            admin_token: None,
+            shutdown_timeout: Duration::from_secs(10),
+            log_format: LogFormat::Human,
+            plugin_max_memory: 256 << 20,
+            plugin_max_deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A value before it is interpreted: from TOML (typed) or from a flag (always text).
+#[derive(Clone, Debug)]
+pub enum RawValue {
+    Text(String),
+    Integer(i64),
+    Bool(bool),
+    List(Vec<String>),
+    Other(&'static str),
+}
+
+impl RawValue {
+    fn text(&self) -> Result<String, String> {
+        match self {
+            Self::Text(s) => Ok(s.clone()),
+            Self::Integer(i) => Ok(i.to_string()),
+            Self::Bool(b) => Ok(b.to_string()),
+            Self::List(items) => Ok(items.join(",")),
+            Self::Other(kind) => Err(format!("expected a string, found {kind}")),
+        }
+    }
+}
+
+/// Every setting: its key (the flag is the key with dashes), the value's shape, and
+/// what it does. The CLI is generated from this table.
+pub const SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "listen",
+        "ADDR",
+        "Address to listen on [default: 127.0.0.1:8080]",
+    ),
+    (
+        "listen_backlog",
+        "N",
+        "Listen backlog; absorbs reconnect storms [default: 4096]",
+    ),
+    (
+        "plugins",
+        "DIR",
+        "Folder of plugin .wasm files (and NAME.toml beside them) [default: none]",
+    ),
+    (
+        "heartbeat_interval",
+        "DURATION",
+        "Ping a session after this long without a frame from it [default: 30s]",
+    ),
+    (
+        "pong_timeout",
+        "DURATION",
+        "Reap a session silent for heartbeat interval plus this [default: 10s]",
+    ),
+    (
+        "handshake_timeout",
+        "DURATION",
+        "Close connections without a complete upgrade request in this time [default: 10s]",
+    ),
+    (
+        "max_message_bytes",
+        "SIZE",
+        "Largest message a client may send; larger closes with 1009 [default: 64KiB]",
+    ),
+    (
+        "max_queue_bytes",
+        "SIZE",
+        "Outbound bytes queued per member before it is cut as a slow consumer [default: 1MiB]",
+    ),
+    (
+        "max_connections",
+        "N",
+        "Open WebSocket sessions allowed; more get 503 [default: 19000]",
+    ),
+    (
+        "allowed_origins",
+        "LIST",
+        "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
+    ),
+    (
+        "admin_token",
+        "TOKEN",
+        "Bearer token for the admin API; off without one [env: ROOMCAST_ADMIN_TOKEN]",
+    ),
+    (
+        "admin_token_file",
+        "FILE",
+        "Read the admin token from this file",
+    ),
+    (
+        "shutdown_timeout",
+        "DURATION",
+        "How long shutdown waits for sessions to close [default: 10s]",
+    ),
+    ("log_format", "FORMAT", "human or json [default: human]"),
+    (
+        "plugin_max_memory",
+        "SIZE",
+        "Host-wide cap on a plugin's per-room memory limit [default: 256MiB]",
+    ),
+    (
+        "plugin_max_deadline",
+        "DURATION",
+        "Host-wide cap on a plugin's per-call deadline [default: 1s]",
+    ),
+];
+
+impl Config {
+    /// Set one key. `Err` carries the reason; the caller adds the key and its source.
+    pub fn set(&mut self, key: &str, value: &RawValue) -> Result<(), SetError> {
+        let text = value.text().map_err(SetError::Bad)?;
+        let bad = SetError::Bad;
+        match key {
+            "listen" => {
+                self.listen = text
+                    .parse()
+                    .map_err(|_| bad(format!("`{text}` is not an address like 127.0.0.1:8080")))?
+            }
+            "listen_backlog" => {
+                self.listen_backlog = parse_count(&text, 1, u32::MAX as u64).map_err(bad)? as u32
+            }
+            "plugins" => self.plugins = Some(PathBuf::from(text)),
+            "heartbeat_interval" => {
+                self.heartbeat_interval = parse_positive_duration(&text).map_err(bad)?
+            }
+            "pong_timeout" => self.pong_timeout = parse_positive_duration(&text).map_err(bad)?,
+            "handshake_timeout" => {
+                self.handshake_timeout = parse_positive_duration(&text).map_err(bad)?
+            }
+            "max_message_bytes" => {
+                self.max_message_bytes = parse_positive_size(&text).map_err(bad)?
+            }
+            "max_queue_bytes" => self.max_queue_bytes = parse_positive_size(&text).map_err(bad)?,
+            "max_connections" => {
+                self.max_connections = parse_count(&text, 1, 10_000_000).map_err(bad)? as usize
+            }
+            "allowed_origins" => self.allowed_origins = OriginPolicy::parse(&text).map_err(bad)?,
+            "admin_token" => {
+                if text.trim().is_empty() {
+                    return Err(bad("the admin token is empty".into()));
+                }
+                self.admin_token = Some(text.trim().to_owned())
+            }
+            "admin_token_file" => {
+                let file = PathBuf::from(&text);
+                let token = std::fs::read_to_string(&file)
+                    .map_err(|e| SetError::TokenFile(file.clone(), e.to_string()))?;
+                if token.trim().is_empty() {
+                    return Err(SetError::TokenFile(file, "the file is empty".into()));
+                }
+                self.admin_token = Some(token.trim().to_owned());
+            }
+            "shutdown_timeout" => self.shutdown_timeout = parse_duration(&text).map_err(bad)?,
+            "log_format" => {
+                self.log_format = match text.as_str() {
+                    "human" => LogFormat::Human,
+                    "json" => LogFormat::Json,
+                    other => {
+                        return Err(bad(format!(
+                            "`{other}` is not a log format; use human or json"
+                        )));
+                    }
+                }
+            }
+            "plugin_max_memory" => {
+                self.plugin_max_memory = parse_positive_size(&text).map_err(bad)?
+            }
+            "plugin_max_deadline" => {
+                self.plugin_max_deadline = parse_positive_duration(&text).map_err(bad)?
+            }
+            _ => return Err(SetError::Unknown),
+        }
+        Ok(())
+    }
+
+    /// Read a TOML config file over the current values.
+    pub fn apply_file(&mut self, file: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Unreadable {
+            file: file.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    file: file.to_owned(),
+                    reason: e.message().to_owned(),
+                })?;
+        for (key, value) in &table {
+            let raw = match value {
+                toml::Value::String(s) => RawValue::Text(s.clone()),
+                toml::Value::Integer(i) => RawValue::Integer(*i),
+                toml::Value::Boolean(b) => RawValue::Bool(*b),
+                toml::Value::Array(items) => {
+                    let mut list = Vec::new();
+                    for item in items {
+                        match item {
+                            toml::Value::String(s) => list.push(s.clone()),
+                            _ => {
+                                return Err(ConfigError::BadFileValue {
+                                    file: file.to_owned(),
+                                    key: key.clone(),
+                                    reason: "expected a list of strings".into(),
+                                });
+                            }
+                        }
+                    }
+                    RawValue::List(list)
+                }
+                toml::Value::Float(_) => RawValue::Other("a float"),
+                toml::Value::Datetime(_) => RawValue::Other("a date"),
+                toml::Value::Table(_) => RawValue::Other("a table"),
+            };
+            // A relative path in a file is relative to that file.
+            let raw = match (key.as_str(), raw) {
+                ("plugins" | "admin_token_file", RawValue::Text(path)) => {
+                    let base = file.parent().unwrap_or(Path::new("."));
+                    RawValue::Text(base.join(path).to_string_lossy().into_owned())
+                }
+                (_, raw) => raw,
+            };
+            self.set(key, &raw).map_err(|e| match e {
+                SetError::Unknown => ConfigError::UnknownKey {
+                    file: file.to_owned(),
+                    key: key.clone(),
+                },
+                SetError::Bad(reason) => ConfigError::BadFileValue {
+                    file: file.to_owned(),
+                    key: key.clone(),
+                    reason,
+                },
+                SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Apply a flag (`flag` is the key's name with dashes, as typed).
+    pub fn apply_flag(&mut self, flag: &str, value: &str) -> Result<(), ConfigError> {
+        let key = flag.replace('-', "_");
+        self.set(&key, &RawValue::Text(value.to_owned()))
+            .map_err(|e| match e {
+                SetError::Unknown => ConfigError::BadFlag {
+                    flag: flag.to_owned(),
+                    reason: "unknown setting".into(),
+                },
+                SetError::Bad(reason) => ConfigError::BadFlag {
+                    flag: flag.to_owned(),
+                    reason,
+                },
+                SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
+            })
+    }
+}
+
+/// Why [`Config::set`] refused a value.
+#[derive(Debug)]
+pub enum SetError {
+    Unknown,
+    Bad(String),
+    TokenFile(PathBuf, String),
+}
+
+fn parse_count(text: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("{n} is out of range ({min} to {max})"));
+    }
+    Ok(n)
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.is_zero() {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_positive_size(text: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if n == 0 {
+        return Err(format!("`{text}` must be larger than zero"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let file = dir.path().join("roomcast.toml");
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    /// A minimal temporary directory, removed on drop.
+    mod tempdir {
+        use std::path::{Path, PathBuf};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        pub struct Dir(PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: AtomicU32 = AtomicU32::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "roomcast-config-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&path).unwrap();
+                Self(path)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let (_dir, file) = write(
+            "heartbeat_interval = \"5s\"\nmax_queue_bytes = \"64KiB\"\nmax_message_bytes = 1000\nallowed_origins = [\"https://a.example\", \"https://*.b.example\"]\n",
+        );
+        let mut config = Config::default();
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.max_queue_bytes, 65536);
+        assert_eq!(config.max_message_bytes, 1000);
+        assert_eq!(
+            config.allowed_origins,
+            OriginPolicy::List(vec![
+                "https://a.example".into(),
+                "https://*.b.example".into()
+            ])
+        );
+        config.apply_flag("heartbeat-interval", "7s").unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(7));
+        assert_eq!(
+            config.pong_timeout,
+            Duration::from_secs(10),
+            "defaults stay"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let (_dir, file) = write("heartbeat_intervl = \"5s\"\n");
+        let err = Config::default().apply_file(&file).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("heartbeat_intervl") && text.contains("roomcast.toml"),
+            "{text}"
+        );
+
+        let (_dir, file) = write("pong_timeout = \"soon\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(
+            text.contains("pong_timeout")
+                && text.contains("roomcast.toml")
+                && text.contains("soon"),
+            "{text}"
+        );
+
+        let text = Config::default()
+            .apply_file(Path::new("/nonexistent/roomcast.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("/nonexistent/roomcast.toml"), "{text}");
+
+        let (_dir, file) = write("listen = [1, 2]\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(
+            text.contains("listen") && text.contains("roomcast.toml"),
+            "{text}"
+        );
+
+        let text = Config::default()
+            .apply_flag("max-queue-bytes", "lots")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("--max-queue-bytes") && text.contains("lots"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_key_is_known() {
+        let mut config = Config::default();
+        for (key, _, _) in SETTINGS {
+            let result = config.set(key, &RawValue::Text("x".into()));
+            assert!(
+                !matches!(result, Err(SetError::Unknown)),
+                "{key} is listed but unknown"
+            );
+        }
+    }
+
+    #[test]
+    fn token_is_redacted() {
+        let config = Config {
+            admin_token: Some("s3cret".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(OriginPolicy::parse("*"), Ok(OriginPolicy::Any));
+        assert!(OriginPolicy::parse("example.com").is_err());
+        assert!(OriginPolicy::parse("").is_err());
+    }
+}

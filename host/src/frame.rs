@@ -1,0 +1,429 @@
+//! The RFC 6455 frame codec: decoding client frames and encoding server frames.
+//!
+//! The decoder is strict: reserved bits, unknown opcodes, unmasked client frames,
+//! fragmented or oversized control frames, non-minimal lengths, misplaced
+//! continuations, invalid close codes and invalid UTF-8 are errors that carry the close
+//! code the server answers with. Server frames are never masked, so a broadcast frame
+//! is encoded once and its bytes shared by every recipient.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Close codes the server sends.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A data message, reassembled from its fragments. `text` payloads are valid UTF-8.
+    Message {
+        text: bool,
+        payload: Bytes,
+    },
+    Ping(Bytes),
+    Pong(Bytes),
+    /// A close frame; `code` is `None` for an empty close body.
+    Close {
+        code: Option<u16>,
+        reason: Bytes,
+    },
+}
+
+/// Why the connection must be failed; each maps to the close code the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("invalid UTF-8 in a text message or close reason")]
+    InvalidUtf8,
+    #[error("message larger than {0} bytes")]
+    TooBig(usize),
+}
+
+impl DecodeError {
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Self::Protocol(_) => close_code::PROTOCOL,
+            Self::InvalidUtf8 => close_code::INVALID_DATA,
+            Self::TooBig(_) => close_code::TOO_BIG,
+        }
+    }
+}
+
+/// Decoder state for one connection: the fragments of a message in progress.
+#[derive(Debug)]
+pub struct Decoder {
+    max_message: usize,
+    /// `(is_text, payload so far)` while a fragmented message is being received.
+    partial: Option<(bool, BytesMut)>,
+}
+
+impl Decoder {
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            max_message,
+            partial: None,
+        }
+    }
+
+    /// Decode the next complete event from `buf`, consuming its bytes. `Ok(None)` means
+    /// more bytes are needed; the buffer is then reserved for the rest of the frame.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, DecodeError> {
+        loop {
+            let Some(header) = parse_header(buf)? else {
+                return Ok(None);
+            };
+            let is_control = header.opcode >= 0x8;
+            if !is_control {
+                let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
+                if so_far as u64 + header.len > self.max_message as u64 {
+                    return Err(DecodeError::TooBig(self.max_message));
+                }
+            }
+            let total = header.header_len + header.len as usize;
+            if buf.len() < total {
+                buf.reserve(total - buf.len());
+                return Ok(None);
+            }
+            let mut frame = buf.split_to(total);
+            let mut payload = frame.split_off(header.header_len);
+            unmask(&mut payload, header.mask);
+
+            match header.opcode {
+                OP_TEXT | OP_BINARY => {
+                    if self.partial.is_some() {
+                        return Err(DecodeError::Protocol(
+                            "new data frame inside a fragmented message",
+                        ));
+                    }
+                    let text = header.opcode == OP_TEXT;
+                    if header.fin {
+                        return finish(text, payload.freeze()).map(Some);
+                    }
+                    self.partial = Some((text, payload));
+                }
+                OP_CONTINUATION => {
+                    let Some((text, mut so_far)) = self.partial.take() else {
+                        return Err(DecodeError::Protocol(
+                            "continuation without a message in progress",
+                        ));
+                    };
+                    so_far.extend_from_slice(&payload);
+                    if header.fin {
+                        return finish(text, so_far.freeze()).map(Some);
+                    }
+                    self.partial = Some((text, so_far));
+                }
+                OP_PING => return Ok(Some(Event::Ping(payload.freeze()))),
+                OP_PONG => return Ok(Some(Event::Pong(payload.freeze()))),
+                OP_CLOSE => return parse_close(payload.freeze()).map(Some),
+                _ => unreachable!("parse_header rejects unknown opcodes"),
+            }
+        }
+    }
+}
+
+fn finish(text: bool, payload: Bytes) -> Result<Event, DecodeError> {
+    if text && std::str::from_utf8(&payload).is_err() {
+        return Err(DecodeError::InvalidUtf8);
+    }
+    Ok(Event::Message { text, payload })
+}
+
+fn parse_close(payload: Bytes) -> Result<Event, DecodeError> {
+    match payload.len() {
+        0 => Ok(Event::Close {
+            code: None,
+            reason: Bytes::new(),
+        }),
+        1 => Err(DecodeError::Protocol("close frame with a one-byte body")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !valid_close_code(code) {
+                return Err(DecodeError::Protocol("invalid close code"));
+            }
+            let reason = payload.slice(2..);
+            if std::str::from_utf8(&reason).is_err() {
+                return Err(DecodeError::InvalidUtf8);
+            }
+            Ok(Event::Close {
+                code: Some(code),
+                reason,
+            })
+        }
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 section 7.4 and the IANA registry).
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    len: u64,
+    header_len: usize,
+}
+
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(DecodeError::Protocol(
+            "reserved bits set without a negotiated extension",
+        ));
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    match opcode {
+        OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
+        OP_CLOSE | OP_PING | OP_PONG => {
+            if !fin {
+                return Err(DecodeError::Protocol("fragmented control frame"));
+            }
+            if b1 & 0x7F > 125 {
+                return Err(DecodeError::Protocol("control frame longer than 125 bytes"));
+            }
+        }
+        _ => return Err(DecodeError::Protocol("unknown opcode")),
+    }
+    if b1 & 0x80 == 0 {
+        return Err(DecodeError::Protocol("client frame is not masked"));
+    }
+    let (len, mut at) = match b1 & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            let len = u16::from_be_bytes([buf[2], buf[3]]) as u64;
+            if len < 126 {
+                return Err(DecodeError::Protocol("length not minimally encoded"));
+            }
+            (len, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(DecodeError::Protocol(
+                    "length with the most significant bit set",
+                ));
+            }
+            if len <= u16::MAX as u64 {
+                return Err(DecodeError::Protocol("length not minimally encoded"));
+            }
+            (len, 10)
+        }
+        n => (n as u64, 2),
+    };
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mask = buf[at..at + 4].try_into().expect("4 bytes");
+    at += 4;
+    Ok(Some(Header {
+        fin,
+        opcode,
+        mask,
+        len,
+        header_len: at,
+    }))
+}
+
+/// XOR the payload with the client's masking key, eight bytes at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let v = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i & 3];
+    }
+}
+
+/// Encode one unmasked, unfragmented server frame.
+pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.put_u8(0x80 | opcode);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.put_u8(126);
+        out.put_u16(len as u16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// Encode a close frame; the reason is cut to fit the 125-byte control frame limit
+/// on a character boundary.
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut body = Vec::with_capacity(2 + end);
+    body.extend_from_slice(&code.to_be_bytes());
+    body.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(OP_CLOSE, &body)
+}
+
+/// Build a masked client frame (used by tests and the load generator).
+pub fn encode_client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let len = payload.len();
+    let mut out = Vec::with_capacity(len + 14);
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn decode_all(bytes: &[u8], max: usize) -> Vec<Result<Event, DecodeError>> {
+        let mut decoder = Decoder::new(max);
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(event)) => out.push(Ok(event)),
+                Ok(None) => break,
+                Err(e) => {
+                    out.push(Err(e));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip_lengths() {
+        for len in [0, 1, 125, 126, 127, 65535, 65536, 200_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let wire = encode_client(true, OP_BINARY, &payload, MASK);
+            let events = decode_all(&wire, 1 << 20);
+            assert_eq!(
+                events,
+                vec![Ok(Event::Message {
+                    text: false,
+                    payload: Bytes::from(payload.clone())
+                })],
+                "len {len}"
+            );
+            let server = encode(OP_BINARY, &payload);
+            assert_eq!(
+                server.len(),
+                len + if len < 126 {
+                    2
+                } else if len < 65536 {
+                    4
+                } else {
+                    10
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let mut wire = encode_client(false, OP_TEXT, b"hel", MASK);
+        wire.extend(encode_client(true, OP_PING, b"p", MASK));
+        wire.extend(encode_client(true, OP_CONTINUATION, b"lo", MASK));
+        let mut decoder = Decoder::new(1024);
+        let mut buf = BytesMut::new();
+        let mut events = Vec::new();
+        for byte in wire {
+            buf.put_u8(byte);
+            while let Some(event) = decoder.decode(&mut buf).unwrap() {
+                events.push(event);
+            }
+        }
+        assert_eq!(
+            events,
+            vec![
+                Event::Ping(Bytes::from_static(b"p")),
+                Event::Message {
+                    text: true,
+                    payload: Bytes::from_static(b"hello")
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn size_limit_counts_fragments() {
+        let mut wire = encode_client(false, OP_BINARY, &[0; 60], MASK);
+        wire.extend(encode_client(true, OP_CONTINUATION, &[0; 60], MASK));
+        assert_eq!(
+            decode_all(&wire, 100).pop(),
+            Some(Err(DecodeError::TooBig(100)))
+        );
+        assert!(matches!(
+            decode_all(&wire, 120).pop(),
+            Some(Ok(Event::Message { .. }))
+        ));
+    }
+
+    #[test]
+    fn unmask_matches_bytewise() {
+        for len in 0..40 {
+            let mut data: Vec<u8> = (0..len as u8).collect();
+            let expect: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ MASK[i & 3])
+                .collect();
+            unmask(&mut data, MASK);
+            assert_eq!(data, expect);
+        }
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let frame = encode_close(1008, &"é".repeat(100));
+        assert!(frame.len() <= 127);
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+}

@@ -1,0 +1,244 @@
+//! Prometheus metrics: plain atomics, rendered as text by `GET /metrics`.
+//!
+//! Every labelled series exists from start-up (at 0), so dashboards and alerts never
+//! see a series appear out of nowhere.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Why a WebSocket session ended: the `reason` label of
+/// `roomcast_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame.
+    Client,
+    /// No sign of life within heartbeat interval + pong timeout.
+    Heartbeat,
+    /// The member's outbound queue overflowed (close 1008).
+    SlowConsumer,
+    /// A message over `max_message_bytes` (close 1009).
+    TooBig,
+    /// A protocol or UTF-8 error (close 1002 / 1007).
+    Protocol,
+    /// TCP error, or end of file without a close frame.
+    Reset,
+    /// The server is shutting down (close 1001).
+    Shutdown,
+    /// A plugin closed the member.
+    Plugin,
+    /// The room's plugin failed and the room could not continue (close 1011).
+    PluginFailure,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        Self::Client,
+        Self::Heartbeat,
+        Self::SlowConsumer,
+        Self::TooBig,
+        Self::Protocol,
+        Self::Reset,
+        Self::Shutdown,
+        Self::Plugin,
+        Self::PluginFailure,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Heartbeat => "heartbeat",
+            Self::SlowConsumer => "slow_consumer",
+            Self::TooBig => "too_big",
+            Self::Protocol => "protocol",
+            Self::Reset => "reset",
+            Self::Shutdown => "shutdown",
+            Self::Plugin => "plugin",
+            Self::PluginFailure => "plugin_failure",
+        }
+    }
+}
+
+/// Why an upgrade was refused: the `reason` label of
+/// `roomcast_handshakes_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    Timeout,
+    Method,
+    BadRequest,
+    Version,
+    Origin,
+    RoomName,
+    Capacity,
+    Plugin,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 8] = [
+        Self::Timeout,
+        Self::Method,
+        Self::BadRequest,
+        Self::Version,
+        Self::Origin,
+        Self::RoomName,
+        Self::Capacity,
+        Self::Plugin,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Method => "method",
+            Self::BadRequest => "bad_request",
+            Self::Version => "version",
+            Self::Origin => "origin",
+            Self::RoomName => "room_name",
+            Self::Capacity => "capacity",
+            Self::Plugin => "plugin",
+        }
+    }
+}
+
+/// Outcomes of a plugin call: the `outcome` label of `roomcast_plugin_calls_total`.
+pub const PLUGIN_OUTCOMES: [&str; 5] = ["ok", "trap", "timeout", "memory", "error"];
+
+/// All of the host's counters and gauges. One instance per server, shared by `Arc`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicI64,
+    pub rooms: AtomicI64,
+    pub room_members: AtomicI64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+    rejected: [AtomicU64; RejectReason::ALL.len()],
+    /// `(plugin, outcome)` → count. Plugins come and go, so this one is a map; a
+    /// plugin's series are created at 0 when it loads.
+    plugin_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Metrics {
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
+        self.closed[reason as usize].load(Relaxed)
+    }
+
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected_count(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize].load(Relaxed)
+    }
+
+    /// Create a plugin's series at 0 (called when a plugin loads).
+    pub fn plugin_loaded(&self, plugin: &str) {
+        let mut calls = self.plugin_calls.lock().expect("metrics lock");
+        for outcome in PLUGIN_OUTCOMES {
+            calls.entry((plugin.to_owned(), outcome)).or_insert(0);
+        }
+    }
+
+    pub fn plugin_call(&self, plugin: &str, outcome: &'static str) {
+        let mut calls = self.plugin_calls.lock().expect("metrics lock");
+        *calls.entry((plugin.to_owned(), outcome)).or_insert(0) += 1;
+    }
+
+    pub fn plugin_call_count(&self, plugin: &str, outcome: &'static str) -> u64 {
+        let calls = self.plugin_calls.lock().expect("metrics lock");
+        calls
+            .get(&(plugin.to_owned(), outcome))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "roomcast_connections",
+            "Open WebSocket sessions.",
+            self.connections.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "roomcast_rooms",
+            "Rooms with at least one member.",
+            self.rooms.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "roomcast_room_members",
+            "Sum of members over all rooms.",
+            self.room_members.load(Relaxed),
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP roomcast_connections_closed_total WebSocket sessions closed, by reason.\n# TYPE roomcast_connections_closed_total counter"
+        );
+        for reason in CloseReason::ALL {
+            let _ = writeln!(
+                out,
+                "roomcast_connections_closed_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.closed_count(reason)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP roomcast_handshakes_rejected_total Upgrade requests refused, by reason.\n# TYPE roomcast_handshakes_rejected_total counter"
+        );
+        for reason in RejectReason::ALL {
+            let _ = writeln!(
+                out,
+                "roomcast_handshakes_rejected_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.rejected_count(reason)
+            );
+        }
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            &mut out,
+            "roomcast_messages_in_total",
+            "Data messages received from clients.",
+            self.messages_in.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "roomcast_messages_out_total",
+            "Data messages queued to clients, one per recipient.",
+            self.messages_out.load(Relaxed),
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP roomcast_plugin_calls_total Plugin hook calls, by plugin and outcome.\n# TYPE roomcast_plugin_calls_total counter"
+        );
+        let calls = self.plugin_calls.lock().expect("metrics lock");
+        for ((plugin, outcome), count) in calls.iter() {
+            let plugin = plugin.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "roomcast_plugin_calls_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}} {count}"
+            );
+        }
+        out
+    }
+}

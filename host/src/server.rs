@@ -1,0 +1,357 @@
+//! The server: the listening socket, one HTTP/1.1 connection task per TCP connection
+//! with a handshake watchdog, the router (`/ws/{room}`, `/healthz`, `/metrics`), and
+//! [`run`], which returns only when every session and room has drained.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service as _;
+
+use crate::config::Config;
+use crate::handshake::{self, Rejection};
+use crate::metrics::{Metrics, RejectReason};
+use crate::room::{Peer, Rooms};
+use crate::session::{self, Session};
+
+/// A startup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Bind the listening socket with an explicit backlog (tokio's default of 128
+/// overflows under a reconnect storm, and clients then wait a second for a SYN
+/// retransmit).
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let bind = |socket: TcpSocket| -> std::io::Result<TcpListener> {
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    socket
+        .and_then(bind)
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub rooms: Arc<Rooms>,
+    /// One permit per open WebSocket session (`--max-connections`).
+    sessions: Arc<Semaphore>,
+    /// Session and room tasks; `run` waits for them on shutdown.
+    tracker: TaskTracker,
+    /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
+    shutdown: CancellationToken,
+    /// Set first on shutdown, so `/healthz` turns 503 before sessions are closed.
+    draining: AtomicBool,
+    next_member: AtomicU64,
+}
+
+/// Serve on `listener` until `shutdown` resolves, then drain: `/healthz` answers 503,
+/// the listener closes, every session gets close 1001, and `run` returns once all
+/// sessions and rooms have ended or `shutdown_timeout` has passed.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::default());
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        sessions: Arc::new(Semaphore::new(config.max_connections)),
+        rooms: Arc::new(Rooms::new(metrics.clone(), tracker.clone())),
+        metrics,
+        tracker,
+        shutdown: CancellationToken::new(),
+        draining: AtomicBool::new(false),
+        next_member: AtomicU64::new(1),
+        config,
+    });
+    let router = router(shared.clone());
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(shared.clone(), router.clone(), stream, remote));
+                }
+                Err(error) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+
+    tracing::info!("shutting down: draining sessions");
+    shared.draining.store(true, Relaxed);
+    drop(listener);
+    shared.shutdown.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout passed with sessions still open; dropping them");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(upgrade)
+        .with_state(shared)
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.draining.load(Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Per-connection facts the handshake handler needs.
+#[derive(Clone, Debug)]
+struct ConnInfo {
+    remote: SocketAddr,
+    watch: Arc<Watch>,
+}
+
+/// `GET /ws/{room}`: validate, reserve a session slot, answer 101 and hand the socket to
+/// a session task.
+async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Response {
+    let result = validate(&shared, &req);
+    let (valid, permit) = match result {
+        Ok(ok) => ok,
+        Err(rejection) => {
+            if rejection.status != StatusCode::NOT_FOUND {
+                shared.metrics.rejected(rejection.reason);
+            }
+            return rejection.into_response();
+        }
+    };
+    let Some(info) = req.extensions().get::<ConnInfo>().cloned() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    info.watch.upgraded.store(true, Relaxed);
+
+    let id = shared.next_member.fetch_add(1, Relaxed);
+    let peer = Arc::new(Peer::new(
+        id,
+        shared.config.max_queue_bytes as usize,
+        query,
+        info.remote.to_string(),
+        None,
+    ));
+    let task_shared = shared.clone();
+    shared.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            }
+        };
+        let config = &task_shared.config;
+        Session {
+            stream: parts.io.into_inner(),
+            read_ahead: parts.read_buf,
+            peer,
+            room: valid.room,
+            rooms: task_shared.rooms.clone(),
+            metrics: task_shared.metrics.clone(),
+            limits: session::Limits {
+                heartbeat_interval: config.heartbeat_interval,
+                pong_timeout: config.pong_timeout,
+                max_message_bytes: config.max_message_bytes as usize,
+            },
+            shutdown: task_shared.shutdown.clone(),
+            permit,
+        }
+        .run()
+        .await;
+    });
+
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, valid.accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}
+
+fn validate(
+    shared: &Shared,
+    req: &Request,
+) -> Result<(handshake::Valid, tokio::sync::OwnedSemaphorePermit), Rejection> {
+    let valid = handshake::validate(
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+        &shared.config.allowed_origins,
+    )?;
+    if shared.draining.load(Relaxed) {
+        return Err(Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            RejectReason::Capacity,
+            "server is shutting down",
+        ));
+    }
+    let permit = shared.sessions.clone().try_acquire_owned().map_err(|_| {
+        Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            RejectReason::Capacity,
+            "server is at its connection limit",
+        )
+    })?;
+    Ok((valid, permit))
+}
+
+/// What the watchdog knows about a connection's requests.
+#[derive(Debug, Default)]
+struct Watch {
+    state: Mutex<WatchState>,
+    /// Set once an upgrade is accepted: the session owns the socket's time from then on.
+    upgraded: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    in_flight: u32,
+    /// When the last request finished; `None` while no request has been completed.
+    last_done: Option<Instant>,
+}
+
+/// Serve HTTP on one TCP connection until it upgrades, closes, idles out or the server
+/// shuts down.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+) {
+    let accepted = Instant::now();
+    let watch = Arc::new(Watch::default());
+    let service_watch = watch.clone();
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            service_watch.state.lock().expect("watch lock").in_flight += 1;
+            req.extensions_mut().insert(ConnInfo {
+                remote,
+                watch: service_watch.clone(),
+            });
+            let watch = service_watch.clone();
+            let mut router = router.clone();
+            async move {
+                let response = router.call(req).await;
+                let mut state = watch.state.lock().expect("watch lock");
+                state.in_flight -= 1;
+                state.last_done = Some(Instant::now());
+                response
+            }
+        });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+
+    let timeout = shared.config.handshake_timeout;
+    tokio::select! {
+        _ = &mut connection => {}
+        never_completed = watchdog(&watch, accepted, timeout) => {
+            if never_completed {
+                shared.metrics.rejected(RejectReason::Timeout);
+                tracing::debug!(%remote, "handshake timeout");
+            }
+        }
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+        }
+    }
+}
+
+/// Resolve when the connection has overstayed: no complete request within `timeout`
+/// of accept (returns `true`: a handshake timeout) or idle for `timeout` after its last
+/// response (returns `false`). Never resolves once the connection upgraded.
+async fn watchdog(watch: &Watch, accepted: Instant, timeout: Duration) -> bool {
+    let mut deadline = accepted + timeout;
+    loop {
+        tokio::time::sleep_until(deadline).await;
+        if watch.upgraded.load(Relaxed) {
+            std::future::pending::<()>().await;
+        }
+        let state = watch.state.lock().expect("watch lock");
+        let now = Instant::now();
+        if state.in_flight > 0 {
+            deadline = now + timeout;
+            continue;
+        }
+        match state.last_done {
+            None => return true,
+            Some(done) if now >= done + timeout => return false,
+            Some(done) => deadline = done + timeout,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! One WebSocket session: the task that owns an upgraded connection from its first
+//! frame to its last byte.
+//!
+//! The task runs two futures over the same socket: the reader (decode frames, feed the
+//! room, answer pings, watch the heartbeat) and the writer (drain the member's outbound
+//! queue, one vectored write per batch). Whatever ends the session — a close frame, a
+//! reap, an error, an overflow, a plugin, shutdown — the task leaves every room first,
+//! then sends its close frame if it has one, and drops the socket.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broadcast::Outbound;
+use crate::frame::{self, DecodeError, Decoder, Event, close_code};
+use crate::heartbeat::{Beat, Heartbeat};
+use crate::metrics::{CloseReason, Metrics};
+use crate::room::{Ending, Message, Peer, Room, Rooms};
+
+/// Frames written per vectored write.
+const WRITE_BATCH: usize = 64;
+/// Bytes read per `read` call when no frame size is known yet.
+const READ_CHUNK: usize = 4096;
+/// How long a closing session keeps trying to deliver its close frame and wait for
+/// the client's answer before it drops the socket.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The settings a session needs.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub heartbeat_interval: Duration,
+    pub pong_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Everything a session task owns.
+pub struct Session {
+    pub stream: TcpStream,
+    /// Bytes the HTTP layer read past the upgrade request (a client's first frames).
+    pub read_ahead: Bytes,
+    pub peer: Arc<Peer>,
+    pub room: String,
+    pub rooms: Arc<Rooms>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Cancelled when the server shuts down.
+    pub shutdown: CancellationToken,
+    /// The session's slot under `--max-connections`; released when the task ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl Session {
+    pub async fn run(self) {
+        let Session {
+            stream,
+            read_ahead,
+            peer,
+            room,
+            rooms,
+            metrics,
+            limits,
+            shutdown,
+            permit,
+        } = self;
+        metrics.connections.fetch_add(1, Relaxed);
+        let joined = rooms.join(&room, &peer).await;
+        let member_rooms: Vec<Arc<Room>> = vec![joined];
+
+        let ending = {
+            let reader = read_loop(
+                &stream,
+                read_ahead,
+                &peer,
+                &member_rooms,
+                &metrics,
+                &limits,
+                &shutdown,
+            );
+            let writer = write_loop(&stream, &peer.outbound);
+            tokio::select! {
+                ending = reader => ending,
+                _ = writer => peer.ending().unwrap_or(Ending { reason: CloseReason::Reset, close: None }),
+            }
+        };
+
+        // Leave every room before anything else, so no broadcast touches us again.
+        for room in &member_rooms {
+            rooms.leave(room, peer.id, ending.reason).await;
+        }
+        metrics.closed(ending.reason);
+        metrics.connections.fetch_sub(1, Relaxed);
+        tracing::debug!(
+            member = peer.id,
+            reason = ending.reason.label(),
+            "session closed"
+        );
+
+        if let Some((code, text)) = &ending.close {
+            peer.outbound.close(frame::encode_close(*code, text));
+            let mut stream = stream;
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                if flush(&stream, &peer.outbound).await.is_ok() && stream.shutdown().await.is_ok() {
+                    linger(&stream).await;
+                }
+            })
+            .await;
+            drop(permit);
+            return;
+        }
+        drop(stream);
+        drop(permit);
+    }
+}
+
+/// Read frames until the session must end; says why.
+async fn read_loop(
+    stream: &TcpStream,
+    read_ahead: Bytes,
+    peer: &Arc<Peer>,
+    member_rooms: &[Arc<Room>],
+    metrics: &Metrics,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) -> Ending {
+    let mut buf = BytesMut::from(&read_ahead[..]);
+    let mut decoder = Decoder::new(limits.max_message_bytes);
+    let mut heartbeat = Heartbeat::new(
+        limits.heartbeat_interval,
+        limits.pong_timeout,
+        Instant::now(),
+    );
+    let sleep = tokio::time::sleep_until(heartbeat.next_wake());
+    tokio::pin!(sleep);
+    let room = &member_rooms[0];
+
+    loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(Event::Message { text, payload })) => {
+                    metrics.messages_in.fetch_add(1, Relaxed);
+                    tokio::select! {
+                        biased;
+                        () = peer.killed().cancelled() => return peer.ending().expect("killed with a reason"),
+                        () = room.send(peer.id, Message { text, payload }) => {}
+                    }
+                }
+                Ok(Some(Event::Ping(payload))) => peer
+                    .outbound
+                    .push_control(frame::encode(frame::OP_PONG, &payload)),
+                Ok(Some(Event::Pong(_))) => {}
+                Ok(Some(Event::Close { code, .. })) => {
+                    // Echo the client's code (RFC 6455 5.5.1); an empty close gets 1000.
+                    let code = code.unwrap_or(close_code::NORMAL);
+                    return Ending::new(CloseReason::Client, code, "");
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let reason = match error {
+                        DecodeError::TooBig(_) => CloseReason::TooBig,
+                        DecodeError::Protocol(_) | DecodeError::InvalidUtf8 => {
+                            CloseReason::Protocol
+                        }
+                    };
+                    return Ending::new(reason, error.close_code(), error.to_string());
+                }
+            }
+        }
+        if buf.is_empty() && buf.capacity() > 0 {
+            // An idle connection keeps no read buffer.
+            buf = BytesMut::new();
+        }
+
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                return Ending::new(CloseReason::Shutdown, close_code::GOING_AWAY, "server shutting down");
+            }
+            () = peer.killed().cancelled() => return peer.ending().expect("killed with a reason"),
+            () = &mut sleep => {
+                match heartbeat.poll(Instant::now()) {
+                    Beat::Reap => return Ending { reason: CloseReason::Heartbeat, close: None },
+                    Beat::Ping => peer.outbound.push_control(frame::encode(frame::OP_PING, b"")),
+                    Beat::Idle => {}
+                }
+                sleep.as_mut().reset(heartbeat.next_wake());
+            }
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return Ending { reason: CloseReason::Reset, close: None };
+                }
+                if buf.capacity() - buf.len() < READ_CHUNK {
+                    buf.reserve(READ_CHUNK);
+                }
+                match stream.try_read_buf(&mut buf) {
+                    Ok(0) => return Ending { reason: CloseReason::Reset, close: None },
+                    Ok(_) => heartbeat.seen(Instant::now()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Ending { reason: CloseReason::Reset, close: None },
+                }
+            }
+        }
+    }
+}
+
+/// Write whatever the outbound queue holds, batch by batch, forever. Returns only on
+/// a socket error.
+async fn write_loop(stream: &TcpStream, outbound: &Outbound) -> io::Error {
+    loop {
+        if let Err(e) = flush(stream, outbound).await {
+            return e;
+        }
+        outbound.wait().await;
+    }
+}
+
+/// Write until the outbound queue is empty.
+async fn flush(stream: &TcpStream, outbound: &Outbound) -> io::Result<()> {
+    let mut batch = Vec::new();
+    loop {
+        outbound.drain(&mut batch, WRITE_BATCH);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        write_all(stream, &batch).await?;
+        batch.clear();
+    }
+}
+
+/// Write every frame of `frames` with as few system calls as the kernel allows.
+async fn write_all(stream: &TcpStream, frames: &[Bytes]) -> io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < frames.len() {
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&frames[index][offset..])
+            .chain(frames[index + 1..].iter().map(|f| &f[..]))
+            .map(IoSlice::new)
+            .collect();
+        let written = match stream.try_write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                stream.writable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut left = written;
+        while left > 0 {
+            let remaining = frames[index].len() - offset;
+            if left >= remaining {
+                left -= remaining;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After our close frame and FIN: read and discard until the client closes its side,
+/// so the kernel does not answer unread bytes with a reset that would destroy the
+/// close frame before the client reads it.
+async fn linger(stream: &TcpStream) {
+    let mut scratch = [0u8; 1024];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
