@@ -1,1 +1,325 @@
-//! Test support: start a server on port 0, connect real clients, build plugins.
+//! Test support: a real server on port 0, real WebSocket clients, raw TCP for
+//! malformed input, and the example plugins built once per test process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures_util::{SinkExt as _, StreamExt as _};
+use roomcast::config::Config;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use roomcast;
+
+pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A server running in this process on an ephemeral port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Start a server with `config` (its `listen` is ignored: port 0 on loopback).
+    pub async fn start(config: Config) -> Self {
+        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog).expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            roomcast::server::run(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server run");
+        });
+        Self { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self, room: &str) -> String {
+        format!("ws://{}/ws/{room}", self.addr)
+    }
+
+    /// Connect a WebSocket client to `room`.
+    pub async fn connect(&self, room: &str) -> Client {
+        let (client, _) = tokio_tungstenite::connect_async(self.url(room)).await.expect("connect");
+        client
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// The value of one series, e.g. `roomcast_connections_closed_total{reason="client"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+    }
+
+    /// Wait until `series` reaches `value`, polling, within `bound`.
+    pub async fn wait_metric(&self, series: &str, value: f64, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{series} is {now}, expected {value} within {bound:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start the graceful shutdown and wait for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Parse one series' value out of Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A fresh `Config` with short timeouts suitable for tests.
+pub fn test_config() -> Config {
+    Config { shutdown_timeout: Duration::from_secs(5), ..Config::default() }
+}
+
+/// Send raw bytes and read the response head and body until the server closes or
+/// `Connection: close` semantics end it. Returns the full response text.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the head, then whatever body arrives shortly after.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+        if let Some(head_end) = find(&out, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..head_end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match length {
+                Some(len) if out.len() >= head_end + 4 + len => break,
+                None if head.starts_with("http/1.1 101") => break,
+                _ => {}
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `GET path` over a fresh connection: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let response = raw_request(addr, format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let status = status_of(&response).context("no status line")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The status code of a raw HTTP response.
+pub fn status_of(response: &str) -> Option<u16> {
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A valid upgrade request for `path` with extra header lines (each ending in `\r\n`).
+pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Open a raw TCP connection and complete the WebSocket handshake on it; the
+/// returned stream is positioned after the 101 response.
+pub async fn raw_ws(addr: SocketAddr, room: &str) -> anyhow::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(upgrade_request(addr, &format!("/ws/{room}"), "").as_bytes()).await?;
+    read_upgrade_response(&mut stream).await?;
+    Ok(stream)
+}
+
+/// Read an upgrade response head byte by byte (so no frame bytes are consumed) and
+/// fail unless it is a 101.
+pub async fn read_upgrade_response(stream: &mut TcpStream) -> anyhow::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while find(&head, b"\r\n\r\n").is_none() {
+        if stream.read(&mut byte).await? == 0 {
+            bail!("closed during handshake: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if status_of(&head) != Some(101) {
+        bail!("upgrade refused: {head}");
+    }
+    Ok(())
+}
+
+/// Read one server frame from a raw stream: `(opcode, payload)`.
+pub async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await?;
+    let mut len = (head[1] & 0x7F) as u64;
+    if len == 126 {
+        len = stream.read_u16().await? as u64;
+    } else if len == 127 {
+        len = stream.read_u64().await?;
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).await?;
+    Ok((head[0] & 0x0F, payload))
+}
+
+/// Read frames until a close frame; returns its code (`None` for an empty close, or
+/// if the connection ended without one).
+pub async fn read_close(stream: &mut TcpStream) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), read_frame(stream)).await {
+            Ok(Ok((0x8, payload))) if payload.len() >= 2 => return Some(u16::from_be_bytes([payload[0], payload[1]])),
+            Ok(Ok((0x8, _))) => return None,
+            Ok(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Receive the next data message, skipping pings and pongs, within 10 s.
+pub async fn recv(client: &mut Client) -> Message {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), client.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("connection ended")
+            .expect("websocket error");
+        match message {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Receive the next text message as a `String`.
+pub async fn recv_text(client: &mut Client) -> String {
+    match recv(client).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Send a text message.
+pub async fn send_text(client: &mut Client, text: &str) {
+    client.send(Message::text(text)).await.expect("send");
+}
+
+/// Read the process's resident set size in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+/// The plugins workspace, next to this crate.
+pub fn plugins_workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins")
+}
+
+/// Build every plugin once per test process and return the folder with the `.wasm`
+/// files. The plugins workspace has its own target directory, so this nested cargo
+/// never waits on the lock of the build that runs the tests.
+pub fn built_plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let workspace = plugins_workspace();
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet"])
+            .current_dir(&workspace)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_BUILD_TARGET")
+            .status()
+            .expect("run cargo for the plugins");
+        assert!(status.success(), "building the plugins failed");
+        workspace.join("target/wasm32-wasip2/release")
+    })
+}
+
+/// A temporary plugins folder holding copies of the named built plugins
+/// (`("chat", None)` copies chat.wasm; a second element writes NAME.toml).
+pub struct PluginDir {
+    pub path: PathBuf,
+}
+
+impl PluginDir {
+    pub fn new(plugins: &[(&str, Option<&str>)]) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "roomcast-plugins-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        let dir = Self { path };
+        for (name, manifest) in plugins {
+            dir.install(name, name);
+            if let Some(manifest) = manifest {
+                std::fs::write(dir.path.join(format!("{name}.toml")), manifest).unwrap();
+            }
+        }
+        dir
+    }
+
+    /// Copy built plugin `built` into the folder as `NAME.wasm`.
+    pub fn install(&self, built: &str, name: &str) {
+        let source = built_plugins().join(format!("{built}.wasm"));
+        std::fs::copy(&source, self.path.join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    }
+}
+
+impl Drop for PluginDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

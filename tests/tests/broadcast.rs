@@ -1,0 +1,119 @@
+//! Broadcast without plugins: every other member gets each message unchanged, in
+//! order, with its opcode; a member that never reads is cut off as a slow consumer
+//! without slowing anyone else.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use roomcast_tests::*;
+use tokio::io::AsyncWriteExt as _;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn members_get_every_message_in_order_with_its_opcode() {
+    let server = TestServer::start(test_config()).await;
+    let mut a = server.connect("lobby").await;
+    let mut b = server.connect("lobby").await;
+    let mut c = server.connect("lobby").await;
+    let mut other_room = server.connect("elsewhere").await;
+    server.wait_metric("roomcast_room_members", 4.0, Duration::from_secs(5)).await;
+
+    a.send(Message::text("hello")).await.unwrap();
+    a.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    for i in 0..100 {
+        a.send(Message::text(format!("n{i}"))).await.unwrap();
+    }
+    for client in [&mut b, &mut c] {
+        assert_eq!(recv(client).await, Message::text("hello"));
+        assert_eq!(recv(client).await, Message::binary(vec![1u8, 2, 3]));
+        for i in 0..100 {
+            assert_eq!(recv_text(client).await, format!("n{i}"));
+        }
+    }
+    // The sender does not get its own message, and other rooms get nothing.
+    b.send(Message::text("from b")).await.unwrap();
+    assert_eq!(recv_text(&mut a).await, "from b");
+    other_room.send(Message::text("x")).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), a.next()).await.is_err());
+
+    assert_eq!(server.metric("roomcast_messages_in_total").await, 104.0);
+    assert_eq!(server.metric("roomcast_messages_out_total").await, 2.0 * 102.0 + 2.0);
+    assert_eq!(server.metric("roomcast_rooms").await, 2.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
+    let config = roomcast::config::Config { max_queue_bytes: 256 << 10, ..test_config() };
+    let server = TestServer::start(config).await;
+    const READERS: usize = 50;
+    // 3000 x 4 KiB = 12 MiB: many times the 256 KiB budget plus what the kernel's
+    // socket buffers absorb for the stalled client.
+    const MESSAGES: usize = 3000;
+    // Readers keep up: the sender stays at most this many messages ahead of the
+    // slowest reader, well inside their budget.
+    const WINDOW: usize = 32;
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        readers.push(server.connect("fanout").await);
+    }
+    // The stalled member completes the handshake with a small receive buffer, then
+    // never reads again.
+    let mut stalled = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(server.addr).await.unwrap();
+        stream.write_all(upgrade_request(server.addr, "/ws/fanout", "").as_bytes()).await.unwrap();
+        stream
+    };
+    let mut sender = server.connect("fanout").await;
+    server.wait_metric("roomcast_room_members", (READERS + 2) as f64, Duration::from_secs(5)).await;
+    let rss_before = rss_kib();
+
+    let progress: Arc<Vec<AtomicUsize>> = Arc::new((0..READERS).map(|_| AtomicUsize::new(0)).collect());
+    let mut tasks = Vec::new();
+    for (n, mut reader) in readers.into_iter().enumerate() {
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                match recv(&mut reader).await {
+                    Message::Binary(data) => {
+                        assert_eq!(data.len(), 4096);
+                        assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), i as u32, "order");
+                    }
+                    other => panic!("reader {n} got {other:?} at message {i}"),
+                }
+                progress[n].store(i + 1, Ordering::Relaxed);
+            }
+            reader
+        }));
+    }
+    for i in 0..MESSAGES {
+        while progress.iter().map(|p| p.load(Ordering::Relaxed)).min().unwrap() + WINDOW < i {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut data = vec![0u8; 4096];
+        data[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        sender.send(Message::binary(data)).await.unwrap();
+    }
+    let mut readers = Vec::new();
+    for task in tasks {
+        readers.push(tokio::time::timeout(Duration::from_secs(60), task).await.expect("reader finished").unwrap());
+    }
+
+    server
+        .wait_metric("roomcast_connections_closed_total{reason=\"slow_consumer\"}", 1.0, Duration::from_secs(5))
+        .await;
+    server.wait_metric("roomcast_room_members", (READERS + 1) as f64, Duration::from_secs(5)).await;
+    let rss_after = rss_kib();
+    println!("RSS (test process, server and clients) before fan-out {rss_before} KiB, after {rss_after} KiB");
+    assert!(rss_after < rss_before + 64 * 1024, "memory stayed bounded");
+    // The stalled client finds the data that fit, then a 1008 close (or the socket
+    // dropped, if the close could not be written in time).
+    read_upgrade_response(&mut stalled).await.unwrap();
+    let code = read_close(&mut stalled).await;
+    assert!(code == Some(1008) || code.is_none(), "close code {code:?}");
+    server.stop().await;
+}
