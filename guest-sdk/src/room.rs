@@ -1,0 +1,101 @@
+//! The [`Room`] handle and [`log`](crate::log()): Roomcast's wrappers over the WIT
+//! `room` imports, the only things a plugin may ask of the host.
+
+use serde::Serialize;
+
+use crate::runtime::bindings::roomcast::plugin::room as host;
+use crate::{LogLevel, MemberId, Message, RoomError, TimerId};
+
+/// The room whose hook is running. Everything sent through it is applied by the host
+/// when the hook returns successfully; a hook that traps has no effect at all.
+///
+/// Hooks that run inside a room receive a `&Room`. Every call returning
+/// `Result<_, RoomError>` is refused without effect when the member or room is unknown
+/// or the hook's action budget is spent.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Room;
+
+impl Room {
+    /// Sends a message to one member of this room.
+    pub fn send(&self, to: MemberId, message: impl Into<Message>) -> Result<(), RoomError> {
+        host::send(to, &message.into().into()).map_err(Into::into)
+    }
+
+    /// Sends `value` as a JSON text message to one member (see [`Message::to_json`]).
+    pub fn send_json<T: Serialize + ?Sized>(
+        &self,
+        to: MemberId,
+        value: &T,
+    ) -> Result<(), RoomError> {
+        self.send(to, Message::to_json(value))
+    }
+
+    /// Sends a message to every member of this room, the sender included.
+    pub fn broadcast(&self, message: impl Into<Message>) -> Result<(), RoomError> {
+        self.broadcast_except(message, &[])
+    }
+
+    /// Sends `value` as a JSON text message to every member of this room.
+    pub fn broadcast_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), RoomError> {
+        self.broadcast(Message::to_json(value))
+    }
+
+    /// Sends a message to every member of this room except those listed.
+    pub fn broadcast_except(
+        &self,
+        message: impl Into<Message>,
+        except: &[MemberId],
+    ) -> Result<(), RoomError> {
+        host::broadcast(&message.into().into(), except).map_err(Into::into)
+    }
+
+    /// Hands a message to another live room on this host, whose plugin sees it as
+    /// coming from [`Origin::Room`](crate::Origin::Room) with this room's name.
+    /// Forwarding stops after 4 hops.
+    pub fn forward(&self, room: &str, message: impl Into<Message>) -> Result<(), RoomError> {
+        host::forward(room, &message.into().into()).map_err(Into::into)
+    }
+
+    /// Closes a member's connection. Allowed codes: 1000, 1001, 1008, 1011 and 3000 to
+    /// 4999; the reason is at most 123 bytes.
+    pub fn close(&self, member: MemberId, code: u16, reason: &str) -> Result<(), RoomError> {
+        host::close(member, code, reason).map_err(Into::into)
+    }
+
+    /// The members of this room, in join order.
+    pub fn members(&self) -> Vec<MemberId> {
+        host::members()
+    }
+
+    /// This room's name, e.g. `chat:lobby`.
+    pub fn name(&self) -> String {
+        host::room_name()
+    }
+
+    /// A monotonic clock in nanoseconds. Only differences are meaningful. This is the
+    /// only clock a plugin has: `std::time` needs WASI, which the host does not give.
+    pub fn now(&self) -> u64 {
+        host::now()
+    }
+
+    /// Calls [`Plugin::timer`](crate::Plugin::timer) with the returned id after
+    /// `after_ms` milliseconds.
+    pub fn set_timer(&self, after_ms: u32) -> Result<TimerId, RoomError> {
+        host::set_timer(after_ms).map_err(Into::into)
+    }
+
+    /// Cancels a pending timer; unknown ids are ignored.
+    pub fn cancel_timer(&self, timer: TimerId) {
+        host::cancel_timer(timer)
+    }
+}
+
+/// Writes a line to the host's log, tagged with the plugin and room. Works in every
+/// hook, including `init` and `handshake`.
+///
+/// This is a plugin's only output: the host gives no WASI, so `println!`, `eprintln!`
+/// and `dbg!` trap. The [`info!`](crate::info) family of macros formats and calls this.
+pub fn log(level: LogLevel, message: &str) {
+    host::log(level.into(), message)
+}
