@@ -90,13 +90,19 @@
 //! - `std::time` and `std::thread::sleep` trap: [`Room::now`] is the clock and
 //!   [`Room::set_timer`] the way to act later.
 //! - `std::collections::HashMap::new()` and `HashSet::new()` seed their hasher from
-//!   WASI randomness and trap: use `BTreeMap`/`BTreeSet`, or a `HashMap` with a fixed
-//!   hasher (`HashMap::with_hasher(BuildHasherDefault::<YourHasher>::default())`).
+//!   WASI randomness and trap: use `BTreeMap`/`BTreeSet`, or give the map a fixed
+//!   hasher, e.g. `HashMap<K, V, BuildHasherDefault<std::hash::DefaultHasher>>` built
+//!   with `HashMap::default()` (fine for host-assigned keys such as member ids; keys a
+//!   client chooses can then be made to collide, so prefer `BTreeMap` for those).
+//! - An allocation the host's memory cap refuses makes std write to stderr, which
+//!   traps; the room's instance is gone either way.
 //! - Files, sockets, environment variables and threads are unavailable.
 //!
 //! State lives in the plugin value itself: the SDK keeps it for the instance between
 //! hooks. The handshake hook runs on an instance that holds no room state, so
 //! [`Plugin::handshake`] should decide from the configuration and the request alone.
+
+#![warn(missing_docs)]
 
 mod room;
 mod runtime;
@@ -121,10 +127,11 @@ pub use serde_json;
 pub trait Plugin: Sized + 'static {
     /// Builds the plugin's state from the `[config]` table of its `NAME.toml`, handed
     /// over as JSON (`{}` when there is none; see [`Config::parse`]). Runs once per
-    /// instance, before any other hook. An `Err` refuses the plugin (on load) or the
-    /// room (on instantiation) with that message.
+    /// instance, before any other hook. An `Err` fails the instance with that message,
+    /// which the host reports.
     ///
-    /// A plugin whose state is [`Default`] writes `Ok(Self::default())`.
+    /// A plugin whose state is [`Default`] writes `Ok(Self::default())`; one whose state
+    /// is its configuration derives `Deserialize` and writes `config.parse()`.
     fn init(config: Config) -> Result<Self, String>;
 
     /// Decides an upgrade request for a room this plugin serves. Runs on an instance
@@ -167,7 +174,7 @@ pub trait Plugin: Sized + 'static {
 
     /// Takes over the state a previous version returned from
     /// [`snapshot`](Plugin::snapshot). Called right after `init` on the new version's
-    /// instance; an `Err` keeps the room on a fresh state and is logged by the host.
+    /// instance; an `Err` says the state was not taken over, with the reason.
     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
         let _ = state;
         Ok(())
