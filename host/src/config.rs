@@ -104,6 +104,7 @@ pub struct Config {
     pub allowed_origins: OriginPolicy,
     pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
+    pub drain_delay: Duration,
     pub log_format: LogFormat,
     pub plugin_max_memory: u64,
     pub plugin_max_deadline: Duration,
@@ -128,6 +129,7 @@ impl fmt::Debug for Config {
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("drain_delay", &self.drain_delay)
             .field("log_format", &self.log_format)
             .field("plugin_max_memory", &self.plugin_max_memory)
             .field("plugin_max_deadline", &self.plugin_max_deadline)
@@ -150,6 +152,7 @@ impl Default for Config {
             allowed_origins: OriginPolicy::SameHost,
             admin_token: None,
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             log_format: LogFormat::Human,
             plugin_max_memory: 256 << 20,
             plugin_max_deadline: Duration::from_secs(1),
@@ -247,6 +250,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "DURATION",
         "How long shutdown waits for sessions to close [default: 10s]",
     ),
+    (
+        "drain_delay",
+        "DURATION",
+        "On shutdown, answer /healthz with 503 this long before closing sessions [default: 0s]",
+    ),
     ("log_format", "FORMAT", "human or json [default: human]"),
     (
         "plugin_max_memory",
@@ -306,6 +314,7 @@ impl Config {
                 self.admin_token = Some(token.trim().to_owned());
             }
             "shutdown_timeout" => self.shutdown_timeout = parse_duration(&text).map_err(bad)?,
+            "drain_delay" => self.drain_delay = parse_duration(&text).map_err(bad)?,
             "log_format" => {
                 self.log_format = match text.as_str() {
                     "human" => LogFormat::Human,

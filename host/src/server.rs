@@ -74,35 +74,96 @@ pub struct Shared {
     next_member: AtomicU64,
 }
 
-/// Serve on `listener` until `shutdown` resolves, then drain: `/healthz` answers 503,
-/// the listener closes, every session gets close 1001, and `run` returns once all
-/// sessions and rooms have ended or `shutdown_timeout` has passed.
+/// Serve on `listener` until `shutdown` resolves; see [`Server::run`].
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let metrics = Arc::new(Metrics::default());
-    let tracker = TaskTracker::new();
-    let shared = Arc::new(Shared {
-        sessions: Arc::new(Semaphore::new(config.max_connections)),
-        rooms: Arc::new(Rooms::new(metrics.clone(), tracker.clone())),
-        metrics,
-        tracker,
-        shutdown: CancellationToken::new(),
-        draining: AtomicBool::new(false),
-        next_member: AtomicU64::new(1),
-        config,
-    });
-    let router = router(shared.clone());
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "listening");
+    Server::new(config)?.run(listener, shutdown).await
+}
+
+/// A configured server, before it runs. Holding it gives access to its metrics.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub fn new(config: Config) -> Result<Self, ServerError> {
+        let metrics = Arc::new(Metrics::default());
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            sessions: Arc::new(Semaphore::new(config.max_connections)),
+            rooms: Arc::new(Rooms::new(metrics.clone(), tracker.clone())),
+            metrics,
+            tracker,
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            next_member: AtomicU64::new(1),
+            config,
+        });
+        Ok(Self { shared })
     }
 
-    tokio::pin!(shutdown);
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, then drain: `/healthz` answers
+    /// 503, the listener closes, every session gets close 1001, and `run` returns once
+    /// all sessions and rooms have ended or `shutdown_timeout` has passed.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let shared = self.shared;
+        let router = router(shared.clone());
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "listening");
+        }
+
+        accept_until(&shared, &router, &listener, shutdown).await;
+        // Drain: health checks fail and upgrades are refused first, so load balancers
+        // stop sending, then the listener closes and sessions get 1001.
+        shared.draining.store(true, Relaxed);
+        if !shared.config.drain_delay.is_zero() {
+            tracing::info!(delay = ?shared.config.drain_delay, "draining: /healthz answers 503");
+            accept_until(
+                &shared,
+                &router,
+                &listener,
+                tokio::time::sleep(shared.config.drain_delay),
+            )
+            .await;
+        }
+        tracing::info!("shutting down: closing sessions");
+        drop(listener);
+        shared.shutdown.cancel();
+        shared.tracker.close();
+        if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown timeout passed with sessions still open; dropping them");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Accept connections until `until` resolves.
+async fn accept_until(
+    shared: &Arc<Shared>,
+    router: &Router,
+    listener: &TcpListener,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut until => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
@@ -116,20 +177,6 @@ pub async fn run(
             },
         }
     }
-
-    tracing::info!("shutting down: draining sessions");
-    shared.draining.store(true, Relaxed);
-    drop(listener);
-    shared.shutdown.cancel();
-    shared.tracker.close();
-    if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown timeout passed with sessions still open; dropping them");
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 fn router(shared: Arc<Shared>) -> Router {

@@ -23,6 +23,8 @@ pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTls
 /// A server running in this process on an ephemeral port.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The server's own counters, readable after it stopped.
+    pub metrics: std::sync::Arc<roomcast::metrics::Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -30,17 +32,27 @@ pub struct TestServer {
 impl TestServer {
     /// Start a server with `config` (its `listen` is ignored: port 0 on loopback).
     pub async fn start(config: Config) -> Self {
-        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog).expect("bind");
+        let listener =
+            roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog)
+                .expect("bind");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
+        let server = roomcast::server::Server::new(config).expect("server config");
+        let metrics = server.metrics();
         let task = tokio::spawn(async move {
-            roomcast::server::run(listener, config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server run");
+            server
+                .run(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server run");
         });
-        Self { addr, stop: Some(stop), task: Some(task) }
+        Self {
+            addr,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, room: &str) -> String {
@@ -49,7 +61,9 @@ impl TestServer {
 
     /// Connect a WebSocket client to `room`.
     pub async fn connect(&self, room: &str) -> Client {
-        let (client, _) = tokio_tungstenite::connect_async(self.url(room)).await.expect("connect");
+        let (client, _) = tokio_tungstenite::connect_async(self.url(room))
+            .await
+            .expect("connect");
         client
     }
 
@@ -103,13 +117,19 @@ impl Drop for TestServer {
 /// Parse one series' value out of Prometheus text.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 
 /// A fresh `Config` with short timeouts suitable for tests.
 pub fn test_config() -> Config {
-    Config { shutdown_timeout: Duration::from_secs(5), ..Config::default() }
+    Config {
+        shutdown_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
 }
 
 /// Send raw bytes and read the response head and body until the server closes or
@@ -150,9 +170,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// `GET path` over a fresh connection: status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let response = raw_request(addr, format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let response = raw_request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let status = status_of(&response).context("no status line")?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -172,7 +199,9 @@ pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
 /// returned stream is positioned after the 101 response.
 pub async fn raw_ws(addr: SocketAddr, room: &str) -> anyhow::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await?;
-    stream.write_all(upgrade_request(addr, &format!("/ws/{room}"), "").as_bytes()).await?;
+    stream
+        .write_all(upgrade_request(addr, &format!("/ws/{room}"), "").as_bytes())
+        .await?;
     read_upgrade_response(&mut stream).await?;
     Ok(stream)
 }
@@ -184,7 +213,10 @@ pub async fn read_upgrade_response(stream: &mut TcpStream) -> anyhow::Result<()>
     let mut byte = [0u8; 1];
     while find(&head, b"\r\n\r\n").is_none() {
         if stream.read(&mut byte).await? == 0 {
-            bail!("closed during handshake: {}", String::from_utf8_lossy(&head));
+            bail!(
+                "closed during handshake: {}",
+                String::from_utf8_lossy(&head)
+            );
         }
         head.push(byte[0]);
     }
@@ -215,7 +247,9 @@ pub async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<(u8, Vec<u8>)>
 pub async fn read_close(stream: &mut TcpStream) -> Option<u16> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), read_frame(stream)).await {
-            Ok(Ok((0x8, payload))) if payload.len() >= 2 => return Some(u16::from_be_bytes([payload[0], payload[1]])),
+            Ok(Ok((0x8, payload))) if payload.len() >= 2 => {
+                return Some(u16::from_be_bytes([payload[0], payload[1]]));
+            }
             Ok(Ok((0x8, _))) => return None,
             Ok(Ok(_)) => continue,
             _ => return None,
@@ -255,7 +289,11 @@ pub async fn send_text(client: &mut Client, text: &str) {
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
