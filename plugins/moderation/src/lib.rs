@@ -210,3 +210,60 @@ impl Plugin for Moderation {
 }
 
 roomcast_guest::export!(Moderation);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn moderation(config: &str) -> Moderation {
+        Moderation::init(Config::new(config)).unwrap()
+    }
+
+    fn burst(moderation: &mut Moderation, now_ms: u64, messages: usize) -> Vec<&'static str> {
+        (0..messages)
+            .map(|_| match moderation.rate(1, now_ms * MS) {
+                Check::Pass => "pass",
+                Check::Drop(_) => "drop",
+                Check::Close => "close",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn closes_after_consecutive_violating_windows() {
+        let mut m = moderation(r#"{"rate_limit":{"messages":2,"per_ms":100}}"#);
+        assert_eq!(burst(&mut m, 0, 4), ["pass", "pass", "drop", "drop"]);
+        assert_eq!(burst(&mut m, 150, 3), ["pass", "pass", "drop"]);
+        // A quiet window resets the streak.
+        assert_eq!(burst(&mut m, 350, 3), ["pass", "pass", "drop"]);
+        assert_eq!(burst(&mut m, 450, 3), ["pass", "pass", "drop"]);
+        assert_eq!(burst(&mut m, 550, 3), ["pass", "pass", "close"]);
+    }
+
+    #[test]
+    fn close_after_zero_never_closes() {
+        let mut m = moderation(r#"{"rate_limit":{"messages":1,"per_ms":10},"close_after":0}"#);
+        for window in 0..10 {
+            assert_eq!(burst(&mut m, window * 10, 2), ["pass", "drop"]);
+        }
+    }
+
+    #[test]
+    fn content_checks() {
+        let m = moderation(r#"{"banned_words":["SpAm",""],"max_length":5}"#);
+        let reason = |message: Message| match m.content(&message) {
+            Check::Pass => "pass",
+            Check::Drop(reason) => reason,
+            Check::Close => "close",
+        };
+        assert_eq!(reason("héllo".into()), "pass");
+        assert_eq!(reason("hello!".into()), "too long");
+        assert_eq!(reason(vec![0; 6].into()), "too long");
+        assert_eq!(reason("spam".into()), "banned word");
+        assert_eq!(reason("xSPAM".into()), "banned word");
+        assert_eq!(reason(b"spam".to_vec().into()), "pass");
+        assert!(Moderation::init(Config::new(r#"{"max":1}"#)).is_err());
+    }
+}
