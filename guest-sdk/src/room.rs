@@ -9,11 +9,14 @@ use crate::{LogLevel, MemberId, Message, RoomError, TimerId};
 /// The room whose hook is running. Everything sent through it is applied by the host
 /// when the hook returns successfully; a hook that traps has no effect at all.
 ///
-/// Hooks that run inside a room receive a `&Room`. Every call returning
+/// Hooks that run inside a room receive a `&Room`. `Room` is a plain handle, so
+/// `init` and `restore` (which receive none) may use the value `Room` directly, e.g.
+/// `Room.set_timer(1000)` to start a periodic tick. Every call returning
 /// `Result<_, RoomError>` is refused without effect when the member or room is unknown
-/// or the hook's action budget is spent.
+/// or the hook's action budget is spent; on the instance that answers handshakes, which
+/// has no room, they return [`RoomError::Unavailable`] and [`name`](Room::name) is
+/// empty.
 #[derive(Clone, Copy, Debug)]
-#[non_exhaustive]
 pub struct Room;
 
 impl Room {
