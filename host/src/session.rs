@@ -75,9 +75,12 @@ impl Session {
         let member_rooms: Vec<Arc<Room>> = vec![joined];
 
         let ending = {
+            // Copy what the HTTP layer read ahead (usually nothing) and release its buffer.
+            let buf = BytesMut::from(&read_ahead[..]);
+            drop(read_ahead);
             let reader = read_loop(
                 &stream,
-                read_ahead,
+                buf,
                 &peer,
                 &member_rooms,
                 &metrics,
@@ -123,14 +126,13 @@ impl Session {
 /// Read frames until the session must end; says why.
 async fn read_loop(
     stream: &TcpStream,
-    read_ahead: Bytes,
+    mut buf: BytesMut,
     peer: &Arc<Peer>,
     member_rooms: &[Arc<Room>],
     metrics: &Metrics,
     limits: &Limits,
     shutdown: &CancellationToken,
 ) -> Ending {
-    let mut buf = BytesMut::from(&read_ahead[..]);
     let mut decoder = Decoder::new(limits.max_message_bytes);
     let mut heartbeat = Heartbeat::new(
         limits.heartbeat_interval,
