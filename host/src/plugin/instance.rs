@@ -1,0 +1,841 @@
+//! A loaded [`Plugin`], its per-room [`RoomInstance`]s, and the store data behind every
+//! instance: the `room` imports, the actions a call records, the per-call bounds, the
+//! memory limiter and the deadline, and how a failed call is classified.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{ResourceLimiter, Store, Trap};
+
+use super::bindings::{Exports, Linked};
+use super::runtime::Shared;
+use super::set::RoomPattern;
+use super::{
+    Action, FailureKind, HandshakeDecision, HandshakeRequest, LeaveReason, Limits,
+    MAX_ACTION_BYTES_PER_CALL, MAX_ACTIONS_PER_CALL, MAX_CLOSE_REASON_BYTES, MAX_TIMERS_PER_ROOM,
+    MemberId, MemberInfo, Origin, Payload, PluginError, PluginInfo, RoomExists, RoomView, Verdict,
+    is_valid_room_name,
+};
+
+/// Log lines one call may write; the rest are counted and reported in one line.
+const MAX_LOG_LINES_PER_CALL: u32 = 64;
+/// Longer log lines are cut (on a char boundary) and marked.
+const MAX_LOG_LINE_BYTES: usize = 4096;
+/// Idle handshake instances a plugin keeps; more are made when handshakes overlap.
+const MAX_IDLE_HANDSHAKE_INSTANCES: usize = 4;
+/// Table elements one store may have (each is a pointer on the host).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// The most bytes one `wasi:random` call may ask for.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+/// Rooms with more members than this get a hash set for membership checks.
+const LINEAR_MEMBER_SCAN: usize = 32;
+
+/// Everything needed to make sandboxes of one plugin: its code, limits and config.
+pub(crate) struct Code {
+    pub(crate) name: String,
+    pub(crate) linked: Linked,
+    pub(crate) limits: Limits,
+    /// `limits.deadline` in epoch ticks, plus one: the ticker may be about to tick when
+    /// a call starts, so N ticks can be as short as N - 1 ticks' time.
+    pub(crate) deadline_ticks: u64,
+    pub(crate) config_json: String,
+    /// Keeps the epoch ticker running while any plugin or instance exists.
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A plugin file, compiled and linked. Cheap to instantiate per room.
+pub struct Plugin {
+    pub(crate) code: Code,
+    pub(crate) file: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) info: PluginInfo,
+    pub(crate) patterns: Vec<RoomPattern>,
+    pub(crate) loaded_at: SystemTime,
+    /// Instances that answer handshakes. They hold no room: their `room` imports answer
+    /// `unavailable`. One is taken out for each handshake (so concurrent handshakes do
+    /// not wait on each other) and put back unless it failed.
+    pub(crate) handshakes: Mutex<Vec<Sandbox>>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.code.name)
+            .field("file", &self.file)
+            .field("info", &self.info)
+            .field("patterns", &self.patterns)
+            .field("limits", &self.code.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// The plugin's name: its file stem.
+    pub fn name(&self) -> &str {
+        &self.code.name
+    }
+
+    /// The `.wasm` file it was loaded from.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The SHA-256 of the `.wasm` file, lower-case hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// What the plugin's `describe` returned.
+    pub fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+
+    /// The rooms it serves.
+    pub fn patterns(&self) -> &[RoomPattern] {
+        &self.patterns
+    }
+
+    /// Its limits (from `NAME.toml`, else the defaults).
+    pub fn limits(&self) -> Limits {
+        self.code.limits
+    }
+
+    /// The `[config]` table of `NAME.toml` as JSON text, as handed to `init`.
+    pub fn config_json(&self) -> &str {
+        &self.code.config_json
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// Decide an upgrade request, on an instance that holds no room state.
+    ///
+    /// A decision that accepts with a subprotocol the client did not offer is refused
+    /// (`FailureKind::Error`); a rejection's status outside 400..=599 becomes 403 and its
+    /// reason is cut to one line of at most 512 bytes.
+    pub fn handshake(&self, request: &HandshakeRequest) -> Result<HandshakeDecision, PluginError> {
+        let idle = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let mut sandbox = match idle {
+            Some(sandbox) => sandbox,
+            None => Sandbox::create(&self.code, None)?,
+        };
+        let (decision, _) = sandbox.call(&self.code, None, "handshake", |exports, store| {
+            exports.handshake(store, request)
+        })?;
+        let mut idle = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < MAX_IDLE_HANDSHAKE_INSTANCES {
+            idle.push(sandbox);
+        }
+        drop(idle);
+        match decision {
+            HandshakeDecision::Accept {
+                protocol: Some(protocol),
+            } if !request.protocols.contains(&protocol) => Err(PluginError::new(
+                self.name(),
+                None,
+                FailureKind::Error,
+                format!(
+                    "handshake accepted with subprotocol `{protocol}`, which the client did not offer"
+                ),
+            )),
+            HandshakeDecision::Reject { status, reason } => Ok(HandshakeDecision::Reject {
+                status: if (400..=599).contains(&status) {
+                    status
+                } else {
+                    403
+                },
+                reason: one_line(&reason, 512),
+            }),
+            accept => Ok(accept),
+        }
+    }
+
+    /// A new instance for `room`: a fresh store, instantiated and given its config.
+    pub fn instantiate(self: &Arc<Self>, room: &str) -> Result<RoomInstance, PluginError> {
+        Ok(RoomInstance {
+            sandbox: Sandbox::create(&self.code, Some(room))?,
+            plugin: Arc::clone(self),
+            room: room.to_owned(),
+        })
+    }
+}
+
+/// One live room's instance of a plugin. Calls run one at a time (`&mut self`), on
+/// the caller's thread, each under the plugin's deadline and memory cap.
+///
+/// After a call fails, every further call returns an error at once: drop the instance
+/// and make a new one.
+pub struct RoomInstance {
+    plugin: Arc<Plugin>,
+    room: String,
+    sandbox: Sandbox,
+}
+
+impl std::fmt::Debug for RoomInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomInstance")
+            .field("plugin", &self.plugin.name())
+            .field("room", &self.room)
+            .field("failed", &self.sandbox.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RoomInstance {
+    /// The plugin this is an instance of.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// The room it serves.
+    pub fn room(&self) -> &str {
+        &self.room
+    }
+
+    /// How an earlier call failed, if one did (the instance then refuses calls).
+    pub fn failure(&self) -> Option<FailureKind> {
+        self.sandbox.failed
+    }
+
+    /// A member joined the room (`view.members` should already include it).
+    pub fn join(
+        &mut self,
+        view: &RoomView,
+        member: &MemberInfo,
+    ) -> Result<Vec<Action>, PluginError> {
+        self.call(Some(view), "join", |exports, store| {
+            exports.join(store, member)
+        })
+        .map(|((), actions)| actions)
+    }
+
+    /// A member left the room (`view.members` should no longer include it).
+    pub fn leave(
+        &mut self,
+        view: &RoomView,
+        member: MemberId,
+        reason: LeaveReason,
+    ) -> Result<Vec<Action>, PluginError> {
+        self.call(Some(view), "leave", |exports, store| {
+            exports.leave(store, member, reason)
+        })
+        .map(|((), actions)| actions)
+    }
+
+    /// A data message arrived from a member or was forwarded from another room.
+    pub fn message(
+        &mut self,
+        view: &RoomView,
+        origin: Origin,
+        payload: &Payload,
+    ) -> Result<(Verdict, Vec<Action>), PluginError> {
+        self.call(Some(view), "message", |exports, store| {
+            exports.message(store, &origin, payload)
+        })
+    }
+
+    /// A timer fired. Ids that are not pending (cancelled, already fired, or set by an
+    /// earlier instance) are ignored without calling the plugin.
+    pub fn timer(&mut self, view: &RoomView, id: u64) -> Result<Vec<Action>, PluginError> {
+        if !self.sandbox.store.data_mut().timers.remove(&id) {
+            return Ok(Vec::new());
+        }
+        self.call(Some(view), "timer", |exports, store| {
+            exports.timer(store, id)
+        })
+        .map(|((), actions)| actions)
+    }
+
+    /// The room's state for the next version of the plugin. The `room` imports that
+    /// act answer `unavailable` during this call.
+    pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, PluginError> {
+        self.call(None, "snapshot", |exports, store| exports.snapshot(store))
+            .map(|(state, _)| state)
+    }
+
+    /// Take over the state a previous version returned from `snapshot`. The `room`
+    /// imports that act answer `unavailable` during this call; timers of the previous
+    /// instance are not carried over (the plugin re-arms them on its next call).
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
+        let (result, _) = self.call(None, "restore", |exports, store| {
+            exports.restore(store, state)
+        })?;
+        result.map_err(|message| {
+            self.sandbox.failed = Some(FailureKind::Error);
+            PluginError::new(
+                self.plugin.name(),
+                Some(&self.room),
+                FailureKind::Error,
+                format!("restore refused the state: {}", one_line(&message, 512)),
+            )
+        })
+    }
+
+    fn call<R>(
+        &mut self,
+        view: Option<&RoomView>,
+        hook: &str,
+        body: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<(R, Vec<Action>), PluginError> {
+        self.sandbox.store.data_mut().view(view);
+        self.sandbox
+            .call(&self.plugin.code, Some(&self.room), hook, body)
+    }
+}
+
+/// A store and the instance in it. The unit of isolation: dropping it frees the
+/// instance's memory.
+pub(crate) struct Sandbox {
+    store: Store<HostState>,
+    exports: Exports,
+    /// Set by the first failed call; the sandbox then refuses calls.
+    failed: Option<FailureKind>,
+}
+
+impl Sandbox {
+    /// Instantiate `code` in a new store and call `init` with its config.
+    pub(crate) fn create(code: &Code, room: Option<&str>) -> Result<Sandbox, PluginError> {
+        let engine = code.linked.engine();
+        let state = HostState::new(code, room);
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(code.deadline_ticks);
+        let exports = match code.linked.instantiate(&mut store) {
+            Ok(exports) => exports,
+            Err(error) => {
+                let kind = classify(&error, store.data().limiter.refused);
+                return Err(failure(code, room, "instantiation", kind, &error));
+            }
+        };
+        let mut sandbox = Sandbox {
+            store,
+            exports,
+            failed: None,
+        };
+        sandbox.store.data_mut().view(None);
+        let (result, _) = sandbox.call(code, room, "init", |exports, store| {
+            exports.init(store, &code.config_json)
+        })?;
+        result.map_err(|message| {
+            PluginError::new(
+                &code.name,
+                room,
+                FailureKind::Error,
+                format!("init refused its config: {}", one_line(&message, 512)),
+            )
+        })?;
+        Ok(sandbox)
+    }
+
+    /// `describe`, on a fresh sandbox.
+    pub(crate) fn describe(&mut self, code: &Code) -> Result<PluginInfo, PluginError> {
+        self.store.data_mut().view(None);
+        let (info, _) = self.call(code, None, "describe", |exports, store| {
+            exports.describe(store)
+        })?;
+        Ok(PluginInfo {
+            name: one_line(&info.name, 128),
+            version: one_line(&info.version, 128),
+        })
+    }
+
+    /// Run one hook under the deadline. On success, return what it returned and the
+    /// actions it recorded; on failure, discard them and refuse further calls.
+    fn call<R>(
+        &mut self,
+        code: &Code,
+        room: Option<&str>,
+        hook: &str,
+        body: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<(R, Vec<Action>), PluginError> {
+        if let Some(kind) = self.failed {
+            return Err(PluginError::new(
+                &code.name,
+                room,
+                FailureKind::Error,
+                format!("instance is unusable after an earlier failure ({kind})"),
+            ));
+        }
+        self.store.data_mut().begin_call();
+        self.store.set_epoch_deadline(code.deadline_ticks);
+        let result = body(&self.exports, &mut self.store);
+        let state = self.store.data_mut();
+        state.end_call();
+        match result {
+            Ok(value) => Ok((value, std::mem::take(&mut state.actions))),
+            Err(error) => {
+                state.actions = Vec::new();
+                let kind = classify(&error, state.limiter.refused);
+                self.failed = Some(kind);
+                Err(failure(code, room, hook, kind, &error))
+            }
+        }
+    }
+}
+
+/// Timeout if the epoch deadline interrupted the guest, Memory if the limiter refused
+/// growth during the call (the guest then aborts), Trap for anything else.
+fn classify(error: &wasmtime::Error, memory_refused: bool) -> FailureKind {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => FailureKind::Timeout,
+        _ if memory_refused => FailureKind::Memory,
+        _ => FailureKind::Trap,
+    }
+}
+
+fn failure(
+    code: &Code,
+    room: Option<&str>,
+    hook: &str,
+    kind: FailureKind,
+    error: &wasmtime::Error,
+) -> PluginError {
+    let detail = match kind {
+        FailureKind::Timeout => format!(
+            "timed out after {} in `{hook}`",
+            format_duration(code.limits.deadline)
+        ),
+        FailureKind::Memory => format!(
+            "exceeded its memory limit of {} in `{hook}`",
+            format_size(code.limits.memory)
+        ),
+        _ => format!("trapped in `{hook}`: {}", trap_message(error)),
+    };
+    PluginError::new(&code.name, room, kind, detail)
+}
+
+/// The first line of the error's own message and of its root cause, without the wasm
+/// backtrace wasmtime attaches as context.
+fn trap_message(error: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim();
+        if first.is_empty() || first.starts_with("error while executing at wasm backtrace") {
+            continue;
+        }
+        if !parts.iter().any(|part| part == first) {
+            parts.push(first.to_owned());
+        }
+    }
+    if parts.is_empty() {
+        "unknown error".to_owned()
+    } else {
+        one_line(&parts.join(": "), 1024)
+    }
+}
+
+/// `10ms`, `2s`.
+pub(crate) fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis >= 1000 && millis % 1000 == 0 {
+        format!("{}s", millis / 1000)
+    } else if duration.subsec_nanos() % 1_000_000 == 0 {
+        format!("{millis}ms")
+    } else {
+        format!("{duration:?}")
+    }
+}
+
+/// `32MiB`, `1536KiB`, `1000`.
+pub(crate) fn format_size(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+        format!("{}GiB", bytes >> 30)
+    } else if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{}MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+        format!("{}KiB", bytes >> 10)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The first line of `text`, cut to at most `max` bytes on a char boundary.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    truncate(line, max).to_owned()
+}
+
+/// `text` cut to at most `max` bytes on a char boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Why a `room` import refused a call (mapped to the WIT `room-error` in bindings.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    UnknownMember,
+    UnknownRoom,
+    TooManyActions,
+    TooManyTimers,
+    InvalidCloseCode,
+    Unavailable,
+}
+
+/// The `log-level` of the `room` interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Caps a store's linear memory (all memories together) and table sizes, and records
+/// whether it refused growth, so that the trap that follows is reported as `Memory`.
+pub(crate) struct MemoryLimiter {
+    cap: usize,
+    total: usize,
+    pub(crate) refused: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.total.saturating_sub(current).saturating_add(desired);
+        if total > self.cap {
+            self.refused = true;
+            return Ok(false);
+        }
+        self.total = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// A per-store generator for `wasi:random`: SHA-256 in counter mode over a key the host
+/// derives from its own secret and a per-store counter. Guests cannot see or reseed it.
+pub(crate) struct GuestRng {
+    key: [u8; 32],
+    counter: u64,
+    block: [u8; 32],
+    used: usize,
+}
+
+impl GuestRng {
+    pub(crate) fn new(key: [u8; 32]) -> Self {
+        GuestRng {
+            key,
+            counter: 0,
+            block: [0; 32],
+            used: 32,
+        }
+    }
+
+    pub(crate) fn fill(&mut self, out: &mut [u8]) {
+        for byte in out {
+            if self.used == self.block.len() {
+                let mut hasher = Sha256::new();
+                hasher.update(self.key);
+                hasher.update(self.counter.to_le_bytes());
+                self.block = hasher.finalize().into();
+                self.counter += 1;
+                self.used = 0;
+            }
+            *byte = self.block[self.used];
+            self.used += 1;
+        }
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        let mut bytes = [0; 8];
+        self.fill(&mut bytes);
+        u64::from_le_bytes(bytes)
+    }
+}
+
+/// The data of every store: what the `room` imports need and what a call records.
+pub(crate) struct HostState {
+    plugin: Arc<str>,
+    /// `None` in handshake instances.
+    room: Option<Arc<str>>,
+    pub(crate) limiter: MemoryLimiter,
+    created: Instant,
+    pub(crate) rng: GuestRng,
+
+    // Per call. `view` fills these before the call; they stay allocated between calls.
+    /// Whether the call has a room view; without one the acting imports answer
+    /// `unavailable`.
+    in_room: bool,
+    members: Vec<MemberId>,
+    /// Built on the first membership check of a call in a large room.
+    member_set: HashSet<MemberId>,
+    member_set_ready: bool,
+    room_exists: Option<RoomExists>,
+    actions: Vec<Action>,
+    action_bytes: usize,
+    log_lines: u32,
+    log_dropped: u32,
+
+    // For the instance's life.
+    timers: HashSet<u64>,
+    next_timer: u64,
+}
+
+impl HostState {
+    fn new(code: &Code, room: Option<&str>) -> Self {
+        HostState {
+            plugin: Arc::from(code.name.as_str()),
+            room: room.map(Arc::from),
+            limiter: MemoryLimiter {
+                cap: usize::try_from(code.limits.memory).unwrap_or(usize::MAX),
+                total: 0,
+                refused: false,
+            },
+            created: Instant::now(),
+            rng: GuestRng::new(code.shared.store_key()),
+            in_room: false,
+            members: Vec::new(),
+            member_set: HashSet::new(),
+            member_set_ready: false,
+            room_exists: None,
+            actions: Vec::new(),
+            action_bytes: 0,
+            log_lines: 0,
+            log_dropped: 0,
+            timers: HashSet::new(),
+            next_timer: 1,
+        }
+    }
+
+    /// Take in what the next call may know about its room.
+    fn view(&mut self, view: Option<&RoomView>) {
+        self.members.clear();
+        self.member_set_ready = false;
+        self.in_room = view.is_some();
+        if let Some(view) = view {
+            self.members.extend_from_slice(view.members);
+            let same = self
+                .room_exists
+                .as_ref()
+                .is_some_and(|known| Arc::ptr_eq(known, view.room_exists));
+            if !same {
+                self.room_exists = Some(Arc::clone(view.room_exists));
+            }
+        }
+    }
+
+    fn begin_call(&mut self) {
+        self.actions.clear();
+        self.action_bytes = 0;
+        self.log_lines = 0;
+        self.log_dropped = 0;
+        self.limiter.refused = false;
+    }
+
+    fn end_call(&mut self) {
+        if self.log_dropped > 0 {
+            tracing::warn!(
+                target: "roomcast::plugin::guest",
+                plugin = %self.plugin,
+                room = self.room.as_deref().unwrap_or(""),
+                "dropped {} log lines past {MAX_LOG_LINES_PER_CALL} in one call",
+                self.log_dropped,
+            );
+        }
+    }
+
+    fn is_member(&mut self, id: MemberId) -> bool {
+        if self.members.len() <= LINEAR_MEMBER_SCAN {
+            return self.members.contains(&id);
+        }
+        if !self.member_set_ready {
+            self.member_set.clear();
+            self.member_set.extend(self.members.iter().copied());
+            self.member_set_ready = true;
+        }
+        self.member_set.contains(&id)
+    }
+
+    /// Record an action carrying `bytes` bytes, if the call's bounds allow it.
+    fn record(&mut self, action: Action, bytes: usize) -> Result<(), Refusal> {
+        self.check_room(bytes)?;
+        self.action_bytes += bytes;
+        self.actions.push(action);
+        Ok(())
+    }
+
+    fn check_room(&self, bytes: usize) -> Result<(), Refusal> {
+        if self.actions.len() >= MAX_ACTIONS_PER_CALL
+            || self.action_bytes.saturating_add(bytes) > MAX_ACTION_BYTES_PER_CALL
+        {
+            return Err(Refusal::TooManyActions);
+        }
+        Ok(())
+    }
+
+    fn require_room(&self) -> Result<(), Refusal> {
+        if self.in_room {
+            Ok(())
+        } else {
+            Err(Refusal::Unavailable)
+        }
+    }
+
+    pub(crate) fn send(&mut self, to: MemberId, payload: Payload) -> Result<(), Refusal> {
+        self.require_room()?;
+        if !self.is_member(to) {
+            return Err(Refusal::UnknownMember);
+        }
+        let bytes = payload.len();
+        self.record(Action::Send { to, payload }, bytes)
+    }
+
+    pub(crate) fn broadcast(
+        &mut self,
+        payload: Payload,
+        except: Vec<MemberId>,
+    ) -> Result<(), Refusal> {
+        self.require_room()?;
+        let bytes = payload.len() + except.len() * size_of::<MemberId>();
+        self.record(Action::Broadcast { payload, except }, bytes)
+    }
+
+    pub(crate) fn forward(&mut self, room: String, payload: Payload) -> Result<(), Refusal> {
+        self.require_room()?;
+        let live = is_valid_room_name(&room)
+            && self
+                .room_exists
+                .as_ref()
+                .is_some_and(|room_exists| room_exists(&room));
+        if !live {
+            return Err(Refusal::UnknownRoom);
+        }
+        let bytes = payload.len() + room.len();
+        self.record(Action::Forward { room, payload }, bytes)
+    }
+
+    pub(crate) fn close(
+        &mut self,
+        member: MemberId,
+        code: u16,
+        mut reason: String,
+    ) -> Result<(), Refusal> {
+        self.require_room()?;
+        if !matches!(code, 1000 | 1001 | 1008 | 1011 | 3000..=4999) {
+            return Err(Refusal::InvalidCloseCode);
+        }
+        if !self.is_member(member) {
+            return Err(Refusal::UnknownMember);
+        }
+        let keep = truncate(&reason, MAX_CLOSE_REASON_BYTES).len();
+        reason.truncate(keep);
+        let bytes = reason.len();
+        self.record(
+            Action::Close {
+                member,
+                code,
+                reason,
+            },
+            bytes,
+        )
+    }
+
+    pub(crate) fn members(&mut self) -> Vec<MemberId> {
+        self.members.clone()
+    }
+
+    pub(crate) fn room_name(&mut self) -> String {
+        self.room.as_deref().unwrap_or("").to_owned()
+    }
+
+    pub(crate) fn log(&mut self, level: LogLevel, message: &str) {
+        if self.log_lines >= MAX_LOG_LINES_PER_CALL {
+            self.log_dropped += 1;
+            return;
+        }
+        self.log_lines += 1;
+        let text = truncate(message, MAX_LOG_LINE_BYTES);
+        let cut = if text.len() < message.len() {
+            " [truncated]"
+        } else {
+            ""
+        };
+        let plugin = &*self.plugin;
+        let room = self.room.as_deref().unwrap_or("");
+        macro_rules! emit {
+            ($macro:ident) => {
+                tracing::$macro!(target: "roomcast::plugin::guest", plugin, room, "{text}{cut}")
+            };
+        }
+        match level {
+            LogLevel::Trace => emit!(trace),
+            LogLevel::Debug => emit!(debug),
+            LogLevel::Info => emit!(info),
+            LogLevel::Warn => emit!(warn),
+            LogLevel::Error => emit!(error),
+        }
+    }
+
+    pub(crate) fn now(&mut self) -> u64 {
+        u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn set_timer(&mut self, after_ms: u32) -> Result<u64, Refusal> {
+        self.require_room()?;
+        if self.timers.len() >= MAX_TIMERS_PER_ROOM {
+            return Err(Refusal::TooManyTimers);
+        }
+        self.check_room(0)?;
+        let id = self.next_timer;
+        self.next_timer += 1;
+        self.timers.insert(id);
+        let after = Duration::from_millis(u64::from(after_ms));
+        self.record(Action::SetTimer { id, after }, 0)?;
+        Ok(id)
+    }
+
+    /// Unknown ids are ignored. The timer stops being pending even when the call has no
+    /// room left for a `CancelTimer` action: [`RoomInstance::timer`] ignores it then.
+    pub(crate) fn cancel_timer(&mut self, id: u64) {
+        if self.in_room && self.timers.remove(&id) {
+            let _ = self.record(Action::CancelTimer { id }, 0);
+        }
+    }
+
+    /// `wasi:random` asks for `len` bytes; more than a MiB traps.
+    pub(crate) fn random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        if len > MAX_RANDOM_BYTES {
+            wasmtime::bail!("asked `wasi:random` for {len} bytes; the most is {MAX_RANDOM_BYTES}");
+        }
+        let mut bytes = vec![0; len as usize];
+        self.rng.fill(&mut bytes);
+        Ok(bytes)
+    }
+}

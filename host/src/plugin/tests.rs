@@ -1,0 +1,1 @@
+//! Tests of the plugin runtime against real wasmtime and real plugin components.
