@@ -308,7 +308,12 @@ impl Sandbox {
     /// Instantiate `code` in a new store and call `init` with its config.
     pub(crate) fn create(code: &Code, room: Option<&str>) -> Result<Sandbox, PluginError> {
         let engine = code.linked.engine();
-        let state = HostState::new(code, room);
+        let state = HostState::new(
+            &code.name,
+            room,
+            code.limits.memory,
+            code.shared.store_key(),
+        );
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(code.deadline_ticks);
@@ -609,17 +614,17 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    fn new(code: &Code, room: Option<&str>) -> Self {
+    pub(crate) fn new(plugin: &str, room: Option<&str>, memory: u64, rng_key: [u8; 32]) -> Self {
         HostState {
-            plugin: Arc::from(code.name.as_str()),
+            plugin: Arc::from(plugin),
             room: room.map(Arc::from),
             limiter: MemoryLimiter {
-                cap: usize::try_from(code.limits.memory).unwrap_or(usize::MAX),
+                cap: usize::try_from(memory).unwrap_or(usize::MAX),
                 total: 0,
                 refused: false,
             },
             created: Instant::now(),
-            rng: GuestRng::new(code.shared.store_key()),
+            rng: GuestRng::new(rng_key),
             in_room: false,
             members: Vec::new(),
             member_set: HashSet::new(),
@@ -635,7 +640,7 @@ impl HostState {
     }
 
     /// Take in what the next call may know about its room.
-    fn view(&mut self, view: Option<&RoomView>) {
+    pub(crate) fn view(&mut self, view: Option<&RoomView>) {
         self.members.clear();
         self.member_set_ready = false;
         self.in_room = view.is_some();
@@ -651,7 +656,7 @@ impl HostState {
         }
     }
 
-    fn begin_call(&mut self) {
+    pub(crate) fn begin_call(&mut self) {
         self.actions.clear();
         self.action_bytes = 0;
         self.log_lines = 0;
@@ -659,7 +664,7 @@ impl HostState {
         self.limiter.refused = false;
     }
 
-    fn end_call(&mut self) {
+    pub(crate) fn end_call(&mut self) {
         if self.log_dropped > 0 {
             tracing::warn!(
                 target: "roomcast::plugin::guest",
@@ -837,5 +842,257 @@ impl HostState {
         let mut bytes = vec![0; len as usize];
         self.rng.fill(&mut bytes);
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> HostState {
+        HostState::new("unit", Some("unit:room"), 1 << 20, [7; 32])
+    }
+
+    fn room_exists() -> RoomExists {
+        Arc::new(|room: &str| room == "other")
+    }
+
+    fn in_call(state: &mut HostState, members: &[MemberId], exists: &RoomExists) {
+        let view = RoomView {
+            room: "unit:room",
+            members,
+            room_exists: exists,
+        };
+        state.view(Some(&view));
+        state.begin_call();
+    }
+
+    #[test]
+    fn sends_and_closes_only_to_members() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1, 2], &exists);
+        assert_eq!(state.send(1, Payload::text("a")), Ok(()));
+        assert_eq!(
+            state.send(3, Payload::text("b")),
+            Err(Refusal::UnknownMember)
+        );
+        assert_eq!(
+            state.close(3, 1000, "x".into()),
+            Err(Refusal::UnknownMember)
+        );
+        assert_eq!(state.close(2, 1000, "bye".into()), Ok(()));
+        assert_eq!(state.members(), vec![1, 2]);
+        assert_eq!(state.room_name(), "unit:room");
+        assert_eq!(
+            state.actions,
+            vec![
+                Action::Send {
+                    to: 1,
+                    payload: Payload::text("a")
+                },
+                Action::Close {
+                    member: 2,
+                    code: 1000,
+                    reason: "bye".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn membership_in_a_large_room() {
+        let exists = room_exists();
+        let mut state = state();
+        let members: Vec<MemberId> = (100..1100).collect();
+        in_call(&mut state, &members, &exists);
+        assert_eq!(state.send(1099, Payload::text("a")), Ok(()));
+        assert_eq!(
+            state.send(99, Payload::text("a")),
+            Err(Refusal::UnknownMember)
+        );
+        // The next call's view replaces the set.
+        in_call(&mut state, &[5], &exists);
+        assert_eq!(
+            state.send(1099, Payload::text("a")),
+            Err(Refusal::UnknownMember)
+        );
+        assert_eq!(state.send(5, Payload::text("a")), Ok(()));
+    }
+
+    #[test]
+    fn close_codes_and_reasons() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1], &exists);
+        for code in [1000, 1001, 1008, 1011, 3000, 4000, 4999] {
+            assert_eq!(state.close(1, code, String::new()), Ok(()), "{code}");
+        }
+        for code in [0, 999, 1002, 1005, 1006, 1009, 1015, 2999, 5000, u16::MAX] {
+            assert_eq!(
+                state.close(1, code, String::new()),
+                Err(Refusal::InvalidCloseCode),
+                "{code}"
+            );
+        }
+        // 200 bytes of two-byte characters: cut to 122 bytes, on a char boundary.
+        state.begin_call();
+        let long = "é".repeat(100);
+        assert_eq!(state.close(1, 4000, long), Ok(()));
+        let Some(Action::Close { reason, .. }) = state.actions.last() else {
+            panic!("no close action");
+        };
+        assert_eq!(reason.len(), 122);
+        assert!(reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn forwards_only_to_live_valid_rooms() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1], &exists);
+        assert_eq!(state.forward("other".into(), Payload::text("a")), Ok(()));
+        assert_eq!(
+            state.forward("nowhere".into(), Payload::text("a")),
+            Err(Refusal::UnknownRoom)
+        );
+        assert_eq!(
+            state.forward("bad/name".into(), Payload::text("a")),
+            Err(Refusal::UnknownRoom)
+        );
+        assert_eq!(
+            state.forward(String::new(), Payload::text("a")),
+            Err(Refusal::UnknownRoom)
+        );
+        assert_eq!(
+            state.actions,
+            vec![Action::Forward {
+                room: "other".into(),
+                payload: Payload::text("a")
+            }]
+        );
+    }
+
+    #[test]
+    fn actions_per_call_are_bounded_by_count_and_bytes() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1], &exists);
+        for _ in 0..MAX_ACTIONS_PER_CALL {
+            assert_eq!(state.send(1, Payload::text("x")), Ok(()));
+        }
+        assert_eq!(
+            state.send(1, Payload::text("x")),
+            Err(Refusal::TooManyActions)
+        );
+        assert_eq!(
+            state.broadcast(Payload::text("x"), vec![]),
+            Err(Refusal::TooManyActions)
+        );
+        assert_eq!(state.set_timer(10), Err(Refusal::TooManyActions));
+        assert_eq!(state.actions.len(), MAX_ACTIONS_PER_CALL);
+
+        // A new call starts with a fresh budget.
+        in_call(&mut state, &[1], &exists);
+        let mib = Payload::binary(vec![0u8; 1 << 20]);
+        for _ in 0..16 {
+            assert_eq!(state.broadcast(mib.clone(), vec![]), Ok(()));
+        }
+        assert_eq!(
+            state.send(1, Payload::binary(vec![0u8; 1])),
+            Err(Refusal::TooManyActions)
+        );
+        assert_eq!(state.send(1, Payload::binary(Vec::new())), Ok(()));
+    }
+
+    #[test]
+    fn timers_are_bounded_and_tracked() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1], &exists);
+        let mut ids = Vec::new();
+        for _ in 0..MAX_TIMERS_PER_ROOM {
+            ids.push(state.set_timer(5).expect("timer"));
+        }
+        assert_eq!(state.set_timer(5), Err(Refusal::TooManyTimers));
+        assert_eq!(
+            state.actions[0],
+            Action::SetTimer {
+                id: ids[0],
+                after: Duration::from_millis(5)
+            }
+        );
+        // Cancelling frees a slot; unknown ids are ignored without an action.
+        in_call(&mut state, &[1], &exists);
+        state.cancel_timer(ids[3]);
+        state.cancel_timer(999_999);
+        assert_eq!(state.actions, vec![Action::CancelTimer { id: ids[3] }]);
+        let next = state.set_timer(1).expect("slot freed");
+        assert!(!ids.contains(&next), "ids are not reused");
+    }
+
+    #[test]
+    fn without_a_room_the_acting_imports_are_unavailable() {
+        let mut state = HostState::new("unit", None, 1 << 20, [7; 32]);
+        state.view(None);
+        state.begin_call();
+        assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
+        assert_eq!(
+            state.broadcast(Payload::text("a"), vec![]),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            state.forward("other".into(), Payload::text("a")),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            state.close(1, 1000, String::new()),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(state.set_timer(1), Err(Refusal::Unavailable));
+        state.cancel_timer(1);
+        assert_eq!(state.members(), Vec::<MemberId>::new());
+        assert_eq!(state.room_name(), "");
+        assert!(state.actions.is_empty());
+        // Logging and the clock still work.
+        state.log(LogLevel::Info, &"long line ".repeat(1000));
+        let (a, b) = (state.now(), state.now());
+        assert!(b >= a);
+    }
+
+    #[test]
+    fn random_bytes_are_keyed_per_store_and_bounded() {
+        let mut a = HostState::new("unit", None, 1 << 20, [1; 32]);
+        let mut b = HostState::new("unit", None, 1 << 20, [2; 32]);
+        let x = a.random_bytes(64).expect("bytes");
+        assert_eq!(x.len(), 64);
+        assert_ne!(x, b.random_bytes(64).expect("bytes"));
+        assert_ne!(x, a.random_bytes(64).expect("bytes"), "the stream advances");
+        assert!(a.random_bytes(MAX_RANDOM_BYTES + 1).is_err());
+    }
+
+    #[test]
+    fn memory_limiter_counts_all_memories_and_records_refusals() {
+        let mut limiter = MemoryLimiter {
+            cap: 100,
+            total: 0,
+            refused: false,
+        };
+        assert!(limiter.memory_growing(0, 60, None).expect("grow"));
+        assert!(limiter.memory_growing(0, 40, None).expect("second memory"));
+        assert!(!limiter.refused);
+        assert!(!limiter.memory_growing(60, 61, None).expect("over"));
+        assert!(limiter.refused);
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(format_duration(Duration::from_millis(10)), "10ms");
+        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(format_size(32 << 20), "32MiB");
+        assert_eq!(format_size(3 << 30), "3GiB");
+        assert_eq!(format_size(1000), "1000 bytes");
+        assert_eq!(one_line("a\nb", 10), "a");
+        assert_eq!(truncate("aé", 2), "a");
     }
 }

@@ -177,3 +177,131 @@ fn value_to_json(value: &toml::Value, path: &str) -> Result<serde_json::Value, S
         toml::Value::Table(table) => Json::Object(table_to_json(table, path)?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parse_ok(text: &str) -> Manifest {
+        parse(text, Path::new("/p/chat.toml"), &HostCaps::default()).expect("valid manifest")
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("/p/chat.toml"), &HostCaps::default()).expect_err("invalid manifest")
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(parse_ok(""), Manifest::defaults(&HostCaps::default()));
+        let defaults = Manifest::defaults(&HostCaps::default());
+        assert_eq!(defaults.config_json, "{}");
+        assert_eq!(defaults.limits.deadline, Duration::from_millis(10));
+        assert_eq!(defaults.limits.memory, 32 << 20);
+        assert_eq!(defaults.rooms, None);
+    }
+
+    #[test]
+    fn rooms_config_and_limits() {
+        let manifest = parse_ok(
+            r#"
+            rooms = ["lobby", "game:*", "game:*"]
+
+            [config]
+            greeting = "hi"
+            max = 3
+            ratio = 0.5
+            tags = ["a", "b"]
+            nested = { deep = true }
+            when = 1979-05-27T07:32:00Z
+
+            [limits]
+            memory = "64MiB"
+            deadline = "50ms"
+            "#,
+        );
+        let rooms: Vec<&str> = manifest
+            .rooms
+            .as_ref()
+            .expect("rooms")
+            .iter()
+            .map(RoomPattern::as_str)
+            .collect();
+        assert_eq!(rooms, vec!["lobby", "game:*"]);
+        let config: serde_json::Value =
+            serde_json::from_str(&manifest.config_json).expect("config is JSON");
+        assert_eq!(
+            config,
+            serde_json::json!({
+                "greeting": "hi", "max": 3, "ratio": 0.5, "tags": ["a", "b"],
+                "nested": {"deep": true}, "when": "1979-05-27T07:32:00Z"
+            })
+        );
+        assert_eq!(manifest.limits.memory, 64 << 20);
+        assert_eq!(manifest.limits.deadline, Duration::from_millis(50));
+
+        let manifest = parse_ok("[limits]\nmemory = 1048576\n");
+        assert_eq!(manifest.limits.memory, 1 << 20);
+        assert_eq!(manifest.limits.deadline, Duration::from_millis(10));
+        assert_eq!(parse_ok("rooms = []").rooms, Some(vec![]));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let error = parse_err("room = [\"x\"]");
+        assert!(error.contains("/p/chat.toml"), "{error}");
+        assert!(error.contains("unknown key `room`"), "{error}");
+        let error = parse_err("[limits]\ncpu = \"1s\"");
+        assert!(error.contains("/p/chat.toml"), "{error}");
+        assert!(error.contains("unknown key `limits.cpu`"), "{error}");
+    }
+
+    #[test]
+    fn limits_above_the_caps_are_refused() {
+        let error = parse_err("[limits]\nmemory = \"512MiB\"");
+        assert!(error.contains("/p/chat.toml"), "{error}");
+        assert!(
+            error.contains("`limits.memory` = 512MiB is above the host's maximum of 256MiB"),
+            "{error}"
+        );
+        let error = parse_err("[limits]\ndeadline = \"2s\"");
+        assert!(
+            error.contains("`limits.deadline` = 2s is above the host's maximum of 1s"),
+            "{error}"
+        );
+        // Caps lower than the defaults lower the defaults.
+        let caps = HostCaps {
+            max_deadline: Duration::from_millis(5),
+            max_memory: 16 << 20,
+        };
+        let manifest = parse("", Path::new("x.toml"), &caps).expect("valid");
+        assert_eq!(manifest.limits.deadline, Duration::from_millis(5));
+        assert_eq!(manifest.limits.memory, 16 << 20);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_file() {
+        for (text, key) in [
+            ("rooms = \"chat\"", "`rooms`"),
+            ("rooms = [1]", "`rooms`"),
+            ("rooms = [\"bad room\"]", "`rooms`"),
+            ("rooms = [\"\"]", "`rooms`"),
+            ("config = 3", "`config`"),
+            ("limits = 3", "`limits`"),
+            ("[limits]\nmemory = \"lots\"", "`limits.memory`"),
+            ("[limits]\nmemory = -1", "`limits.memory`"),
+            ("[limits]\nmemory = 0", "`limits.memory`"),
+            ("[limits]\ndeadline = 10", "`limits.deadline`"),
+            ("[limits]\ndeadline = \"10\"", "`limits.deadline`"),
+            ("[limits]\ndeadline = \"0ms\"", "`limits.deadline`"),
+            ("[config]\nx = nan", "`config.x`"),
+        ] {
+            let error = parse_err(text);
+            assert!(error.contains("/p/chat.toml"), "{text}: {error}");
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        let error = parse_err("rooms = [");
+        assert!(error.contains("/p/chat.toml: invalid TOML"), "{error}");
+    }
+}

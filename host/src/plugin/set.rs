@@ -313,3 +313,110 @@ fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patterns(texts: &[&str]) -> Vec<RoomPattern> {
+        texts
+            .iter()
+            .map(|text| RoomPattern::parse(text).expect("pattern"))
+            .collect()
+    }
+
+    #[test]
+    fn patterns_parse_and_match() {
+        let exact = RoomPattern::parse("chat").expect("exact");
+        assert!(exact.is_exact());
+        assert!(exact.matches("chat"));
+        assert!(!exact.matches("chat:x"));
+        assert!(!exact.matches("cha"));
+
+        let prefix = RoomPattern::parse("chat:*").expect("prefix");
+        assert_eq!(prefix.literal_prefix(), "chat:");
+        assert!(prefix.matches("chat:"));
+        assert!(prefix.matches("chat:lobby"));
+        assert!(!prefix.matches("chat"));
+        assert!(!prefix.matches("chatter"));
+
+        let inner = RoomPattern::parse("a*b*c").expect("inner");
+        assert!(inner.matches("abc"));
+        assert!(inner.matches("a-x-b-y-c"));
+        assert!(inner.matches("abcbc"));
+        assert!(!inner.matches("acb"));
+        assert!(RoomPattern::parse("*").expect("any").matches("anything"));
+        assert_eq!(RoomPattern::parse("a**b").expect("stars").as_str(), "a*b");
+
+        for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
+            assert!(RoomPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            RoomPattern::defaults_for("chat"),
+            patterns(&["chat", "chat:*"])
+        );
+    }
+
+    #[test]
+    fn overlap_of_patterns() {
+        let overlap = |a: &str, b: &str| {
+            let (a, b) = (&patterns(&[a])[0], &patterns(&[b])[0]);
+            assert_eq!(a.overlaps(b), b.overlaps(a), "symmetric");
+            a.overlaps(b)
+        };
+        assert!(overlap("chat:*", "chat:*"));
+        assert!(overlap("chat:*", "*:lobby"));
+        assert!(overlap("a*", "*b"));
+        assert!(overlap("x", "*"));
+        assert!(overlap("a*b", "a*"));
+        assert!(!overlap("chat:*x", "chat:*y"));
+        assert!(!overlap("chat:*", "game:*"));
+        assert!(!overlap("a", "b"));
+        assert!(!overlap("a*", "b*"));
+        assert!(overlap("*a*", "*b*"));
+    }
+
+    #[test]
+    fn an_exact_name_beats_a_pattern_and_a_longer_prefix_a_shorter_one() {
+        let chat = patterns(&["chat", "chat:*"]);
+        let vip = patterns(&["chat:vip:*"]);
+        let lobby = patterns(&["chat:lobby"]);
+        let anything = patterns(&["*"]);
+        let candidates = || {
+            [
+                (chat.as_slice(), "chat"),
+                (vip.as_slice(), "vip"),
+                (lobby.as_slice(), "lobby"),
+                (anything.as_slice(), "anything"),
+            ]
+            .into_iter()
+        };
+        assert_eq!(best_match("chat", candidates()), Some("chat"));
+        assert_eq!(best_match("chat:x", candidates()), Some("chat"));
+        assert_eq!(best_match("chat:vip:1", candidates()), Some("vip"));
+        assert_eq!(best_match("chat:lobby", candidates()), Some("lobby"));
+        assert_eq!(best_match("game", candidates()), Some("anything"));
+        assert_eq!(
+            best_match("game", [(chat.as_slice(), "chat")].into_iter()),
+            None
+        );
+    }
+
+    #[test]
+    fn equally_specific_overlapping_patterns_conflict() {
+        let chat = patterns(&["chat", "chat:*"]);
+        assert!(find_conflict(&chat, &patterns(&["chat:*"])).is_some());
+        assert!(find_conflict(&chat, &patterns(&["chat"])).is_some());
+        // Different literal prefix lengths (5 and 6): the longer one wins, no conflict.
+        assert!(find_conflict(&patterns(&["chat:*x"]), &patterns(&["chat:x*"])).is_none());
+        let (a, b) = (patterns(&["x", "chat:*"]), patterns(&["*", "chat:*"]));
+        let (mine, theirs) = find_conflict(&a, &b).expect("conflict");
+        assert_eq!((mine.as_str(), theirs.as_str()), ("chat:*", "chat:*"));
+        assert!(find_conflict(&patterns(&["ab*"]), &patterns(&["a*b"])).is_none());
+        assert!(find_conflict(&patterns(&["a*b"]), &patterns(&["a*c"])).is_none());
+        assert!(find_conflict(&patterns(&["a*b*"]), &patterns(&["a*c*"])).is_some());
+        // More specific claims do not conflict with less specific ones.
+        assert!(find_conflict(&chat, &patterns(&["chat:lobby", "chat:vip:*", "*"])).is_none());
+        assert!(find_conflict(&chat, &patterns(&["game", "game:*"])).is_none());
+    }
+}
