@@ -117,7 +117,7 @@ impl Plugin {
     ///
     /// A decision that accepts with a subprotocol the client did not offer is refused
     /// (`FailureKind::Error`); a rejection's status outside 400..=599 becomes 403 and its
-    /// reason is cut to one line of at most 512 bytes.
+    /// reason is put on one line of at most 512 bytes.
     pub fn handshake(&self, request: &HandshakeRequest) -> Result<HandshakeDecision, PluginError> {
         let idle = self
             .handshakes
@@ -321,7 +321,7 @@ impl Sandbox {
             Ok(exports) => exports,
             Err(error) => {
                 let kind = classify(&error, store.data().limiter.refused);
-                return Err(failure(code, room, "instantiation", kind, &error));
+                return Err(failure(code, room, "instantiation", kind, &error, None));
             }
         };
         let mut sandbox = Sandbox {
@@ -384,7 +384,8 @@ impl Sandbox {
                 state.actions = Vec::new();
                 let kind = classify(&error, state.limiter.refused);
                 self.failed = Some(kind);
-                Err(failure(code, room, hook, kind, &error))
+                let logged = state.last_error_log.take();
+                Err(failure(code, room, hook, kind, &error, logged.as_deref()))
             }
         }
     }
@@ -406,6 +407,7 @@ fn failure(
     hook: &str,
     kind: FailureKind,
     error: &wasmtime::Error,
+    logged: Option<&str>,
 ) -> PluginError {
     let detail = match kind {
         FailureKind::Timeout => format!(
@@ -416,7 +418,13 @@ fn failure(
             "exceeded its memory limit of {} in `{hook}`",
             format_size(code.limits.memory)
         ),
-        _ => format!("trapped in `{hook}`: {}", trap_message(error)),
+        _ => match logged {
+            Some(logged) => format!(
+                "trapped in `{hook}`: {} (its last error log line: {logged})",
+                trap_message(error)
+            ),
+            None => format!("trapped in `{hook}`: {}", trap_message(error)),
+        },
     };
     PluginError::new(&code.name, room, kind, detail)
 }
@@ -467,10 +475,22 @@ pub(crate) fn format_size(bytes: u64) -> String {
     }
 }
 
-/// The first line of `text`, cut to at most `max` bytes on a char boundary.
+/// `text` on one line (its lines joined with spaces), cut to at most `max` bytes on a
+/// char boundary.
 fn one_line(text: &str, max: usize) -> String {
-    let line = text.lines().next().unwrap_or("");
-    truncate(line, max).to_owned()
+    let mut line = String::with_capacity(text.len().min(max));
+    for part in text.lines().map(str::trim).filter(|part| !part.is_empty()) {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(part);
+        if line.len() >= max {
+            break;
+        }
+    }
+    let keep = truncate(&line, max).len();
+    line.truncate(keep);
+    line
 }
 
 /// `text` cut to at most `max` bytes on a char boundary.
@@ -607,6 +627,9 @@ pub(crate) struct HostState {
     action_bytes: usize,
     log_lines: u32,
     log_dropped: u32,
+    /// The call's last error-level log line: the guest SDK logs a panic's message
+    /// there before trapping, and the failure report quotes it.
+    last_error_log: Option<String>,
 
     // For the instance's life.
     timers: HashSet<u64>,
@@ -634,6 +657,7 @@ impl HostState {
             action_bytes: 0,
             log_lines: 0,
             log_dropped: 0,
+            last_error_log: None,
             timers: HashSet::new(),
             next_timer: 1,
         }
@@ -661,6 +685,7 @@ impl HostState {
         self.action_bytes = 0;
         self.log_lines = 0;
         self.log_dropped = 0;
+        self.last_error_log = None;
         self.limiter.refused = false;
     }
 
@@ -781,6 +806,9 @@ impl HostState {
     }
 
     pub(crate) fn log(&mut self, level: LogLevel, message: &str) {
+        if level == LogLevel::Error {
+            self.last_error_log = Some(one_line(message, 512));
+        }
         if self.log_lines >= MAX_LOG_LINES_PER_CALL {
             self.log_dropped += 1;
             return;
@@ -1092,7 +1120,8 @@ mod tests {
         assert_eq!(format_size(32 << 20), "32MiB");
         assert_eq!(format_size(3 << 30), "3GiB");
         assert_eq!(format_size(1000), "1000 bytes");
-        assert_eq!(one_line("a\nb", 10), "a");
+        assert_eq!(one_line("a\n  b\r\n\nc", 10), "a b c");
+        assert_eq!(one_line("abc\ndef", 5), "abc d");
         assert_eq!(truncate("aé", 2), "a");
     }
 }

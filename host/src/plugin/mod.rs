@@ -129,7 +129,7 @@ pub enum HandshakeDecision {
     /// Upgrade, optionally with one of the subprotocols the client offered (checked).
     Accept { protocol: Option<String> },
     /// Refuse with this HTTP status (always 4xx or 5xx: anything else became 403) and a
-    /// one-line reason (cut at the first line break and at 512 bytes).
+    /// one-line reason (line breaks become spaces; cut at 512 bytes).
     Reject { status: u16, reason: String },
 }
 

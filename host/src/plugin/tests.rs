@@ -331,3 +331,339 @@ fn bench_relay_message_and_instantiation() {
     );
     assert!(per_call < Duration::from_secs(1));
 }
+
+fn text_of(action: &Action) -> Option<&str> {
+    match action {
+        Action::Send {
+            payload: Payload::Text(bytes),
+            ..
+        } => std::str::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn chaos_spin_times_out_and_a_fresh_instance_works() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "chaos");
+    let room = Room::new("chaos:spin", &[1]);
+    let mut instance = plugin.instantiate("chaos:spin").expect("instantiate");
+    let started = Instant::now();
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("spin"))
+        .expect_err("spin must be interrupted");
+    let took = started.elapsed();
+    assert_eq!(error.kind, FailureKind::Timeout);
+    assert_eq!(error.kind.outcome(), "timeout");
+    assert_eq!(error.plugin, "chaos");
+    assert_eq!(error.room.as_deref(), Some("chaos:spin"));
+    let text = error.to_string();
+    assert!(
+        text.starts_with("plugin `chaos` in room `chaos:spin`: timed out after 10ms"),
+        "{text}"
+    );
+    assert!(
+        took >= Duration::from_millis(10),
+        "interrupted early: {took:?}"
+    );
+    eprintln!("spin interrupted after {took:?}");
+
+    // The failed instance refuses further calls at once.
+    assert_eq!(instance.failure(), Some(FailureKind::Timeout));
+    let again = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("hello"))
+        .expect_err("poisoned");
+    assert!(again.to_string().contains("unusable"), "{again}");
+
+    let mut fresh = plugin.instantiate("chaos:spin").expect("fresh instance");
+    let (verdict, actions) = fresh
+        .message(&room.view(), Origin::Member(1), &Payload::text("hello"))
+        .expect("fresh instance works");
+    assert_eq!(verdict, Verdict::Pass);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn chaos_hog_hits_the_memory_cap() {
+    // Filling 32 MiB takes longer than the default 10ms deadline (which would report a
+    // timeout): give it time to reach the cap.
+    let runtime = runtime();
+    let scratch = Scratch::new("hog");
+    let file = scratch.plugin("chaos", "chaos", Some("[limits]\ndeadline = \"1s\"\n"));
+    let plugin = runtime.load(&file).expect("load");
+    let room = Room::new("chaos", &[1]);
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("hog"))
+        .expect_err("hog must be stopped");
+    assert_eq!(error.kind, FailureKind::Memory, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("exceeded its memory limit of 32MiB in `message`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn chaos_panic_is_a_trap_that_quotes_the_panic() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "chaos");
+    let room = Room::new("chaos", &[1]);
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("panic"))
+        .expect_err("panic traps");
+    assert_eq!(error.kind, FailureKind::Trap, "{error}");
+    let text = error.to_string();
+    assert!(text.contains("trapped in `message`"), "{text}");
+    assert!(text.contains("chaos panic"), "{text}");
+    eprintln!("{text}");
+}
+
+#[test]
+fn chaos_burst_is_bounded_by_the_action_budget() {
+    // With the default 10ms deadline a million `send` calls run out of time: the call
+    // fails as a timeout and its actions are discarded.
+    let runtime = runtime();
+    let plugin = load(&runtime, "chaos");
+    let room = Room::new("chaos", &[1]);
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("burst"))
+        .expect_err("a million sends in 10ms");
+    assert_eq!(error.kind, FailureKind::Timeout, "{error}");
+
+    // Given time (this debug build needs about 0.7 s), the call completes, and only the
+    // first MAX_ACTIONS_PER_CALL sends were recorded; the rest were refused.
+    let runtime = PluginRuntime::new(HostCaps {
+        max_deadline: Duration::from_secs(20),
+        ..HostCaps::default()
+    })
+    .expect("runtime");
+    let scratch = Scratch::new("burst");
+    let file = scratch.plugin("chaos", "chaos", Some("[limits]\ndeadline = \"20s\"\n"));
+    let plugin = runtime.load(&file).expect("load");
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+    let started = Instant::now();
+    let result = instance.message(&room.view(), Origin::Member(1), &Payload::text("burst"));
+    eprintln!("burst of 1,000,000 sends took {:?}", started.elapsed());
+    let (verdict, actions) = result.expect("burst completes");
+    assert_eq!(verdict, Verdict::Drop);
+    assert_eq!(actions.len(), MAX_ACTIONS_PER_CALL);
+    assert!(actions.iter().all(|action| text_of(action) == Some("x")));
+}
+
+#[test]
+fn chaos_timers_fire_once_and_members_are_the_view() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "chaos");
+    let room = Room::new("chaos", &[3, 7]);
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+
+    let (_, actions) = instance
+        .message(&room.view(), Origin::Member(7), &Payload::text("members"))
+        .expect("members");
+    assert_eq!(actions.len(), 1);
+    assert_eq!(text_of(&actions[0]), Some("[3,7]"));
+
+    let (verdict, actions) = instance
+        .message(&room.view(), Origin::Member(3), &Payload::text("timer:25"))
+        .expect("timer");
+    assert_eq!(verdict, Verdict::Drop);
+    let [Action::SetTimer { id, after }] = actions.as_slice() else {
+        panic!("expected one SetTimer, got {actions:?}");
+    };
+    assert_eq!(*after, Duration::from_millis(25));
+    let fired = instance.timer(&room.view(), *id).expect("timer fires");
+    assert_eq!(fired.len(), 1);
+    assert_eq!(text_of(&fired[0]), Some("timer fired"));
+    // A timer that is no longer pending is ignored.
+    assert_eq!(instance.timer(&room.view(), *id).expect("stale"), vec![]);
+    assert_eq!(
+        instance.timer(&room.view(), 12345).expect("unknown"),
+        vec![]
+    );
+
+    // Forwarded messages and binary ones pass.
+    let (verdict, _) = instance
+        .message(
+            &room.view(),
+            Origin::Room("elsewhere".into()),
+            &Payload::text("spin"),
+        )
+        .expect("forwarded");
+    assert_eq!(verdict, Verdict::Pass);
+}
+
+#[test]
+fn chaos_init_failures_fail_the_load() {
+    let runtime = runtime();
+    let scratch = Scratch::new("init");
+    let file = scratch.plugin("chaos", "chaos", Some("[config]\nfail_init = true\n"));
+    let error = runtime.load(&file).expect_err("init fails");
+    assert_eq!(error.kind, FailureKind::Error);
+    assert!(
+        error
+            .to_string()
+            .contains("init refused its config: fail_init set"),
+        "{error}"
+    );
+    let file = scratch.plugin("chaos", "chaos", Some("[config]\npanic_in_init = true\n"));
+    let error = runtime.load(&file).expect_err("init panics");
+    assert_eq!(error.kind, FailureKind::Trap);
+    assert!(error.to_string().contains("panic_in_init set"), "{error}");
+}
+
+#[test]
+fn counter_state_survives_snapshot_and_restore() {
+    let runtime = runtime();
+    let plugin = load(&runtime, "counter");
+    let room = Room::new("counter", &[1]);
+    let count = |instance: &mut RoomInstance| -> u64 {
+        let (verdict, actions) = instance
+            .message(&room.view(), Origin::Member(1), &Payload::text("tick"))
+            .expect("message");
+        assert_eq!(verdict, Verdict::Drop);
+        let reply: serde_json::Value =
+            serde_json::from_str(text_of(&actions[0]).expect("text reply")).expect("json");
+        reply["count"].as_u64().expect("count")
+    };
+    let mut old = plugin.instantiate("counter").expect("instantiate");
+    assert_eq!(count(&mut old), 1);
+    assert_eq!(count(&mut old), 2);
+    assert_eq!(count(&mut old), 3);
+    let state = old
+        .snapshot()
+        .expect("snapshot")
+        .expect("counter keeps state");
+
+    let mut new = plugin.instantiate("counter").expect("instantiate");
+    new.restore(&state).expect("restore");
+    assert_eq!(count(&mut new), 4);
+
+    let mut refused = plugin.instantiate("counter").expect("instantiate");
+    let error = refused.restore(b"abc").expect_err("bad state");
+    assert_eq!(error.kind, FailureKind::Error);
+    assert!(
+        error.to_string().contains("expected 8 bytes, got 3"),
+        "{error}"
+    );
+
+    // A plugin that keeps no state says so.
+    let relay = load(&runtime, "relay");
+    let mut instance = relay.instantiate("relay").expect("instantiate");
+    assert_eq!(instance.snapshot().expect("snapshot"), None);
+}
+
+#[test]
+fn otherworld_is_refused_for_its_wit_version() {
+    let runtime = runtime();
+    let error = runtime
+        .check(&plugin_file("otherworld"))
+        .expect_err("otherworld");
+    assert_eq!(error.kind, FailureKind::Load);
+    let text = error.to_string();
+    assert!(text.contains("roomcast:plugin/room@0.2.0"), "{text}");
+    assert!(
+        text.contains("this host speaks roomcast:plugin@0.1.0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn gate_decides_handshakes_from_its_config() {
+    let runtime = runtime();
+    let scratch = Scratch::new("gate");
+    let file = scratch.plugin(
+        "gate",
+        "gate",
+        Some("[config]\ntoken = \"secret\"\norigins = [\"https://app.example.com\"]\n"),
+    );
+    let plugin = runtime.load(&file).expect("load gate");
+    let request = |query: &str, origin: &str| HandshakeRequest {
+        room: "gate".into(),
+        path: "/ws/gate".into(),
+        query: query.into(),
+        headers: vec![("origin".into(), origin.into())],
+        remote_addr: "127.0.0.1:4000".into(),
+        protocols: vec![],
+    };
+    assert_eq!(
+        plugin
+            .handshake(&request("token=secret", "https://app.example.com"))
+            .expect("handshake"),
+        HandshakeDecision::Accept { protocol: None }
+    );
+    assert_eq!(
+        plugin
+            .handshake(&request("token=wrong", "https://app.example.com"))
+            .expect("handshake"),
+        HandshakeDecision::Reject {
+            status: 403,
+            reason: "bad token".into()
+        }
+    );
+    assert!(matches!(
+        plugin
+            .handshake(&request("token=secret", "https://evil.example"))
+            .expect("handshake"),
+        HandshakeDecision::Reject { status: 403, .. }
+    ));
+}
+
+#[test]
+fn a_folder_loads_in_order_and_reports_bad_files() {
+    let runtime = runtime();
+    let scratch = Scratch::new("folder");
+    scratch.plugin("echo", "echo", None);
+    scratch.plugin("relay", "relay", Some("rooms = [\"relay\", \"lobby:*\"]\n"));
+    scratch.plugin("taga", "tag", None);
+    // Claims `tag:*` as specifically as tag.wasm does: refused, as the later file.
+    scratch.plugin("tagb", "zzz", Some("rooms = [\"tag:*\"]\n"));
+    scratch.file("junk.wasm", b"junk");
+    scratch.file("notes.txt", b"not a plugin");
+
+    let (set, errors) = PluginSet::load_dir(&runtime, &scratch.0);
+    let names: Vec<&str> = set.plugins().map(|plugin| plugin.name()).collect();
+    assert_eq!(names, vec!["echo", "relay", "tag"]);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0].plugin, "junk");
+    assert_eq!(errors[1].plugin, "zzz");
+    assert!(
+        errors[1]
+            .to_string()
+            .contains("`tag:*` conflicts with `tag:*` of plugin `tag`"),
+        "{}",
+        errors[1]
+    );
+
+    let served = |room: &str| set.for_room(room).map(|plugin| plugin.name().to_owned());
+    assert_eq!(served("echo").as_deref(), Some("echo"));
+    assert_eq!(served("echo:1").as_deref(), Some("echo"));
+    assert_eq!(served("tag:x").as_deref(), Some("tag"));
+    assert_eq!(served("lobby:1").as_deref(), Some("relay"));
+    assert_eq!(served("relay:1"), None, "rooms replaced the defaults");
+    assert_eq!(served("echoes"), None);
+
+    // Replacing a plugin by name returns the old one; removing forgets it.
+    let mut set = set;
+    let again = runtime.load(&scratch.0.join("echo.wasm")).expect("reload");
+    let old = set.insert(again).expect("replace").expect("old echo");
+    assert_eq!(old.name(), "echo");
+    assert_eq!(set.len(), 3);
+    assert!(set.remove("echo").is_some());
+    assert_eq!(served_after(&set, "echo"), None);
+
+    let missing = PluginSet::load_dir(&runtime, &scratch.0.join("absent"));
+    assert!(missing.0.is_empty());
+    assert!(
+        missing.1[0]
+            .to_string()
+            .contains("cannot read the plugins folder")
+    );
+}
+
+fn served_after(set: &PluginSet, room: &str) -> Option<String> {
+    set.for_room(room).map(|plugin| plugin.name().to_owned())
+}
