@@ -38,12 +38,43 @@ pub(crate) struct Code {
     pub(crate) name: String,
     pub(crate) linked: Linked,
     pub(crate) limits: Limits,
-    /// `limits.deadline` in epoch ticks, plus one: the ticker may be about to tick when
-    /// a call starts, so N ticks can be as short as N - 1 ticks' time.
+    /// `limits.deadline` in epoch ticks (see `runtime::ticks`), for the hooks.
     pub(crate) deadline_ticks: u64,
+    /// The deadline of the once-per-instance calls: instantiation, `init`, `describe`,
+    /// `snapshot`, `restore` (the host's largest deadline, or the plugin's if longer).
+    /// Epoch deadlines count wall-clock time, so a thread preempted on a busy machine
+    /// loses time too; these calls decide whether a room can exist at all, so they
+    /// get room for that. Hooks that run per event keep the plugin's own deadline.
+    pub(crate) setup_deadline: Duration,
+    pub(crate) setup_ticks: u64,
     pub(crate) config_json: String,
     /// Keeps the epoch ticker running while any plugin or instance exists.
     pub(crate) shared: Arc<Shared>,
+}
+
+impl Code {
+    fn is_setup(hook: &str) -> bool {
+        matches!(
+            hook,
+            "instantiation" | "init" | "describe" | "snapshot" | "restore"
+        )
+    }
+
+    fn deadline_for(&self, hook: &str) -> Duration {
+        if Code::is_setup(hook) {
+            self.setup_deadline
+        } else {
+            self.limits.deadline
+        }
+    }
+
+    fn ticks_for(&self, hook: &str) -> u64 {
+        if Code::is_setup(hook) {
+            self.setup_ticks
+        } else {
+            self.deadline_ticks
+        }
+    }
 }
 
 /// A plugin file, compiled and linked. Cheap to instantiate per room.
@@ -316,7 +347,7 @@ impl Sandbox {
         );
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(code.deadline_ticks);
+        store.set_epoch_deadline(code.setup_ticks);
         let exports = match code.linked.instantiate(&mut store) {
             Ok(exports) => exports,
             Err(error) => {
@@ -374,7 +405,7 @@ impl Sandbox {
             ));
         }
         self.store.data_mut().begin_call();
-        self.store.set_epoch_deadline(code.deadline_ticks);
+        self.store.set_epoch_deadline(code.ticks_for(hook));
         let result = body(&self.exports, &mut self.store);
         let state = self.store.data_mut();
         state.end_call();
@@ -412,7 +443,7 @@ fn failure(
     let detail = match kind {
         FailureKind::Timeout => format!(
             "timed out after {} in `{hook}`",
-            format_duration(code.limits.deadline)
+            format_duration(code.deadline_for(hook))
         ),
         FailureKind::Memory => format!(
             "exceeded its memory limit of {} in `{hook}`",
@@ -453,9 +484,9 @@ fn trap_message(error: &wasmtime::Error) -> String {
 /// `10ms`, `2s`.
 pub(crate) fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis >= 1000 && millis % 1000 == 0 {
+    if millis >= 1000 && millis.is_multiple_of(1000) {
         format!("{}s", millis / 1000)
-    } else if duration.subsec_nanos() % 1_000_000 == 0 {
+    } else if duration.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{millis}ms")
     } else {
         format!("{duration:?}")
@@ -464,11 +495,11 @@ pub(crate) fn format_duration(duration: Duration) -> String {
 
 /// `32MiB`, `1536KiB`, `1000`.
 pub(crate) fn format_size(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{}GiB", bytes >> 30)
-    } else if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    } else if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{}MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
         format!("{}KiB", bytes >> 10)
     } else {
         format!("{bytes} bytes")

@@ -94,11 +94,9 @@ impl EpochTicker {
         let thread = std::thread::Builder::new()
             .name("roomcast-epoch".to_owned())
             .spawn(move || {
-                loop {
-                    match stopped.recv_timeout(TICK) {
-                        Err(RecvTimeoutError::Timeout) => engine.increment_epoch(),
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                    }
+                // Stops on a message or when the sender is dropped.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                    engine.increment_epoch();
                 }
             })?;
         Ok(EpochTicker { stop, thread })
@@ -141,7 +139,9 @@ impl PluginRuntime {
             // per memory, tens of thousands of rooms would exhaust the address space.
             // Memories then never move (the limiter refuses growth past the cap).
             .memory_reservation(caps.max_memory.next_multiple_of(64 << 10))
-            .wasm_backtrace_details(WasmBacktraceDetails::Disable);
+            .wasm_backtrace_details(WasmBacktraceDetails::Disable)
+            .memory_init_cow(false)
+            .guard_before_linear_memory(false);
         let engine = Engine::new(&config).map_err(|error| fail(format!("engine: {error}")))?;
         let ticker = EpochTicker::start(engine.clone())
             .map_err(|error| fail(format!("cannot start the epoch ticker: {error}")))?;
@@ -276,12 +276,14 @@ impl PluginRuntime {
             ))
         })?;
 
-        let deadline_ticks = ticks(manifest.limits.deadline);
+        let setup_deadline = self.caps.max_deadline.max(manifest.limits.deadline);
         let code = Code {
             name: name.clone(),
             linked,
             limits: manifest.limits,
-            deadline_ticks,
+            deadline_ticks: ticks(manifest.limits.deadline),
+            setup_deadline,
+            setup_ticks: ticks(setup_deadline),
             config_json: manifest.config_json,
             shared: Arc::clone(&self.shared),
         };
@@ -412,7 +414,8 @@ fn define_random(
     Ok(())
 }
 
-/// A deadline in epoch ticks, plus one for the tick that may be about to happen.
+/// A deadline in epoch ticks, plus one: the ticker may be about to tick when a call
+/// starts, so N ticks can be as short as N - 1 ticks' time.
 fn ticks(deadline: Duration) -> u64 {
     let tick = TICK.as_nanos();
     let whole = deadline.as_nanos().div_ceil(tick).max(1);
