@@ -299,12 +299,15 @@ impl RoomInstance {
     /// Take over the state a previous version returned from `snapshot`. The `room`
     /// imports that act answer `unavailable` during this call; timers of the previous
     /// instance are not carried over (the plugin re-arms them on its next call).
+    ///
+    /// When the plugin refuses the state (`FailureKind::Error`), the instance stays
+    /// usable, with the fresh state its `init` built; a trap or timeout makes it
+    /// unusable like any failed call.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
         let (result, _) = self.call(None, "restore", |exports, store| {
             exports.restore(store, state)
         })?;
         result.map_err(|message| {
-            self.sandbox.failed = Some(FailureKind::Error);
             PluginError::new(
                 self.plugin.name(),
                 Some(&self.room),
@@ -320,6 +323,12 @@ impl RoomInstance {
         hook: &str,
         body: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<(R, Vec<Action>), PluginError> {
+        debug_assert!(
+            view.is_none_or(|view| view.room == self.room),
+            "a view of room `{:?}` given to the instance of room `{}`",
+            view.map(|view| view.room),
+            self.room
+        );
         self.sandbox.store.data_mut().view(view);
         self.sandbox
             .call(&self.plugin.code, Some(&self.room), hook, body)

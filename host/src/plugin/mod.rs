@@ -19,6 +19,11 @@
 //! - Every call into a guest runs under an epoch deadline and a per-store memory cap.
 //!   A failed call (trap, timeout, memory) has no effect: the actions it recorded are
 //!   discarded and the instance refuses further calls. The caller makes a new one.
+//! - Deadlines are wall-clock (a 1 ms epoch ticker). Hooks that run per event
+//!   (`handshake`, `join`, `leave`, `message`, `timer`) get the plugin's deadline;
+//!   the once-per-instance calls (instantiation, `init`, `describe`, `snapshot`,
+//!   `restore`) get the host's largest deadline, so that a preempted thread on a busy
+//!   machine does not make a room impossible to create.
 //! - Plugins get the `room` interface and nothing else: every other import (the
 //!   `wasi:*` interfaces Rust's std declares) traps, except `wasi:random/*`, which is
 //!   answered from a per-store generator seeded by the host.

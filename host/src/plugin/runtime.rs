@@ -49,11 +49,38 @@ pub struct CheckReport {
     pub sha256: String,
 }
 
+impl std::fmt::Display for CheckReport {
+    /// The report `roomcast plugin check` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: {} {} (sha256 {})",
+            self.name, self.info.name, self.info.version, self.sha256
+        )?;
+        writeln!(f, "  world:   {} room-plugin", self.wit_package)?;
+        writeln!(f, "  hooks:   {}", self.hooks.join(", "))?;
+        writeln!(f, "  rooms:   {}", self.rooms.join(", "))?;
+        let imports: Vec<String> = self
+            .imports
+            .iter()
+            .map(|import| {
+                if import.starts_with("roomcast:") || import.starts_with("wasi:random/") {
+                    import.clone()
+                } else {
+                    format!("{import} (traps)")
+                }
+            })
+            .collect();
+        write!(f, "  imports: {}", imports.join(", "))
+    }
+}
+
 /// What every plugin shares: the engine, the epoch ticker, the seed for guests'
 /// `wasi:random`. Plugins hold it too, so the ticker runs while any instance exists.
 pub(crate) struct Shared {
     engine: Engine,
-    ticker: Mutex<Option<EpochTicker>>,
+    /// Taken and stopped on drop, when the runtime and every plugin are gone.
+    ticker: Option<EpochTicker>,
     secret: [u8; 32],
     stores: AtomicU64,
 }
@@ -70,12 +97,7 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(ticker) = self
-            .ticker
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-        {
+        if let Some(ticker) = self.ticker.take() {
             ticker.stop();
         }
     }
@@ -151,7 +173,7 @@ impl PluginRuntime {
         Ok(PluginRuntime {
             shared: Arc::new(Shared {
                 engine,
-                ticker: Mutex::new(Some(ticker)),
+                ticker: Some(ticker),
                 secret: host_secret(),
                 stores: AtomicU64::new(0),
             }),

@@ -52,6 +52,17 @@ fn plugin_file(name: &str) -> PathBuf {
     file
 }
 
+#[test]
+fn the_seam_types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<PluginRuntime>();
+    send_sync::<Plugin>();
+    send_sync::<PluginSet>();
+    send_sync::<PluginError>();
+    send::<RoomInstance>();
+}
+
 fn runtime() -> PluginRuntime {
     PluginRuntime::new(HostCaps::default()).expect("runtime")
 }
@@ -233,7 +244,24 @@ fn check_reports_a_good_plugin() {
     assert_eq!(report.hooks.len(), 9);
     assert_eq!(report.wit_package, WIT_PACKAGE);
     assert_eq!(report.rooms, vec!["relay", "relay:*"]);
-    eprintln!("relay imports: {:#?}", report.imports);
+    assert!(
+        report
+            .imports
+            .contains(&"roomcast:plugin/room@0.1.0".to_owned())
+    );
+    assert!(
+        report
+            .imports
+            .iter()
+            .any(|import| import.starts_with("wasi:cli/"))
+    );
+    let text = report.to_string();
+    assert!(
+        text.contains("world:   roomcast:plugin@0.1.0 room-plugin"),
+        "{text}"
+    );
+    assert!(text.contains("(traps)"), "{text}");
+    eprintln!("{text}");
 }
 
 #[test]
@@ -335,11 +363,31 @@ fn bench_relay_message_and_instantiation() {
         .collect();
     let per_instance = started.elapsed() / instances;
     drop(kept);
+
+    // Echo: the guest calls the `send` import once and the call returns one action.
+    let echo = load(&runtime, "echo");
+    let mut instance = echo.instantiate("echo:bench").expect("instantiate");
+    let room = Room::new("echo:bench", &[1, 2]);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let (_, actions) = instance
+            .message(&room.view(), Origin::Member(1), &payload)
+            .expect("message");
+        assert_eq!(actions.len(), 1);
+    }
+    let echo_per_call = started.elapsed() / calls;
     eprintln!(
-        "relay: {} ns per message call (100-byte text), {:.1} µs per instantiation \
-         (store + instance + init); debug host build: release is faster",
+        "relay: {} ns per message call (100-byte text, Pass, no actions); echo: {} ns per \
+         message call (one send import, one action); {:.1} µs per instantiation (store + \
+         instance + init); {} build",
         per_call.as_nanos(),
-        per_instance.as_secs_f64() * 1e6
+        echo_per_call.as_nanos(),
+        per_instance.as_secs_f64() * 1e6,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
     );
     assert!(per_call < Duration::from_secs(1));
 }
