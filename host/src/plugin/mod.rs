@@ -1,1 +1,301 @@
 //! The plugin runtime: wasmtime engine, one sandboxed instance per live room.
+//!
+//! This module is the seam between the host and room plugins. Everything the rest of
+//! the host needs is re-exported here as Roomcast's own types; only `bindings.rs` names
+//! the types that `wasmtime::component::bindgen!` generates from `wit/roomcast.wit`.
+//!
+//! Reading order, top-down like wasmtime's embedding docs:
+//!
+//! - `bindings.rs`: the WIT world, the host side of the `room` interface, conversions;
+//! - `runtime.rs`: the engine (epoch interruption, no parallel compilation), the epoch
+//!   ticker, compiling and linking a plugin file, `roomcast plugin check`;
+//! - `manifest.rs`: the optional `NAME.toml` beside a plugin;
+//! - `instance.rs`: a loaded [`Plugin`], the per-room [`RoomInstance`], the store data
+//!   that records a call's actions and enforces the per-call limits;
+//! - `set.rs`: a folder of plugins and the room → plugin matching.
+//!
+//! Architecture invariants:
+//!
+//! - Every call into a guest runs under an epoch deadline and a per-store memory cap.
+//!   A failed call (trap, timeout, memory) has no effect: the actions it recorded are
+//!   discarded and the instance refuses further calls. The caller makes a new one.
+//! - Deadlines are wall-clock (a 1 ms epoch ticker). Hooks that run per event
+//!   (`handshake`, `join`, `leave`, `message`, `timer`) get the plugin's deadline;
+//!   the once-per-instance calls (instantiation, `init`, `describe`, `snapshot`,
+//!   `restore`) get the host's largest deadline, so that a preempted thread on a busy
+//!   machine does not make a room impossible to create.
+//! - Plugins get the `room` interface and nothing else: every other import (the
+//!   `wasi:*` interfaces Rust's std declares) traps, except `wasi:random/*`, which is
+//!   answered from a per-store generator seeded by the host.
+//! - One call produces at most [`MAX_ACTIONS_PER_CALL`] actions carrying at most
+//!   [`MAX_ACTION_BYTES_PER_CALL`] bytes; a room has at most [`MAX_TIMERS_PER_ROOM`]
+//!   pending timers. Past a bound the import returns an error and records nothing.
+
+mod bindings;
+mod error;
+mod instance;
+mod manifest;
+mod runtime;
+mod set;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use error::{FailureKind, PluginError};
+pub use instance::{Plugin, RoomInstance};
+pub use runtime::{CheckReport, PluginRuntime, WIT_PACKAGE};
+pub use set::{PluginSet, RoomPattern};
+
+/// A member of a room. The host assigns it; it is unique for the life of the host.
+pub type MemberId = u64;
+
+/// The most actions (sends, broadcasts, forwards, closes, timer changes) one hook call
+/// may produce. Past it the `room` imports answer `too-many-actions`.
+pub const MAX_ACTIONS_PER_CALL: usize = 10_000;
+/// The most payload bytes one hook call may hand to the `room` imports.
+pub const MAX_ACTION_BYTES_PER_CALL: usize = 16 << 20;
+/// The most timers one room's instance may have pending at once.
+pub const MAX_TIMERS_PER_ROOM: usize = 256;
+/// The longest close reason a plugin may give (a close frame's payload is at most 125
+/// bytes, two of which are the code). Longer reasons are truncated on a char boundary.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// A WebSocket data message. The opcode is kept: text stays text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// A text message. The bytes are valid UTF-8: whoever builds one guarantees it.
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// A text payload from a string (no copy for an owned `String`).
+    pub fn text(text: impl Into<String>) -> Self {
+        Payload::Text(Bytes::from(text.into()))
+    }
+
+    /// A binary payload.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Payload::Binary(data.into())
+    }
+
+    /// The payload's bytes, whatever its kind.
+    pub fn as_bytes(&self) -> &Bytes {
+        match self {
+            Payload::Text(bytes) | Payload::Binary(bytes) => bytes,
+        }
+    }
+
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+}
+
+/// Where a message handed to [`RoomInstance::message`] comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A member of this room sent it.
+    Member(MemberId),
+    /// Another room's plugin forwarded it here; the string is that room's name.
+    Room(String),
+}
+
+/// An upgrade request, before any upgrade has happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeRequest {
+    /// The room name from the path, percent-decoded.
+    pub room: String,
+    /// The request path as sent, e.g. `/ws/chat:lobby`.
+    pub path: String,
+    /// The raw query string without the `?` (empty when there is none).
+    pub query: String,
+    /// Request headers, names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The peer's socket address, e.g. `127.0.0.1:51234`.
+    pub remote_addr: String,
+    /// The subprotocols the client offered in `Sec-WebSocket-Protocol`.
+    pub protocols: Vec<String>,
+}
+
+/// A plugin's answer to a [`HandshakeRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandshakeDecision {
+    /// Upgrade, optionally with one of the subprotocols the client offered (checked).
+    Accept { protocol: Option<String> },
+    /// Refuse with this HTTP status (always 4xx or 5xx: anything else became 403) and a
+    /// one-line reason (line breaks become spaces; cut at 512 bytes).
+    Reject { status: u16, reason: String },
+}
+
+/// What the host tells a room about a member that joins.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: MemberId,
+    /// The query string of the member's upgrade request (without `?`).
+    pub query: String,
+    pub remote_addr: String,
+    /// The subprotocol agreed at the handshake, if any.
+    pub protocol: Option<String>,
+}
+
+/// Why a member left the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaveReason {
+    Client,
+    Heartbeat,
+    SlowConsumer,
+    TooBig,
+    Protocol,
+    Reset,
+    Shutdown,
+    ClosedByPlugin,
+    PluginFailure,
+}
+
+/// What happens to the message a `message` call was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Deliver it unchanged to every other member, besides the call's actions.
+    Pass,
+    /// Do not deliver it; only the call's actions go out.
+    Drop,
+}
+
+/// Something a plugin asked for during a successful call, in the order it asked.
+/// Every action has been validated against the [`RoomView`] the call was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        to: MemberId,
+        payload: Payload,
+    },
+    Broadcast {
+        payload: Payload,
+        except: Vec<MemberId>,
+    },
+    Forward {
+        room: String,
+        payload: Payload,
+    },
+    /// `code` is one of 1000, 1001, 1008, 1011 or 3000..=4999; `reason` is at most
+    /// [`MAX_CLOSE_REASON_BYTES`] bytes.
+    Close {
+        member: MemberId,
+        code: u16,
+        reason: String,
+    },
+    /// Call [`RoomInstance::timer`] with `id` after `after`.
+    SetTimer {
+        id: u64,
+        after: Duration,
+    },
+    /// The pending timer `id` was cancelled. Firing it anyway is harmless:
+    /// [`RoomInstance::timer`] ignores ids that are no longer pending.
+    CancelTimer {
+        id: u64,
+    },
+}
+
+/// Whether a room of this name is live on this host (for `forward`).
+///
+/// It is an `Arc` rather than a borrowed closure because the `room` imports run inside
+/// wasmtime's store, whose data must be `'static`: the instance keeps a clone and only
+/// replaces it when a call brings a different `Arc` (a pointer comparison per call).
+pub type RoomExists = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// What the instance may know about its room during a call (the host builds it per
+/// call, cheaply).
+#[derive(Clone, Copy)]
+pub struct RoomView<'a> {
+    /// The room's name.
+    pub room: &'a str,
+    /// The room's members in join order.
+    pub members: &'a [MemberId],
+    /// Whether a room is live, for `forward`.
+    pub room_exists: &'a RoomExists,
+}
+
+impl std::fmt::Debug for RoomView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomView")
+            .field("room", &self.room)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a plugin's `describe` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+}
+
+/// Per-plugin limits, from `[limits]` in `NAME.toml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest one call into the plugin may run (default 10 ms).
+    pub deadline: Duration,
+    /// The most linear memory one instance may have, in bytes (default 32 MiB).
+    pub memory: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            deadline: Duration::from_millis(10),
+            memory: 32 << 20,
+        }
+    }
+}
+
+/// The most any plugin may ask for in its `[limits]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostCaps {
+    /// The longest deadline a plugin may set (default 1 s).
+    pub max_deadline: Duration,
+    /// The most memory a plugin may set (default 256 MiB). Also the address space
+    /// reserved per linear memory, so that memories never move.
+    pub max_memory: u64,
+}
+
+impl Default for HostCaps {
+    fn default() -> Self {
+        HostCaps {
+            max_deadline: Duration::from_secs(1),
+            max_memory: 256 << 20,
+        }
+    }
+}
+
+impl HostCaps {
+    /// The limits a plugin gets when its `NAME.toml` sets none: [`Limits::default`],
+    /// lowered to the caps if they are smaller.
+    pub fn default_limits(&self) -> Limits {
+        let limits = Limits::default();
+        Limits {
+            deadline: limits.deadline.min(self.max_deadline),
+            memory: limits.memory.min(self.max_memory),
+        }
+    }
+}
+
+/// Whether `name` is a valid room name: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+pub fn is_valid_room_name(name: &str) -> bool {
+    (1..=128).contains(&name.len()) && name.bytes().all(is_room_byte)
+}
+
+fn is_room_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'-')
+}

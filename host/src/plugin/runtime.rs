@@ -1,0 +1,489 @@
+//! The engine every plugin runs on (epoch interruption, no parallel compilation), the
+//! epoch ticker thread, and turning a plugin file into a linked, initialised [`Plugin`]
+//! (or a [`CheckReport`] for `roomcast plugin check`).
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, StoreContextMut, WasmBacktraceDetails};
+
+use super::bindings::{self, Linked};
+use super::instance::{Code, HostState, Plugin, Sandbox};
+use super::manifest::{self, Manifest};
+use super::set::RoomPattern;
+use super::{HostCaps, PluginError, PluginInfo, is_valid_room_name};
+
+/// The WIT package this host speaks.
+pub const WIT_PACKAGE: &str = "roomcast:plugin@0.1.0";
+/// The interface versions that link: the same `0.1` track (semver for `0.x`).
+const WIT_COMPATIBLE: &str = "0.1.";
+/// How often the epoch ticks; deadlines are counted in ticks.
+const TICK: Duration = Duration::from_millis(1);
+
+/// What `roomcast plugin check FILE.wasm` reports about a plugin that loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The plugin's name (the file stem).
+    pub name: String,
+    /// What its `describe` returned.
+    pub info: PluginInfo,
+    /// The world's exports it has, in WIT order (all of them, or it would not load).
+    pub hooks: Vec<String>,
+    /// The WIT package its `roomcast:plugin` imports come from (the host's own package
+    /// when it imports none).
+    pub wit_package: String,
+    /// Every import it declares, e.g. `roomcast:plugin/room@0.1.0` and the `wasi:*`
+    /// interfaces Rust's std declares (which trap, except `wasi:random`).
+    pub imports: Vec<String>,
+    /// The rooms it would serve.
+    pub rooms: Vec<String>,
+    pub sha256: String,
+}
+
+impl std::fmt::Display for CheckReport {
+    /// The report `roomcast plugin check` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: {} {} (sha256 {})",
+            self.name, self.info.name, self.info.version, self.sha256
+        )?;
+        writeln!(f, "  world:   {} room-plugin", self.wit_package)?;
+        writeln!(f, "  hooks:   {}", self.hooks.join(", "))?;
+        writeln!(f, "  rooms:   {}", self.rooms.join(", "))?;
+        let imports: Vec<String> = self
+            .imports
+            .iter()
+            .map(|import| {
+                if import.starts_with("roomcast:") || import.starts_with("wasi:random/") {
+                    import.clone()
+                } else {
+                    format!("{import} (traps)")
+                }
+            })
+            .collect();
+        write!(f, "  imports: {}", imports.join(", "))
+    }
+}
+
+/// What every plugin shares: the engine, the epoch ticker, the seed for guests'
+/// `wasi:random`. Plugins hold it too, so the ticker runs while any instance exists.
+pub(crate) struct Shared {
+    engine: Engine,
+    /// Taken and stopped on drop, when the runtime and every plugin are gone.
+    ticker: Option<EpochTicker>,
+    secret: [u8; 32],
+    stores: AtomicU64,
+}
+
+impl Shared {
+    /// A fresh key for one store's `wasi:random` generator.
+    pub(crate) fn store_key(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(self.secret);
+        hasher.update(self.stores.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        hasher.finalize().into()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(ticker) = self.ticker.take() {
+            ticker.stop();
+        }
+    }
+}
+
+/// A thread that advances the engine's epoch every [`TICK`]; stopped by dropping its
+/// sender (or by [`EpochTicker::stop`], which also joins it).
+struct EpochTicker {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> std::io::Result<EpochTicker> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("roomcast-epoch".to_owned())
+            .spawn(move || {
+                // Stops on a message or when the sender is dropped.
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(EpochTicker { stop, thread })
+    }
+
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// One wasmtime engine for all plugins, with the host's caps on what a plugin may ask.
+pub struct PluginRuntime {
+    shared: Arc<Shared>,
+    /// The `room` interface; cloned per plugin, which adds its `wasi:*` stubs.
+    linker: Linker<HostState>,
+    caps: HostCaps,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime")
+            .field("caps", &self.caps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    /// An engine with epoch interruption and a 1 ms ticker thread.
+    pub fn new(caps: HostCaps) -> Result<Self, PluginError> {
+        let fail = |detail: String| PluginError::load("(runtime)", detail);
+        let mut config = Config::new();
+        config
+            // (Compilation is single-threaded: wasmtime's `parallel-compilation` feature
+            // is off in Cargo.toml, so a reload never takes both cores from traffic.)
+            .epoch_interruption(true)
+            // Concurrency support made plain sync calls 2.4x slower (NOTES.md).
+            .concurrency_support(false)
+            // Reserve only what the largest allowed memory needs: with the default 4 GiB
+            // per memory, tens of thousands of rooms would exhaust the address space.
+            // Memories then never move (the limiter refuses growth past the cap).
+            .memory_reservation(caps.max_memory.next_multiple_of(64 << 10))
+            .wasm_backtrace_details(WasmBacktraceDetails::Disable)
+            .memory_init_cow(false)
+            .guard_before_linear_memory(false);
+        let engine = Engine::new(&config).map_err(|error| fail(format!("engine: {error}")))?;
+        let ticker = EpochTicker::start(engine.clone())
+            .map_err(|error| fail(format!("cannot start the epoch ticker: {error}")))?;
+        let mut linker = Linker::new(&engine);
+        bindings::add_room_interface(&mut linker)
+            .map_err(|error| fail(format!("linker: {error}")))?;
+        Ok(PluginRuntime {
+            shared: Arc::new(Shared {
+                engine,
+                ticker: Some(ticker),
+                secret: host_secret(),
+                stores: AtomicU64::new(0),
+            }),
+            linker,
+            caps,
+        })
+    }
+
+    /// The caps this runtime enforces on `NAME.toml` limits.
+    pub fn caps(&self) -> HostCaps {
+        self.caps
+    }
+
+    /// Compile and link a plugin file (reading `NAME.toml` beside it if present),
+    /// create its handshake instance, call `init` and `describe` on it.
+    ///
+    /// Synchronous and CPU-heavy (tens of milliseconds): run it off the async workers.
+    pub fn load(&self, wasm_path: &Path) -> Result<Arc<Plugin>, PluginError> {
+        Ok(Arc::new(self.prepare(wasm_path)?.plugin))
+    }
+
+    /// For `roomcast plugin check FILE.wasm`: load the plugin as [`load`] would and
+    /// report what it is, or say clearly why it cannot be loaded.
+    ///
+    /// [`load`]: PluginRuntime::load
+    pub fn check(&self, wasm_path: &Path) -> Result<CheckReport, PluginError> {
+        let prepared = self.prepare(wasm_path)?;
+        let plugin = prepared.plugin;
+        Ok(CheckReport {
+            name: plugin.name().to_owned(),
+            info: plugin.info().clone(),
+            hooks: prepared.hooks,
+            wit_package: prepared.wit_package,
+            imports: prepared.imports,
+            rooms: plugin.patterns().iter().map(|p| p.to_string()).collect(),
+            sha256: plugin.sha256().to_owned(),
+        })
+    }
+
+    fn prepare(&self, wasm_path: &Path) -> Result<Prepared, PluginError> {
+        let name = plugin_name(wasm_path)?;
+        let load_error = |detail: String| PluginError::load(&name, detail);
+        let bytes = std::fs::read(wasm_path)
+            .map_err(|error| load_error(format!("cannot read {}: {error}", wasm_path.display())))?;
+        let manifest_path = wasm_path.with_extension("toml");
+        let manifest = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => manifest::parse(&text, &manifest_path, &self.caps).map_err(load_error)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Manifest::defaults(&self.caps)
+            }
+            Err(error) => {
+                return Err(load_error(format!(
+                    "cannot read {}: {error}",
+                    manifest_path.display()
+                )));
+            }
+        };
+        let patterns = match manifest.rooms {
+            Some(patterns) => patterns,
+            None => RoomPattern::defaults_for(&name),
+        };
+        let sha256 = hex(&Sha256::digest(&bytes));
+
+        let component = self.compile(wasm_path, &bytes).map_err(load_error)?;
+        let engine = &self.shared.engine;
+        let component_type = component.component_type();
+        let mut imports = Vec::new();
+        let mut wit_package = None;
+        let mut linker = self.linker.clone();
+        for (import, item) in component_type.imports(engine) {
+            imports.push(import.to_owned());
+            if let Some(version) = roomcast_import_version(import) {
+                if !version.starts_with(WIT_COMPATIBLE) || version.contains(['-', '+']) {
+                    return Err(load_error(format!(
+                        "{} imports `{import}`, but this host speaks {WIT_PACKAGE}: rebuild \
+                         it against the host's wit/roomcast.wit",
+                        wasm_path.display()
+                    )));
+                }
+                wit_package.get_or_insert_with(|| format!("roomcast:plugin@{version}"));
+            } else if import.starts_with("wasi:random/") {
+                define_random(&mut linker, engine, import, &item.ty)
+                    .map_err(|error| load_error(format!("cannot provide `{import}`: {error}")))?;
+            } else if !import.starts_with("wasi:") {
+                return Err(load_error(format!(
+                    "{} imports `{import}`, which Roomcast does not provide: plugins get \
+                     {WIT_PACKAGE}'s `room` interface only",
+                    wasm_path.display()
+                )));
+            }
+        }
+        let exports: Vec<String> = component_type
+            .exports(engine)
+            .map(|(export, _)| export.to_owned())
+            .collect();
+        let missing: Vec<&str> = bindings::HOOKS
+            .iter()
+            .copied()
+            .filter(|hook| !exports.iter().any(|export| export == hook))
+            .collect();
+        if !missing.is_empty() {
+            return Err(load_error(format!(
+                "{} does not implement the `room-plugin` world of {WIT_PACKAGE}: missing \
+                 exports {} (it exports: {})",
+                wasm_path.display(),
+                quoted(&missing),
+                if exports.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    quoted(&exports)
+                },
+            )));
+        }
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|error| load_error(format!("cannot stub its imports: {error}")))?;
+        let linked = Linked::new(&linker, &component).map_err(|error| {
+            load_error(format!(
+                "{} does not match the `room-plugin` world of {WIT_PACKAGE}: {}",
+                wasm_path.display(),
+                error_chain(&error)
+            ))
+        })?;
+
+        let setup_deadline = self.caps.max_deadline.max(manifest.limits.deadline);
+        let code = Code {
+            name: name.clone(),
+            linked,
+            limits: manifest.limits,
+            deadline_ticks: ticks(manifest.limits.deadline),
+            setup_deadline,
+            setup_ticks: ticks(setup_deadline),
+            config_json: manifest.config_json,
+            shared: Arc::clone(&self.shared),
+        };
+        let mut sandbox = Sandbox::create(&code, None)?;
+        let info = sandbox.describe(&code)?;
+        let plugin = Plugin {
+            code,
+            file: wasm_path.to_path_buf(),
+            sha256,
+            info,
+            patterns,
+            loaded_at: SystemTime::now(),
+            handshakes: Mutex::new(vec![sandbox]),
+        };
+        Ok(Prepared {
+            plugin,
+            hooks: bindings::HOOKS
+                .iter()
+                .map(|hook| (*hook).to_owned())
+                .collect(),
+            wit_package: wit_package.unwrap_or_else(|| WIT_PACKAGE.to_owned()),
+            imports,
+        })
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, String> {
+        const MAGIC: &[u8] = b"\0asm";
+        if bytes.len() < 8 || &bytes[..4] != MAGIC {
+            return Err(format!(
+                "{} is not a WebAssembly file (no `\\0asm` header); build the plugin with \
+                 `cargo build --target wasm32-wasip2`",
+                path.display()
+            ));
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(format!(
+                "{} is a core WebAssembly module, not a component; build with --target \
+                 wasm32-wasip2",
+                path.display()
+            ));
+        }
+        Component::from_binary(&self.shared.engine, bytes).map_err(|error| {
+            format!(
+                "{} is not a valid WebAssembly component: {}",
+                path.display(),
+                error_chain(&error)
+            )
+        })
+    }
+}
+
+struct Prepared {
+    plugin: Plugin,
+    hooks: Vec<String>,
+    wit_package: String,
+    imports: Vec<String>,
+}
+
+/// The plugin's name: the file stem, which must be a valid room name (it is the
+/// default room and a metrics label).
+fn plugin_name(path: &Path) -> Result<String, PluginError> {
+    let stem = path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or_default();
+    if !is_valid_room_name(stem) {
+        return Err(PluginError::load(
+            path.display().to_string(),
+            format!(
+                "`{stem}` is not a valid plugin name: name the file with 1 to 128 characters \
+                 of A-Z a-z 0-9 . _ : -"
+            ),
+        ));
+    }
+    Ok(stem.to_owned())
+}
+
+/// `Some("0.1.0")` for `roomcast:plugin/room@0.1.0`, `Some("")` for an unversioned or
+/// other `roomcast:` import, `None` for anything else.
+fn roomcast_import_version(import: &str) -> Option<&str> {
+    let rest = import.strip_prefix("roomcast:")?;
+    Some(match rest.split_once('@') {
+        Some((interface, version)) if interface.starts_with("plugin/") => version,
+        _ => "",
+    })
+}
+
+/// Answer the guest's `wasi:random` functions from its store's generator (Rust's std
+/// seeds `HashMap`s from it). Only the functions the import declares are defined.
+fn define_random(
+    linker: &mut Linker<HostState>,
+    engine: &Engine,
+    import: &str,
+    item: &ComponentItem,
+) -> wasmtime::Result<()> {
+    let ComponentItem::ComponentInstance(instance) = item else {
+        return Ok(());
+    };
+    let functions: Vec<String> = instance
+        .exports(engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    let mut scope = linker.instance(import)?;
+    for function in functions {
+        match function.as_str() {
+            "get-random-bytes" | "get-insecure-random-bytes" => scope.func_wrap(
+                &function,
+                |mut store: StoreContextMut<'_, HostState>, (len,): (u64,)| {
+                    Ok((store.data_mut().random_bytes(len)?,))
+                },
+            )?,
+            "get-random-u64" | "get-insecure-random-u64" => scope.func_wrap(
+                &function,
+                |mut store: StoreContextMut<'_, HostState>, (): ()| {
+                    Ok((store.data_mut().rng.next_u64(),))
+                },
+            )?,
+            "insecure-seed" => scope.func_wrap(
+                &function,
+                |mut store: StoreContextMut<'_, HostState>, (): ()| {
+                    let rng = &mut store.data_mut().rng;
+                    Ok(((rng.next_u64(), rng.next_u64()),))
+                },
+            )?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A deadline in epoch ticks, plus one: the ticker may be about to tick when a call
+/// starts, so N ticks can be as short as N - 1 ticks' time.
+fn ticks(deadline: Duration) -> u64 {
+    let tick = TICK.as_nanos();
+    let whole = deadline.as_nanos().div_ceil(tick).max(1);
+    u64::try_from(whole).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// 32 bytes no guest can guess: SipHash under std's randomly keyed `RandomState`
+/// (seeded from the OS), over the time and process id.
+fn host_secret() -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for round in 0..4u64 {
+        let mut sip = RandomState::new().build_hasher();
+        sip.write_u64(round);
+        sip.write_u32(std::process::id());
+        if let Ok(since) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+            sip.write_u128(since.as_nanos());
+        }
+        hasher.update(sip.finish().to_le_bytes());
+    }
+    hasher.finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut out, byte| {
+        let _ = write!(out, "{byte:02x}");
+        out
+    })
+}
+
+fn quoted(names: &[impl AsRef<str>]) -> String {
+    names
+        .iter()
+        .map(|name| format!("`{}`", name.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every distinct line of the error and its causes, joined with `: `.
+fn error_chain(error: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
