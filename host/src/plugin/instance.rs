@@ -157,8 +157,9 @@ impl Plugin {
             .pop();
         let mut sandbox = match idle {
             Some(sandbox) => sandbox,
-            None => Sandbox::create(&self.code, None)?,
+            None => Sandbox::create(&self.code, None)?.0,
         };
+        sandbox.store.data_mut().enter(Scope::Detached);
         let (decision, _) = sandbox.call(&self.code, None, "handshake", |exports, store| {
             exports.handshake(store, request)
         })?;
@@ -194,11 +195,17 @@ impl Plugin {
     }
 
     /// A new instance for `room`: a fresh store, instantiated and given its config.
+    ///
+    /// Timers that `init` set are actions too: take them with
+    /// [`RoomInstance::take_setup_actions`] right away, or they come first in the
+    /// actions of the instance's next successful call.
     pub fn instantiate(self: &Arc<Self>, room: &str) -> Result<RoomInstance, PluginError> {
+        let (sandbox, setup_actions) = Sandbox::create(&self.code, Some(room))?;
         Ok(RoomInstance {
-            sandbox: Sandbox::create(&self.code, Some(room))?,
+            sandbox,
             plugin: Arc::clone(self),
             room: room.to_owned(),
+            setup_actions,
         })
     }
 }
@@ -208,10 +215,26 @@ impl Plugin {
 ///
 /// After a call fails, every further call returns an error at once: drop the instance
 /// and make a new one.
+///
+/// What the `room` imports may do depends on the call:
+///
+/// | call | send, broadcast, forward, close | set-timer, cancel-timer | members |
+/// |---|---|---|---|
+/// | `join`, `leave`, `message`, `timer` | checked against the [`RoomView`] | yes | the view's |
+/// | `init`, `restore` | `unavailable` | yes (see [`take_setup_actions`]) | empty |
+/// | `snapshot`, and `handshake` on [`Plugin`] | `unavailable` | `unavailable` | empty |
+///
+/// `room-name` is the room's name everywhere but in `handshake` (empty); `log` and
+/// `now` always work.
+///
+/// [`take_setup_actions`]: RoomInstance::take_setup_actions
 pub struct RoomInstance {
     plugin: Arc<Plugin>,
     room: String,
     sandbox: Sandbox,
+    /// Timer actions from `init` and `restore`, which return no actions: handed out by
+    /// `take_setup_actions`, or ahead of the next successful call's actions.
+    setup_actions: Vec<Action>,
 }
 
 impl std::fmt::Debug for RoomInstance {
@@ -240,13 +263,21 @@ impl RoomInstance {
         self.sandbox.failed
     }
 
+    /// The actions (`SetTimer`, `CancelTimer`) that `init` and `restore` recorded and
+    /// nobody has taken yet. Apply them right after [`Plugin::instantiate`] and
+    /// [`RoomInstance::restore`]; whatever is not taken comes first in the actions of
+    /// the next successful call.
+    pub fn take_setup_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.setup_actions)
+    }
+
     /// A member joined the room (`view.members` should already include it).
     pub fn join(
         &mut self,
         view: &RoomView,
         member: &MemberInfo,
     ) -> Result<Vec<Action>, PluginError> {
-        self.call(Some(view), "join", |exports, store| {
+        self.call(Scope::Hook(view), "join", |exports, store| {
             exports.join(store, member)
         })
         .map(|((), actions)| actions)
@@ -259,7 +290,7 @@ impl RoomInstance {
         member: MemberId,
         reason: LeaveReason,
     ) -> Result<Vec<Action>, PluginError> {
-        self.call(Some(view), "leave", |exports, store| {
+        self.call(Scope::Hook(view), "leave", |exports, store| {
             exports.leave(store, member, reason)
         })
         .map(|((), actions)| actions)
@@ -272,7 +303,7 @@ impl RoomInstance {
         origin: Origin,
         payload: &Payload,
     ) -> Result<(Verdict, Vec<Action>), PluginError> {
-        self.call(Some(view), "message", |exports, store| {
+        self.call(Scope::Hook(view), "message", |exports, store| {
             exports.message(store, &origin, payload)
         })
     }
@@ -283,7 +314,7 @@ impl RoomInstance {
         if !self.sandbox.store.data_mut().timers.remove(&id) {
             return Ok(Vec::new());
         }
-        self.call(Some(view), "timer", |exports, store| {
+        self.call(Scope::Hook(view), "timer", |exports, store| {
             exports.timer(store, id)
         })
         .map(|((), actions)| actions)
@@ -292,21 +323,24 @@ impl RoomInstance {
     /// The room's state for the next version of the plugin. The `room` imports that
     /// act answer `unavailable` during this call.
     pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, PluginError> {
-        self.call(None, "snapshot", |exports, store| exports.snapshot(store))
-            .map(|(state, _)| state)
+        self.call(Scope::Detached, "snapshot", |exports, store| {
+            exports.snapshot(store)
+        })
+        .map(|(state, _)| state)
     }
 
-    /// Take over the state a previous version returned from `snapshot`. The `room`
-    /// imports that act answer `unavailable` during this call; timers of the previous
-    /// instance are not carried over (the plugin re-arms them on its next call).
+    /// Take over the state a previous version returned from `snapshot`. Timers of the
+    /// previous instance are not carried over: the plugin may set new ones here (see
+    /// [`RoomInstance::take_setup_actions`]); sending answers `unavailable`.
     ///
     /// When the plugin refuses the state (`FailureKind::Error`), the instance stays
     /// usable, with the fresh state its `init` built; a trap or timeout makes it
     /// unusable like any failed call.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
-        let (result, _) = self.call(None, "restore", |exports, store| {
+        let (result, actions) = self.call(Scope::Setup, "restore", |exports, store| {
             exports.restore(store, state)
         })?;
+        self.setup_actions.extend(actions);
         result.map_err(|message| {
             PluginError::new(
                 self.plugin.name(),
@@ -319,19 +353,33 @@ impl RoomInstance {
 
     fn call<R>(
         &mut self,
-        view: Option<&RoomView>,
+        scope: Scope,
         hook: &str,
         body: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<(R, Vec<Action>), PluginError> {
-        debug_assert!(
-            view.is_none_or(|view| view.room == self.room),
-            "a view of room `{:?}` given to the instance of room `{}`",
-            view.map(|view| view.room),
-            self.room
-        );
-        self.sandbox.store.data_mut().view(view);
-        self.sandbox
-            .call(&self.plugin.code, Some(&self.room), hook, body)
+        if let Scope::Hook(view) = scope {
+            debug_assert_eq!(view.room, self.room, "a view of another room");
+        }
+        self.sandbox.store.data_mut().enter(scope);
+        let result = self
+            .sandbox
+            .call(&self.plugin.code, Some(&self.room), hook, body);
+        match result {
+            Ok((value, actions)) if matches!(scope, Scope::Hook(_)) => {
+                if self.setup_actions.is_empty() {
+                    Ok((value, actions))
+                } else {
+                    let mut all = std::mem::take(&mut self.setup_actions);
+                    all.extend(actions);
+                    Ok((value, all))
+                }
+            }
+            Ok(done) => Ok(done),
+            Err(error) => {
+                self.setup_actions.clear();
+                Err(error)
+            }
+        }
     }
 }
 
@@ -345,8 +393,12 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
-    /// Instantiate `code` in a new store and call `init` with its config.
-    pub(crate) fn create(code: &Code, room: Option<&str>) -> Result<Sandbox, PluginError> {
+    /// Instantiate `code` in a new store and call `init` with its config. Returns the
+    /// actions `init` recorded (timers, in a room instance).
+    pub(crate) fn create(
+        code: &Code,
+        room: Option<&str>,
+    ) -> Result<(Sandbox, Vec<Action>), PluginError> {
         let engine = code.linked.engine();
         let state = HostState::new(
             &code.name,
@@ -369,8 +421,13 @@ impl Sandbox {
             exports,
             failed: None,
         };
-        sandbox.store.data_mut().view(None);
-        let (result, _) = sandbox.call(code, room, "init", |exports, store| {
+        let scope = if room.is_some() {
+            Scope::Setup
+        } else {
+            Scope::Detached
+        };
+        sandbox.store.data_mut().enter(scope);
+        let (result, actions) = sandbox.call(code, room, "init", |exports, store| {
             exports.init(store, &code.config_json)
         })?;
         result.map_err(|message| {
@@ -381,12 +438,12 @@ impl Sandbox {
                 format!("init refused its config: {}", one_line(&message, 512)),
             )
         })?;
-        Ok(sandbox)
+        Ok((sandbox, actions))
     }
 
     /// `describe`, on a fresh sandbox.
     pub(crate) fn describe(&mut self, code: &Code) -> Result<PluginInfo, PluginError> {
-        self.store.data_mut().view(None);
+        self.store.data_mut().enter(Scope::Detached);
         let (info, _) = self.call(code, None, "describe", |exports, store| {
             exports.describe(store)
         })?;
@@ -545,6 +602,24 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// What a call into an instance may do through the `room` imports.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scope<'a> {
+    /// `handshake`, `describe`, `snapshot`: nothing acts, no timers.
+    Detached,
+    /// `init` and `restore` of a room instance: timers only.
+    Setup,
+    /// `join`, `leave`, `message`, `timer`: everything, checked against the view.
+    Hook(&'a RoomView<'a>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScopeKind {
+    Detached,
+    Setup,
+    Hook,
+}
+
 /// Why a `room` import refused a call (mapped to the WIT `room-error` in bindings.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -655,9 +730,8 @@ pub(crate) struct HostState {
     pub(crate) rng: GuestRng,
 
     // Per call. `view` fills these before the call; they stay allocated between calls.
-    /// Whether the call has a room view; without one the acting imports answer
-    /// `unavailable`.
-    in_room: bool,
+    /// What the call may do: see [`Scope`].
+    scope: ScopeKind,
     members: Vec<MemberId>,
     /// Built on the first membership check of a call in a large room.
     member_set: HashSet<MemberId>,
@@ -688,7 +762,7 @@ impl HostState {
             },
             created: Instant::now(),
             rng: GuestRng::new(rng_key),
-            in_room: false,
+            scope: ScopeKind::Detached,
             members: Vec::new(),
             member_set: HashSet::new(),
             member_set_ready: false,
@@ -703,12 +777,16 @@ impl HostState {
         }
     }
 
-    /// Take in what the next call may know about its room.
-    pub(crate) fn view(&mut self, view: Option<&RoomView>) {
+    /// Take in what the next call may do and know about its room.
+    pub(crate) fn enter(&mut self, scope: Scope) {
         self.members.clear();
         self.member_set_ready = false;
-        self.in_room = view.is_some();
-        if let Some(view) = view {
+        self.scope = match scope {
+            Scope::Detached => ScopeKind::Detached,
+            Scope::Setup => ScopeKind::Setup,
+            Scope::Hook(_) => ScopeKind::Hook,
+        };
+        if let Scope::Hook(view) = scope {
             self.members.extend_from_slice(view.members);
             let same = self
                 .room_exists
@@ -770,12 +848,18 @@ impl HostState {
         Ok(())
     }
 
+    /// Sending needs a hook call's view of the room.
     fn require_room(&self) -> Result<(), Refusal> {
-        if self.in_room {
+        if self.scope == ScopeKind::Hook {
             Ok(())
         } else {
             Err(Refusal::Unavailable)
         }
+    }
+
+    /// Timers need a room instance (not `snapshot`, not the handshake instance).
+    fn allows_timers(&self) -> bool {
+        matches!(self.scope, ScopeKind::Hook | ScopeKind::Setup)
     }
 
     pub(crate) fn send(&mut self, to: MemberId, payload: Payload) -> Result<(), Refusal> {
@@ -881,7 +965,9 @@ impl HostState {
     }
 
     pub(crate) fn set_timer(&mut self, after_ms: u32) -> Result<u64, Refusal> {
-        self.require_room()?;
+        if !self.allows_timers() {
+            return Err(Refusal::Unavailable);
+        }
         if self.timers.len() >= MAX_TIMERS_PER_ROOM {
             return Err(Refusal::TooManyTimers);
         }
@@ -897,7 +983,7 @@ impl HostState {
     /// Unknown ids are ignored. The timer stops being pending even when the call has no
     /// room left for a `CancelTimer` action: [`RoomInstance::timer`] ignores it then.
     pub(crate) fn cancel_timer(&mut self, id: u64) {
-        if self.in_room && self.timers.remove(&id) {
+        if self.allows_timers() && self.timers.remove(&id) {
             let _ = self.record(Action::CancelTimer { id }, 0);
         }
     }
@@ -931,7 +1017,7 @@ mod tests {
             members,
             room_exists: exists,
         };
-        state.view(Some(&view));
+        state.enter(Scope::Hook(&view));
         state.begin_call();
     }
 
@@ -1102,7 +1188,7 @@ mod tests {
     #[test]
     fn without_a_room_the_acting_imports_are_unavailable() {
         let mut state = HostState::new("unit", None, 1 << 20, [7; 32]);
-        state.view(None);
+        state.enter(Scope::Detached);
         state.begin_call();
         assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
         assert_eq!(
@@ -1126,6 +1212,39 @@ mod tests {
         state.log(LogLevel::Info, &"long line ".repeat(1000));
         let (a, b) = (state.now(), state.now());
         assert!(b >= a);
+    }
+
+    #[test]
+    fn init_and_restore_may_set_timers_but_not_send() {
+        let mut state = state();
+        state.enter(Scope::Setup);
+        state.begin_call();
+        assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
+        assert_eq!(
+            state.broadcast(Payload::text("a"), vec![]),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            state.close(1, 1000, String::new()),
+            Err(Refusal::Unavailable)
+        );
+        let id = state.set_timer(1000).expect("timers work in init");
+        assert_eq!(state.members(), Vec::<MemberId>::new());
+        assert_eq!(state.room_name(), "unit:room");
+        assert_eq!(
+            state.actions,
+            vec![Action::SetTimer {
+                id,
+                after: Duration::from_secs(1)
+            }]
+        );
+        // `snapshot` may not touch timers.
+        state.enter(Scope::Detached);
+        state.begin_call();
+        assert_eq!(state.set_timer(5), Err(Refusal::Unavailable));
+        state.cancel_timer(id);
+        assert!(state.actions.is_empty());
+        assert!(state.timers.contains(&id));
     }
 
     #[test]

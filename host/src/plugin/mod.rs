@@ -7,7 +7,7 @@
 //! Reading order, top-down like wasmtime's embedding docs:
 //!
 //! - `bindings.rs`: the WIT world, the host side of the `room` interface, conversions;
-//! - `runtime.rs`: the engine (epoch interruption, no parallel compilation), the epoch
+//! - `runtime.rs`: the engine (epoch interruption, single-threaded compiles), the epoch
 //!   ticker, compiling and linking a plugin file, `roomcast plugin check`;
 //! - `manifest.rs`: the optional `NAME.toml` beside a plugin;
 //! - `instance.rs`: a loaded [`Plugin`], the per-room [`RoomInstance`], the store data
@@ -26,7 +26,13 @@
 //!   machine does not make a room impossible to create.
 //! - Plugins get the `room` interface and nothing else: every other import (the
 //!   `wasi:*` interfaces Rust's std declares) traps, except `wasi:random/*`, which is
-//!   answered from a per-store generator seeded by the host.
+//!   answered from a per-store generator seeded by the host (so `HashMap::new()`
+//!   works in a guest). An import from another `roomcast:plugin` version, or from any
+//!   other package, fails the load.
+//! - The engine reserves only the largest allowed memory per linear memory (not 4 GiB)
+//!   and maps memories without a copy-on-write image or a leading guard: a live
+//!   instance costs two memory mappings, so tens of thousands of rooms stay under the
+//!   kernel's 65,530.
 //! - One call produces at most [`MAX_ACTIONS_PER_CALL`] actions carrying at most
 //!   [`MAX_ACTION_BYTES_PER_CALL`] bytes; a room has at most [`MAX_TIMERS_PER_ROOM`]
 //!   pending timers. Past a bound the import returns an error and records nothing.

@@ -309,7 +309,7 @@ impl PluginRuntime {
             config_json: manifest.config_json,
             shared: Arc::clone(&self.shared),
         };
-        let mut sandbox = Sandbox::create(&code, None)?;
+        let (mut sandbox, _) = Sandbox::create(&code, None)?;
         let info = sandbox.describe(&code)?;
         let plugin = Plugin {
             code,

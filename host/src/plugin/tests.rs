@@ -632,6 +632,26 @@ fn otherworld_is_refused_for_its_wit_version() {
 }
 
 #[test]
+fn a_component_of_another_world_is_refused_clearly() {
+    // The smallest valid component: a header and nothing else, so no exports.
+    let runtime = runtime();
+    let scratch = Scratch::new("empty");
+    let file = scratch.file("empty.wasm", b"\0asm\x0d\0\x01\0");
+    let error = runtime.check(&file).expect_err("empty component");
+    assert_eq!(error.kind, FailureKind::Load);
+    let text = error.to_string();
+    assert!(
+        text.contains("does not implement the `room-plugin` world of roomcast:plugin@0.1.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("missing exports `describe`, `init`"),
+        "{text}"
+    );
+    assert!(text.contains("(it exports: nothing)"), "{text}");
+}
+
+#[test]
 fn gate_decides_handshakes_from_its_config() {
     let runtime = runtime();
     let scratch = Scratch::new("gate");
