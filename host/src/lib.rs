@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod heartbeat;
 pub mod metrics;
 pub mod plugin;
+pub mod reload;
 pub mod room;
 pub mod server;
 pub mod session;

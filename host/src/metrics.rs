@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 /// Why a WebSocket session ended: the `reason` label of
 /// `roomcast_connections_closed_total`.
@@ -113,9 +113,32 @@ pub struct Metrics {
     pub messages_out: AtomicU64,
     closed: [AtomicU64; CloseReason::ALL.len()],
     rejected: [AtomicU64; RejectReason::ALL.len()],
-    /// `(plugin, outcome)` → count. Plugins come and go, so this one is a map; a
-    /// plugin's series are created at 0 when it loads.
-    plugin_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Plugin name → its call counters. A plugin's series are created at 0 when it
+    /// loads; rooms keep the `Arc` so counting a call is one atomic add.
+    plugin_calls: Mutex<BTreeMap<String, Arc<PluginCalls>>>,
+}
+
+/// Call counters of one plugin, one per outcome in [`PLUGIN_OUTCOMES`] order.
+#[derive(Debug, Default)]
+pub struct PluginCalls([AtomicU64; PLUGIN_OUTCOMES.len()]);
+
+impl PluginCalls {
+    pub fn count(&self, outcome: &str) {
+        if let Some(i) = PLUGIN_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.0[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn ok(&self) {
+        self.0[0].fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self, outcome: &str) -> u64 {
+        PLUGIN_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.0[i].load(Relaxed))
+    }
 }
 
 impl Metrics {
@@ -135,25 +158,10 @@ impl Metrics {
         self.rejected[reason as usize].load(Relaxed)
     }
 
-    /// Create a plugin's series at 0 (called when a plugin loads).
-    pub fn plugin_loaded(&self, plugin: &str) {
+    /// The call counters of `plugin`, created at 0 on first use (when it loads).
+    pub fn plugin_calls(&self, plugin: &str) -> Arc<PluginCalls> {
         let mut calls = self.plugin_calls.lock().expect("metrics lock");
-        for outcome in PLUGIN_OUTCOMES {
-            calls.entry((plugin.to_owned(), outcome)).or_insert(0);
-        }
-    }
-
-    pub fn plugin_call(&self, plugin: &str, outcome: &'static str) {
-        let mut calls = self.plugin_calls.lock().expect("metrics lock");
-        *calls.entry((plugin.to_owned(), outcome)).or_insert(0) += 1;
-    }
-
-    pub fn plugin_call_count(&self, plugin: &str, outcome: &'static str) -> u64 {
-        let calls = self.plugin_calls.lock().expect("metrics lock");
-        calls
-            .get(&(plugin.to_owned(), outcome))
-            .copied()
-            .unwrap_or(0)
+        calls.entry(plugin.to_owned()).or_default().clone()
     }
 
     /// The Prometheus text exposition of every series.
@@ -232,12 +240,15 @@ impl Metrics {
             "# HELP roomcast_plugin_calls_total Plugin hook calls, by plugin and outcome.\n# TYPE roomcast_plugin_calls_total counter"
         );
         let calls = self.plugin_calls.lock().expect("metrics lock");
-        for ((plugin, outcome), count) in calls.iter() {
+        for (plugin, counters) in calls.iter() {
             let plugin = plugin.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(
-                out,
-                "roomcast_plugin_calls_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}} {count}"
-            );
+            for outcome in PLUGIN_OUTCOMES {
+                let count = counters.get(outcome);
+                let _ = writeln!(
+                    out,
+                    "roomcast_plugin_calls_total{{plugin=\"{plugin}\",outcome=\"{outcome}\"}} {count}"
+                );
+            }
         }
         out
     }

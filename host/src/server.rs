@@ -25,6 +25,8 @@ use tower_service::Service as _;
 use crate::config::Config;
 use crate::handshake::{self, Rejection};
 use crate::metrics::{Metrics, RejectReason};
+use crate::plugin::{HandshakeDecision, HandshakeRequest, HostCaps};
+use crate::reload::{LivePlugins, PluginsError};
 use crate::room::{Peer, Rooms};
 use crate::session::{self, Session};
 
@@ -36,6 +38,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plugins(#[from] PluginsError),
 }
 
 /// Bind the listening socket with an explicit backlog (tokio's default of 128
@@ -90,12 +94,22 @@ pub struct Server {
 }
 
 impl Server {
+    /// Set up the server: start the plugin runtime and load the plugins folder.
     pub fn new(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let tracker = TaskTracker::new();
+        let caps = HostCaps {
+            max_deadline: config.plugin_max_deadline,
+            max_memory: config.plugin_max_memory,
+        };
+        let plugins = Arc::new(LivePlugins::load(
+            config.plugins.as_deref(),
+            caps,
+            metrics.clone(),
+        )?);
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            rooms: Arc::new(Rooms::new(metrics.clone(), tracker.clone())),
+            rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone())),
             metrics,
             tracker,
             shutdown: CancellationToken::new(),
@@ -230,6 +244,14 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let query = req.uri().query().unwrap_or("").to_owned();
+    let request = handshake_request(&req, &valid, &query, info.remote);
+    let protocol = match plugin_decision(&shared, request).await {
+        Ok(protocol) => protocol,
+        Err(rejection) => {
+            shared.metrics.rejected(rejection.reason);
+            return rejection.into_response();
+        }
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     info.watch.upgraded.store(true, Relaxed);
 
@@ -239,7 +261,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
         shared.config.max_queue_bytes as usize,
         query,
         info.remote.to_string(),
-        None,
+        protocol.clone(),
     ));
     let task_shared = shared.clone();
     shared.tracker.spawn(async move {
@@ -277,13 +299,82 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
         .await;
     });
 
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")
         .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, valid.accept)
+        .header(header::SEC_WEBSOCKET_ACCEPT, valid.accept);
+    if let Some(protocol) = protocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
         .body(Body::empty())
-        .expect("static response parts are valid")
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Ask the room's plugin, if it has one, whether to accept the upgrade. Runs on a
+/// blocking thread: the call may take up to the plugin's deadline. `Ok` carries the
+/// subprotocol the plugin chose.
+async fn plugin_decision(
+    shared: &Shared,
+    request: HandshakeRequest,
+) -> Result<Option<String>, Rejection> {
+    let Some(plugin) = shared.rooms.plugins().for_room(&request.room) else {
+        return Ok(None);
+    };
+    let room = request.room.clone();
+    let calls = shared.metrics.plugin_calls(plugin.name());
+    let decided = tokio::task::spawn_blocking(move || plugin.handshake(&request)).await;
+    let failed = |detail: String| {
+        tracing::warn!(%room, %detail, "handshake refused: plugin failed");
+        Rejection::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            RejectReason::Plugin,
+            "the room's plugin failed",
+        )
+    };
+    match decided {
+        Ok(Ok(HandshakeDecision::Accept { protocol })) => {
+            calls.ok();
+            Ok(protocol)
+        }
+        Ok(Ok(HandshakeDecision::Reject { status, reason })) => {
+            calls.ok();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            Err(Rejection::new(status, RejectReason::Plugin, reason))
+        }
+        Ok(Err(error)) => {
+            calls.count(error.kind.outcome());
+            Err(failed(error.to_string()))
+        }
+        Err(join) => Err(failed(join.to_string())),
+    }
+}
+
+/// What a plugin's handshake hook sees of an upgrade request.
+fn handshake_request(
+    req: &Request,
+    valid: &handshake::Valid,
+    query: &str,
+    remote: SocketAddr,
+) -> HandshakeRequest {
+    HandshakeRequest {
+        room: valid.room.clone(),
+        path: req.uri().path().to_owned(),
+        query: query.to_owned(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        remote_addr: remote.to_string(),
+        protocols: valid.protocols.clone(),
+    }
 }
 
 fn validate(

@@ -23,7 +23,8 @@ use crate::broadcast::Outbound;
 use crate::frame::{self, DecodeError, Decoder, Event, close_code};
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::metrics::{CloseReason, Metrics};
-use crate::room::{Ending, Message, Peer, Room, Rooms};
+use crate::plugin::Payload;
+use crate::room::{Ending, Peer, Room, Rooms};
 
 /// Frames written per vectored write.
 const WRITE_BATCH: usize = 64;
@@ -151,7 +152,7 @@ async fn read_loop(
                     tokio::select! {
                         biased;
                         () = peer.killed().cancelled() => return peer.ending().expect("killed with a reason"),
-                        () = room.send(peer.id, Message { text, payload }) => {}
+                        () = room.send(peer.id, if text { Payload::Text(payload) } else { Payload::Binary(payload) }) => {}
                     }
                 }
                 Ok(Some(Event::Ping(payload))) => peer

@@ -156,7 +156,7 @@ fn globs_intersect(a: &[u8], b: &[u8]) -> bool {
 /// The loaded plugins and which rooms they serve. A room is served by at most one
 /// plugin: its most specific pattern wins, and two plugins may not claim a room with
 /// equally specific patterns.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PluginSet {
     /// Sorted by name.
     plugins: Vec<Arc<Plugin>>,
