@@ -78,6 +78,18 @@ impl Outbound {
         self.wake.notify_one();
     }
 
+    /// Queue a close frame after the data already queued (a plugin's last words reach
+    /// the member before its close); nothing more is accepted after it.
+    pub fn close_after_data(&self, frame: Bytes) {
+        {
+            let mut state = self.state.lock().expect("outbound lock");
+            state.closed = true;
+            state.data_bytes += frame.len();
+            state.data.push_back(frame);
+        }
+        self.wake.notify_one();
+    }
+
     /// Drop queued data and queue a close frame as the last thing this member gets.
     pub fn close(&self, frame: Bytes) {
         {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod reload;
 pub mod room;
+pub mod scaffold;
 pub mod server;
 pub mod session;
 pub mod shutdown;

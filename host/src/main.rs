@@ -1,7 +1,8 @@
 //! The `roomcast` binary: parses the command line and wires the configuration to
 //! [`roomcast::server::run`].
 //!
-//! Run with: `roomcast serve --plugins plugins/dist`
+//! Run with: `roomcast serve --plugins DIR`, `roomcast plugin check FILE.wasm`,
+//! `roomcast plugin new NAME`.
 
 use std::process::ExitCode;
 
@@ -31,6 +32,49 @@ fn cli() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .subcommand_required(true)
         .subcommand(serve)
+        .subcommand(
+            Command::new("plugin")
+                .about("Work with plugins")
+                .subcommand_required(true)
+                .subcommand(
+                    Command::new("check")
+                        .about("Load a plugin file and print its name and hooks, or what is wrong with it")
+                        .arg(Arg::new("file").value_name("FILE.wasm").required(true)),
+                )
+                .subcommand(
+                    Command::new("new")
+                        .about("Write a plugin crate from the echo template")
+                        .arg(Arg::new("name").value_name("NAME").required(true))
+                        .arg(Arg::new("dir").long("dir").value_name("DIR").default_value(".").help("Parent folder"))
+                        .arg(
+                            Arg::new("sdk")
+                                .long("sdk")
+                                .value_name("PATH")
+                                .help("The guest-sdk folder [default: the one this binary was built from]"),
+                        ),
+                ),
+        )
+}
+
+fn plugin_check(file: &str) -> anyhow::Result<()> {
+    let runtime = roomcast::plugin::PluginRuntime::new(roomcast::plugin::HostCaps::default())?;
+    let report = runtime.check(std::path::Path::new(file))?;
+    println!("{report}");
+    Ok(())
+}
+
+fn plugin_new(matches: &ArgMatches) -> anyhow::Result<()> {
+    let name = matches.get_one::<String>("name").expect("required");
+    let parent = std::path::Path::new(matches.get_one::<String>("dir").expect("has a default"));
+    let sdk = matches
+        .get_one::<String>("sdk")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(roomcast::scaffold::default_sdk_path);
+    let dir = roomcast::scaffold::new_plugin(name, parent, &sdk)?;
+    println!("wrote {}", dir.display());
+    println!("build it:  cd {} && cargo build --release", dir.display());
+    println!("install:   cp target/wasm32-wasip2/release/{name}.wasm <your plugins folder>/");
+    Ok(())
 }
 
 fn load_config(matches: &ArgMatches) -> anyhow::Result<Config> {
@@ -64,8 +108,11 @@ fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listener = roomcast::server::bind(config.listen, config.listen_backlog)?;
-        roomcast::server::run(listener, config, roomcast::shutdown::signal()).await?;
+        let shutdown = roomcast::shutdown::signal().context("cannot install signal handlers")?;
+        let server = roomcast::server::Server::new(config)?;
+        let listener =
+            roomcast::server::bind(server.config().listen, server.config().listen_backlog)?;
+        server.run(listener, shutdown).await?;
         anyhow::Ok(())
     })
 }
@@ -74,6 +121,13 @@ fn main() -> ExitCode {
     let matches = cli().get_matches();
     let result = match matches.subcommand() {
         Some(("serve", sub)) => serve(sub),
+        Some(("plugin", sub)) => match sub.subcommand() {
+            Some(("check", check)) => {
+                plugin_check(check.get_one::<String>("file").expect("required"))
+            }
+            Some(("new", new)) => plugin_new(new),
+            _ => unreachable!("clap requires a subcommand"),
+        },
         _ => unreachable!("clap requires a subcommand"),
     };
     match result {

@@ -120,6 +120,10 @@ impl Server {
         Ok(Self { shared })
     }
 
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
     }

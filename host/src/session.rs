@@ -108,7 +108,13 @@ impl Session {
         );
 
         if let Some((code, text)) = &ending.close {
-            peer.outbound.close(frame::encode_close(*code, text));
+            let frame = frame::encode_close(*code, text);
+            if ending.reason == CloseReason::SlowConsumer {
+                // What it could not read is dropped; the close goes out first.
+                peer.outbound.close(frame);
+            } else {
+                peer.outbound.close_after_data(frame);
+            }
             let mut stream = stream;
             let _ = tokio::time::timeout(CLOSE_GRACE, async {
                 if flush(&stream, &peer.outbound).await.is_ok() && stream.shutdown().await.is_ok() {

@@ -109,3 +109,90 @@ fn sigterm_drains_and_exits_zero() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:?}");
 }
+
+#[path = "../../tests/src/build.rs"]
+mod build;
+
+#[test]
+fn plugin_check_reports_hooks_or_a_clear_error() {
+    let built = build::built_plugins();
+    let output = roomcast()
+        .args(["plugin", "check"])
+        .arg(built.join("chat.wasm"))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("chat 0.1.0")
+            && report.contains("message")
+            && report.contains("roomcast:plugin@0.1.0"),
+        "{report}"
+    );
+
+    let other = built.join("otherworld.wasm");
+    fails_with(
+        &["plugin", "check", other.to_str().unwrap()],
+        &["roomcast:plugin/room@0.2.0", "0.1.0"],
+    );
+    let core = temp_file("core.wasm", "\0asm\u{1}\0\0\0");
+    fails_with(
+        &["plugin", "check", core.to_str().unwrap()],
+        &["core WebAssembly module", "wasm32-wasip2"],
+    );
+    let garbage = temp_file("garbage.wasm", "not wasm at all");
+    fails_with(
+        &["plugin", "check", garbage.to_str().unwrap()],
+        &["not a WebAssembly file"],
+    );
+}
+
+#[test]
+fn plugin_new_writes_a_crate_that_builds_and_loads() {
+    let parent = std::env::temp_dir().join(format!("roomcast-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    let status = roomcast()
+        .args(["plugin", "new", "hello_room", "--dir"])
+        .arg(&parent)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let krate = parent.join("hello_room");
+    // Build it as a newcomer would, sharing the example plugins' target folder so the
+    // SDK's dependencies are compiled once.
+    let target = build::plugins_workspace().join("target");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet"])
+        .current_dir(&krate)
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the new crate builds as it stands");
+    let wasm = target.join("wasm32-wasip2/release/hello_room.wasm");
+    let output = roomcast()
+        .args(["plugin", "check"])
+        .arg(&wasm)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("hello_room 0.1.0"));
+    fails_with(
+        &[
+            "plugin",
+            "new",
+            "hello_room",
+            "--dir",
+            parent.to_str().unwrap(),
+        ],
+        &["already exists"],
+    );
+    fails_with(&["plugin", "new", "Bad-Name"], &["not a plugin name"]);
+    let _ = std::fs::remove_dir_all(&parent);
+}
