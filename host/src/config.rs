@@ -108,6 +108,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub plugin_max_memory: u64,
     pub plugin_max_deadline: Duration,
+    pub plugin_cache: Option<PathBuf>,
 }
 
 impl fmt::Debug for Config {
@@ -133,6 +134,7 @@ impl fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("plugin_max_memory", &self.plugin_max_memory)
             .field("plugin_max_deadline", &self.plugin_max_deadline)
+            .field("plugin_cache", &self.plugin_cache)
             .finish()
     }
 }
@@ -156,6 +158,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             plugin_max_memory: 256 << 20,
             plugin_max_deadline: Duration::from_secs(1),
+            plugin_cache: default_cache_dir(),
         }
     }
 }
@@ -262,6 +265,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Host-wide cap on a plugin's per-room memory limit [default: 256MiB]",
     ),
     (
+        "plugin_cache",
+        "DIR",
+        "Compiled-plugin cache, so restarts skip compiling; `off` disables [default: ~/.cache/roomcast/plugins]",
+    ),
+    (
         "plugin_max_deadline",
         "DURATION",
         "Host-wide cap on a plugin's per-call deadline [default: 1s]",
@@ -328,6 +336,12 @@ impl Config {
             }
             "plugin_max_memory" => {
                 self.plugin_max_memory = parse_positive_size(&text).map_err(bad)?
+            }
+            "plugin_cache" => {
+                self.plugin_cache = match text.trim() {
+                    "" | "off" => None,
+                    path => Some(PathBuf::from(path)),
+                }
             }
             "plugin_max_deadline" => {
                 self.plugin_max_deadline = parse_positive_duration(&text).map_err(bad)?
@@ -414,6 +428,19 @@ impl Config {
                 SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
             })
     }
+}
+
+/// `$XDG_CACHE_HOME/roomcast/plugins`, else `$HOME/.cache/roomcast/plugins`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".cache"))
+        })?;
+    Some(base.join("roomcast").join("plugins"))
 }
 
 /// Why [`Config::set`] refused a value.

@@ -3,6 +3,7 @@
 //! [`server::run`] serves on a bound listener until a shutdown future resolves; the
 //! `roomcast` binary wires [`config::Config`] to it. See `ARCHITECTURE.md` for the map.
 
+pub mod admin;
 pub mod broadcast;
 pub mod config;
 pub mod frame;

@@ -154,6 +154,9 @@ pub enum RoomEvent {
     },
     /// The plugin set changed: re-resolve this room's plugin now, not at the next event.
     PluginsChanged,
+    /// A backend publishes to the room (admin API): every member gets it, as if the
+    /// room had broadcast it.
+    Publish(Payload),
 }
 
 /// A live room. Sessions hold it for as long as they are members.
@@ -165,11 +168,18 @@ pub struct Room {
     members: Mutex<Arc<Vec<Arc<Peer>>>>,
     /// The actor's inbox. The actor ends after the `Leave` that empties the room.
     tx: mpsc::Sender<RoomEvent>,
+    /// The plugin and version serving the room, as the actor last set it (admin API).
+    plugin: Mutex<Option<(String, u64)>>,
 }
 
 impl Room {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The plugin name and version serving the room (`None`: default behaviour).
+    pub fn plugin(&self) -> Option<(String, u64)> {
+        self.plugin.lock().expect("room lock").clone()
     }
 
     pub fn members(&self) -> Arc<Vec<Arc<Peer>>> {
@@ -283,6 +293,17 @@ impl Rooms {
         self.map.lock().expect("rooms lock").get(name).cloned()
     }
 
+    /// Name, member count and plugin (name, version) of every live room, sorted.
+    pub fn list_with_plugins(&self) -> Vec<(String, usize, Option<(String, u64)>)> {
+        let map = self.map.lock().expect("rooms lock");
+        let mut rooms: Vec<_> = map
+            .values()
+            .map(|r| (r.name.to_string(), r.members().len(), r.plugin()))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms
+    }
+
     /// Names and member counts of the live rooms.
     pub fn list(&self) -> Vec<(String, usize)> {
         let map = self.map.lock().expect("rooms lock");
@@ -299,6 +320,7 @@ impl Rooms {
         let room = Arc::new(Room {
             name: Arc::from(name),
             members: Mutex::new(Arc::new(Vec::new())),
+            plugin: Mutex::new(None),
             tx,
         });
         let actor = RoomActor::new(room.clone(), self);
@@ -400,14 +422,37 @@ impl RoomActor {
                     hops,
                 } => self.message(Origin::Room(from_room.to_string()), payload, hops),
                 RoomEvent::PluginsChanged => {}
+                RoomEvent::Publish(payload) => self.deliver_all(&payload, None),
             }
         }
         tracing::debug!(room = %self.room.name, "room closed");
     }
 
+    /// Record which plugin and version serve the room, for the admin API.
+    fn show_logic(&self) {
+        let shown = match &self.logic {
+            Logic::Default => None,
+            Logic::Plugin { instance, .. } => {
+                let plugin = instance.plugin();
+                Some((plugin.name().to_owned(), self.plugins.version_of(plugin)))
+            }
+            Logic::Failed { plugin } => {
+                Some((plugin.name().to_owned(), self.plugins.version_of(plugin)))
+            }
+        };
+        *self.room.plugin.lock().expect("room lock") = shown;
+    }
+
     /// Switch to the plugin that now serves this room, if the plugin set changed.
     /// Runs between two events, never during one.
     fn refresh_plugin(&mut self) {
+        if self.plugins.generation() != self.generation {
+            self.switch_plugin();
+            self.show_logic();
+        }
+    }
+
+    fn switch_plugin(&mut self) {
         let generation = self.plugins.generation();
         if generation == self.generation {
             return;

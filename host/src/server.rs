@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::handshake::{self, Rejection};
 use crate::metrics::{Metrics, RejectReason};
 use crate::plugin::{HandshakeDecision, HandshakeRequest, HostCaps};
-use crate::reload::{LivePlugins, PluginsError};
+use crate::reload::{LivePlugins, PluginsError, Watcher};
 use crate::room::{Peer, Rooms};
 use crate::session::{self, Session};
 
@@ -63,7 +63,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> 
 
 /// State shared by every connection.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub rooms: Arc<Rooms>,
@@ -105,6 +105,7 @@ impl Server {
         let plugins = Arc::new(LivePlugins::load(
             config.plugins.as_deref(),
             caps,
+            config.plugin_cache.clone(),
             metrics.clone(),
         )?);
         let shared = Arc::new(Shared {
@@ -116,6 +117,13 @@ impl Server {
             draining: AtomicBool::new(false),
             next_member: AtomicU64::new(1),
             config,
+        });
+        // After each reload, every live room re-resolves its plugin at once.
+        let rooms = Arc::downgrade(&shared.rooms);
+        shared.rooms.plugins().on_publish(move || {
+            if let Some(rooms) = rooms.upgrade() {
+                rooms.plugins_changed();
+            }
         });
         Ok(Self { shared })
     }
@@ -138,6 +146,8 @@ impl Server {
     ) -> Result<(), ServerError> {
         let shared = self.shared;
         let router = router(shared.clone());
+        // Stopped (and joined) when `run` returns.
+        let _watcher = Watcher::start(shared.rooms.plugins().clone());
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening");
         }
@@ -201,6 +211,7 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::routes())
         .fallback(upgrade)
         .with_state(shared)
 }

@@ -3,8 +3,8 @@
 //! (or a [`CheckReport`] for `roomcast plugin check`).
 
 use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::path::Path;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -133,6 +133,8 @@ impl EpochTicker {
 /// One wasmtime engine for all plugins, with the host's caps on what a plugin may ask.
 pub struct PluginRuntime {
     shared: Arc<Shared>,
+    /// Where compiled plugins are kept between runs (`None`: always compile).
+    cache_dir: Option<PathBuf>,
     /// The `room` interface; cloned per plugin, which adds its `wasi:*` stubs.
     linker: Linker<HostState>,
     caps: HostCaps,
@@ -179,7 +181,15 @@ impl PluginRuntime {
             }),
             linker,
             caps,
+            cache_dir: None,
         })
+    }
+
+    /// Keep compiled plugins in `dir`, keyed by content hash and engine settings, so a
+    /// restart does not compile them again. The folder is created (owner-only) if
+    /// needed; it must not be the watched plugins folder.
+    pub fn set_cache_dir(&mut self, dir: PathBuf) {
+        self.cache_dir = Some(dir);
     }
 
     /// The caps this runtime enforces on `NAME.toml` limits.
@@ -347,13 +357,84 @@ impl PluginRuntime {
                 path.display()
             ));
         }
-        Component::from_binary(&self.shared.engine, bytes).map_err(|error| {
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(self.cache_key(bytes)));
+        if let Some(cached) = &cached
+            && let Some(component) = self.load_cached(cached)
+        {
+            return Ok(component);
+        }
+        let component = Component::from_binary(&self.shared.engine, bytes).map_err(|error| {
             format!(
                 "{} is not a valid WebAssembly component: {}",
                 path.display(),
                 error_chain(&error)
             )
-        })
+        })?;
+        if let Some(cached) = cached {
+            self.store_cached(&cached, &component);
+        }
+        Ok(component)
+    }
+
+    /// The cache file name: the component's SHA-256 and a hash of the engine's
+    /// settings (an artifact compiled under other settings is never looked up).
+    fn cache_key(&self, bytes: &[u8]) -> String {
+        let mut engine = std::hash::DefaultHasher::new();
+        self.shared
+            .engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine);
+        format!(
+            "{}-{:016x}.cwasm",
+            hex(&Sha256::digest(bytes)),
+            engine.finish()
+        )
+    }
+
+    /// A compiled component from the cache, if present and accepted by the engine.
+    #[allow(unsafe_code)]
+    fn load_cached(&self, file: &Path) -> Option<Component> {
+        if !file.is_file() {
+            return None;
+        }
+        // SAFETY: `deserialize_file` trusts its input to be wasmtime's own output. The
+        // cache folder is the host's (created owner-only, outside the watched plugins
+        // folder), every file in it was written by `store_cached` from a component
+        // this engine compiled, and its name carries both the source's SHA-256 and the
+        // engine's compatibility hash, which wasmtime checks again on load.
+        match unsafe { Component::deserialize_file(&self.shared.engine, file) } {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(file = %file.display(), error = %error_chain(&error), "ignoring a cached plugin");
+                None
+            }
+        }
+    }
+
+    /// Write a compiled component to the cache (write to a temporary name, then
+    /// rename, so a reader never sees half a file). Failures only cost a recompile.
+    fn store_cached(&self, file: &Path, component: &Component) {
+        let Some(dir) = file.parent() else { return };
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(dir)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            let bytes = component
+                .serialize()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let temp = file.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&temp, bytes)?;
+            std::fs::rename(&temp, file)
+        };
+        if let Err(error) = write() {
+            tracing::warn!(file = %file.display(), %error, "cannot cache a compiled plugin");
+        }
     }
 }
 

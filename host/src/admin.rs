@@ -1,0 +1,182 @@
+//! The admin API: plugins, rooms, and publishing to a room from a backend.
+//!
+//! Off unless an admin token is configured (every route then answers 404). Each
+//! request must carry `Authorization: Bearer TOKEN`; a missing or wrong token gets 401
+//! with `WWW-Authenticate: Bearer`. Tokens are compared in constant time and never
+//! logged.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::handshake::valid_room_name;
+use crate::plugin::Payload;
+use crate::reload::rfc3339;
+use crate::room::RoomEvent;
+use crate::server::Shared;
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/admin/plugins", get(plugins))
+        .route("/admin/rooms", get(rooms))
+        .route("/admin/rooms/{room}/publish", post(publish))
+}
+
+/// Whether `a == b`, taking time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// `Ok` when the request carries the admin token; the response to send otherwise.
+pub(crate) fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = shared.config.admin_token.as_deref() else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            "the admin API is off: set an admin token\n",
+        )
+            .into_response());
+    };
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(offered.trim().as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"roomcast\"")],
+            "a valid admin token is required\n",
+        )
+            .into_response())
+    }
+}
+
+/// The plugins, as `GET /admin/plugins` shows them.
+pub(crate) fn plugins_json(shared: &Shared) -> Value {
+    let live = shared.rooms.plugins();
+    let rooms = shared.rooms.list_with_plugins();
+    let list: Vec<Value> = live
+        .records()
+        .into_iter()
+        .map(|(name, record)| {
+            let current = record.current.as_ref().map(|(plugin, _)| plugin);
+            json!({
+                "name": name,
+                "file": current.map(|p| p.file().display().to_string()),
+                "sha256": current.map(|p| p.sha256()),
+                "describe": current.map(|p| format!("{} {}", p.info().name, p.info().version)),
+                "loaded_at": current.map(|p| rfc3339(p.loaded_at())),
+                "version": record.current.as_ref().map(|(_, v)| v),
+                "versions": record.versions,
+                "rooms": rooms.iter().filter(|r| r.2.as_ref().is_some_and(|(p, _)| *p == name)).map(|r| r.0.clone()).collect::<Vec<_>>(),
+                "last_error": record.last_error.as_ref().map(|(_, e)| e),
+                "last_error_at": record.last_error.as_ref().map(|(t, _)| rfc3339(*t)),
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// The rooms, as `GET /admin/rooms` shows them.
+pub(crate) fn rooms_json(shared: &Shared) -> Value {
+    let list: Vec<Value> = shared
+        .rooms
+        .list_with_plugins()
+        .into_iter()
+        .map(|(name, members, plugin)| {
+            json!({
+                "name": name,
+                "members": members,
+                "plugin": plugin.as_ref().map(|(p, _)| p),
+                "version": plugin.as_ref().map(|(_, v)| v),
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+async fn plugins(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return denied;
+    }
+    axum::Json(plugins_json(&shared)).into_response()
+}
+
+async fn rooms(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return denied;
+    }
+    axum::Json(rooms_json(&shared)).into_response()
+}
+
+/// `POST /admin/rooms/{room}/publish`: the body goes to every member of the room, as
+/// text for a UTF-8 body sent with `Content-Type: text/*`, as binary otherwise.
+async fn publish(
+    State(shared): State<Arc<Shared>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return denied;
+    }
+    if !valid_room_name(&room) {
+        return (StatusCode::BAD_REQUEST, "invalid room name\n").into_response();
+    }
+    if body.len() as u64 > shared.config.max_message_bytes {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body larger than max_message_bytes\n",
+        )
+            .into_response();
+    }
+    let is_text = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/"));
+    let payload = if is_text && std::str::from_utf8(&body).is_ok() {
+        Payload::Text(body)
+    } else {
+        Payload::Binary(body)
+    };
+    let Some(live) = shared.rooms.get(&room) else {
+        return (StatusCode::NOT_FOUND, "no such room: it has no members\n").into_response();
+    };
+    let members = live.members().len();
+    if !live.try_send(RoomEvent::Publish(payload)) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "the room is busy; retry\n",
+        )
+            .into_response();
+    }
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "room": room, "members": members })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq() {
+        assert!(super::constant_time_eq(b"secret", b"secret"));
+        assert!(!super::constant_time_eq(b"secret", b"secreT"));
+        assert!(!super::constant_time_eq(b"secret", b"secret!"));
+        assert!(!super::constant_time_eq(b"", b"x"));
+    }
+}
