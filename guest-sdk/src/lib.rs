@@ -110,8 +110,8 @@ mod types;
 
 pub use room::{Room, log};
 pub use types::{
-    Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, MemberId, Message,
-    Origin, RoomError, TimerId, Verdict,
+    Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, MemberId, Message, Origin,
+    RoomError, TimerId, Verdict,
 };
 
 /// The JSON crate the SDK uses; its [`Error`](serde_json::Error) is what

@@ -26,11 +26,7 @@ impl Room {
     }
 
     /// Sends `value` as a JSON text message to one member (see [`Message::to_json`]).
-    pub fn send_json<T: Serialize + ?Sized>(
-        &self,
-        to: MemberId,
-        value: &T,
-    ) -> Result<(), RoomError> {
+    pub fn send_json<T: Serialize + ?Sized>(&self, to: MemberId, value: &T) -> Result<(), RoomError> {
         self.send(to, Message::to_json(value))
     }
 

@@ -9,8 +9,8 @@ use std::marker::PhantomData;
 use std::sync::Once;
 
 use crate::{
-    Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, Message, Origin,
-    Plugin, Room, RoomError, Verdict,
+    Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, Message, Origin, Plugin,
+    Room, RoomError, Verdict,
 };
 
 /// The generated bindings for world `room-plugin`. Nothing outside this file names
@@ -74,10 +74,7 @@ fn install_panic_hook() {
 
 impl<P: Plugin + Describe> bindings::Guest for Export<P> {
     fn describe() -> wit::PluginInfo {
-        wit::PluginInfo {
-            name: P::NAME.to_owned(),
-            version: P::VERSION.to_owned(),
-        }
+        wit::PluginInfo { name: P::NAME.to_owned(), version: P::VERSION.to_owned() }
     }
 
     fn init(config: String) -> Result<(), String> {

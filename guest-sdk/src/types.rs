@@ -141,10 +141,7 @@ pub struct HandshakeRequest {
 impl HandshakeRequest {
     /// The first header called `name` (compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
     }
 
     /// The first query parameter called `name`, percent-decoded (`+` is a space).
@@ -176,10 +173,7 @@ impl HandshakeDecision {
 
     /// Refuse with `status` and `reason`.
     pub fn reject(status: u16, reason: impl Into<String>) -> Self {
-        HandshakeDecision::Reject {
-            status,
-            reason: reason.into(),
-        }
+        HandshakeDecision::Reject { status, reason: reason.into() }
     }
 }
 
@@ -308,10 +302,7 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' => match bytes
-                .get(i + 1..i + 3)
-                .and_then(|hex| hex_pair(hex[0], hex[1]))
-            {
+            b'%' => match bytes.get(i + 1..i + 3).and_then(|hex| hex_pair(hex[0], hex[1])) {
                 Some(byte) => {
                     out.push(byte);
                     i += 2;
@@ -367,15 +358,8 @@ mod tests {
         assert_eq!(message, Message::Text(r#"{"say":"hi"}"#.into()));
         let value: serde_json::Value = message.json().unwrap();
         assert_eq!(value["say"], "hi");
-        assert!(
-            Message::from("not json")
-                .json::<serde_json::Value>()
-                .is_err()
-        );
-        assert_eq!(
-            Message::from(&b"[1]"[..]).json::<Vec<u8>>().unwrap(),
-            vec![1]
-        );
+        assert!(Message::from("not json").json::<serde_json::Value>().is_err());
+        assert_eq!(Message::from(&b"[1]"[..]).json::<Vec<u8>>().unwrap(), vec![1]);
     }
 
     #[test]
@@ -386,9 +370,7 @@ mod tests {
             limit: u32,
         }
         assert_eq!(Config::new("{}").parse::<Settings>().unwrap().limit, 0);
-        let error = Config::new("{\"limit\":\"x\"}")
-            .parse::<Settings>()
-            .unwrap_err();
+        let error = Config::new("{\"limit\":\"x\"}").parse::<Settings>().unwrap_err();
         assert!(error.starts_with("invalid config: "), "{error}");
     }
 }

@@ -37,14 +37,35 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `Ok` when the request carries the admin token; the response to send otherwise.
-pub(crate) fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+/// Why an admin request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No admin token is configured: the admin API does not exist (404).
+    Off,
+    /// The request's bearer token is missing or wrong (401).
+    Unauthorized,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Off => {
+                (StatusCode::NOT_FOUND, "the admin API is off: set an admin token\n").into_response()
+            }
+            Denied::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"roomcast\"")],
+                "a valid admin token is required\n",
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Whether the request carries the admin token.
+pub(crate) fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Denied> {
     let Some(token) = shared.config.admin_token.as_deref() else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            "the admin API is off: set an admin token\n",
-        )
-            .into_response());
+        return Err(Denied::Off);
     };
     let offered = headers
         .get(header::AUTHORIZATION)
@@ -54,12 +75,7 @@ pub(crate) fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Resp
     if constant_time_eq(offered.trim().as_bytes(), token.as_bytes()) {
         Ok(())
     } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer realm=\"roomcast\"")],
-            "a valid admin token is required\n",
-        )
-            .into_response())
+        Err(Denied::Unauthorized)
     }
 }
 
@@ -80,7 +96,11 @@ pub(crate) fn plugins_json(shared: &Shared) -> Value {
                 "loaded_at": current.map(|p| rfc3339(p.loaded_at())),
                 "version": record.current.as_ref().map(|(_, v)| v),
                 "versions": record.versions,
-                "rooms": rooms.iter().filter(|r| r.2.as_ref().is_some_and(|(p, _)| *p == name)).map(|r| r.0.clone()).collect::<Vec<_>>(),
+                "rooms": rooms
+                    .iter()
+                    .filter(|r| r.plugin.as_ref().is_some_and(|(p, _)| *p == name))
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>(),
                 "last_error": record.last_error.as_ref().map(|(_, e)| e),
                 "last_error_at": record.last_error.as_ref().map(|(t, _)| rfc3339(*t)),
             })
@@ -95,12 +115,12 @@ pub(crate) fn rooms_json(shared: &Shared) -> Value {
         .rooms
         .list_with_plugins()
         .into_iter()
-        .map(|(name, members, plugin)| {
+        .map(|room| {
             json!({
-                "name": name,
-                "members": members,
-                "plugin": plugin.as_ref().map(|(p, _)| p),
-                "version": plugin.as_ref().map(|(_, v)| v),
+                "name": room.name,
+                "members": room.members,
+                "plugin": room.plugin.as_ref().map(|(p, _)| p),
+                "version": room.plugin.as_ref().map(|(_, v)| v),
             })
         })
         .collect();
@@ -109,14 +129,14 @@ pub(crate) fn rooms_json(shared: &Shared) -> Value {
 
 async fn plugins(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(denied) = authorize(&shared, &headers) {
-        return denied;
+        return denied.into_response();
     }
     axum::Json(plugins_json(&shared)).into_response()
 }
 
 async fn rooms(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(denied) = authorize(&shared, &headers) {
-        return denied;
+        return denied.into_response();
     }
     axum::Json(rooms_json(&shared)).into_response()
 }
@@ -130,17 +150,13 @@ async fn publish(
     body: Bytes,
 ) -> Response {
     if let Err(denied) = authorize(&shared, &headers) {
-        return denied;
+        return denied.into_response();
     }
     if !valid_room_name(&room) {
         return (StatusCode::BAD_REQUEST, "invalid room name\n").into_response();
     }
     if body.len() as u64 > shared.config.max_message_bytes {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body larger than max_message_bytes\n",
-        )
-            .into_response();
+        return (StatusCode::PAYLOAD_TOO_LARGE, "body larger than max_message_bytes\n").into_response();
     }
     let is_text = headers
         .get(header::CONTENT_TYPE)
@@ -156,18 +172,10 @@ async fn publish(
     };
     let members = live.members().len();
     if !live.try_send(RoomEvent::Publish(payload)) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "the room is busy; retry\n",
-        )
+        return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "the room is busy; retry\n")
             .into_response();
     }
-    (
-        StatusCode::ACCEPTED,
-        axum::Json(json!({ "room": room, "members": members })),
-    )
-        .into_response()
+    (StatusCode::ACCEPTED, axum::Json(json!({ "room": room, "members": members }))).into_response()
 }
 
 #[cfg(test)]

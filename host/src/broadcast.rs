@@ -39,11 +39,7 @@ struct State {
 
 impl Outbound {
     pub fn new(max_bytes: usize) -> Self {
-        Self {
-            max_bytes,
-            state: Mutex::new(State::default()),
-            wake: Notify::new(),
-        }
+        Self { max_bytes, state: Mutex::new(State::default()), wake: Notify::new() }
     }
 
     /// Queue a data frame. Never blocks; fails when the budget would be exceeded or the
@@ -70,11 +66,7 @@ impl Outbound {
 
     /// Queue a ping or pong; it goes out before any queued data.
     pub fn push_control(&self, frame: Bytes) {
-        self.state
-            .lock()
-            .expect("outbound lock")
-            .control
-            .push_back(frame);
+        self.state.lock().expect("outbound lock").control.push_back(frame);
         self.wake.notify_one();
     }
 
@@ -148,24 +140,13 @@ mod tests {
         out.push_control(Bytes::from_static(b"ping"));
         let mut batch = Vec::new();
         out.drain(&mut batch, 2);
-        assert_eq!(
-            batch,
-            [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]
-        );
+        assert_eq!(batch, [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]);
         assert_eq!(out.queued_bytes(), 4);
         out.push_data(Bytes::from_static(b"abcdef")).unwrap();
         assert_eq!(out.push_data(Bytes::from_static(b"x")), Err(Overflow));
-        assert_eq!(
-            out.queued_bytes(),
-            0,
-            "an overflowing member's queue is freed"
-        );
+        assert_eq!(out.queued_bytes(), 0, "an overflowing member's queue is freed");
         assert!(out.is_closed());
-        assert_eq!(
-            out.push_data(Bytes::from_static(b"y")),
-            Ok(()),
-            "later pushes are dropped quietly"
-        );
+        assert_eq!(out.push_data(Bytes::from_static(b"y")), Ok(()), "later pushes are dropped quietly");
         assert_eq!(out.queued_bytes(), 0);
     }
 }

@@ -29,11 +29,7 @@ pub enum ConfigError {
     #[error("unknown key `{key}` in config file {}", file.display())]
     UnknownKey { file: PathBuf, key: String },
     #[error("bad value for `{key}` in config file {}: {reason}", file.display())]
-    BadFileValue {
-        file: PathBuf,
-        key: String,
-        reason: String,
-    },
+    BadFileValue { file: PathBuf, key: String, reason: String },
     #[error("bad value for --{flag}: {reason}")]
     BadFlag { flag: String, reason: String },
     #[error("cannot read admin token file {}: {reason}", file.display())]
@@ -67,14 +63,10 @@ impl OriginPolicy {
         }
         for item in &items {
             let Some((scheme, rest)) = item.split_once("://") else {
-                return Err(format!(
-                    "`{item}` is not an origin like https://app.example.com"
-                ));
+                return Err(format!("`{item}` is not an origin like https://app.example.com"));
             };
             if scheme.is_empty() || rest.is_empty() || rest.contains('/') {
-                return Err(format!(
-                    "`{item}` is not an origin like https://app.example.com"
-                ));
+                return Err(format!("`{item}` is not an origin like https://app.example.com"));
             }
         }
         Ok(Self::List(items))
@@ -125,10 +117,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("allowed_origins", &self.allowed_origins)
             // Tokens never appear in logs.
-            .field(
-                "admin_token",
-                &self.admin_token.as_ref().map(|_| "<redacted>"),
-            )
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("drain_delay", &self.drain_delay)
             .field("log_format", &self.log_format)
@@ -188,31 +177,15 @@ impl RawValue {
 /// Every setting: its key (the flag is the key with dashes), the value's shape, and
 /// what it does. The CLI is generated from this table.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
-    (
-        "listen",
-        "ADDR",
-        "Address to listen on [default: 127.0.0.1:8080]",
-    ),
-    (
-        "listen_backlog",
-        "N",
-        "Listen backlog; absorbs reconnect storms [default: 4096]",
-    ),
-    (
-        "plugins",
-        "DIR",
-        "Folder of plugin .wasm files (and NAME.toml beside them) [default: none]",
-    ),
+    ("listen", "ADDR", "Address to listen on [default: 127.0.0.1:8080]"),
+    ("listen_backlog", "N", "Listen backlog; absorbs reconnect storms [default: 4096]"),
+    ("plugins", "DIR", "Folder of plugin .wasm files (and NAME.toml beside them) [default: none]"),
     (
         "heartbeat_interval",
         "DURATION",
         "Ping a session after this long without a frame from it [default: 30s]",
     ),
-    (
-        "pong_timeout",
-        "DURATION",
-        "Reap a session silent for heartbeat interval plus this [default: 10s]",
-    ),
+    ("pong_timeout", "DURATION", "Reap a session silent for heartbeat interval plus this [default: 10s]"),
     (
         "handshake_timeout",
         "DURATION",
@@ -228,52 +201,28 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "SIZE",
         "Outbound bytes queued per member before it is cut as a slow consumer [default: 1MiB]",
     ),
-    (
-        "max_connections",
-        "N",
-        "Open WebSocket sessions allowed; more get 503 [default: 19000]",
-    ),
+    ("max_connections", "N", "Open WebSocket sessions allowed; more get 503 [default: 19000]"),
     (
         "allowed_origins",
         "LIST",
         "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
     ),
-    (
-        "admin_token",
-        "TOKEN",
-        "Bearer token for the admin API; off without one [env: ROOMCAST_ADMIN_TOKEN]",
-    ),
-    (
-        "admin_token_file",
-        "FILE",
-        "Read the admin token from this file",
-    ),
-    (
-        "shutdown_timeout",
-        "DURATION",
-        "How long shutdown waits for sessions to close [default: 10s]",
-    ),
+    ("admin_token", "TOKEN", "Bearer token for the admin API; off without one [env: ROOMCAST_ADMIN_TOKEN]"),
+    ("admin_token_file", "FILE", "Read the admin token from this file"),
+    ("shutdown_timeout", "DURATION", "How long shutdown waits for sessions to close [default: 10s]"),
     (
         "drain_delay",
         "DURATION",
         "On shutdown, answer /healthz with 503 this long before closing sessions [default: 0s]",
     ),
     ("log_format", "FORMAT", "human or json [default: human]"),
-    (
-        "plugin_max_memory",
-        "SIZE",
-        "Host-wide cap on a plugin's per-room memory limit [default: 256MiB]",
-    ),
+    ("plugin_max_memory", "SIZE", "Host-wide cap on a plugin's per-room memory limit [default: 256MiB]"),
     (
         "plugin_cache",
         "DIR",
         "Compiled-plugin cache, so restarts skip compiling; `off` disables [default: ~/.cache/roomcast/plugins]",
     ),
-    (
-        "plugin_max_deadline",
-        "DURATION",
-        "Host-wide cap on a plugin's per-call deadline [default: 1s]",
-    ),
+    ("plugin_max_deadline", "DURATION", "Host-wide cap on a plugin's per-call deadline [default: 1s]"),
 ];
 
 impl Config {
@@ -291,16 +240,10 @@ impl Config {
                 self.listen_backlog = parse_count(&text, 1, u32::MAX as u64).map_err(bad)? as u32
             }
             "plugins" => self.plugins = Some(PathBuf::from(text)),
-            "heartbeat_interval" => {
-                self.heartbeat_interval = parse_positive_duration(&text).map_err(bad)?
-            }
+            "heartbeat_interval" => self.heartbeat_interval = parse_positive_duration(&text).map_err(bad)?,
             "pong_timeout" => self.pong_timeout = parse_positive_duration(&text).map_err(bad)?,
-            "handshake_timeout" => {
-                self.handshake_timeout = parse_positive_duration(&text).map_err(bad)?
-            }
-            "max_message_bytes" => {
-                self.max_message_bytes = parse_positive_size(&text).map_err(bad)?
-            }
+            "handshake_timeout" => self.handshake_timeout = parse_positive_duration(&text).map_err(bad)?,
+            "max_message_bytes" => self.max_message_bytes = parse_positive_size(&text).map_err(bad)?,
             "max_queue_bytes" => self.max_queue_bytes = parse_positive_size(&text).map_err(bad)?,
             "max_connections" => {
                 self.max_connections = parse_count(&text, 1, 10_000_000).map_err(bad)? as usize
@@ -328,15 +271,11 @@ impl Config {
                     "human" => LogFormat::Human,
                     "json" => LogFormat::Json,
                     other => {
-                        return Err(bad(format!(
-                            "`{other}` is not a log format; use human or json"
-                        )));
+                        return Err(bad(format!("`{other}` is not a log format; use human or json")));
                     }
                 }
             }
-            "plugin_max_memory" => {
-                self.plugin_max_memory = parse_positive_size(&text).map_err(bad)?
-            }
+            "plugin_max_memory" => self.plugin_max_memory = parse_positive_size(&text).map_err(bad)?,
             "plugin_cache" => {
                 self.plugin_cache = match text.trim() {
                     "" | "off" => None,
@@ -353,16 +292,12 @@ impl Config {
 
     /// Read a TOML config file over the current values.
     pub fn apply_file(&mut self, file: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Unreadable {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::Unreadable { file: file.to_owned(), reason: e.to_string() })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             file: file.to_owned(),
-            reason: e.to_string(),
+            reason: e.message().to_owned(),
         })?;
-        let table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    file: file.to_owned(),
-                    reason: e.message().to_owned(),
-                })?;
         for (key, value) in &table {
             let raw = match value {
                 toml::Value::String(s) => RawValue::Text(s.clone()),
@@ -397,15 +332,10 @@ impl Config {
                 (_, raw) => raw,
             };
             self.set(key, &raw).map_err(|e| match e {
-                SetError::Unknown => ConfigError::UnknownKey {
-                    file: file.to_owned(),
-                    key: key.clone(),
-                },
-                SetError::Bad(reason) => ConfigError::BadFileValue {
-                    file: file.to_owned(),
-                    key: key.clone(),
-                    reason,
-                },
+                SetError::Unknown => ConfigError::UnknownKey { file: file.to_owned(), key: key.clone() },
+                SetError::Bad(reason) => {
+                    ConfigError::BadFileValue { file: file.to_owned(), key: key.clone(), reason }
+                }
                 SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
             })?;
         }
@@ -415,30 +345,21 @@ impl Config {
     /// Apply a flag (`flag` is the key's name with dashes, as typed).
     pub fn apply_flag(&mut self, flag: &str, value: &str) -> Result<(), ConfigError> {
         let key = flag.replace('-', "_");
-        self.set(&key, &RawValue::Text(value.to_owned()))
-            .map_err(|e| match e {
-                SetError::Unknown => ConfigError::BadFlag {
-                    flag: flag.to_owned(),
-                    reason: "unknown setting".into(),
-                },
-                SetError::Bad(reason) => ConfigError::BadFlag {
-                    flag: flag.to_owned(),
-                    reason,
-                },
-                SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
-            })
+        self.set(&key, &RawValue::Text(value.to_owned())).map_err(|e| match e {
+            SetError::Unknown => {
+                ConfigError::BadFlag { flag: flag.to_owned(), reason: "unknown setting".into() }
+            }
+            SetError::Bad(reason) => ConfigError::BadFlag { flag: flag.to_owned(), reason },
+            SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
+        })
     }
 }
 
 /// `$XDG_CACHE_HOME/roomcast/plugins`, else `$HOME/.cache/roomcast/plugins`.
 fn default_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|home| PathBuf::from(home).join(".cache"))
+    let base =
+        std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|home| PathBuf::from(home).join(".cache"))
         })?;
     Some(base.join("roomcast").join("plugins"))
 }
@@ -452,10 +373,7 @@ pub enum SetError {
 }
 
 fn parse_count(text: &str, min: u64, max: u64) -> Result<u64, String> {
-    let n: u64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    let n: u64 = text.trim().parse().map_err(|_| format!("`{text}` is not a whole number"))?;
     if n < min || n > max {
         return Err(format!("{n} is out of range ({min} to {max})"));
     }
@@ -528,18 +446,11 @@ mod tests {
         assert_eq!(config.max_message_bytes, 1000);
         assert_eq!(
             config.allowed_origins,
-            OriginPolicy::List(vec![
-                "https://a.example".into(),
-                "https://*.b.example".into()
-            ])
+            OriginPolicy::List(vec!["https://a.example".into(), "https://*.b.example".into()])
         );
         config.apply_flag("heartbeat-interval", "7s").unwrap();
         assert_eq!(config.heartbeat_interval, Duration::from_secs(7));
-        assert_eq!(
-            config.pong_timeout,
-            Duration::from_secs(10),
-            "defaults stay"
-        );
+        assert_eq!(config.pong_timeout, Duration::from_secs(10), "defaults stay");
     }
 
     #[test]
@@ -547,41 +458,25 @@ mod tests {
         let (_dir, file) = write("heartbeat_intervl = \"5s\"\n");
         let err = Config::default().apply_file(&file).unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.contains("heartbeat_intervl") && text.contains("roomcast.toml"),
-            "{text}"
-        );
+        assert!(text.contains("heartbeat_intervl") && text.contains("roomcast.toml"), "{text}");
 
         let (_dir, file) = write("pong_timeout = \"soon\"\n");
         let text = Config::default().apply_file(&file).unwrap_err().to_string();
         assert!(
-            text.contains("pong_timeout")
-                && text.contains("roomcast.toml")
-                && text.contains("soon"),
+            text.contains("pong_timeout") && text.contains("roomcast.toml") && text.contains("soon"),
             "{text}"
         );
 
-        let text = Config::default()
-            .apply_file(Path::new("/nonexistent/roomcast.toml"))
-            .unwrap_err()
-            .to_string();
+        let text =
+            Config::default().apply_file(Path::new("/nonexistent/roomcast.toml")).unwrap_err().to_string();
         assert!(text.contains("/nonexistent/roomcast.toml"), "{text}");
 
         let (_dir, file) = write("listen = [1, 2]\n");
         let text = Config::default().apply_file(&file).unwrap_err().to_string();
-        assert!(
-            text.contains("listen") && text.contains("roomcast.toml"),
-            "{text}"
-        );
+        assert!(text.contains("listen") && text.contains("roomcast.toml"), "{text}");
 
-        let text = Config::default()
-            .apply_flag("max-queue-bytes", "lots")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            text.contains("--max-queue-bytes") && text.contains("lots"),
-            "{text}"
-        );
+        let text = Config::default().apply_flag("max-queue-bytes", "lots").unwrap_err().to_string();
+        assert!(text.contains("--max-queue-bytes") && text.contains("lots"), "{text}");
     }
 
     #[test]
@@ -589,19 +484,13 @@ mod tests {
         let mut config = Config::default();
         for (key, _, _) in SETTINGS {
             let result = config.set(key, &RawValue::Text("x".into()));
-            assert!(
-                !matches!(result, Err(SetError::Unknown)),
-                "{key} is listed but unknown"
-            );
+            assert!(!matches!(result, Err(SetError::Unknown)), "{key} is listed but unknown");
         }
     }
 
     #[test]
     fn token_is_redacted() {
-        let config = Config {
-            admin_token: Some("s3cret".into()),
-            ..Config::default()
-        };
+        let config = Config { admin_token: Some("s3cret".into()), ..Config::default() };
         assert!(!format!("{config:?}").contains("s3cret"));
     }
 

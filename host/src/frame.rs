@@ -74,10 +74,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Self {
-            max_message,
-            partial: None,
-        }
+        Self { max_message, partial: None }
     }
 
     /// Decode the next complete event from `buf`, consuming its bytes. `Ok(None)` means
@@ -106,9 +103,7 @@ impl Decoder {
             match header.opcode {
                 OP_TEXT | OP_BINARY => {
                     if self.partial.is_some() {
-                        return Err(DecodeError::Protocol(
-                            "new data frame inside a fragmented message",
-                        ));
+                        return Err(DecodeError::Protocol("new data frame inside a fragmented message"));
                     }
                     let text = header.opcode == OP_TEXT;
                     if header.fin {
@@ -118,9 +113,7 @@ impl Decoder {
                 }
                 OP_CONTINUATION => {
                     let Some((text, mut so_far)) = self.partial.take() else {
-                        return Err(DecodeError::Protocol(
-                            "continuation without a message in progress",
-                        ));
+                        return Err(DecodeError::Protocol("continuation without a message in progress"));
                     };
                     so_far.extend_from_slice(&payload);
                     if header.fin {
@@ -146,10 +139,7 @@ fn finish(text: bool, payload: Bytes) -> Result<Event, DecodeError> {
 
 fn parse_close(payload: Bytes) -> Result<Event, DecodeError> {
     match payload.len() {
-        0 => Ok(Event::Close {
-            code: None,
-            reason: Bytes::new(),
-        }),
+        0 => Ok(Event::Close { code: None, reason: Bytes::new() }),
         1 => Err(DecodeError::Protocol("close frame with a one-byte body")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
@@ -160,10 +150,7 @@ fn parse_close(payload: Bytes) -> Result<Event, DecodeError> {
             if std::str::from_utf8(&reason).is_err() {
                 return Err(DecodeError::InvalidUtf8);
             }
-            Ok(Event::Close {
-                code: Some(code),
-                reason,
-            })
+            Ok(Event::Close { code: Some(code), reason })
         }
     }
 }
@@ -187,9 +174,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
     }
     let (b0, b1) = (buf[0], buf[1]);
     if b0 & 0x70 != 0 {
-        return Err(DecodeError::Protocol(
-            "reserved bits set without a negotiated extension",
-        ));
+        return Err(DecodeError::Protocol("reserved bits set without a negotiated extension"));
     }
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0F;
@@ -225,9 +210,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
             }
             let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
             if len >> 63 != 0 {
-                return Err(DecodeError::Protocol(
-                    "length with the most significant bit set",
-                ));
+                return Err(DecodeError::Protocol("length with the most significant bit set"));
             }
             if len <= u16::MAX as u64 {
                 return Err(DecodeError::Protocol("length not minimally encoded"));
@@ -241,20 +224,12 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
     }
     let mask = buf[at..at + 4].try_into().expect("4 bytes");
     at += 4;
-    Ok(Some(Header {
-        fin,
-        opcode,
-        mask,
-        len,
-        header_len: at,
-    }))
+    Ok(Some(Header { fin, opcode, mask, len, header_len: at }))
 }
 
 /// XOR the payload with the client's masking key, eight bytes at a time.
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
     let mut chunks = payload.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let v = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
@@ -346,10 +321,7 @@ mod tests {
             let events = decode_all(&wire, 1 << 20);
             assert_eq!(
                 events,
-                vec![Ok(Event::Message {
-                    text: false,
-                    payload: Bytes::from(payload.clone())
-                })],
+                vec![Ok(Event::Message { text: false, payload: Bytes::from(payload.clone()) })],
                 "len {len}"
             );
             let server = encode(OP_BINARY, &payload);
@@ -384,10 +356,7 @@ mod tests {
             events,
             vec![
                 Event::Ping(Bytes::from_static(b"p")),
-                Event::Message {
-                    text: true,
-                    payload: Bytes::from_static(b"hello")
-                }
+                Event::Message { text: true, payload: Bytes::from_static(b"hello") }
             ]
         );
     }
@@ -396,25 +365,15 @@ mod tests {
     fn size_limit_counts_fragments() {
         let mut wire = encode_client(false, OP_BINARY, &[0; 60], MASK);
         wire.extend(encode_client(true, OP_CONTINUATION, &[0; 60], MASK));
-        assert_eq!(
-            decode_all(&wire, 100).pop(),
-            Some(Err(DecodeError::TooBig(100)))
-        );
-        assert!(matches!(
-            decode_all(&wire, 120).pop(),
-            Some(Ok(Event::Message { .. }))
-        ));
+        assert_eq!(decode_all(&wire, 100).pop(), Some(Err(DecodeError::TooBig(100))));
+        assert!(matches!(decode_all(&wire, 120).pop(), Some(Ok(Event::Message { .. }))));
     }
 
     #[test]
     fn unmask_matches_bytewise() {
         for len in 0..40 {
             let mut data: Vec<u8> = (0..len as u8).collect();
-            let expect: Vec<u8> = data
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ MASK[i & 3])
-                .collect();
+            let expect: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]).collect();
             unmask(&mut data, MASK);
             assert_eq!(data, expect);
         }

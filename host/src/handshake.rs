@@ -28,12 +28,7 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(status: StatusCode, reason: RejectReason, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            reason,
-            message: message.into(),
-            header: None,
-        }
+        Self { status, reason, message: message.into(), header: None }
     }
 
     fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
@@ -46,9 +41,7 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let mut response = (self.status, format!("{}\n", self.message)).into_response();
         if let Some((name, value)) = self.header {
-            response
-                .headers_mut()
-                .insert(name, HeaderValue::from_static(value));
+            response.headers_mut().insert(name, HeaderValue::from_static(value));
         }
         response
     }
@@ -66,9 +59,7 @@ pub struct Valid {
 /// Whether `name` is a valid room name: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
 pub fn valid_room_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Run the protocol checks on an upgrade request.
@@ -94,15 +85,13 @@ pub fn validate(
             "not found; WebSockets live at /ws/{room}",
         ));
     };
-    let room = percent_decode(raw_room)
-        .filter(|name| valid_room_name(name))
-        .ok_or_else(|| {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                R::RoomName,
-                "invalid room name: use 1 to 128 characters of A-Z a-z 0-9 . _ : -",
-            )
-        })?;
+    let room = percent_decode(raw_room).filter(|name| valid_room_name(name)).ok_or_else(|| {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            R::RoomName,
+            "invalid room name: use 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+        )
+    })?;
 
     let Some(upgrade) = headers.get(header::UPGRADE) else {
         return Err(Rejection::new(
@@ -119,22 +108,14 @@ pub fn validate(
             "Upgrade header must be `websocket`",
         ));
     }
-    if !headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v, "upgrade"))
-    {
+    if !headers.get_all(header::CONNECTION).iter().any(|v| has_token(v, "upgrade")) {
         return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
             R::BadRequest,
             "Connection header must include `upgrade`",
         ));
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
             R::Version,
@@ -157,10 +138,7 @@ pub fn validate(
             )
         })?;
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
         let origin = origin.to_str().unwrap_or("");
         if !origin_allowed(origins, origin, host) {
             return Err(Rejection::new(
@@ -178,11 +156,7 @@ pub fn validate(
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty())
         .collect();
-    Ok(Valid {
-        room,
-        accept: accept_key(key.as_bytes()),
-        protocols,
-    })
+    Ok(Valid { room, accept: accept_key(key.as_bytes()), protocols })
 }
 
 /// `Sec-WebSocket-Accept` for a client key.
@@ -194,9 +168,7 @@ pub fn accept_key(key: &[u8]) -> String {
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Decode `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
@@ -261,9 +233,9 @@ pub fn origin_allowed(policy: &OriginPolicy, origin: &str, host: &str) -> bool {
                     return false;
                 }
                 match p_authority.strip_prefix("*.") {
-                    Some(suffix) => authority
-                        .strip_suffix(suffix)
-                        .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                    Some(suffix) => {
+                        authority.strip_suffix(suffix).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+                    }
                     None => p_authority == authority,
                 }
             })
@@ -277,10 +249,7 @@ mod tests {
 
     #[test]
     fn rfc_example_accept_key() {
-        assert_eq!(
-            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -290,10 +259,7 @@ mod tests {
         for bad in ["", "a/b", "a b", "é", &"a".repeat(129)] {
             assert!(!valid_room_name(bad), "{bad:?}");
         }
-        assert_eq!(
-            percent_decode("chat%3Alobby").as_deref(),
-            Some("chat:lobby")
-        );
+        assert_eq!(percent_decode("chat%3Alobby").as_deref(), Some("chat:lobby"));
         assert_eq!(percent_decode("a%2Fb").as_deref(), Some("a/b"));
         assert_eq!(percent_decode("a%zz"), None);
         assert_eq!(percent_decode("a%4"), None);
@@ -302,23 +268,11 @@ mod tests {
     #[test]
     fn origins() {
         let same = OriginPolicy::SameHost;
-        assert!(origin_allowed(
-            &same,
-            "http://localhost:8080",
-            "localhost:8080"
-        ));
+        assert!(origin_allowed(&same, "http://localhost:8080", "localhost:8080"));
         assert!(origin_allowed(&same, "https://example.com", "example.com"));
-        assert!(origin_allowed(
-            &same,
-            "https://example.com",
-            "example.com:443"
-        ));
+        assert!(origin_allowed(&same, "https://example.com", "example.com:443"));
         assert!(!origin_allowed(&same, "http://evil.com", "example.com"));
-        assert!(!origin_allowed(
-            &same,
-            "http://localhost:9090",
-            "localhost:8080"
-        ));
+        assert!(!origin_allowed(&same, "http://localhost:9090", "localhost:8080"));
         assert!(!origin_allowed(&same, "null", "localhost:8080"));
 
         let list = OriginPolicy::parse("https://app.example.com, https://*.example.org").unwrap();

@@ -29,12 +29,7 @@ pub enum Beat {
 
 impl Heartbeat {
     pub fn new(interval: Duration, pong_timeout: Duration, now: Instant) -> Self {
-        Self {
-            interval,
-            pong_timeout,
-            last_seen: now,
-            pinged: false,
-        }
+        Self { interval, pong_timeout, last_seen: now, pinged: false }
     }
 
     /// The client showed life.

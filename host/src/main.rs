@@ -12,16 +12,10 @@ use roomcast::config::{Config, LogFormat, SETTINGS};
 
 fn cli() -> Command {
     let mut serve = Command::new("serve").about("Run the server").arg(
-        Arg::new("config")
-            .long("config")
-            .value_name("FILE")
-            .help("TOML config file; flags override it"),
+        Arg::new("config").long("config").value_name("FILE").help("TOML config file; flags override it"),
     );
     for (key, value_name, help) in SETTINGS {
-        let mut arg = Arg::new(*key)
-            .long(key.replace('_', "-"))
-            .value_name(*value_name)
-            .help(*help);
+        let mut arg = Arg::new(*key).long(key.replace('_', "-")).value_name(*value_name).help(*help);
         if *key == "admin_token" {
             arg = arg.env("ROOMCAST_ADMIN_TOKEN").hide_env_values(true);
         }
@@ -45,7 +39,13 @@ fn cli() -> Command {
                     Command::new("new")
                         .about("Write a plugin crate from the echo template")
                         .arg(Arg::new("name").value_name("NAME").required(true))
-                        .arg(Arg::new("dir").long("dir").value_name("DIR").default_value(".").help("Parent folder"))
+                        .arg(
+                            Arg::new("dir")
+                                .long("dir")
+                                .value_name("DIR")
+                                .default_value(".")
+                                .help("Parent folder"),
+                        )
                         .arg(
                             Arg::new("sdk")
                                 .long("sdk")
@@ -110,8 +110,7 @@ fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = roomcast::shutdown::signal().context("cannot install signal handlers")?;
         let server = roomcast::server::Server::new(config)?;
-        let listener =
-            roomcast::server::bind(server.config().listen, server.config().listen_backlog)?;
+        let listener = roomcast::server::bind(server.config().listen, server.config().listen_backlog)?;
         server.run(listener, shutdown).await?;
         anyhow::Ok(())
     })
@@ -122,9 +121,7 @@ fn main() -> ExitCode {
     let result = match matches.subcommand() {
         Some(("serve", sub)) => serve(sub),
         Some(("plugin", sub)) => match sub.subcommand() {
-            Some(("check", check)) => {
-                plugin_check(check.get_one::<String>("file").expect("required"))
-            }
+            Some(("check", check)) => plugin_check(check.get_one::<String>("file").expect("required")),
             Some(("new", new)) => plugin_new(new),
             _ => unreachable!("clap requires a subcommand"),
         },

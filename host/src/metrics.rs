@@ -134,10 +134,7 @@ impl PluginCalls {
     }
 
     pub fn get(&self, outcome: &str) -> u64 {
-        PLUGIN_OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .map_or(0, |i| self.0[i].load(Relaxed))
+        PLUGIN_OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |i| self.0[i].load(Relaxed))
     }
 }
 
@@ -168,23 +165,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         };
-        gauge(
-            &mut out,
-            "roomcast_connections",
-            "Open WebSocket sessions.",
-            self.connections.load(Relaxed),
-        );
-        gauge(
-            &mut out,
-            "roomcast_rooms",
-            "Rooms with at least one member.",
-            self.rooms.load(Relaxed),
-        );
+        gauge(&mut out, "roomcast_connections", "Open WebSocket sessions.", self.connections.load(Relaxed));
+        gauge(&mut out, "roomcast_rooms", "Rooms with at least one member.", self.rooms.load(Relaxed));
         gauge(
             &mut out,
             "roomcast_room_members",
@@ -217,10 +201,7 @@ impl Metrics {
             );
         }
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         };
         counter(
             &mut out,

@@ -117,8 +117,7 @@ impl LivePlugins {
 
     /// Run `callback` after every publish.
     pub fn on_publish(&self, callback: impl Fn() + Send + Sync + 'static) {
-        *self.on_publish.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Callback(Box::new(callback)));
+        *self.on_publish.lock().unwrap_or_else(|e| e.into_inner()) = Some(Callback(Box::new(callback)));
     }
 
     /// The plugin serving `room`, if any.
@@ -128,10 +127,7 @@ impl LivePlugins {
 
     /// The current set.
     pub fn current(&self) -> Arc<PluginSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The generation of the current set.
@@ -149,10 +145,7 @@ impl LivePlugins {
 
     /// Every plugin name seen since start-up, with its versions and last error.
     pub fn records(&self) -> BTreeMap<String, PluginRecord> {
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The version number of `plugin` (1 for the first version loaded under its name),
@@ -172,12 +165,7 @@ impl LivePlugins {
         }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(callback) = self
-            .on_publish
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(callback) = self.on_publish.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             (callback.0)();
         }
     }
@@ -263,9 +251,7 @@ pub fn plugin_file_name(file: &Path) -> Option<String> {
     if name.starts_with('.') || name.ends_with('~') || name.starts_with('#') {
         return None;
     }
-    let stem = name
-        .strip_suffix(".wasm")
-        .or_else(|| name.strip_suffix(".toml"))?;
+    let stem = name.strip_suffix(".wasm").or_else(|| name.strip_suffix(".toml"))?;
     (!stem.is_empty()).then(|| stem.to_owned())
 }
 
@@ -319,10 +305,7 @@ impl Watcher {
         let events = tx.clone();
         let inotify = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let _ = match event {
-                Ok(event) => event
-                    .paths
-                    .into_iter()
-                    .try_for_each(|p| events.send(WatchEvent::Changed(p))),
+                Ok(event) => event.paths.into_iter().try_for_each(|p| events.send(WatchEvent::Changed(p))),
                 Err(_) => events.send(WatchEvent::Rescan),
             };
         });
@@ -349,10 +332,7 @@ impl Watcher {
                 watch_loop(&plugins, &dir, &rx);
             })
             .ok()?;
-        Some(Watcher {
-            stop: Some(tx),
-            thread: Some(thread),
-        })
+        Some(Watcher { stop: Some(tx), thread: Some(thread) })
     }
 }
 
@@ -375,12 +355,7 @@ fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>
     let mut next_rescan = Instant::now() + RESCAN_EVERY;
     loop {
         // Wait for an event, a pending name to become due, or the rescan.
-        let due = pending
-            .values()
-            .min()
-            .copied()
-            .unwrap_or(next_rescan)
-            .min(next_rescan);
+        let due = pending.values().min().copied().unwrap_or(next_rescan).min(next_rescan);
         let timeout = due.saturating_duration_since(Instant::now());
         match rx.recv_timeout(timeout) {
             Ok(WatchEvent::Changed(path)) => {
@@ -401,11 +376,8 @@ fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>
         let now = Instant::now();
         if now >= next_rescan {
             let scan = snapshot(dir);
-            let mut changed: Vec<&PathBuf> = scan
-                .iter()
-                .filter(|(p, m)| last_scan.get(*p) != Some(m))
-                .map(|(p, _)| p)
-                .collect();
+            let mut changed: Vec<&PathBuf> =
+                scan.iter().filter(|(p, m)| last_scan.get(*p) != Some(m)).map(|(p, _)| p).collect();
             changed.extend(last_scan.keys().filter(|p| !scan.contains_key(*p)));
             for path in changed {
                 if let Some(name) = plugin_file_name(path) {
@@ -415,11 +387,8 @@ fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>
             last_scan = scan;
             next_rescan = now + RESCAN_EVERY;
         }
-        let ready: Vec<String> = pending
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let ready: Vec<String> =
+            pending.iter().filter(|(_, at)| **at <= now).map(|(n, _)| n.clone()).collect();
         for name in ready {
             pending.remove(&name);
             if !is_stable(&dir.join(format!("{name}.wasm"))) {
@@ -435,11 +404,7 @@ fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>
 /// Whether a file's size and modification time hold still for [`STABLE_FOR`] (a
 /// missing file is stable: it was deleted).
 fn is_stable(path: &Path) -> bool {
-    let look = || {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok()))
-    };
+    let look = || std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()));
     let before = look();
     std::thread::sleep(STABLE_FOR);
     before == look()
@@ -447,9 +412,7 @@ fn is_stable(path: &Path) -> bool {
 
 /// Format a time as RFC 3339 in UTC, e.g. `2026-11-26T01:45:22Z`.
 pub fn rfc3339(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
+    let secs = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -461,12 +424,7 @@ pub fn rfc3339(time: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -475,22 +433,11 @@ mod tests {
 
     #[test]
     fn file_names() {
-        assert_eq!(
-            plugin_file_name(Path::new("/p/chat.wasm")).as_deref(),
-            Some("chat")
-        );
-        assert_eq!(
-            plugin_file_name(Path::new("/p/chat.toml")).as_deref(),
-            Some("chat")
-        );
-        for ignored in [
-            ".chat.wasm",
-            ".chat.wasm.tmp",
-            "chat.wasm~",
-            "chat.wasm.part",
-            "chat.txt",
-            "#chat.wasm#",
-        ] {
+        assert_eq!(plugin_file_name(Path::new("/p/chat.wasm")).as_deref(), Some("chat"));
+        assert_eq!(plugin_file_name(Path::new("/p/chat.toml")).as_deref(), Some("chat"));
+        for ignored in
+            [".chat.wasm", ".chat.wasm.tmp", "chat.wasm~", "chat.wasm.part", "chat.txt", "#chat.wasm#"]
+        {
             assert_eq!(plugin_file_name(Path::new(ignored)), None, "{ignored}");
         }
     }

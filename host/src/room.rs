@@ -22,8 +22,8 @@ use crate::broadcast::Outbound;
 use crate::frame::{self, close_code};
 use crate::metrics::{CloseReason, Metrics, PluginCalls};
 use crate::plugin::{
-    Action, LeaveReason, MemberInfo, Origin, Payload, Plugin, PluginError, RoomExists,
-    RoomInstance, RoomView, Verdict,
+    Action, LeaveReason, MemberInfo, Origin, Payload, Plugin, PluginError, RoomExists, RoomInstance,
+    RoomView, Verdict,
 };
 use crate::reload::LivePlugins;
 
@@ -60,10 +60,7 @@ pub struct Ending {
 
 impl Ending {
     pub fn new(reason: CloseReason, code: u16, text: impl Into<String>) -> Self {
-        Self {
-            reason,
-            close: Some((code, text.into())),
-        }
+        Self { reason, close: Some((code, text.into())) }
     }
 }
 
@@ -109,11 +106,7 @@ impl Peer {
         match self.outbound.push_data(frame) {
             Ok(()) => true,
             Err(_) => {
-                self.end(Ending::new(
-                    CloseReason::SlowConsumer,
-                    close_code::POLICY,
-                    "slow consumer",
-                ));
+                self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
                 false
             }
         }
@@ -200,6 +193,15 @@ impl Room {
     }
 }
 
+/// What the admin API shows of a room.
+#[derive(Debug, Clone)]
+pub struct RoomSummary {
+    pub name: String,
+    pub members: usize,
+    /// The plugin name and version serving it (`None`: default behaviour).
+    pub plugin: Option<(String, u64)>,
+}
+
 /// Every live room on this host.
 #[derive(Debug)]
 pub struct Rooms {
@@ -212,12 +214,7 @@ pub struct Rooms {
 
 impl Rooms {
     pub fn new(metrics: Arc<Metrics>, plugins: Arc<LivePlugins>, tracker: TaskTracker) -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            metrics,
-            plugins,
-            tracker,
-        }
+        Self { map: Mutex::new(HashMap::new()), metrics, plugins, tracker }
     }
 
     pub fn plugins(&self) -> &Arc<LivePlugins> {
@@ -278,14 +275,7 @@ impl Rooms {
             }
             last
         };
-        let _ = room
-            .tx
-            .send(RoomEvent::Leave {
-                member,
-                reason,
-                last,
-            })
-            .await;
+        let _ = room.tx.send(RoomEvent::Leave { member, reason, last }).await;
     }
 
     /// The live room called `name`, if any.
@@ -294,23 +284,20 @@ impl Rooms {
     }
 
     /// Name, member count and plugin (name, version) of every live room, sorted.
-    pub fn list_with_plugins(&self) -> Vec<(String, usize, Option<(String, u64)>)> {
+    pub fn list_with_plugins(&self) -> Vec<RoomSummary> {
         let map = self.map.lock().expect("rooms lock");
         let mut rooms: Vec<_> = map
             .values()
-            .map(|r| (r.name.to_string(), r.members().len(), r.plugin()))
+            .map(|r| RoomSummary { name: r.name.to_string(), members: r.members().len(), plugin: r.plugin() })
             .collect();
-        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
         rooms
     }
 
     /// Names and member counts of the live rooms.
     pub fn list(&self) -> Vec<(String, usize)> {
         let map = self.map.lock().expect("rooms lock");
-        let mut rooms: Vec<_> = map
-            .values()
-            .map(|r| (r.name.to_string(), r.members().len()))
-            .collect();
+        let mut rooms: Vec<_> = map.values().map(|r| (r.name.to_string(), r.members().len())).collect();
         rooms.sort();
         rooms
     }
@@ -362,7 +349,9 @@ enum Logic {
     },
     /// The room's plugin could not start an instance; members are refused with 1011
     /// until the plugin set changes or a new member's join starts one.
-    Failed { plugin: Arc<Plugin> },
+    Failed {
+        plugin: Arc<Plugin>,
+    },
 }
 
 impl RoomActor {
@@ -381,9 +370,7 @@ impl RoomActor {
             timers: BTreeMap::new(),
             timer_deadlines: HashMap::new(),
             room_exists: Arc::new(move |name: &str| {
-                exists
-                    .upgrade()
-                    .is_some_and(|rooms| rooms.get(name).is_some())
+                exists.upgrade().is_some_and(|rooms| rooms.get(name).is_some())
             }),
         }
     }
@@ -403,24 +390,16 @@ impl RoomActor {
             self.refresh_plugin();
             match event {
                 RoomEvent::Join(peer) => self.join(peer),
-                RoomEvent::Leave {
-                    member,
-                    reason,
-                    last,
-                } => {
+                RoomEvent::Leave { member, reason, last } => {
                     self.leave(member, reason);
                     if last {
                         break;
                     }
                 }
-                RoomEvent::Message { from, payload } => {
-                    self.message(Origin::Member(from), payload, 0)
+                RoomEvent::Message { from, payload } => self.message(Origin::Member(from), payload, 0),
+                RoomEvent::Forward { from_room, payload, hops } => {
+                    self.message(Origin::Room(from_room.to_string()), payload, hops)
                 }
-                RoomEvent::Forward {
-                    from_room,
-                    payload,
-                    hops,
-                } => self.message(Origin::Room(from_room.to_string()), payload, hops),
                 RoomEvent::PluginsChanged => {}
                 RoomEvent::Publish(payload) => self.deliver_all(&payload, None),
             }
@@ -436,9 +415,7 @@ impl RoomActor {
                 let plugin = instance.plugin();
                 Some((plugin.name().to_owned(), self.plugins.version_of(plugin)))
             }
-            Logic::Failed { plugin } => {
-                Some((plugin.name().to_owned(), self.plugins.version_of(plugin)))
-            }
+            Logic::Failed { plugin } => Some((plugin.name().to_owned(), self.plugins.version_of(plugin))),
         };
         *self.room.plugin.lock().expect("room lock") = shown;
     }
@@ -597,9 +574,7 @@ impl RoomActor {
         self.ids.retain(|id| *id != member);
         self.peers.retain(|p| p.id != member);
         let reason = leave_reason(reason);
-        if let Some(result) =
-            self.with_instance(|instance, view| instance.leave(view, member, reason))
-        {
+        if let Some(result) = self.with_instance(|instance, view| instance.leave(view, member, reason)) {
             match result {
                 Ok(actions) => self.apply(actions, 0),
                 Err(error) => self.recover(&error),
@@ -652,11 +627,7 @@ impl RoomActor {
         let Logic::Plugin { instance, calls } = &mut self.logic else {
             return None;
         };
-        let view = RoomView {
-            room: &self.room.name,
-            members: &self.ids,
-            room_exists: &self.room_exists,
-        };
+        let view = RoomView { room: &self.room.name, members: &self.ids, room_exists: &self.room_exists };
         let result = call(instance, &view);
         match &result {
             Ok(_) => calls.ok(),
@@ -718,11 +689,7 @@ impl RoomActor {
 
     fn close_all_failed(&mut self) {
         for peer in &self.peers {
-            peer.end(Ending::new(
-                CloseReason::PluginFailure,
-                close_code::INTERNAL,
-                "plugin failure",
-            ));
+            peer.end(Ending::new(CloseReason::PluginFailure, close_code::INTERNAL, "plugin failure"));
         }
     }
 
@@ -737,15 +704,9 @@ impl RoomActor {
                         self.metrics.messages_out.fetch_add(1, Relaxed);
                     }
                 }
-                Action::Broadcast { payload, except } => {
-                    self.deliver_except(&encode(&payload), &except)
-                }
+                Action::Broadcast { payload, except } => self.deliver_except(&encode(&payload), &except),
                 Action::Forward { room, payload } => self.forward(&room, payload, hops),
-                Action::Close {
-                    member,
-                    code,
-                    reason,
-                } => {
+                Action::Close { member, code, reason } => {
                     if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
                         peer.end(Ending::new(CloseReason::Plugin, code, reason));
                     }
@@ -775,11 +736,7 @@ impl RoomActor {
         let Some(room) = self.rooms.upgrade().and_then(|rooms| rooms.get(target)) else {
             return;
         };
-        let event = RoomEvent::Forward {
-            from_room: self.room.name.clone(),
-            payload,
-            hops,
-        };
+        let event = RoomEvent::Forward { from_room: self.room.name.clone(), payload, hops };
         // Never wait on another room: a full inbox drops the forward.
         if !room.try_send(event) {
             tracing::warn!(from = %self.room.name, to = target, "forward dropped: the target room is busy");

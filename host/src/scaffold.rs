@@ -9,17 +9,12 @@ const ECHO_SOURCE: &str = include_str!("../../plugins/echo/src/lib.rs");
 /// Why a plugin crate could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
-    #[error(
-        "`{0}` is not a plugin name: use a lower-case letter, then lower-case letters, digits or _"
-    )]
+    #[error("`{0}` is not a plugin name: use a lower-case letter, then lower-case letters, digits or _")]
     BadName(String),
     #[error("{} already exists", .0.display())]
     Exists(PathBuf),
     #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// The guest SDK of the source tree this binary was built from.
@@ -32,9 +27,7 @@ pub fn default_sdk_path() -> PathBuf {
 pub fn new_plugin(name: &str, parent: &Path, sdk: &Path) -> Result<PathBuf, ScaffoldError> {
     let valid = name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !valid {
         return Err(ScaffoldError::BadName(name.to_owned()));
     }
@@ -48,25 +41,14 @@ pub fn new_plugin(name: &str, parent: &Path, sdk: &Path) -> Result<PathBuf, Scaf
         .filter(|part| !part.is_empty())
         .map(|part| {
             let mut chars = part.chars();
-            chars
-                .next()
-                .map(|c| c.to_ascii_uppercase())
-                .into_iter()
-                .chain(chars)
-                .collect::<String>()
+            chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect::<String>()
         })
         .collect();
     let source = ECHO_SOURCE
-        .replace(
-            "cd plugins && cargo build --release",
-            "cargo build --release",
-        )
+        .replace("cd plugins && cargo build --release", "cargo build --release")
         .replace("echo.wasm", &format!("{name}.wasm"))
         .replace("/ws/echo", &format!("/ws/{name}"))
-        .replace(
-            "Echo: sends",
-            &format!("{type_name}: starts as a copy of the echo example; sends"),
-        )
+        .replace("Echo: sends", &format!("{type_name}: starts as a copy of the echo example; sends"))
         .replace("Echo", &type_name);
     let manifest = format!(
         r#"[package]
@@ -97,19 +79,14 @@ panic = "abort"
     );
     let files = [
         (dir.join("Cargo.toml"), manifest),
-        (
-            dir.join(".cargo/config.toml"),
-            "[build]\ntarget = \"wasm32-wasip2\"\n".to_owned(),
-        ),
+        (dir.join(".cargo/config.toml"), "[build]\ntarget = \"wasm32-wasip2\"\n".to_owned()),
         (dir.join("src/lib.rs"), source),
         (dir.join(".gitignore"), "/target\n".to_owned()),
     ];
     for (path, text) in files {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| ScaffoldError::Write {
-                path: parent.to_owned(),
-                source,
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|source| ScaffoldError::Write { path: parent.to_owned(), source })?;
         }
         std::fs::write(&path, text).map_err(|source| ScaffoldError::Write { path, source })?;
     }

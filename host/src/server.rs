@@ -34,10 +34,7 @@ use crate::session::{self, Session};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Plugins(#[from] PluginsError),
 }
@@ -46,19 +43,13 @@ pub enum ServerError {
 /// overflows under a reconnect storm, and clients then wait a second for a SYN
 /// retransmit).
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
     let bind = |socket: TcpSocket| -> std::io::Result<TcpListener> {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         socket.listen(backlog)
     };
-    socket
-        .and_then(bind)
-        .map_err(|source| ServerError::Bind { addr, source })
+    socket.and_then(bind).map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// State shared by every connection.
@@ -98,10 +89,8 @@ impl Server {
     pub fn new(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let tracker = TaskTracker::new();
-        let caps = HostCaps {
-            max_deadline: config.plugin_max_deadline,
-            max_memory: config.plugin_max_memory,
-        };
+        let caps =
+            HostCaps { max_deadline: config.plugin_max_deadline, max_memory: config.plugin_max_memory };
         let plugins = Arc::new(LivePlugins::load(
             config.plugins.as_deref(),
             caps,
@@ -158,22 +147,13 @@ impl Server {
         shared.draining.store(true, Relaxed);
         if !shared.config.drain_delay.is_zero() {
             tracing::info!(delay = ?shared.config.drain_delay, "draining: /healthz answers 503");
-            accept_until(
-                &shared,
-                &router,
-                &listener,
-                tokio::time::sleep(shared.config.drain_delay),
-            )
-            .await;
+            accept_until(&shared, &router, &listener, tokio::time::sleep(shared.config.drain_delay)).await;
         }
         tracing::info!("shutting down: closing sessions");
         drop(listener);
         shared.shutdown.cancel();
         shared.tracker.close();
-        if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait()).await.is_err() {
             tracing::warn!("shutdown timeout passed with sessions still open; dropping them");
         }
         tracing::info!("stopped");
@@ -225,13 +205,7 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        shared.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.render())
         .into_response()
 }
 
@@ -322,18 +296,13 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
     if let Some(protocol) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
-    response
-        .body(Body::empty())
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    response.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// Ask the room's plugin, if it has one, whether to accept the upgrade. Runs on a
 /// blocking thread: the call may take up to the plugin's deadline. `Ok` carries the
 /// subprotocol the plugin chose.
-async fn plugin_decision(
-    shared: &Shared,
-    request: HandshakeRequest,
-) -> Result<Option<String>, Rejection> {
+async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
     let Some(plugin) = shared.rooms.plugins().for_room(&request.room) else {
         return Ok(None);
     };
@@ -342,11 +311,7 @@ async fn plugin_decision(
     let decided = tokio::task::spawn_blocking(move || plugin.handshake(&request)).await;
     let failed = |detail: String| {
         tracing::warn!(%room, %detail, "handshake refused: plugin failed");
-        Rejection::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            RejectReason::Plugin,
-            "the room's plugin failed",
-        )
+        Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, RejectReason::Plugin, "the room's plugin failed")
     };
     match decided {
         Ok(Ok(HandshakeDecision::Accept { protocol })) => {
@@ -381,10 +346,7 @@ fn handshake_request(
             .headers()
             .iter()
             .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
+                (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned())
             })
             .collect(),
         remote_addr: remote.to_string(),
@@ -396,12 +358,8 @@ fn validate(
     shared: &Shared,
     req: &Request,
 ) -> Result<(handshake::Valid, tokio::sync::OwnedSemaphorePermit), Rejection> {
-    let valid = handshake::validate(
-        req.method(),
-        req.uri().path(),
-        req.headers(),
-        &shared.config.allowed_origins,
-    )?;
+    let valid =
+        handshake::validate(req.method(), req.uri().path(), req.headers(), &shared.config.allowed_origins)?;
     if shared.draining.load(Relaxed) {
         return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -436,32 +394,23 @@ struct WatchState {
 
 /// Serve HTTP on one TCP connection until it upgrades, closes, idles out or the server
 /// shuts down.
-async fn serve_connection(
-    shared: Arc<Shared>,
-    router: Router,
-    stream: TcpStream,
-    remote: SocketAddr,
-) {
+async fn serve_connection(shared: Arc<Shared>, router: Router, stream: TcpStream, remote: SocketAddr) {
     let accepted = Instant::now();
     let watch = Arc::new(Watch::default());
     let service_watch = watch.clone();
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            service_watch.state.lock().expect("watch lock").in_flight += 1;
-            req.extensions_mut().insert(ConnInfo {
-                remote,
-                watch: service_watch.clone(),
-            });
-            let watch = service_watch.clone();
-            let mut router = router.clone();
-            async move {
-                let response = router.call(req).await;
-                let mut state = watch.state.lock().expect("watch lock");
-                state.in_flight -= 1;
-                state.last_done = Some(Instant::now());
-                response
-            }
-        });
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        service_watch.state.lock().expect("watch lock").in_flight += 1;
+        req.extensions_mut().insert(ConnInfo { remote, watch: service_watch.clone() });
+        let watch = service_watch.clone();
+        let mut router = router.clone();
+        async move {
+            let response = router.call(req).await;
+            let mut state = watch.state.lock().expect("watch lock");
+            state.in_flight -= 1;
+            state.last_done = Some(Instant::now());
+            response
+        }
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)

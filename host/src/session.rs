@@ -60,17 +60,7 @@ pub struct Session {
 
 impl Session {
     pub async fn run(self) {
-        let Session {
-            stream,
-            read_ahead,
-            peer,
-            room,
-            rooms,
-            metrics,
-            limits,
-            shutdown,
-            permit,
-        } = self;
+        let Session { stream, read_ahead, peer, room, rooms, metrics, limits, shutdown, permit } = self;
         metrics.connections.fetch_add(1, Relaxed);
         let joined = rooms.join(&room, &peer).await;
         let member_rooms: Vec<Arc<Room>> = vec![joined];
@@ -79,15 +69,7 @@ impl Session {
             // Copy what the HTTP layer read ahead (usually nothing) and release its buffer.
             let buf = BytesMut::from(&read_ahead[..]);
             drop(read_ahead);
-            let reader = read_loop(
-                &stream,
-                buf,
-                &peer,
-                &member_rooms,
-                &metrics,
-                &limits,
-                &shutdown,
-            );
+            let reader = read_loop(&stream, buf, &peer, &member_rooms, &metrics, &limits, &shutdown);
             let writer = write_loop(&stream, &peer.outbound);
             tokio::select! {
                 ending = reader => ending,
@@ -101,11 +83,7 @@ impl Session {
         }
         metrics.closed(ending.reason);
         metrics.connections.fetch_sub(1, Relaxed);
-        tracing::debug!(
-            member = peer.id,
-            reason = ending.reason.label(),
-            "session closed"
-        );
+        tracing::debug!(member = peer.id, reason = ending.reason.label(), "session closed");
 
         if let Some((code, text)) = &ending.close {
             let frame = frame::encode_close(*code, text);
@@ -141,11 +119,7 @@ async fn read_loop(
     shutdown: &CancellationToken,
 ) -> Ending {
     let mut decoder = Decoder::new(limits.max_message_bytes);
-    let mut heartbeat = Heartbeat::new(
-        limits.heartbeat_interval,
-        limits.pong_timeout,
-        Instant::now(),
-    );
+    let mut heartbeat = Heartbeat::new(limits.heartbeat_interval, limits.pong_timeout, Instant::now());
     let sleep = tokio::time::sleep_until(heartbeat.next_wake());
     tokio::pin!(sleep);
     let room = &member_rooms[0];
@@ -161,9 +135,9 @@ async fn read_loop(
                         () = room.send(peer.id, if text { Payload::Text(payload) } else { Payload::Binary(payload) }) => {}
                     }
                 }
-                Ok(Some(Event::Ping(payload))) => peer
-                    .outbound
-                    .push_control(frame::encode(frame::OP_PONG, &payload)),
+                Ok(Some(Event::Ping(payload))) => {
+                    peer.outbound.push_control(frame::encode(frame::OP_PONG, &payload))
+                }
                 Ok(Some(Event::Pong(_))) => {}
                 Ok(Some(Event::Close { code, .. })) => {
                     // Echo the client's code (RFC 6455 5.5.1); an empty close gets 1000.
@@ -174,9 +148,7 @@ async fn read_loop(
                 Err(error) => {
                     let reason = match error {
                         DecodeError::TooBig(_) => CloseReason::TooBig,
-                        DecodeError::Protocol(_) | DecodeError::InvalidUtf8 => {
-                            CloseReason::Protocol
-                        }
+                        DecodeError::Protocol(_) | DecodeError::InvalidUtf8 => CloseReason::Protocol,
                     };
                     return Ending::new(reason, error.close_code(), error.to_string());
                 }

@@ -10,36 +10,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("`{text}` has no unit; write e.g. `30s` or `500ms`"))?;
     let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; write e.g. `30s` or `500ms`"))?;
+    let value: u64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration; write e.g. `30s` or `500ms`"))?;
     let millis = match unit.trim() {
         "ms" => Some(value),
         "s" => value.checked_mul(1_000),
         "m" => value.checked_mul(60_000),
         "h" => value.checked_mul(3_600_000),
         other => {
-            return Err(format!(
-                "`{other}` is not a duration unit in `{text}`; use ms, s, m or h"
-            ));
+            return Err(format!("`{other}` is not a duration unit in `{text}`; use ms, s, m or h"));
         }
     };
-    millis
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too long a duration"))
+    millis.map(Duration::from_millis).ok_or_else(|| format!("`{text}` is too long a duration"))
 }
 
 /// Parse a byte size: a plain count (`65536`) or a count with a unit (`B`, `KiB`,
 /// `MiB`, `GiB`, and the decimal `KB`, `MB`, `GB`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size; write e.g. `65536` or `64KiB`"))?;
+    let value: u64 =
+        number.parse().map_err(|_| format!("`{text}` is not a size; write e.g. `65536` or `64KiB`"))?;
     let scale: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -49,14 +41,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "`{other}` is not a size unit in `{text}`; use B, KiB, MiB or GiB"
-            ));
+            return Err(format!("`{other}` is not a size unit in `{text}`; use B, KiB, MiB or GiB"));
         }
     };
-    value
-        .checked_mul(scale)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    value.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 #[cfg(test)]

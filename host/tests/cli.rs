@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 fn roomcast() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
-    command
-        .env_remove("ROOMCAST_ADMIN_TOKEN")
-        .env("NO_COLOR", "1");
+    command.env_remove("ROOMCAST_ADMIN_TOKEN").env("NO_COLOR", "1");
     command
 }
 
@@ -35,27 +33,12 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 
 #[test]
 fn config_errors_name_the_key_and_the_file() {
-    let unknown = temp_file(
-        "unknown.toml",
-        "listen = \"127.0.0.1:0\"\nheartbeat = \"5s\"\n",
-    );
-    fails_with(
-        &["serve", "--config", unknown.to_str().unwrap()],
-        &["heartbeat", "unknown.toml"],
-    );
+    let unknown = temp_file("unknown.toml", "listen = \"127.0.0.1:0\"\nheartbeat = \"5s\"\n");
+    fails_with(&["serve", "--config", unknown.to_str().unwrap()], &["heartbeat", "unknown.toml"]);
     let bad = temp_file("bad.toml", "pong_timeout = \"soon\"\n");
-    fails_with(
-        &["serve", "--config", bad.to_str().unwrap()],
-        &["pong_timeout", "bad.toml", "soon"],
-    );
-    fails_with(
-        &["serve", "--config", "/nonexistent/roomcast.toml"],
-        &["/nonexistent/roomcast.toml"],
-    );
-    fails_with(
-        &["serve", "--max-queue-bytes", "lots"],
-        &["--max-queue-bytes", "lots"],
-    );
+    fails_with(&["serve", "--config", bad.to_str().unwrap()], &["pong_timeout", "bad.toml", "soon"]);
+    fails_with(&["serve", "--config", "/nonexistent/roomcast.toml"], &["/nonexistent/roomcast.toml"]);
+    fails_with(&["serve", "--max-queue-bytes", "lots"], &["--max-queue-bytes", "lots"]);
 }
 
 #[test]
@@ -72,27 +55,15 @@ fn sigterm_drains_and_exits_zero() {
         probe.local_addr().unwrap().port()
     };
     let mut child = roomcast()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-format",
-            "json",
-        ])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
-    assert!(
-        first.starts_with('{') && first.contains("listening"),
-        "json log line: {first}"
-    );
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    assert!(first.starts_with('{') && first.contains("listening"), "json log line: {first}");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -100,10 +71,7 @@ fn sigterm_drains_and_exits_zero() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "roomcast did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "roomcast did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -116,11 +84,7 @@ mod build;
 #[test]
 fn plugin_check_reports_hooks_or_a_clear_error() {
     let built = build::built_plugins();
-    let output = roomcast()
-        .args(["plugin", "check"])
-        .arg(built.join("chat.wasm"))
-        .output()
-        .unwrap();
+    let output = roomcast().args(["plugin", "check"]).arg(built.join("chat.wasm")).output().unwrap();
     assert!(output.status.success());
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -131,20 +95,11 @@ fn plugin_check_reports_hooks_or_a_clear_error() {
     );
 
     let other = built.join("otherworld.wasm");
-    fails_with(
-        &["plugin", "check", other.to_str().unwrap()],
-        &["roomcast:plugin/room@0.2.0", "0.1.0"],
-    );
+    fails_with(&["plugin", "check", other.to_str().unwrap()], &["roomcast:plugin/room@0.2.0", "0.1.0"]);
     let core = temp_file("core.wasm", "\0asm\u{1}\0\0\0");
-    fails_with(
-        &["plugin", "check", core.to_str().unwrap()],
-        &["core WebAssembly module", "wasm32-wasip2"],
-    );
+    fails_with(&["plugin", "check", core.to_str().unwrap()], &["core WebAssembly module", "wasm32-wasip2"]);
     let garbage = temp_file("garbage.wasm", "not wasm at all");
-    fails_with(
-        &["plugin", "check", garbage.to_str().unwrap()],
-        &["not a WebAssembly file"],
-    );
+    fails_with(&["plugin", "check", garbage.to_str().unwrap()], &["not a WebAssembly file"]);
 }
 
 #[test]
@@ -152,11 +107,7 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
     let parent = std::env::temp_dir().join(format!("roomcast-new-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&parent);
     std::fs::create_dir_all(&parent).unwrap();
-    let status = roomcast()
-        .args(["plugin", "new", "hello_room", "--dir"])
-        .arg(&parent)
-        .status()
-        .unwrap();
+    let status = roomcast().args(["plugin", "new", "hello_room", "--dir"]).arg(&parent).status().unwrap();
     assert!(status.success());
     let krate = parent.join("hello_room");
     // Build it as a newcomer would, sharing the example plugins' target folder so the
@@ -172,27 +123,10 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
         .unwrap();
     assert!(status.success(), "the new crate builds as it stands");
     let wasm = target.join("wasm32-wasip2/release/hello_room.wasm");
-    let output = roomcast()
-        .args(["plugin", "check"])
-        .arg(&wasm)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = roomcast().args(["plugin", "check"]).arg(&wasm).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("hello_room 0.1.0"));
-    fails_with(
-        &[
-            "plugin",
-            "new",
-            "hello_room",
-            "--dir",
-            parent.to_str().unwrap(),
-        ],
-        &["already exists"],
-    );
+    fails_with(&["plugin", "new", "hello_room", "--dir", parent.to_str().unwrap()], &["already exists"]);
     fails_with(&["plugin", "new", "Bad-Name"], &["not a plugin name"]);
     let _ = std::fs::remove_dir_all(&parent);
 }

@@ -31,8 +31,7 @@ impl TestServer {
     /// Start a server with `config` (its `listen` is ignored: port 0 on loopback).
     pub async fn start(config: Config) -> Self {
         let listener =
-            roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog)
-                .expect("bind");
+            roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog).expect("bind");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = roomcast::server::Server::new(config).expect("server config");
@@ -45,12 +44,7 @@ impl TestServer {
                 .await
                 .expect("server run");
         });
-        Self {
-            addr,
-            metrics,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self { addr, metrics, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, room: &str) -> String {
@@ -59,9 +53,7 @@ impl TestServer {
 
     /// Connect a WebSocket client to `room`.
     pub async fn connect(&self, room: &str) -> Client {
-        let (client, _) = tokio_tungstenite::connect_async(self.url(room))
-            .await
-            .expect("connect");
+        let (client, _) = tokio_tungstenite::connect_async(self.url(room)).await.expect("connect");
         client
     }
 
@@ -115,19 +107,13 @@ impl Drop for TestServer {
 /// Parse one series' value out of Prometheus text.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
 }
 
 /// A fresh `Config` with short timeouts suitable for tests.
 pub fn test_config() -> Config {
-    Config {
-        shutdown_timeout: Duration::from_secs(5),
-        ..Config::default()
-    }
+    Config { shutdown_timeout: Duration::from_secs(5), ..Config::default() }
 }
 
 /// Send raw bytes and read the response head and body until the server closes or
@@ -174,10 +160,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     )
     .await?;
     let status = status_of(&response).context("no status line")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
 
@@ -197,9 +180,7 @@ pub fn upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
 /// returned stream is positioned after the 101 response.
 pub async fn raw_ws(addr: SocketAddr, room: &str) -> anyhow::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(upgrade_request(addr, &format!("/ws/{room}"), "").as_bytes())
-        .await?;
+    stream.write_all(upgrade_request(addr, &format!("/ws/{room}"), "").as_bytes()).await?;
     read_upgrade_response(&mut stream).await?;
     Ok(stream)
 }
@@ -211,10 +192,7 @@ pub async fn read_upgrade_response(stream: &mut TcpStream) -> anyhow::Result<()>
     let mut byte = [0u8; 1];
     while find(&head, b"\r\n\r\n").is_none() {
         if stream.read(&mut byte).await? == 0 {
-            bail!(
-                "closed during handshake: {}",
-                String::from_utf8_lossy(&head)
-            );
+            bail!("closed during handshake: {}", String::from_utf8_lossy(&head));
         }
         head.push(byte[0]);
     }

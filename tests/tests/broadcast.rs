@@ -18,9 +18,7 @@ async fn members_get_every_message_in_order_with_its_opcode() {
     let mut b = server.connect("lobby").await;
     let mut c = server.connect("lobby").await;
     let mut other_room = server.connect("elsewhere").await;
-    server
-        .wait_metric("roomcast_room_members", 4.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_room_members", 4.0, Duration::from_secs(5)).await;
 
     a.send(Message::text("hello")).await.unwrap();
     a.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
@@ -38,27 +36,17 @@ async fn members_get_every_message_in_order_with_its_opcode() {
     b.send(Message::text("from b")).await.unwrap();
     assert_eq!(recv_text(&mut a).await, "from b");
     other_room.send(Message::text("x")).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), a.next())
-            .await
-            .is_err()
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(200), a.next()).await.is_err());
 
     assert_eq!(server.metric("roomcast_messages_in_total").await, 104.0);
-    assert_eq!(
-        server.metric("roomcast_messages_out_total").await,
-        2.0 * 102.0 + 2.0
-    );
+    assert_eq!(server.metric("roomcast_messages_out_total").await, 2.0 * 102.0 + 2.0);
     assert_eq!(server.metric("roomcast_rooms").await, 2.0);
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
-    let config = roomcast::config::Config {
-        max_queue_bytes: 256 << 10,
-        ..test_config()
-    };
+    let config = roomcast::config::Config { max_queue_bytes: 256 << 10, ..test_config() };
     let server = TestServer::start(config).await;
     const READERS: usize = 50;
     // 3000 x 4 KiB = 12 MiB: many times the 256 KiB budget plus what the kernel's
@@ -77,24 +65,14 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let mut stream = socket.connect(server.addr).await.unwrap();
-        stream
-            .write_all(upgrade_request(server.addr, "/ws/fanout", "").as_bytes())
-            .await
-            .unwrap();
+        stream.write_all(upgrade_request(server.addr, "/ws/fanout", "").as_bytes()).await.unwrap();
         stream
     };
     let mut sender = server.connect("fanout").await;
-    server
-        .wait_metric(
-            "roomcast_room_members",
-            (READERS + 2) as f64,
-            Duration::from_secs(5),
-        )
-        .await;
+    server.wait_metric("roomcast_room_members", (READERS + 2) as f64, Duration::from_secs(5)).await;
     let rss_before = rss_kib();
 
-    let progress: Arc<Vec<AtomicUsize>> =
-        Arc::new((0..READERS).map(|_| AtomicUsize::new(0)).collect());
+    let progress: Arc<Vec<AtomicUsize>> = Arc::new((0..READERS).map(|_| AtomicUsize::new(0)).collect());
     let mut tasks = Vec::new();
     for (n, mut reader) in readers.into_iter().enumerate() {
         let progress = progress.clone();
@@ -103,11 +81,7 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
                 match recv(&mut reader).await {
                     Message::Binary(data) => {
                         assert_eq!(data.len(), 4096);
-                        assert_eq!(
-                            u32::from_be_bytes(data[..4].try_into().unwrap()),
-                            i as u32,
-                            "order"
-                        );
+                        assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), i as u32, "order");
                     }
                     other => panic!("reader {n} got {other:?} at message {i}"),
                 }
@@ -117,14 +91,7 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
         }));
     }
     for i in 0..MESSAGES {
-        while progress
-            .iter()
-            .map(|p| p.load(Ordering::Relaxed))
-            .min()
-            .unwrap()
-            + WINDOW
-            < i
-        {
+        while progress.iter().map(|p| p.load(Ordering::Relaxed)).min().unwrap() + WINDOW < i {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let mut data = vec![0u8; 4096];
@@ -134,10 +101,7 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
     let mut readers = Vec::new();
     for task in tasks {
         readers.push(
-            tokio::time::timeout(Duration::from_secs(60), task)
-                .await
-                .expect("reader finished")
-                .unwrap(),
+            tokio::time::timeout(Duration::from_secs(60), task).await.expect("reader finished").unwrap(),
         );
     }
 
@@ -148,17 +112,9 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
             Duration::from_secs(5),
         )
         .await;
-    server
-        .wait_metric(
-            "roomcast_room_members",
-            (READERS + 1) as f64,
-            Duration::from_secs(5),
-        )
-        .await;
+    server.wait_metric("roomcast_room_members", (READERS + 1) as f64, Duration::from_secs(5)).await;
     let rss_after = rss_kib();
-    println!(
-        "RSS (test process, server and clients) before fan-out {rss_before} KiB, after {rss_after} KiB"
-    );
+    println!("RSS (test process, server and clients) before fan-out {rss_before} KiB, after {rss_after} KiB");
     assert!(rss_after < rss_before + 64 * 1024, "memory stayed bounded");
     // The stalled client finds the data that fit, then a 1008 close (or the socket
     // dropped, if the close could not be written in time).

@@ -50,9 +50,7 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
     // Clean close by the client.
     batched(1500, |i| async move {
         let (mut client, _) =
-            tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{}", room(i)))
-                .await
-                .unwrap();
+            tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{}", room(i))).await.unwrap();
         client.send(Message::text("hi")).await.unwrap();
         client.close(None).await.unwrap();
         // Finish the close handshake, so unread data cannot turn our close into a reset.
@@ -68,10 +66,7 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
     // A message over the limit (1009) and a protocol error (1002).
     batched(300, |i| async move {
         let mut stream = raw_ws(addr, &room(i)).await.unwrap();
-        stream
-            .write_all(&encode_client(true, OP_BINARY, &[0; 2048], MASK))
-            .await
-            .unwrap();
+        stream.write_all(&encode_client(true, OP_BINARY, &[0; 2048], MASK)).await.unwrap();
         assert_eq!(read_close(&mut stream).await, Some(1009));
     })
     .await;
@@ -89,11 +84,7 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
         zombies.push(raw_ws(addr, &room(i)).await.unwrap());
     }
     server
-        .wait_metric(
-            "roomcast_connections_closed_total{reason=\"heartbeat\"}",
-            300.0,
-            Duration::from_secs(5),
-        )
+        .wait_metric("roomcast_connections_closed_total{reason=\"heartbeat\"}", 300.0, Duration::from_secs(5))
         .await;
     drop(zombies);
     // Slow consumers: members that never read while the room floods.
@@ -102,43 +93,27 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let mut stream = socket.connect(addr).await.unwrap();
-        stream
-            .write_all(upgrade_request(addr, "/ws/flood", "").as_bytes())
-            .await
-            .unwrap();
+        stream.write_all(upgrade_request(addr, "/ws/flood", "").as_bytes()).await.unwrap();
         stalled.push(stream);
     }
     let mut flooder = server.connect("flood").await;
-    server
-        .wait_metric("roomcast_room_members", 6.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_room_members", 6.0, Duration::from_secs(5)).await;
     while server.metrics.closed_count(CloseReason::SlowConsumer) < 5 {
-        flooder
-            .send(Message::binary(vec![0u8; 1000]))
-            .await
-            .unwrap();
+        flooder.send(Message::binary(vec![0u8; 1000])).await.unwrap();
     }
     flooder.close(None).await.unwrap();
     while let Some(Ok(_)) = futures_util::StreamExt::next(&mut flooder).await {}
 
-    server
-        .wait_metric("roomcast_connections", 0.0, Duration::from_secs(5))
-        .await;
-    server
-        .wait_metric("roomcast_rooms", 0.0, Duration::from_secs(5))
-        .await;
-    server
-        .wait_metric("roomcast_room_members", 0.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_connections", 0.0, Duration::from_secs(5)).await;
+    server.wait_metric("roomcast_rooms", 0.0, Duration::from_secs(5)).await;
+    server.wait_metric("roomcast_room_members", 0.0, Duration::from_secs(5)).await;
 
     // Shutdown: sessions still open when the server stops leave too.
     let mut open = Vec::new();
     for i in 0..500 {
         open.push(server.connect(&room(i)).await);
     }
-    server
-        .wait_metric("roomcast_connections", 500.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_connections", 500.0, Duration::from_secs(5)).await;
     let metrics = server.metrics.clone();
     server.stop().await;
     assert_eq!(metrics.closed_count(CloseReason::Shutdown), 500);
@@ -155,45 +130,26 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn shutdown_turns_healthz_503_then_sends_1001() {
-    let server = TestServer::start(Config {
-        drain_delay: Duration::from_secs(1),
-        ..test_config()
-    })
-    .await;
+    let server = TestServer::start(Config { drain_delay: Duration::from_secs(1), ..test_config() }).await;
     let mut member = raw_ws(server.addr, "room").await.unwrap();
-    server
-        .wait_metric("roomcast_connections", 1.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_connections", 1.0, Duration::from_secs(5)).await;
     let addr = server.addr;
     let stopping = tokio::spawn(server.stop());
     // During the drain delay: health checks fail and upgrades are refused.
     let mut saw_503 = false;
     for _ in 0..50 {
-        if http_get(addr, "/healthz")
-            .await
-            .ok()
-            .map(|(status, _)| status)
-            == Some(503)
-        {
+        if http_get(addr, "/healthz").await.ok().map(|(status, _)| status) == Some(503) {
             saw_503 = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(saw_503, "/healthz never answered 503 during the drain");
-    let refused = raw_request(addr, upgrade_request(addr, "/ws/room", "").as_bytes())
-        .await
-        .unwrap();
+    let refused = raw_request(addr, upgrade_request(addr, "/ws/room", "").as_bytes()).await.unwrap();
     assert_eq!(status_of(&refused), Some(503), "{refused}");
     // Then the member gets 1001 and run returns.
     assert_eq!(read_close(&mut member).await, Some(1001));
     drop(member);
-    tokio::time::timeout(Duration::from_secs(5), stopping)
-        .await
-        .expect("run returned")
-        .unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener closed"
-    );
+    tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("run returned").unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
 }

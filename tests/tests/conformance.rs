@@ -2,9 +2,7 @@
 //! fragmentation, control frames inside fragmented messages, reserved bits, unknown
 //! opcodes, close codes, and the limits (size, UTF-8, masking, control frame rules).
 
-use roomcast::frame::{
-    OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, encode_client,
-};
+use roomcast::frame::{OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, encode_client};
 use roomcast_tests::*;
 use tokio::io::AsyncWriteExt as _;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,10 +23,7 @@ fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
 enum Expect {
     /// The observer receives these messages (then the end marker), and the sender
     /// receives a pong for each ping it sent.
-    Delivered {
-        messages: Vec<Message>,
-        pongs: usize,
-    },
+    Delivered { messages: Vec<Message>, pongs: usize },
     /// The server closes the sender's connection with this code.
     Close(u16),
 }
@@ -40,46 +35,25 @@ struct Case {
 }
 
 fn case(name: impl Into<String>, frames: &[Vec<u8>], expect: Expect) -> Case {
-    Case {
-        name: name.into(),
-        bytes: frames.concat(),
-        expect,
-    }
+    Case { name: name.into(), bytes: frames.concat(), expect }
 }
 
 async fn run(cases: Vec<Case>) {
-    let config = roomcast::config::Config {
-        max_message_bytes: 1000,
-        ..test_config()
-    };
+    let config = roomcast::config::Config { max_message_bytes: 1000, ..test_config() };
     let server = TestServer::start(config).await;
     for case in cases {
         let room = "conformance";
         let mut observer = server.connect(room).await;
         let mut sender = raw_ws(server.addr, room).await.unwrap();
-        server
-            .wait_metric(
-                "roomcast_room_members",
-                2.0,
-                std::time::Duration::from_secs(5),
-            )
-            .await;
+        server.wait_metric("roomcast_room_members", 2.0, std::time::Duration::from_secs(5)).await;
         sender.write_all(&case.bytes).await.unwrap();
         match case.expect {
             Expect::Delivered { messages, pongs } => {
-                sender
-                    .write_all(&frame(true, OP_TEXT, b"end"))
-                    .await
-                    .unwrap();
+                sender.write_all(&frame(true, OP_TEXT, b"end")).await.unwrap();
                 for message in messages {
                     assert_eq!(recv(&mut observer).await, message, "{}", case.name);
                 }
-                assert_eq!(
-                    recv(&mut observer).await,
-                    Message::text("end"),
-                    "{}",
-                    case.name
-                );
+                assert_eq!(recv(&mut observer).await, Message::text("end"), "{}", case.name);
                 for _ in 0..pongs {
                     let (opcode, _) = read_frame(&mut sender).await.unwrap();
                     assert_eq!(opcode, OP_PONG, "{}: expected a pong", case.name);
@@ -91,13 +65,7 @@ async fn run(cases: Vec<Case>) {
         }
         drop(sender);
         drop(observer);
-        server
-            .wait_metric(
-                "roomcast_room_members",
-                0.0,
-                std::time::Duration::from_secs(5),
-            )
-            .await;
+        server.wait_metric("roomcast_room_members", 0.0, std::time::Duration::from_secs(5)).await;
     }
     server.stop().await;
 }
@@ -120,10 +88,7 @@ async fn fragmentation() {
         ),
         case(
             "binary in two fragments",
-            &[
-                frame(false, OP_BINARY, &[1, 2]),
-                frame(true, OP_CONTINUATION, &[3]),
-            ],
+            &[frame(false, OP_BINARY, &[1, 2]), frame(true, OP_CONTINUATION, &[3])],
             delivered(vec![Message::binary(vec![1u8, 2, 3])]),
         ),
         case(
@@ -143,11 +108,7 @@ async fn fragmentation() {
             ],
             delivered(vec![Message::text("é")]),
         ),
-        case(
-            "continuation without a start",
-            &[frame(true, OP_CONTINUATION, b"x")],
-            Expect::Close(1002),
-        ),
+        case("continuation without a start", &[frame(true, OP_CONTINUATION, b"x")], Expect::Close(1002)),
         case(
             "new message inside a fragmented one",
             &[frame(false, OP_TEXT, b"a"), frame(true, OP_TEXT, b"b")],
@@ -155,10 +116,7 @@ async fn fragmentation() {
         ),
         case(
             "fragments over the size limit",
-            &[
-                frame(false, OP_BINARY, &[0; 600]),
-                frame(true, OP_CONTINUATION, &[0; 600]),
-            ],
+            &[frame(false, OP_BINARY, &[0; 600]), frame(true, OP_CONTINUATION, &[0; 600])],
             Expect::Close(1009),
         ),
     ])
@@ -170,23 +128,12 @@ async fn control_frames_inside_fragmented_messages() {
     run(vec![
         case(
             "ping between fragments",
-            &[
-                frame(false, OP_TEXT, b"a"),
-                frame(true, OP_PING, b"p"),
-                frame(true, OP_CONTINUATION, b"b"),
-            ],
-            Expect::Delivered {
-                messages: vec![Message::text("ab")],
-                pongs: 1,
-            },
+            &[frame(false, OP_TEXT, b"a"), frame(true, OP_PING, b"p"), frame(true, OP_CONTINUATION, b"b")],
+            Expect::Delivered { messages: vec![Message::text("ab")], pongs: 1 },
         ),
         case(
             "pong between fragments",
-            &[
-                frame(false, OP_TEXT, b"a"),
-                frame(true, OP_PONG, b""),
-                frame(true, OP_CONTINUATION, b"b"),
-            ],
+            &[frame(false, OP_TEXT, b"a"), frame(true, OP_PONG, b""), frame(true, OP_CONTINUATION, b"b")],
             delivered(vec![Message::text("ab")]),
         ),
         case(
@@ -194,16 +141,8 @@ async fn control_frames_inside_fragmented_messages() {
             &[frame(false, OP_TEXT, b"a"), close_frame(1000, b"")],
             Expect::Close(1000),
         ),
-        case(
-            "fragmented ping",
-            &[frame(false, OP_PING, b"p")],
-            Expect::Close(1002),
-        ),
-        case(
-            "ping over 125 bytes",
-            &[frame(true, OP_PING, &[0; 126])],
-            Expect::Close(1002),
-        ),
+        case("fragmented ping", &[frame(false, OP_PING, b"p")], Expect::Close(1002)),
+        case("ping over 125 bytes", &[frame(true, OP_PING, &[0; 126])], Expect::Close(1002)),
     ])
     .await;
 }
@@ -214,11 +153,7 @@ async fn reserved_bits() {
     for bit in [0x40u8, 0x20, 0x10] {
         let mut bytes = frame(true, OP_TEXT, b"x");
         bytes[0] |= bit;
-        cases.push(case(
-            format!("rsv bit {bit:#x}"),
-            &[bytes],
-            Expect::Close(1002),
-        ));
+        cases.push(case(format!("rsv bit {bit:#x}"), &[bytes], Expect::Close(1002)));
     }
     let mut ping = frame(true, OP_PING, b"");
     ping[0] |= 0x40;
@@ -230,13 +165,7 @@ async fn reserved_bits() {
 async fn unknown_opcodes() {
     let cases = [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
         .into_iter()
-        .map(|op| {
-            case(
-                format!("opcode {op:#x}"),
-                &[frame(true, op, b"")],
-                Expect::Close(1002),
-            )
-        })
+        .map(|op| case(format!("opcode {op:#x}"), &[frame(true, op, b"")], Expect::Close(1002)))
         .collect();
     run(cases).await;
 }
@@ -244,39 +173,19 @@ async fn unknown_opcodes() {
 #[tokio::test]
 async fn close_codes() {
     let mut cases = Vec::new();
-    for code in [
-        1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
-    ] {
+    for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
         cases.push(case(
             format!("valid code {code} is echoed"),
             &[close_frame(code, b"bye")],
             Expect::Close(code),
         ));
     }
-    for code in [
-        0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535,
-    ] {
-        cases.push(case(
-            format!("invalid code {code}"),
-            &[close_frame(code, b"")],
-            Expect::Close(1002),
-        ));
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535] {
+        cases.push(case(format!("invalid code {code}"), &[close_frame(code, b"")], Expect::Close(1002)));
     }
-    cases.push(case(
-        "empty close gets 1000",
-        &[frame(true, OP_CLOSE, b"")],
-        Expect::Close(1000),
-    ));
-    cases.push(case(
-        "one-byte close body",
-        &[frame(true, OP_CLOSE, &[3])],
-        Expect::Close(1002),
-    ));
-    cases.push(case(
-        "invalid utf-8 close reason",
-        &[close_frame(1000, &[0xff, 0xfe])],
-        Expect::Close(1007),
-    ));
+    cases.push(case("empty close gets 1000", &[frame(true, OP_CLOSE, b"")], Expect::Close(1000)));
+    cases.push(case("one-byte close body", &[frame(true, OP_CLOSE, &[3])], Expect::Close(1002)));
+    cases.push(case("invalid utf-8 close reason", &[close_frame(1000, &[0xff, 0xfe])], Expect::Close(1007)));
     run(cases).await;
 }
 
@@ -289,34 +198,19 @@ async fn limits_and_encoding() {
     long_short.extend_from_slice(&MASK);
     long_short.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
     run(vec![
-        case(
-            "invalid utf-8 text",
-            &[frame(true, OP_TEXT, &[0xc3, 0x28])],
-            Expect::Close(1007),
-        ),
-        case(
-            "message over the limit",
-            &[frame(true, OP_BINARY, &[0; 1001])],
-            Expect::Close(1009),
-        ),
+        case("invalid utf-8 text", &[frame(true, OP_TEXT, &[0xc3, 0x28])], Expect::Close(1007)),
+        case("message over the limit", &[frame(true, OP_BINARY, &[0; 1001])], Expect::Close(1009)),
         case(
             "message at the limit",
             &[frame(true, OP_BINARY, &[7; 1000])],
             delivered(vec![Message::binary(vec![7u8; 1000])]),
         ),
         case("unmasked client frame", &[unmasked], Expect::Close(1002)),
-        case(
-            "length not minimally encoded",
-            &[long_short],
-            Expect::Close(1002),
-        ),
+        case("length not minimally encoded", &[long_short], Expect::Close(1002)),
         case(
             "ping answered with its payload",
             &[frame(true, OP_PING, b"abc")],
-            Expect::Delivered {
-                messages: vec![],
-                pongs: 1,
-            },
+            Expect::Delivered { messages: vec![], pongs: 1 },
         ),
     ])
     .await;

@@ -19,13 +19,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
     let up = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
     let ver = "Sec-WebSocket-Version: 13\r\n";
-    let case = |name, request: String, status, header, metric| Case {
-        name,
-        request,
-        status,
-        header,
-        metric,
-    };
+    let case = |name, request: String, status, header, metric| Case { name, request, status, header, metric };
     vec![
         case(
             "post",
@@ -34,13 +28,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
             Some("allow: get"),
             Some("method"),
         ),
-        case(
-            "other path",
-            format!("GET /nope HTTP/1.1\r\n{h}{up}{key}{ver}\r\n"),
-            404,
-            None,
-            None,
-        ),
+        case("other path", format!("GET /nope HTTP/1.1\r\n{h}{up}{key}{ver}\r\n"), 404, None, None),
         case(
             "empty room",
             format!("GET /ws/ HTTP/1.1\r\n{h}{up}{key}{ver}\r\n"),
@@ -64,10 +52,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
         ),
         case(
             "room too long",
-            format!(
-                "GET /ws/{} HTTP/1.1\r\n{h}{up}{key}{ver}\r\n",
-                "r".repeat(129)
-            ),
+            format!("GET /ws/{} HTTP/1.1\r\n{h}{up}{key}{ver}\r\n", "r".repeat(129)),
             400,
             None,
             Some("room_name"),
@@ -81,9 +66,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
         ),
         case(
             "wrong upgrade",
-            format!(
-                "GET /ws/room HTTP/1.1\r\n{h}Upgrade: h2c\r\nConnection: Upgrade\r\n{key}{ver}\r\n"
-            ),
+            format!("GET /ws/room HTTP/1.1\r\n{h}Upgrade: h2c\r\nConnection: Upgrade\r\n{key}{ver}\r\n"),
             400,
             None,
             Some("bad_request"),
@@ -111,13 +94,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
             Some("sec-websocket-version: 13"),
             Some("version"),
         ),
-        case(
-            "no key",
-            format!("GET /ws/room HTTP/1.1\r\n{h}{up}{ver}\r\n"),
-            400,
-            None,
-            Some("bad_request"),
-        ),
+        case("no key", format!("GET /ws/room HTTP/1.1\r\n{h}{up}{ver}\r\n"), 400, None, Some("bad_request")),
         case(
             "short key",
             format!("GET /ws/room HTTP/1.1\r\n{h}{up}Sec-WebSocket-Key: c2hvcnQ=\r\n{ver}\r\n"),
@@ -136,9 +113,7 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
         ),
         case(
             "foreign origin",
-            format!(
-                "GET /ws/room HTTP/1.1\r\n{h}{up}{key}{ver}Origin: https://evil.example\r\n\r\n"
-            ),
+            format!("GET /ws/room HTTP/1.1\r\n{h}{up}{key}{ver}Origin: https://evil.example\r\n\r\n"),
             403,
             None,
             Some("origin"),
@@ -151,27 +126,13 @@ async fn malformed_upgrades_are_rejected_with_the_right_status() {
     let server = TestServer::start(test_config()).await;
     let mut expected = std::collections::HashMap::<&str, f64>::new();
     for case in cases(server.addr) {
-        let response = raw_request(server.addr, case.request.as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(
-            status_of(&response),
-            Some(case.status),
-            "{}: {response}",
-            case.name
-        );
+        let response = raw_request(server.addr, case.request.as_bytes()).await.unwrap();
+        assert_eq!(status_of(&response), Some(case.status), "{}: {response}", case.name);
         let lower = response.to_ascii_lowercase();
         if let Some(header) = case.header {
-            assert!(
-                lower.contains(header),
-                "{}: missing `{header}` in {response}",
-                case.name
-            );
+            assert!(lower.contains(header), "{}: missing `{header}` in {response}", case.name);
         }
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or("");
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
         assert!(
             !body.trim().is_empty() && body.trim().lines().count() == 1,
             "{}: one-line reason, got {body:?}",
@@ -183,11 +144,7 @@ async fn malformed_upgrades_are_rejected_with_the_right_status() {
     }
     for (reason, count) in expected {
         assert_eq!(
-            server
-                .metric(&format!(
-                    "roomcast_handshakes_rejected_total{{reason=\"{reason}\"}}"
-                ))
-                .await,
+            server.metric(&format!("roomcast_handshakes_rejected_total{{reason=\"{reason}\"}}")).await,
             count,
             "{reason}"
         );
@@ -199,25 +156,18 @@ async fn malformed_upgrades_are_rejected_with_the_right_status() {
 #[tokio::test]
 async fn a_valid_upgrade_gets_the_rfc_accept_key() {
     let server = TestServer::start(test_config()).await;
-    let request = upgrade_request(
-        server.addr,
-        "/ws/chat%3Alobby",
-        &format!("Origin: http://{}\r\n", server.addr),
-    );
+    let request =
+        upgrade_request(server.addr, "/ws/chat%3Alobby", &format!("Origin: http://{}\r\n", server.addr));
     let response = raw_request(server.addr, request.as_bytes()).await.unwrap();
     assert_eq!(status_of(&response), Some(101), "{response}");
-    assert!(
-        response.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        "{response}"
-    );
+    assert!(response.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{response}");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn origins_follow_the_configured_list() {
     let config = Config {
-        allowed_origins: OriginPolicy::parse("https://app.example.com,https://*.example.org")
-            .unwrap(),
+        allowed_origins: OriginPolicy::parse("https://app.example.com,https://*.example.org").unwrap(),
         ..test_config()
     };
     let server = TestServer::start(config).await;
@@ -232,49 +182,26 @@ async fn origins_follow_the_configured_list() {
         assert_eq!(status_of(&response), Some(status), "{origin}: {response}");
     }
     // Non-browser clients send no Origin and pass.
-    let response = raw_request(
-        server.addr,
-        upgrade_request(server.addr, "/ws/room", "").as_bytes(),
-    )
-    .await
-    .unwrap();
+    let response =
+        raw_request(server.addr, upgrade_request(server.addr, "/ws/room", "").as_bytes()).await.unwrap();
     assert_eq!(status_of(&response), Some(101));
     server.stop().await;
 }
 
 #[tokio::test]
 async fn at_capacity_an_upgrade_is_refused_at_once_with_503() {
-    let server = TestServer::start(Config {
-        max_connections: 2,
-        ..test_config()
-    })
-    .await;
+    let server = TestServer::start(Config { max_connections: 2, ..test_config() }).await;
     let _a = server.connect("room").await;
     let _b = server.connect("room").await;
-    let response = raw_request(
-        server.addr,
-        upgrade_request(server.addr, "/ws/room", "").as_bytes(),
-    )
-    .await
-    .unwrap();
+    let response =
+        raw_request(server.addr, upgrade_request(server.addr, "/ws/room", "").as_bytes()).await.unwrap();
     assert_eq!(status_of(&response), Some(503), "{response}");
-    assert_eq!(
-        server
-            .metric("roomcast_handshakes_rejected_total{reason=\"capacity\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(server.metric("roomcast_handshakes_rejected_total{reason=\"capacity\"}").await, 1.0);
     drop(_a);
     // The slot comes back once the session ends.
-    server
-        .wait_metric("roomcast_connections", 1.0, Duration::from_secs(5))
-        .await;
-    let response = raw_request(
-        server.addr,
-        upgrade_request(server.addr, "/ws/room", "").as_bytes(),
-    )
-    .await
-    .unwrap();
+    server.wait_metric("roomcast_connections", 1.0, Duration::from_secs(5)).await;
+    let response =
+        raw_request(server.addr, upgrade_request(server.addr, "/ws/room", "").as_bytes()).await.unwrap();
     assert_eq!(status_of(&response), Some(101), "{response}");
     server.stop().await;
 }
@@ -295,10 +222,7 @@ async fn health_and_metrics_endpoints() {
         "roomcast_handshakes_rejected_total{reason=\"timeout\"} 0",
         "roomcast_handshakes_rejected_total{reason=\"plugin\"} 0",
     ] {
-        assert!(
-            metrics.lines().any(|l| l == series),
-            "missing `{series}` in\n{metrics}"
-        );
+        assert!(metrics.lines().any(|l| l == series), "missing `{series}` in\n{metrics}");
     }
     server.stop().await;
 }

@@ -36,7 +36,10 @@ fn install_atomically(dir: &Path, built: &str, name: &str) {
 async fn admin(server: &TestServer, path: &str) -> Value {
     let response = raw_request(
         server.addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -82,9 +85,8 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
     let mut tasks = Vec::new();
     for room in 0..ROOMS {
         for member in 0..PER_ROOM {
-            let (client, _) = tokio_tungstenite::connect_async(server.url(&format!("tag:{room}")))
-                .await
-                .unwrap();
+            let (client, _) =
+                tokio_tungstenite::connect_async(server.url(&format!("tag:{room}"))).await.unwrap();
             let stop = stop.clone();
             let started = go.clone().notified_owned();
             tasks.push(tokio::spawn(async move {
@@ -96,18 +98,12 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
                     started.await;
                     let mut sent = 0u32;
                     while !stop.load(Ordering::Relaxed) {
-                        write
-                            .send(Message::text(format!("{member}-{sent}")))
-                            .await
-                            .expect("send");
+                        write.send(Message::text(format!("{member}-{sent}"))).await.expect("send");
                         sent += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     // Mark the end so readers know when they have everything.
-                    write
-                        .send(Message::text(format!("{member}-end")))
-                        .await
-                        .expect("send end");
+                    write.send(Message::text(format!("{member}-end"))).await.expect("send end");
                     (sent, write)
                 });
                 let mut seen: HashMap<String, u32> = HashMap::new();
@@ -122,9 +118,7 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
                     let Message::Text(text) = message else {
                         continue;
                     };
-                    let (tag, body) = text
-                        .split_once(':')
-                        .unwrap_or_else(|| panic!("untagged: {text}"));
+                    let (tag, body) = text.split_once(':').unwrap_or_else(|| panic!("untagged: {text}"));
                     match tag {
                         "A" => tags[0] += 1,
                         "B" => tags[1] += 1,
@@ -141,42 +135,20 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
             }));
         }
     }
-    server
-        .wait_metric(
-            "roomcast_room_members",
-            (ROOMS * PER_ROOM) as f64,
-            Duration::from_secs(10),
-        )
-        .await;
+    server.wait_metric("roomcast_room_members", (ROOMS * PER_ROOM) as f64, Duration::from_secs(10)).await;
     go.notify_waiters();
 
-    let (mut probe, _) = tokio_tungstenite::connect_async(server.url("tag:probe"))
-        .await
-        .unwrap();
+    let (mut probe, _) = tokio_tungstenite::connect_async(server.url("tag:probe")).await.unwrap();
     for swap in 0..20 {
-        let (built, prefix) = if swap % 2 == 0 {
-            ("tagb", "B:")
-        } else {
-            ("taga", "A:")
-        };
+        let (built, prefix) = if swap % 2 == 0 { ("tagb", "B:") } else { ("taga", "A:") };
         let landed = Instant::now();
         install_atomically(&dir.path, built, "tag");
         wait_for_behaviour(&mut probe, prefix, landed).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Not one connection dropped during the swaps.
-    assert_eq!(
-        server.metric("roomcast_connections").await,
-        (ROOMS * PER_ROOM + 1) as f64
-    );
-    for reason in [
-        "client",
-        "reset",
-        "protocol",
-        "slow_consumer",
-        "plugin",
-        "plugin_failure",
-    ] {
+    assert_eq!(server.metric("roomcast_connections").await, (ROOMS * PER_ROOM + 1) as f64);
+    for reason in ["client", "reset", "protocol", "slow_consumer", "plugin", "plugin_failure"] {
         let series = format!("roomcast_connections_closed_total{{reason=\"{reason}\"}}");
         assert_eq!(server.metric(&series).await, 0.0, "{series}");
     }
@@ -186,44 +158,26 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
     let mut results = Vec::new();
     for task in tasks {
         results.push(
-            tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("member finished")
-                .unwrap(),
+            tokio::time::timeout(Duration::from_secs(30), task).await.expect("member finished").unwrap(),
         );
     }
     let mut both_versions = 0;
     for room in results.chunks(PER_ROOM) {
-        let sent: HashMap<usize, u32> = room
-            .iter()
-            .map(|(member, sent, _, _)| (*member, *sent))
-            .collect();
+        let sent: HashMap<usize, u32> = room.iter().map(|(member, sent, _, _)| (*member, *sent)).collect();
         for (_, _, seen, tags) in room {
             for (member, count) in &sent {
                 for n in 0..*count {
                     let key = format!("{member}-{n}");
-                    assert_eq!(
-                        seen.get(&key).copied(),
-                        Some(1),
-                        "message {key} lost or duplicated"
-                    );
+                    assert_eq!(seen.get(&key).copied(), Some(1), "message {key} lost or duplicated");
                 }
             }
-            assert_eq!(
-                seen.len(),
-                sent.values().sum::<u32>() as usize,
-                "no unexpected messages"
-            );
+            assert_eq!(seen.len(), sent.values().sum::<u32>() as usize, "no unexpected messages");
             if tags[0] > 0 && tags[1] > 0 {
                 both_versions += 1;
             }
         }
     }
-    assert_eq!(
-        both_versions,
-        ROOMS * PER_ROOM,
-        "every member saw both behaviours"
-    );
+    assert_eq!(both_versions, ROOMS * PER_ROOM, "every member saw both behaviours");
     let plugins = admin(&server, "/admin/plugins").await;
     assert_eq!(plugin(&plugins, "tag")["versions"], 21);
     server.stop().await;
@@ -236,10 +190,7 @@ async fn a_stateful_plugin_keeps_its_count_across_reloads() {
     let mut client = server.connect("counter").await;
     for n in 1..=3 {
         send_text(&mut client, "x").await;
-        assert_eq!(
-            serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"],
-            n
-        );
+        assert_eq!(serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"], n);
     }
     // A new version (a config change is a new version too) takes over the live room.
     std::fs::write(dir.path.join("counter.toml"), "[config]\nnote = \"v2\"\n").unwrap();
@@ -248,17 +199,11 @@ async fn a_stateful_plugin_keeps_its_count_across_reloads() {
         if admin(&server, "/admin/rooms").await[0]["version"] == 2 {
             break;
         }
-        assert!(
-            landed.elapsed() < Duration::from_secs(2),
-            "counter v2 never took over"
-        );
+        assert!(landed.elapsed() < Duration::from_secs(2), "counter v2 never took over");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     send_text(&mut client, "x").await;
-    assert_eq!(
-        serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"],
-        4
-    );
+    assert_eq!(serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"], 4);
     server.stop().await;
 }
 
@@ -269,15 +214,10 @@ async fn broken_files_leave_the_old_version_serving() {
     let mut client = server.connect("taga").await;
     send_text(&mut client, "hi").await;
     assert_eq!(recv_text(&mut client).await, "A:hi");
-    let broken: [(&str, Box<dyn Fn(&Path)>); 4] = [
-        (
-            "not a WebAssembly file",
-            Box::new(|p: &Path| std::fs::write(p, b"garbage").unwrap()),
-        ),
-        (
-            "core WebAssembly module",
-            Box::new(|p: &Path| std::fs::write(p, b"\0asm\x01\0\0\0").unwrap()),
-        ),
+    type Breaker = Box<dyn Fn(&Path)>;
+    let broken: [(&str, Breaker); 4] = [
+        ("not a WebAssembly file", Box::new(|p: &Path| std::fs::write(p, b"garbage").unwrap())),
+        ("core WebAssembly module", Box::new(|p: &Path| std::fs::write(p, b"\0asm\x01\0\0\0").unwrap())),
         (
             "roomcast:plugin/room@0.2.0",
             Box::new(|p: &Path| {
@@ -287,8 +227,7 @@ async fn broken_files_leave_the_old_version_serving() {
         (
             "panicked",
             Box::new(|p: &Path| {
-                std::fs::write(p.with_extension("toml"), "[config]\npanic_in_init = true\n")
-                    .unwrap();
+                std::fs::write(p.with_extension("toml"), "[config]\npanic_in_init = true\n").unwrap();
                 std::fs::copy(built_plugins().join("chaos.wasm"), p).unwrap();
             }),
         ),
@@ -303,18 +242,12 @@ async fn broken_files_leave_the_old_version_serving() {
         let landed = Instant::now();
         loop {
             let plugins = admin(&server, "/admin/plugins").await;
-            let error = plugin(&plugins, "taga")["last_error"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
+            let error = plugin(&plugins, "taga")["last_error"].as_str().unwrap_or("").to_owned();
             if error.contains(expected) {
                 assert!(error.contains("taga"), "the error names the file: {error}");
                 break;
             }
-            assert!(
-                landed.elapsed() < Duration::from_secs(3),
-                "no `{expected}` error reported: {plugins}"
-            );
+            assert!(landed.elapsed() < Duration::from_secs(3), "no `{expected}` error reported: {plugins}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         send_text(&mut client, "still").await;
@@ -345,20 +278,13 @@ async fn delete_returns_rooms_to_default_and_re_adding_restores_the_plugin() {
         if admin(&server, "/admin/rooms").await[0]["plugin"].is_null() {
             break;
         }
-        assert!(
-            landed.elapsed() < Duration::from_secs(2),
-            "the room never returned to the default"
-        );
+        assert!(landed.elapsed() < Duration::from_secs(2), "the room never returned to the default");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     send_text(&mut a, "2").await;
     assert_eq!(recv_text(&mut b).await, "2", "default broadcast");
     // Re-added with a plain copy over (not atomic): picked up once the file is stable.
-    std::fs::copy(
-        built_plugins().join("echo.wasm"),
-        dir.path.join("echo.wasm"),
-    )
-    .unwrap();
+    std::fs::copy(built_plugins().join("echo.wasm"), dir.path.join("echo.wasm")).unwrap();
     let landed = Instant::now();
     loop {
         send_text(&mut a, "3").await;
@@ -366,14 +292,8 @@ async fn delete_returns_rooms_to_default_and_re_adding_restores_the_plugin() {
             Ok(Some(Ok(Message::Text(text)))) if text == "3" => break,
             _ => {}
         }
-        while tokio::time::timeout(Duration::from_millis(1), b.next())
-            .await
-            .is_ok()
-        {}
-        assert!(
-            landed.elapsed() < Duration::from_secs(2),
-            "echo never came back"
-        );
+        while tokio::time::timeout(Duration::from_millis(1), b.next()).await.is_ok() {}
+        assert!(landed.elapsed() < Duration::from_secs(2), "echo never came back");
     }
     server.stop().await;
 }
@@ -383,30 +303,19 @@ async fn admin_api_needs_the_token_and_publishes() {
     let dir = PluginDir::new(&[("chat", None)]);
     let server = start(&dir).await;
     let mut member = server.connect("news").await;
-    server
-        .wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
     for auth in ["", "Authorization: Bearer wrong\r\n"] {
         let response = raw_request(
             server.addr,
-            format!("GET /admin/rooms HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
-                .as_bytes(),
+            format!("GET /admin/rooms HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
         )
         .await
         .unwrap();
         assert_eq!(status_of(&response), Some(401), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("www-authenticate: bearer"),
-            "{response}"
-        );
+        assert!(response.to_ascii_lowercase().contains("www-authenticate: bearer"), "{response}");
     }
     let rooms = admin(&server, "/admin/rooms").await;
-    assert_eq!(
-        rooms,
-        serde_json::json!([{"name": "news", "members": 1, "plugin": null, "version": null}])
-    );
+    assert_eq!(rooms, serde_json::json!([{"name": "news", "members": 1, "plugin": null, "version": null}]));
     let plugins = admin(&server, "/admin/plugins").await;
     let chat = plugin(&plugins, "chat");
     assert_eq!(chat["versions"], 1);
@@ -426,15 +335,9 @@ async fn admin_api_needs_the_token_and_publishes() {
             raw_request(addr, &request).await.unwrap()
         }
     };
-    assert_eq!(
-        status_of(&publish("text/plain", b"breaking news").await),
-        Some(202)
-    );
+    assert_eq!(status_of(&publish("text/plain", b"breaking news").await), Some(202));
     assert_eq!(recv(&mut member).await, Message::text("breaking news"));
-    assert_eq!(
-        status_of(&publish("application/octet-stream", b"\x01\x02").await),
-        Some(202)
-    );
+    assert_eq!(status_of(&publish("application/octet-stream", b"\x01\x02").await), Some(202));
     assert_eq!(recv(&mut member).await, Message::binary(vec![1u8, 2]));
     server.stop().await;
 }
@@ -442,10 +345,7 @@ async fn admin_api_needs_the_token_and_publishes() {
 #[tokio::test]
 async fn without_a_token_the_admin_api_is_off() {
     let server = TestServer::start(test_config()).await;
-    assert_eq!(
-        http_get(server.addr, "/admin/plugins").await.unwrap().0,
-        404
-    );
+    assert_eq!(http_get(server.addr, "/admin/plugins").await.unwrap().0, 404);
     server.stop().await;
 }
 
@@ -454,18 +354,11 @@ async fn compiled_plugins_are_cached_for_the_next_start() {
     let dir = PluginDir::new(&[("echo", None)]);
     let cache = dir.path.with_extension("cache");
     let _ = std::fs::remove_dir_all(&cache);
-    let config = || Config {
-        plugins: Some(dir.path.clone()),
-        plugin_cache: Some(cache.clone()),
-        ..test_config()
-    };
+    let config =
+        || Config { plugins: Some(dir.path.clone()), plugin_cache: Some(cache.clone()), ..test_config() };
     let first = TestServer::start(config()).await;
     first.stop().await;
-    let cached: Vec<_> = std::fs::read_dir(&cache)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(cached.len(), 1, "one compiled artifact: {cached:?}");
     assert!(cached[0].to_string_lossy().ends_with(".cwasm"));
     // The second start loads the artifact instead of compiling, and serves the same.

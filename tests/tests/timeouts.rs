@@ -27,11 +27,8 @@ async fn closed_within(stream: &mut TcpStream, bound: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_connections_are_closed_and_counted() {
-    let server = TestServer::start(Config {
-        handshake_timeout: Duration::from_secs(1),
-        ..test_config()
-    })
-    .await;
+    let server =
+        TestServer::start(Config { handshake_timeout: Duration::from_secs(1), ..test_config() }).await;
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let trickle = tokio::spawn({
         let addr = server.addr;
@@ -47,76 +44,47 @@ async fn silent_and_trickling_connections_are_closed_and_counted() {
             false
         }
     });
+    assert!(closed_within(&mut silent, Duration::from_secs(3)).await, "silent connection still open");
     assert!(
-        closed_within(&mut silent, Duration::from_secs(3)).await,
-        "silent connection still open"
-    );
-    assert!(
-        tokio::time::timeout(Duration::from_secs(5), trickle)
-            .await
-            .unwrap()
-            .unwrap(),
+        tokio::time::timeout(Duration::from_secs(5), trickle).await.unwrap().unwrap(),
         "trickling connection was never closed"
     );
     server
-        .wait_metric(
-            "roomcast_handshakes_rejected_total{reason=\"timeout\"}",
-            2.0,
-            Duration::from_secs(2),
-        )
+        .wait_metric("roomcast_handshakes_rejected_total{reason=\"timeout\"}", 2.0, Duration::from_secs(2))
         .await;
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_stalled_sockets_do_not_stop_new_clients() {
-    let server = TestServer::start(Config {
-        handshake_timeout: Duration::from_secs(3),
-        ..test_config()
-    })
-    .await;
+    let server =
+        TestServer::start(Config { handshake_timeout: Duration::from_secs(3), ..test_config() }).await;
     let mut stalled = Vec::new();
     for i in 0..1000 {
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
         if i % 2 == 0 {
-            stream
-                .write_all(b"GET /ws/room HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .unwrap(); // never finished
+            stream.write_all(b"GET /ws/room HTTP/1.1\r\nHost: x\r\n").await.unwrap(); // never finished
         }
         stalled.push(stream);
     }
     // A real client still gets in and talks while they hang.
     let mut a = server.connect("live").await;
     let mut b = server.connect("live").await;
-    server
-        .wait_metric("roomcast_room_members", 2.0, Duration::from_secs(5))
-        .await;
+    server.wait_metric("roomcast_room_members", 2.0, Duration::from_secs(5)).await;
     send_text(&mut a, "still serving").await;
     assert_eq!(recv_text(&mut b).await, "still serving");
     // Every stalled socket is closed by the timeout.
     for stream in &mut stalled {
-        assert!(
-            closed_within(stream, Duration::from_secs(6)).await,
-            "a stalled socket stayed open"
-        );
+        assert!(closed_within(stream, Duration::from_secs(6)).await, "a stalled socket stayed open");
     }
-    assert_eq!(
-        server
-            .metric("roomcast_handshakes_rejected_total{reason=\"timeout\"}")
-            .await,
-        1000.0
-    );
+    assert_eq!(server.metric("roomcast_handshakes_rejected_total{reason=\"timeout\"}").await, 1000.0);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn idle_keep_alive_is_closed_but_not_counted_as_a_timeout() {
-    let server = TestServer::start(Config {
-        handshake_timeout: Duration::from_secs(1),
-        ..test_config()
-    })
-    .await;
+    let server =
+        TestServer::start(Config { handshake_timeout: Duration::from_secs(1), ..test_config() }).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr).as_bytes())
@@ -125,16 +93,8 @@ async fn idle_keep_alive_is_closed_but_not_counted_as_a_timeout() {
     let mut first = [0u8; 12];
     stream.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
-    assert!(
-        closed_within(&mut stream, Duration::from_secs(3)).await,
-        "idle keep-alive stayed open"
-    );
-    assert_eq!(
-        server
-            .metric("roomcast_handshakes_rejected_total{reason=\"timeout\"}")
-            .await,
-        0.0
-    );
+    assert!(closed_within(&mut stream, Duration::from_secs(3)).await, "idle keep-alive stayed open");
+    assert_eq!(server.metric("roomcast_handshakes_rejected_total{reason=\"timeout\"}").await, 0.0);
     server.stop().await;
 }
 
@@ -153,16 +113,8 @@ const REAP_BOUND: Duration = Duration::from_secs(3);
 async fn a_client_that_never_reads_or_answers_is_reaped() {
     let server = TestServer::start(heartbeat_config()).await;
     let _zombie = raw_ws(server.addr, "room").await.unwrap();
-    server
-        .wait_metric("roomcast_connections", 1.0, Duration::from_secs(1))
-        .await;
-    server
-        .wait_metric(
-            "roomcast_connections_closed_total{reason=\"heartbeat\"}",
-            1.0,
-            REAP_BOUND,
-        )
-        .await;
+    server.wait_metric("roomcast_connections", 1.0, Duration::from_secs(1)).await;
+    server.wait_metric("roomcast_connections_closed_total{reason=\"heartbeat\"}", 1.0, REAP_BOUND).await;
     assert_eq!(server.metric("roomcast_connections").await, 0.0);
     assert_eq!(server.metric("roomcast_room_members").await, 0.0);
     server.stop().await;
@@ -179,12 +131,7 @@ async fn a_responsive_client_is_kept() {
     });
     let _client = reading.await.unwrap();
     assert_eq!(server.metric("roomcast_connections").await, 1.0);
-    assert_eq!(
-        server
-            .metric("roomcast_connections_closed_total{reason=\"heartbeat\"}")
-            .await,
-        0.0
-    );
+    assert_eq!(server.metric("roomcast_connections_closed_total{reason=\"heartbeat\"}").await, 0.0);
     server.stop().await;
 }
 
@@ -213,29 +160,12 @@ async fn a_frozen_client_process_is_reaped() {
         .spawn()
         .expect("python3 is installed");
     let mut status = String::new();
-    tokio::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut status)
-        .await
-        .unwrap();
+    tokio::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut status).await.unwrap();
     assert_eq!(status.trim(), "101");
     let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    server
-        .wait_metric(
-            "roomcast_connections_closed_total{reason=\"heartbeat\"}",
-            1.0,
-            REAP_BOUND,
-        )
-        .await;
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    server.wait_metric("roomcast_connections_closed_total{reason=\"heartbeat\"}", 1.0, REAP_BOUND).await;
     assert_eq!(server.metric("roomcast_connections").await, 0.0);
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
     server.stop().await;
 }

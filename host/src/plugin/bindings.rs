@@ -6,8 +6,8 @@ use wasmtime::{AsContextMut, Engine, Result, Store};
 
 use super::instance::{HostState, LogLevel, Refusal};
 use super::{
-    HandshakeDecision, HandshakeRequest, LeaveReason, MemberId, MemberInfo, Origin, Payload,
-    PluginInfo, Verdict,
+    HandshakeDecision, HandshakeRequest, LeaveReason, MemberId, MemberInfo, Origin, Payload, PluginInfo,
+    Verdict,
 };
 
 #[allow(
@@ -28,17 +28,8 @@ use generated::roomcast::plugin::{room, types as wit};
 use generated::{RoomPlugin, RoomPluginPre};
 
 /// The names of the world's exports, in WIT order.
-pub(crate) const HOOKS: [&str; 9] = [
-    "describe",
-    "init",
-    "handshake",
-    "join",
-    "leave",
-    "message",
-    "timer",
-    "snapshot",
-    "restore",
-];
+pub(crate) const HOOKS: [&str; 9] =
+    ["describe", "init", "handshake", "join", "leave", "message", "timer", "snapshot", "restore"];
 
 /// Define the `room` interface (and the type-only `types` interface) on `linker`.
 pub(crate) fn add_room_interface(linker: &mut Linker<HostState>) -> Result<()> {
@@ -57,9 +48,7 @@ impl Linked {
     /// the right types.
     pub(crate) fn new(linker: &Linker<HostState>, component: &Component) -> Result<Linked> {
         let pre: InstancePre<HostState> = linker.instantiate_pre(component)?;
-        Ok(Linked {
-            pre: RoomPluginPre::new(pre)?,
-        })
+        Ok(Linked { pre: RoomPluginPre::new(pre)? })
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -75,15 +64,9 @@ impl Linked {
 pub(crate) struct Exports(RoomPlugin);
 
 impl Exports {
-    pub(crate) fn describe(
-        &self,
-        store: impl AsContextMut<Data = HostState>,
-    ) -> Result<PluginInfo> {
+    pub(crate) fn describe(&self, store: impl AsContextMut<Data = HostState>) -> Result<PluginInfo> {
         let info = self.0.call_describe(store)?;
-        Ok(PluginInfo {
-            name: info.name,
-            version: info.version,
-        })
+        Ok(PluginInfo { name: info.name, version: info.version })
     }
 
     /// `Ok(Err(message))` when the plugin refused its configuration.
@@ -100,11 +83,8 @@ impl Exports {
         store: impl AsContextMut<Data = HostState>,
         request: &HandshakeRequest,
     ) -> Result<HandshakeDecision> {
-        let headers: Vec<(&str, &str)> = request
-            .headers
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .collect();
+        let headers: Vec<(&str, &str)> =
+            request.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         let protocols: Vec<&str> = request.protocols.iter().map(String::as_str).collect();
         let decision = self.0.call_handshake(
             store,
@@ -119,18 +99,13 @@ impl Exports {
         )?;
         Ok(match decision {
             wit::HandshakeDecision::Accept(protocol) => HandshakeDecision::Accept { protocol },
-            wit::HandshakeDecision::Reject(rejection) => HandshakeDecision::Reject {
-                status: rejection.status,
-                reason: rejection.reason,
-            },
+            wit::HandshakeDecision::Reject(rejection) => {
+                HandshakeDecision::Reject { status: rejection.status, reason: rejection.reason }
+            }
         })
     }
 
-    pub(crate) fn join(
-        &self,
-        store: impl AsContextMut<Data = HostState>,
-        member: &MemberInfo,
-    ) -> Result<()> {
+    pub(crate) fn join(&self, store: impl AsContextMut<Data = HostState>, member: &MemberInfo) -> Result<()> {
         self.0.call_join(
             store,
             wit::MemberInfo {
@@ -196,10 +171,7 @@ impl Exports {
         self.0.call_timer(store, id)
     }
 
-    pub(crate) fn snapshot(
-        &self,
-        store: impl AsContextMut<Data = HostState>,
-    ) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn snapshot(&self, store: impl AsContextMut<Data = HostState>) -> Result<Option<Vec<u8>>> {
         self.0.call_snapshot(store)
     }
 

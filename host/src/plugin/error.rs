@@ -65,12 +65,7 @@ impl PluginError {
         kind: FailureKind,
         detail: impl Into<String>,
     ) -> Self {
-        PluginError {
-            plugin: plugin.into(),
-            room: room.map(str::to_owned),
-            kind,
-            detail: detail.into(),
-        }
+        PluginError { plugin: plugin.into(), room: room.map(str::to_owned), kind, detail: detail.into() }
     }
 
     pub(crate) fn load(plugin: impl Into<String>, detail: impl Into<String>) -> Self {

@@ -14,10 +14,9 @@ use super::bindings::{Exports, Linked};
 use super::runtime::Shared;
 use super::set::RoomPattern;
 use super::{
-    Action, FailureKind, HandshakeDecision, HandshakeRequest, LeaveReason, Limits,
-    MAX_ACTION_BYTES_PER_CALL, MAX_ACTIONS_PER_CALL, MAX_CLOSE_REASON_BYTES, MAX_TIMERS_PER_ROOM,
-    MemberId, MemberInfo, Origin, Payload, PluginError, PluginInfo, RoomExists, RoomView, Verdict,
-    is_valid_room_name,
+    Action, FailureKind, HandshakeDecision, HandshakeRequest, LeaveReason, Limits, MAX_ACTION_BYTES_PER_CALL,
+    MAX_ACTIONS_PER_CALL, MAX_CLOSE_REASON_BYTES, MAX_TIMERS_PER_ROOM, MemberId, MemberInfo, Origin, Payload,
+    PluginError, PluginInfo, RoomExists, RoomView, Verdict, is_valid_room_name,
 };
 
 /// Log lines one call may write; the rest are counted and reported in one line.
@@ -54,26 +53,15 @@ pub(crate) struct Code {
 
 impl Code {
     fn is_setup(hook: &str) -> bool {
-        matches!(
-            hook,
-            "instantiation" | "init" | "describe" | "snapshot" | "restore"
-        )
+        matches!(hook, "instantiation" | "init" | "describe" | "snapshot" | "restore")
     }
 
     fn deadline_for(&self, hook: &str) -> Duration {
-        if Code::is_setup(hook) {
-            self.setup_deadline
-        } else {
-            self.limits.deadline
-        }
+        if Code::is_setup(hook) { self.setup_deadline } else { self.limits.deadline }
     }
 
     fn ticks_for(&self, hook: &str) -> u64 {
-        if Code::is_setup(hook) {
-            self.setup_ticks
-        } else {
-            self.deadline_ticks
-        }
+        if Code::is_setup(hook) { self.setup_ticks } else { self.deadline_ticks }
     }
 }
 
@@ -150,44 +138,34 @@ impl Plugin {
     /// (`FailureKind::Error`); a rejection's status outside 400..=599 becomes 403 and its
     /// reason is put on one line of at most 512 bytes.
     pub fn handshake(&self, request: &HandshakeRequest) -> Result<HandshakeDecision, PluginError> {
-        let idle = self
-            .handshakes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
+        let idle = self.handshakes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let mut sandbox = match idle {
             Some(sandbox) => sandbox,
             None => Sandbox::create(&self.code, None)?.0,
         };
         sandbox.store.data_mut().enter(Scope::Detached);
-        let (decision, _) = sandbox.call(&self.code, None, "handshake", |exports, store| {
-            exports.handshake(store, request)
-        })?;
-        let mut idle = self
-            .handshakes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (decision, _) = sandbox
+            .call(&self.code, None, "handshake", |exports, store| exports.handshake(store, request))?;
+        let mut idle = self.handshakes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if idle.len() < MAX_IDLE_HANDSHAKE_INSTANCES {
             idle.push(sandbox);
         }
         drop(idle);
         match decision {
-            HandshakeDecision::Accept {
-                protocol: Some(protocol),
-            } if !request.protocols.contains(&protocol) => Err(PluginError::new(
-                self.name(),
-                None,
-                FailureKind::Error,
-                format!(
-                    "handshake accepted with subprotocol `{protocol}`, which the client did not offer"
-                ),
-            )),
+            HandshakeDecision::Accept { protocol: Some(protocol) }
+                if !request.protocols.contains(&protocol) =>
+            {
+                Err(PluginError::new(
+                    self.name(),
+                    None,
+                    FailureKind::Error,
+                    format!(
+                        "handshake accepted with subprotocol `{protocol}`, which the client did not offer"
+                    ),
+                ))
+            }
             HandshakeDecision::Reject { status, reason } => Ok(HandshakeDecision::Reject {
-                status: if (400..=599).contains(&status) {
-                    status
-                } else {
-                    403
-                },
+                status: if (400..=599).contains(&status) { status } else { 403 },
                 reason: one_line(&reason, 512),
             }),
             accept => Ok(accept),
@@ -201,12 +179,7 @@ impl Plugin {
     /// actions of the instance's next successful call.
     pub fn instantiate(self: &Arc<Self>, room: &str) -> Result<RoomInstance, PluginError> {
         let (sandbox, setup_actions) = Sandbox::create(&self.code, Some(room))?;
-        Ok(RoomInstance {
-            sandbox,
-            plugin: Arc::clone(self),
-            room: room.to_owned(),
-            setup_actions,
-        })
+        Ok(RoomInstance { sandbox, plugin: Arc::clone(self), room: room.to_owned(), setup_actions })
     }
 }
 
@@ -272,15 +245,9 @@ impl RoomInstance {
     }
 
     /// A member joined the room (`view.members` should already include it).
-    pub fn join(
-        &mut self,
-        view: &RoomView,
-        member: &MemberInfo,
-    ) -> Result<Vec<Action>, PluginError> {
-        self.call(Scope::Hook(view), "join", |exports, store| {
-            exports.join(store, member)
-        })
-        .map(|((), actions)| actions)
+    pub fn join(&mut self, view: &RoomView, member: &MemberInfo) -> Result<Vec<Action>, PluginError> {
+        self.call(Scope::Hook(view), "join", |exports, store| exports.join(store, member))
+            .map(|((), actions)| actions)
     }
 
     /// A member left the room (`view.members` should no longer include it).
@@ -290,10 +257,8 @@ impl RoomInstance {
         member: MemberId,
         reason: LeaveReason,
     ) -> Result<Vec<Action>, PluginError> {
-        self.call(Scope::Hook(view), "leave", |exports, store| {
-            exports.leave(store, member, reason)
-        })
-        .map(|((), actions)| actions)
+        self.call(Scope::Hook(view), "leave", |exports, store| exports.leave(store, member, reason))
+            .map(|((), actions)| actions)
     }
 
     /// A data message arrived from a member or was forwarded from another room.
@@ -303,9 +268,7 @@ impl RoomInstance {
         origin: Origin,
         payload: &Payload,
     ) -> Result<(Verdict, Vec<Action>), PluginError> {
-        self.call(Scope::Hook(view), "message", |exports, store| {
-            exports.message(store, &origin, payload)
-        })
+        self.call(Scope::Hook(view), "message", |exports, store| exports.message(store, &origin, payload))
     }
 
     /// A timer fired. Ids that are not pending (cancelled, already fired, or set by an
@@ -314,19 +277,15 @@ impl RoomInstance {
         if !self.sandbox.store.data_mut().timers.remove(&id) {
             return Ok(Vec::new());
         }
-        self.call(Scope::Hook(view), "timer", |exports, store| {
-            exports.timer(store, id)
-        })
-        .map(|((), actions)| actions)
+        self.call(Scope::Hook(view), "timer", |exports, store| exports.timer(store, id))
+            .map(|((), actions)| actions)
     }
 
     /// The room's state for the next version of the plugin. The `room` imports that
     /// act answer `unavailable` during this call.
     pub fn snapshot(&mut self) -> Result<Option<Vec<u8>>, PluginError> {
-        self.call(Scope::Detached, "snapshot", |exports, store| {
-            exports.snapshot(store)
-        })
-        .map(|(state, _)| state)
+        self.call(Scope::Detached, "snapshot", |exports, store| exports.snapshot(store))
+            .map(|(state, _)| state)
     }
 
     /// Take over the state a previous version returned from `snapshot`. Timers of the
@@ -337,9 +296,8 @@ impl RoomInstance {
     /// usable, with the fresh state its `init` built; a trap or timeout makes it
     /// unusable like any failed call.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
-        let (result, actions) = self.call(Scope::Setup, "restore", |exports, store| {
-            exports.restore(store, state)
-        })?;
+        let (result, actions) =
+            self.call(Scope::Setup, "restore", |exports, store| exports.restore(store, state))?;
         self.setup_actions.extend(actions);
         result.map_err(|message| {
             PluginError::new(
@@ -361,9 +319,7 @@ impl RoomInstance {
             debug_assert_eq!(view.room, self.room, "a view of another room");
         }
         self.sandbox.store.data_mut().enter(scope);
-        let result = self
-            .sandbox
-            .call(&self.plugin.code, Some(&self.room), hook, body);
+        let result = self.sandbox.call(&self.plugin.code, Some(&self.room), hook, body);
         match result {
             Ok((value, actions)) if matches!(scope, Scope::Hook(_)) => {
                 if self.setup_actions.is_empty() {
@@ -395,17 +351,9 @@ pub(crate) struct Sandbox {
 impl Sandbox {
     /// Instantiate `code` in a new store and call `init` with its config. Returns the
     /// actions `init` recorded (timers, in a room instance).
-    pub(crate) fn create(
-        code: &Code,
-        room: Option<&str>,
-    ) -> Result<(Sandbox, Vec<Action>), PluginError> {
+    pub(crate) fn create(code: &Code, room: Option<&str>) -> Result<(Sandbox, Vec<Action>), PluginError> {
         let engine = code.linked.engine();
-        let state = HostState::new(
-            &code.name,
-            room,
-            code.limits.memory,
-            code.shared.store_key(),
-        );
+        let state = HostState::new(&code.name, room, code.limits.memory, code.shared.store_key());
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(code.setup_ticks);
@@ -416,20 +364,11 @@ impl Sandbox {
                 return Err(failure(code, room, "instantiation", kind, &error, None));
             }
         };
-        let mut sandbox = Sandbox {
-            store,
-            exports,
-            failed: None,
-        };
-        let scope = if room.is_some() {
-            Scope::Setup
-        } else {
-            Scope::Detached
-        };
+        let mut sandbox = Sandbox { store, exports, failed: None };
+        let scope = if room.is_some() { Scope::Setup } else { Scope::Detached };
         sandbox.store.data_mut().enter(scope);
-        let (result, actions) = sandbox.call(code, room, "init", |exports, store| {
-            exports.init(store, &code.config_json)
-        })?;
+        let (result, actions) =
+            sandbox.call(code, room, "init", |exports, store| exports.init(store, &code.config_json))?;
         result.map_err(|message| {
             PluginError::new(
                 &code.name,
@@ -444,13 +383,8 @@ impl Sandbox {
     /// `describe`, on a fresh sandbox.
     pub(crate) fn describe(&mut self, code: &Code) -> Result<PluginInfo, PluginError> {
         self.store.data_mut().enter(Scope::Detached);
-        let (info, _) = self.call(code, None, "describe", |exports, store| {
-            exports.describe(store)
-        })?;
-        Ok(PluginInfo {
-            name: one_line(&info.name, 128),
-            version: one_line(&info.version, 128),
-        })
+        let (info, _) = self.call(code, None, "describe", |exports, store| exports.describe(store))?;
+        Ok(PluginInfo { name: one_line(&info.name, 128), version: one_line(&info.version, 128) })
     }
 
     /// Run one hook under the deadline. On success, return what it returned and the
@@ -507,19 +441,16 @@ fn failure(
     logged: Option<&str>,
 ) -> PluginError {
     let detail = match kind {
-        FailureKind::Timeout => format!(
-            "timed out after {} in `{hook}`",
-            format_duration(code.deadline_for(hook))
-        ),
-        FailureKind::Memory => format!(
-            "exceeded its memory limit of {} in `{hook}`",
-            format_size(code.limits.memory)
-        ),
+        FailureKind::Timeout => {
+            format!("timed out after {} in `{hook}`", format_duration(code.deadline_for(hook)))
+        }
+        FailureKind::Memory => {
+            format!("exceeded its memory limit of {} in `{hook}`", format_size(code.limits.memory))
+        }
         _ => match logged {
-            Some(logged) => format!(
-                "trapped in `{hook}`: {} (its last error log line: {logged})",
-                trap_message(error)
-            ),
+            Some(logged) => {
+                format!("trapped in `{hook}`: {} (its last error log line: {logged})", trap_message(error))
+            }
             None => format!("trapped in `{hook}`: {}", trap_message(error)),
         },
     };
@@ -540,11 +471,7 @@ fn trap_message(error: &wasmtime::Error) -> String {
             parts.push(first.to_owned());
         }
     }
-    if parts.is_empty() {
-        "unknown error".to_owned()
-    } else {
-        one_line(&parts.join(": "), 1024)
-    }
+    if parts.is_empty() { "unknown error".to_owned() } else { one_line(&parts.join(": "), 1024) }
 }
 
 /// `10ms`, `2s`.
@@ -690,12 +617,7 @@ pub(crate) struct GuestRng {
 
 impl GuestRng {
     pub(crate) fn new(key: [u8; 32]) -> Self {
-        GuestRng {
-            key,
-            counter: 0,
-            block: [0; 32],
-            used: 32,
-        }
+        GuestRng { key, counter: 0, block: [0; 32], used: 32 }
     }
 
     pub(crate) fn fill(&mut self, out: &mut [u8]) {
@@ -788,10 +710,7 @@ impl HostState {
         };
         if let Scope::Hook(view) = scope {
             self.members.extend_from_slice(view.members);
-            let same = self
-                .room_exists
-                .as_ref()
-                .is_some_and(|known| Arc::ptr_eq(known, view.room_exists));
+            let same = self.room_exists.as_ref().is_some_and(|known| Arc::ptr_eq(known, view.room_exists));
             if !same {
                 self.room_exists = Some(Arc::clone(view.room_exists));
             }
@@ -850,11 +769,7 @@ impl HostState {
 
     /// Sending needs a hook call's view of the room.
     fn require_room(&self) -> Result<(), Refusal> {
-        if self.scope == ScopeKind::Hook {
-            Ok(())
-        } else {
-            Err(Refusal::Unavailable)
-        }
+        if self.scope == ScopeKind::Hook { Ok(()) } else { Err(Refusal::Unavailable) }
     }
 
     /// Timers need a room instance (not `snapshot`, not the handshake instance).
@@ -871,11 +786,7 @@ impl HostState {
         self.record(Action::Send { to, payload }, bytes)
     }
 
-    pub(crate) fn broadcast(
-        &mut self,
-        payload: Payload,
-        except: Vec<MemberId>,
-    ) -> Result<(), Refusal> {
+    pub(crate) fn broadcast(&mut self, payload: Payload, except: Vec<MemberId>) -> Result<(), Refusal> {
         self.require_room()?;
         let bytes = payload.len() + except.len() * size_of::<MemberId>();
         self.record(Action::Broadcast { payload, except }, bytes)
@@ -884,10 +795,7 @@ impl HostState {
     pub(crate) fn forward(&mut self, room: String, payload: Payload) -> Result<(), Refusal> {
         self.require_room()?;
         let live = is_valid_room_name(&room)
-            && self
-                .room_exists
-                .as_ref()
-                .is_some_and(|room_exists| room_exists(&room));
+            && self.room_exists.as_ref().is_some_and(|room_exists| room_exists(&room));
         if !live {
             return Err(Refusal::UnknownRoom);
         }
@@ -895,12 +803,7 @@ impl HostState {
         self.record(Action::Forward { room, payload }, bytes)
     }
 
-    pub(crate) fn close(
-        &mut self,
-        member: MemberId,
-        code: u16,
-        mut reason: String,
-    ) -> Result<(), Refusal> {
+    pub(crate) fn close(&mut self, member: MemberId, code: u16, mut reason: String) -> Result<(), Refusal> {
         self.require_room()?;
         if !matches!(code, 1000 | 1001 | 1008 | 1011 | 3000..=4999) {
             return Err(Refusal::InvalidCloseCode);
@@ -911,14 +814,7 @@ impl HostState {
         let keep = truncate(&reason, MAX_CLOSE_REASON_BYTES).len();
         reason.truncate(keep);
         let bytes = reason.len();
-        self.record(
-            Action::Close {
-                member,
-                code,
-                reason,
-            },
-            bytes,
-        )
+        self.record(Action::Close { member, code, reason }, bytes)
     }
 
     pub(crate) fn members(&mut self) -> Vec<MemberId> {
@@ -939,11 +835,7 @@ impl HostState {
         }
         self.log_lines += 1;
         let text = truncate(message, MAX_LOG_LINE_BYTES);
-        let cut = if text.len() < message.len() {
-            " [truncated]"
-        } else {
-            ""
-        };
+        let cut = if text.len() < message.len() { " [truncated]" } else { "" };
         let plugin = &*self.plugin;
         let room = self.room.as_deref().unwrap_or("");
         macro_rules! emit {
@@ -1012,11 +904,7 @@ mod tests {
     }
 
     fn in_call(state: &mut HostState, members: &[MemberId], exists: &RoomExists) {
-        let view = RoomView {
-            room: "unit:room",
-            members,
-            room_exists: exists,
-        };
+        let view = RoomView { room: "unit:room", members, room_exists: exists };
         state.enter(Scope::Hook(&view));
         state.begin_call();
     }
@@ -1027,29 +915,16 @@ mod tests {
         let mut state = state();
         in_call(&mut state, &[1, 2], &exists);
         assert_eq!(state.send(1, Payload::text("a")), Ok(()));
-        assert_eq!(
-            state.send(3, Payload::text("b")),
-            Err(Refusal::UnknownMember)
-        );
-        assert_eq!(
-            state.close(3, 1000, "x".into()),
-            Err(Refusal::UnknownMember)
-        );
+        assert_eq!(state.send(3, Payload::text("b")), Err(Refusal::UnknownMember));
+        assert_eq!(state.close(3, 1000, "x".into()), Err(Refusal::UnknownMember));
         assert_eq!(state.close(2, 1000, "bye".into()), Ok(()));
         assert_eq!(state.members(), vec![1, 2]);
         assert_eq!(state.room_name(), "unit:room");
         assert_eq!(
             state.actions,
             vec![
-                Action::Send {
-                    to: 1,
-                    payload: Payload::text("a")
-                },
-                Action::Close {
-                    member: 2,
-                    code: 1000,
-                    reason: "bye".into()
-                },
+                Action::Send { to: 1, payload: Payload::text("a") },
+                Action::Close { member: 2, code: 1000, reason: "bye".into() },
             ]
         );
     }
@@ -1061,16 +936,10 @@ mod tests {
         let members: Vec<MemberId> = (100..1100).collect();
         in_call(&mut state, &members, &exists);
         assert_eq!(state.send(1099, Payload::text("a")), Ok(()));
-        assert_eq!(
-            state.send(99, Payload::text("a")),
-            Err(Refusal::UnknownMember)
-        );
+        assert_eq!(state.send(99, Payload::text("a")), Err(Refusal::UnknownMember));
         // The next call's view replaces the set.
         in_call(&mut state, &[5], &exists);
-        assert_eq!(
-            state.send(1099, Payload::text("a")),
-            Err(Refusal::UnknownMember)
-        );
+        assert_eq!(state.send(1099, Payload::text("a")), Err(Refusal::UnknownMember));
         assert_eq!(state.send(5, Payload::text("a")), Ok(()));
     }
 
@@ -1083,11 +952,7 @@ mod tests {
             assert_eq!(state.close(1, code, String::new()), Ok(()), "{code}");
         }
         for code in [0, 999, 1002, 1005, 1006, 1009, 1015, 2999, 5000, u16::MAX] {
-            assert_eq!(
-                state.close(1, code, String::new()),
-                Err(Refusal::InvalidCloseCode),
-                "{code}"
-            );
+            assert_eq!(state.close(1, code, String::new()), Err(Refusal::InvalidCloseCode), "{code}");
         }
         // 200 bytes of two-byte characters: cut to 122 bytes, on a char boundary.
         state.begin_call();
@@ -1106,24 +971,12 @@ mod tests {
         let mut state = state();
         in_call(&mut state, &[1], &exists);
         assert_eq!(state.forward("other".into(), Payload::text("a")), Ok(()));
-        assert_eq!(
-            state.forward("nowhere".into(), Payload::text("a")),
-            Err(Refusal::UnknownRoom)
-        );
-        assert_eq!(
-            state.forward("bad/name".into(), Payload::text("a")),
-            Err(Refusal::UnknownRoom)
-        );
-        assert_eq!(
-            state.forward(String::new(), Payload::text("a")),
-            Err(Refusal::UnknownRoom)
-        );
+        assert_eq!(state.forward("nowhere".into(), Payload::text("a")), Err(Refusal::UnknownRoom));
+        assert_eq!(state.forward("bad/name".into(), Payload::text("a")), Err(Refusal::UnknownRoom));
+        assert_eq!(state.forward(String::new(), Payload::text("a")), Err(Refusal::UnknownRoom));
         assert_eq!(
             state.actions,
-            vec![Action::Forward {
-                room: "other".into(),
-                payload: Payload::text("a")
-            }]
+            vec![Action::Forward { room: "other".into(), payload: Payload::text("a") }]
         );
     }
 
@@ -1135,14 +988,8 @@ mod tests {
         for _ in 0..MAX_ACTIONS_PER_CALL {
             assert_eq!(state.send(1, Payload::text("x")), Ok(()));
         }
-        assert_eq!(
-            state.send(1, Payload::text("x")),
-            Err(Refusal::TooManyActions)
-        );
-        assert_eq!(
-            state.broadcast(Payload::text("x"), vec![]),
-            Err(Refusal::TooManyActions)
-        );
+        assert_eq!(state.send(1, Payload::text("x")), Err(Refusal::TooManyActions));
+        assert_eq!(state.broadcast(Payload::text("x"), vec![]), Err(Refusal::TooManyActions));
         assert_eq!(state.set_timer(10), Err(Refusal::TooManyActions));
         assert_eq!(state.actions.len(), MAX_ACTIONS_PER_CALL);
 
@@ -1152,10 +999,7 @@ mod tests {
         for _ in 0..16 {
             assert_eq!(state.broadcast(mib.clone(), vec![]), Ok(()));
         }
-        assert_eq!(
-            state.send(1, Payload::binary(vec![0u8; 1])),
-            Err(Refusal::TooManyActions)
-        );
+        assert_eq!(state.send(1, Payload::binary(vec![0u8; 1])), Err(Refusal::TooManyActions));
         assert_eq!(state.send(1, Payload::binary(Vec::new())), Ok(()));
     }
 
@@ -1169,13 +1013,7 @@ mod tests {
             ids.push(state.set_timer(5).expect("timer"));
         }
         assert_eq!(state.set_timer(5), Err(Refusal::TooManyTimers));
-        assert_eq!(
-            state.actions[0],
-            Action::SetTimer {
-                id: ids[0],
-                after: Duration::from_millis(5)
-            }
-        );
+        assert_eq!(state.actions[0], Action::SetTimer { id: ids[0], after: Duration::from_millis(5) });
         // Cancelling frees a slot; unknown ids are ignored without an action.
         in_call(&mut state, &[1], &exists);
         state.cancel_timer(ids[3]);
@@ -1191,18 +1029,9 @@ mod tests {
         state.enter(Scope::Detached);
         state.begin_call();
         assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
-        assert_eq!(
-            state.broadcast(Payload::text("a"), vec![]),
-            Err(Refusal::Unavailable)
-        );
-        assert_eq!(
-            state.forward("other".into(), Payload::text("a")),
-            Err(Refusal::Unavailable)
-        );
-        assert_eq!(
-            state.close(1, 1000, String::new()),
-            Err(Refusal::Unavailable)
-        );
+        assert_eq!(state.broadcast(Payload::text("a"), vec![]), Err(Refusal::Unavailable));
+        assert_eq!(state.forward("other".into(), Payload::text("a")), Err(Refusal::Unavailable));
+        assert_eq!(state.close(1, 1000, String::new()), Err(Refusal::Unavailable));
         assert_eq!(state.set_timer(1), Err(Refusal::Unavailable));
         state.cancel_timer(1);
         assert_eq!(state.members(), Vec::<MemberId>::new());
@@ -1220,24 +1049,12 @@ mod tests {
         state.enter(Scope::Setup);
         state.begin_call();
         assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
-        assert_eq!(
-            state.broadcast(Payload::text("a"), vec![]),
-            Err(Refusal::Unavailable)
-        );
-        assert_eq!(
-            state.close(1, 1000, String::new()),
-            Err(Refusal::Unavailable)
-        );
+        assert_eq!(state.broadcast(Payload::text("a"), vec![]), Err(Refusal::Unavailable));
+        assert_eq!(state.close(1, 1000, String::new()), Err(Refusal::Unavailable));
         let id = state.set_timer(1000).expect("timers work in init");
         assert_eq!(state.members(), Vec::<MemberId>::new());
         assert_eq!(state.room_name(), "unit:room");
-        assert_eq!(
-            state.actions,
-            vec![Action::SetTimer {
-                id,
-                after: Duration::from_secs(1)
-            }]
-        );
+        assert_eq!(state.actions, vec![Action::SetTimer { id, after: Duration::from_secs(1) }]);
         // `snapshot` may not touch timers.
         state.enter(Scope::Detached);
         state.begin_call();
@@ -1260,11 +1077,7 @@ mod tests {
 
     #[test]
     fn memory_limiter_counts_all_memories_and_records_refusals() {
-        let mut limiter = MemoryLimiter {
-            cap: 100,
-            total: 0,
-            refused: false,
-        };
+        let mut limiter = MemoryLimiter { cap: 100, total: 0, refused: false };
         assert!(limiter.memory_growing(0, 60, None).expect("grow"));
         assert!(limiter.memory_growing(0, 40, None).expect("second memory"));
         assert!(!limiter.refused);

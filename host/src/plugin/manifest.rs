@@ -23,11 +23,7 @@ pub(crate) struct Manifest {
 impl Manifest {
     /// What a plugin without a `NAME.toml` gets.
     pub(crate) fn defaults(caps: &HostCaps) -> Manifest {
-        Manifest {
-            rooms: None,
-            config_json: "{}".to_owned(),
-            limits: caps.default_limits(),
-        }
+        Manifest { rooms: None, config_json: "{}".to_owned(), limits: caps.default_limits() }
     }
 }
 
@@ -52,8 +48,8 @@ pub(crate) fn parse(text: &str, file: &Path, caps: &HostCaps) -> Result<Manifest
                     let toml::Value::String(text) = item else {
                         return Err(format!("{file}: `rooms` must contain only strings"));
                     };
-                    let pattern = RoomPattern::parse(text)
-                        .map_err(|error| format!("{file}: `rooms`: {error}"))?;
+                    let pattern =
+                        RoomPattern::parse(text).map_err(|error| format!("{file}: `rooms`: {error}"))?;
                     if !rooms.contains(&pattern) {
                         rooms.push(pattern);
                     }
@@ -64,8 +60,7 @@ pub(crate) fn parse(text: &str, file: &Path, caps: &HostCaps) -> Result<Manifest
                 let toml::Value::Table(config) = value else {
                     return Err(format!("{file}: `config` must be a table (`[config]`)"));
                 };
-                let json =
-                    table_to_json(config, "config").map_err(|error| format!("{file}: {error}"))?;
+                let json = table_to_json(config, "config").map_err(|error| format!("{file}: {error}"))?;
                 manifest.config_json = serde_json::Value::Object(json).to_string();
             }
             "limits" => {
@@ -86,11 +81,7 @@ pub(crate) fn parse(text: &str, file: &Path, caps: &HostCaps) -> Result<Manifest
     Ok(manifest)
 }
 
-fn parse_limits(
-    table: &toml::Table,
-    caps: &HostCaps,
-    mut limits: Limits,
-) -> Result<Limits, String> {
+fn parse_limits(table: &toml::Table, caps: &HostCaps, mut limits: Limits) -> Result<Limits, String> {
     for (key, value) in table {
         match key.as_str() {
             "memory" => {
@@ -102,8 +93,7 @@ fn parse_limits(
                         .map_err(|_| "`limits.memory` must not be negative".to_owned())?,
                     _ => {
                         return Err(
-                            "`limits.memory` must be a size such as \"32MiB\" or a byte count"
-                                .to_owned(),
+                            "`limits.memory` must be a size such as \"32MiB\" or a byte count".to_owned()
                         );
                     }
                 };
@@ -123,8 +113,7 @@ fn parse_limits(
                 let toml::Value::String(text) = value else {
                     return Err("`limits.deadline` must be a duration such as \"10ms\"".to_owned());
                 };
-                let deadline =
-                    parse_duration(text).map_err(|error| format!("`limits.deadline`: {error}"))?;
+                let deadline = parse_duration(text).map_err(|error| format!("`limits.deadline`: {error}"))?;
                 if deadline > caps.max_deadline {
                     return Err(format!(
                         "`limits.deadline` = {} is above the host's maximum of {}",
@@ -221,16 +210,10 @@ mod tests {
             deadline = "50ms"
             "#,
         );
-        let rooms: Vec<&str> = manifest
-            .rooms
-            .as_ref()
-            .expect("rooms")
-            .iter()
-            .map(RoomPattern::as_str)
-            .collect();
+        let rooms: Vec<&str> =
+            manifest.rooms.as_ref().expect("rooms").iter().map(RoomPattern::as_str).collect();
         assert_eq!(rooms, vec!["lobby", "game:*"]);
-        let config: serde_json::Value =
-            serde_json::from_str(&manifest.config_json).expect("config is JSON");
+        let config: serde_json::Value = serde_json::from_str(&manifest.config_json).expect("config is JSON");
         assert_eq!(
             config,
             serde_json::json!({
@@ -261,20 +244,11 @@ mod tests {
     fn limits_above_the_caps_are_refused() {
         let error = parse_err("[limits]\nmemory = \"512MiB\"");
         assert!(error.contains("/p/chat.toml"), "{error}");
-        assert!(
-            error.contains("`limits.memory` = 512MiB is above the host's maximum of 256MiB"),
-            "{error}"
-        );
+        assert!(error.contains("`limits.memory` = 512MiB is above the host's maximum of 256MiB"), "{error}");
         let error = parse_err("[limits]\ndeadline = \"2s\"");
-        assert!(
-            error.contains("`limits.deadline` = 2s is above the host's maximum of 1s"),
-            "{error}"
-        );
+        assert!(error.contains("`limits.deadline` = 2s is above the host's maximum of 1s"), "{error}");
         // Caps lower than the defaults lower the defaults.
-        let caps = HostCaps {
-            max_deadline: Duration::from_millis(5),
-            max_memory: 16 << 20,
-        };
+        let caps = HostCaps { max_deadline: Duration::from_millis(5), max_memory: 16 << 20 };
         let manifest = parse("", Path::new("x.toml"), &caps).expect("valid");
         assert_eq!(manifest.limits.deadline, Duration::from_millis(5));
         assert_eq!(manifest.limits.memory, 16 << 20);

@@ -259,10 +259,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            deadline: Duration::from_millis(10),
-            memory: 32 << 20,
-        }
+        Limits { deadline: Duration::from_millis(10), memory: 32 << 20 }
     }
 }
 
@@ -278,10 +275,7 @@ pub struct HostCaps {
 
 impl Default for HostCaps {
     fn default() -> Self {
-        HostCaps {
-            max_deadline: Duration::from_secs(1),
-            max_memory: 256 << 20,
-        }
+        HostCaps { max_deadline: Duration::from_secs(1), max_memory: 256 << 20 }
     }
 }
 

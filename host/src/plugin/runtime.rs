@@ -52,11 +52,7 @@ pub struct CheckReport {
 impl std::fmt::Display for CheckReport {
     /// The report `roomcast plugin check` prints.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "{}: {} {} (sha256 {})",
-            self.name, self.info.name, self.info.version, self.sha256
-        )?;
+        writeln!(f, "{}: {} {} (sha256 {})", self.name, self.info.name, self.info.version, self.sha256)?;
         writeln!(f, "  world:   {} room-plugin", self.wit_package)?;
         writeln!(f, "  hooks:   {}", self.hooks.join(", "))?;
         writeln!(f, "  rooms:   {}", self.rooms.join(", "))?;
@@ -113,14 +109,12 @@ struct EpochTicker {
 impl EpochTicker {
     fn start(engine: Engine) -> std::io::Result<EpochTicker> {
         let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("roomcast-epoch".to_owned())
-            .spawn(move || {
-                // Stops on a message or when the sender is dropped.
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
-                    engine.increment_epoch();
-                }
-            })?;
+        let thread = std::thread::Builder::new().name("roomcast-epoch".to_owned()).spawn(move || {
+            // Stops on a message or when the sender is dropped.
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                engine.increment_epoch();
+            }
+        })?;
         Ok(EpochTicker { stop, thread })
     }
 
@@ -142,9 +136,7 @@ pub struct PluginRuntime {
 
 impl std::fmt::Debug for PluginRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginRuntime")
-            .field("caps", &self.caps)
-            .finish_non_exhaustive()
+        f.debug_struct("PluginRuntime").field("caps", &self.caps).finish_non_exhaustive()
     }
 }
 
@@ -170,8 +162,7 @@ impl PluginRuntime {
         let ticker = EpochTicker::start(engine.clone())
             .map_err(|error| fail(format!("cannot start the epoch ticker: {error}")))?;
         let mut linker = Linker::new(&engine);
-        bindings::add_room_interface(&mut linker)
-            .map_err(|error| fail(format!("linker: {error}")))?;
+        bindings::add_room_interface(&mut linker).map_err(|error| fail(format!("linker: {error}")))?;
         Ok(PluginRuntime {
             shared: Arc::new(Shared {
                 engine,
@@ -231,14 +222,9 @@ impl PluginRuntime {
         let manifest_path = wasm_path.with_extension("toml");
         let manifest = match std::fs::read_to_string(&manifest_path) {
             Ok(text) => manifest::parse(&text, &manifest_path, &self.caps).map_err(load_error)?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                Manifest::defaults(&self.caps)
-            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Manifest::defaults(&self.caps),
             Err(error) => {
-                return Err(load_error(format!(
-                    "cannot read {}: {error}",
-                    manifest_path.display()
-                )));
+                return Err(load_error(format!("cannot read {}: {error}", manifest_path.display())));
             }
         };
         let patterns = match manifest.rooms {
@@ -275,10 +261,8 @@ impl PluginRuntime {
                 )));
             }
         }
-        let exports: Vec<String> = component_type
-            .exports(engine)
-            .map(|(export, _)| export.to_owned())
-            .collect();
+        let exports: Vec<String> =
+            component_type.exports(engine).map(|(export, _)| export.to_owned()).collect();
         let missing: Vec<&str> = bindings::HOOKS
             .iter()
             .copied()
@@ -290,11 +274,7 @@ impl PluginRuntime {
                  exports {} (it exports: {})",
                 wasm_path.display(),
                 quoted(&missing),
-                if exports.is_empty() {
-                    "nothing".to_owned()
-                } else {
-                    quoted(&exports)
-                },
+                if exports.is_empty() { "nothing".to_owned() } else { quoted(&exports) },
             )));
         }
         linker
@@ -332,10 +312,7 @@ impl PluginRuntime {
         };
         Ok(Prepared {
             plugin,
-            hooks: bindings::HOOKS
-                .iter()
-                .map(|hook| (*hook).to_owned())
-                .collect(),
+            hooks: bindings::HOOKS.iter().map(|hook| (*hook).to_owned()).collect(),
             wit_package: wit_package.unwrap_or_else(|| WIT_PACKAGE.to_owned()),
             imports,
         })
@@ -357,21 +334,14 @@ impl PluginRuntime {
                 path.display()
             ));
         }
-        let cached = self
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(self.cache_key(bytes)));
+        let cached = self.cache_dir.as_ref().map(|dir| dir.join(self.cache_key(bytes)));
         if let Some(cached) = &cached
             && let Some(component) = self.load_cached(cached)
         {
             return Ok(component);
         }
         let component = Component::from_binary(&self.shared.engine, bytes).map_err(|error| {
-            format!(
-                "{} is not a valid WebAssembly component: {}",
-                path.display(),
-                error_chain(&error)
-            )
+            format!("{} is not a valid WebAssembly component: {}", path.display(), error_chain(&error))
         })?;
         if let Some(cached) = cached {
             self.store_cached(&cached, &component);
@@ -383,15 +353,8 @@ impl PluginRuntime {
     /// settings (an artifact compiled under other settings is never looked up).
     fn cache_key(&self, bytes: &[u8]) -> String {
         let mut engine = std::hash::DefaultHasher::new();
-        self.shared
-            .engine
-            .precompile_compatibility_hash()
-            .hash(&mut engine);
-        format!(
-            "{}-{:016x}.cwasm",
-            hex(&Sha256::digest(bytes)),
-            engine.finish()
-        )
+        self.shared.engine.precompile_compatibility_hash().hash(&mut engine);
+        format!("{}-{:016x}.cwasm", hex(&Sha256::digest(bytes)), engine.finish())
     }
 
     /// A compiled component from the cache, if present and accepted by the engine.
@@ -425,9 +388,7 @@ impl PluginRuntime {
                 use std::os::unix::fs::PermissionsExt as _;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             }
-            let bytes = component
-                .serialize()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let bytes = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
             let temp = file.with_extension(format!("tmp{}", std::process::id()));
             std::fs::write(&temp, bytes)?;
             std::fs::rename(&temp, file)
@@ -448,10 +409,7 @@ struct Prepared {
 /// The plugin's name: the file stem, which must be a valid room name (it is the
 /// default room and a metrics label).
 fn plugin_name(path: &Path) -> Result<String, PluginError> {
-    let stem = path
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .unwrap_or_default();
+    let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default();
     if !is_valid_room_name(stem) {
         return Err(PluginError::load(
             path.display().to_string(),
@@ -485,32 +443,25 @@ fn define_random(
     let ComponentItem::ComponentInstance(instance) = item else {
         return Ok(());
     };
-    let functions: Vec<String> = instance
-        .exports(engine)
-        .map(|(name, _)| name.to_owned())
-        .collect();
+    let functions: Vec<String> = instance.exports(engine).map(|(name, _)| name.to_owned()).collect();
     let mut scope = linker.instance(import)?;
     for function in functions {
         match function.as_str() {
-            "get-random-bytes" | "get-insecure-random-bytes" => scope.func_wrap(
-                &function,
-                |mut store: StoreContextMut<'_, HostState>, (len,): (u64,)| {
+            "get-random-bytes" | "get-insecure-random-bytes" => {
+                scope.func_wrap(&function, |mut store: StoreContextMut<'_, HostState>, (len,): (u64,)| {
                     Ok((store.data_mut().random_bytes(len)?,))
-                },
-            )?,
-            "get-random-u64" | "get-insecure-random-u64" => scope.func_wrap(
-                &function,
-                |mut store: StoreContextMut<'_, HostState>, (): ()| {
+                })?
+            }
+            "get-random-u64" | "get-insecure-random-u64" => scope
+                .func_wrap(&function, |mut store: StoreContextMut<'_, HostState>, (): ()| {
                     Ok((store.data_mut().rng.next_u64(),))
-                },
-            )?,
-            "insecure-seed" => scope.func_wrap(
-                &function,
-                |mut store: StoreContextMut<'_, HostState>, (): ()| {
+                })?,
+            "insecure-seed" => {
+                scope.func_wrap(&function, |mut store: StoreContextMut<'_, HostState>, (): ()| {
                     let rng = &mut store.data_mut().rng;
                     Ok(((rng.next_u64(), rng.next_u64()),))
-                },
-            )?,
+                })?
+            }
             _ => {}
         }
     }
@@ -550,11 +501,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn quoted(names: &[impl AsRef<str>]) -> String {
-    names
-        .iter()
-        .map(|name| format!("`{}`", name.as_ref()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    names.iter().map(|name| format!("`{}`", name.as_ref())).collect::<Vec<_>>().join(", ")
 }
 
 /// Every distinct line of the error and its causes, joined with `: `.

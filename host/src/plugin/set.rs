@@ -22,9 +22,7 @@ impl RoomPattern {
     /// Parse a pattern: 1 to 128 characters of `A-Z a-z 0-9 . _ : -` and `*`.
     pub fn parse(text: &str) -> Result<RoomPattern, String> {
         if text.is_empty() || text.len() > 128 {
-            return Err(format!(
-                "`{text}` is not a room pattern: it must have 1 to 128 characters"
-            ));
+            return Err(format!("`{text}` is not a room pattern: it must have 1 to 128 characters"));
         }
         let allowed = |c: char| c == '*' || (c.is_ascii() && is_room_byte(c as u8));
         if let Some(bad) = text.chars().find(|&c| !allowed(c)) {
@@ -45,14 +43,7 @@ impl RoomPattern {
 
     /// The patterns of a plugin named `name` without `rooms`: `name` and `name:*`.
     pub fn defaults_for(name: &str) -> Vec<RoomPattern> {
-        vec![
-            RoomPattern {
-                text: name.to_owned(),
-            },
-            RoomPattern {
-                text: format!("{name}:*"),
-            },
-        ]
+        vec![RoomPattern { text: name.to_owned() }, RoomPattern { text: format!("{name}:*") }]
     }
 
     /// The pattern as written (with runs of `*` collapsed).
@@ -214,10 +205,7 @@ impl PluginSet {
                 ));
             }
         }
-        match self
-            .plugins
-            .binary_search_by(|probe| probe.name().cmp(plugin.name()))
-        {
+        match self.plugins.binary_search_by(|probe| probe.name().cmp(plugin.name())) {
             Ok(index) => Ok(Some(std::mem::replace(&mut self.plugins[index], plugin))),
             Err(index) => {
                 self.plugins.insert(index, plugin);
@@ -228,31 +216,19 @@ impl PluginSet {
 
     /// Remove the plugin of that name.
     pub fn remove(&mut self, name: &str) -> Option<Arc<Plugin>> {
-        let index = self
-            .plugins
-            .binary_search_by(|probe| probe.name().cmp(name))
-            .ok()?;
+        let index = self.plugins.binary_search_by(|probe| probe.name().cmp(name)).ok()?;
         Some(self.plugins.remove(index))
     }
 
     /// The plugin of that name.
     pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
-        let index = self
-            .plugins
-            .binary_search_by(|probe| probe.name().cmp(name))
-            .ok()?;
+        let index = self.plugins.binary_search_by(|probe| probe.name().cmp(name)).ok()?;
         Some(&self.plugins[index])
     }
 
     /// The plugin that serves `room`, if any.
     pub fn for_room(&self, room: &str) -> Option<Arc<Plugin>> {
-        best_match(
-            room,
-            self.plugins
-                .iter()
-                .map(|plugin| (plugin.patterns(), plugin)),
-        )
-        .map(Arc::clone)
+        best_match(room, self.plugins.iter().map(|plugin| (plugin.patterns(), plugin))).map(Arc::clone)
     }
 
     /// The plugins, by name.
@@ -276,18 +252,12 @@ fn find_conflict<'a>(
     theirs: &'a [RoomPattern],
 ) -> Option<(&'a RoomPattern, &'a RoomPattern)> {
     mine.iter().find_map(|a| {
-        theirs
-            .iter()
-            .find(|b| a.specificity() == b.specificity() && a.overlaps(b))
-            .map(|b| (a, b))
+        theirs.iter().find(|b| a.specificity() == b.specificity() && a.overlaps(b)).map(|b| (a, b))
     })
 }
 
 /// The candidate whose patterns claim `room` most specifically.
-fn best_match<'a, T>(
-    room: &str,
-    candidates: impl Iterator<Item = (&'a [RoomPattern], T)>,
-) -> Option<T> {
+fn best_match<'a, T>(room: &str, candidates: impl Iterator<Item = (&'a [RoomPattern], T)>) -> Option<T> {
     candidates
         .filter_map(|(patterns, candidate)| {
             patterns
@@ -319,10 +289,7 @@ mod tests {
     use super::*;
 
     fn patterns(texts: &[&str]) -> Vec<RoomPattern> {
-        texts
-            .iter()
-            .map(|text| RoomPattern::parse(text).expect("pattern"))
-            .collect()
+        texts.iter().map(|text| RoomPattern::parse(text).expect("pattern")).collect()
     }
 
     #[test]
@@ -351,10 +318,7 @@ mod tests {
         for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
             assert!(RoomPattern::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(
-            RoomPattern::defaults_for("chat"),
-            patterns(&["chat", "chat:*"])
-        );
+        assert_eq!(RoomPattern::defaults_for("chat"), patterns(&["chat", "chat:*"]));
     }
 
     #[test]
@@ -396,10 +360,7 @@ mod tests {
         assert_eq!(best_match("chat:vip:1", candidates()), Some("vip"));
         assert_eq!(best_match("chat:lobby", candidates()), Some("lobby"));
         assert_eq!(best_match("game", candidates()), Some("anything"));
-        assert_eq!(
-            best_match("game", [(chat.as_slice(), "chat")].into_iter()),
-            None
-        );
+        assert_eq!(best_match("game", [(chat.as_slice(), "chat")].into_iter()), None);
     }
 
     #[test]

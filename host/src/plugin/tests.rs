@@ -74,10 +74,8 @@ impl Scratch {
     fn new(label: &str) -> Scratch {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "roomcast-plugin-test-{}-{label}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("roomcast-plugin-test-{}-{label}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         Scratch(dir)
@@ -123,21 +121,12 @@ impl Room {
     }
 
     fn view(&self) -> RoomView<'_> {
-        RoomView {
-            room: &self.name,
-            members: &self.members,
-            room_exists: &self.exists,
-        }
+        RoomView { room: &self.name, members: &self.members, room_exists: &self.exists }
     }
 }
 
 fn member(id: MemberId) -> MemberInfo {
-    MemberInfo {
-        id,
-        query: String::new(),
-        remote_addr: "127.0.0.1:1".to_owned(),
-        protocol: None,
-    }
+    MemberInfo { id, query: String::new(), remote_addr: "127.0.0.1:1".to_owned(), protocol: None }
 }
 
 /// Load a plugin with the host's largest deadline rather than the default 10ms:
@@ -146,16 +135,12 @@ fn member(id: MemberId) -> MemberInfo {
 fn load(runtime: &PluginRuntime, name: &str) -> Arc<Plugin> {
     let scratch = Scratch::new(name);
     let file = scratch.plugin(name, name, Some("[limits]\ndeadline = \"1s\"\n"));
-    runtime
-        .load(&file)
-        .unwrap_or_else(|error| panic!("load {name}: {error}"))
+    runtime.load(&file).unwrap_or_else(|error| panic!("load {name}: {error}"))
 }
 
 /// Load a plugin as it is, with the default limits.
 fn load_default(runtime: &PluginRuntime, name: &str) -> Arc<Plugin> {
-    runtime
-        .load(&plugin_file(name))
-        .unwrap_or_else(|error| panic!("load {name}: {error}"))
+    runtime.load(&plugin_file(name)).unwrap_or_else(|error| panic!("load {name}: {error}"))
 }
 
 #[test]
@@ -167,37 +152,18 @@ fn echo_sends_each_message_back_to_its_sender() {
     assert_eq!(plugin.sha256().len(), 64);
     let mut room = Room::new("echo:a", &[7]);
     let mut instance = plugin.instantiate("echo:a").expect("instantiate");
-    assert_eq!(
-        instance.join(&room.view(), &member(7)).expect("join"),
-        vec![]
-    );
+    assert_eq!(instance.join(&room.view(), &member(7)).expect("join"), vec![]);
     room.members.push(8);
     instance.join(&room.view(), &member(8)).expect("join");
 
     let text = Payload::text("héllo");
-    let (verdict, actions) = instance
-        .message(&room.view(), Origin::Member(8), &text)
-        .expect("message");
+    let (verdict, actions) = instance.message(&room.view(), Origin::Member(8), &text).expect("message");
     assert_eq!(verdict, Verdict::Drop);
-    assert_eq!(
-        actions,
-        vec![Action::Send {
-            to: 8,
-            payload: text
-        }]
-    );
+    assert_eq!(actions, vec![Action::Send { to: 8, payload: text }]);
 
     let binary = Payload::binary(vec![0u8, 159, 146, 150]);
-    let (_, actions) = instance
-        .message(&room.view(), Origin::Member(7), &binary)
-        .expect("message");
-    assert_eq!(
-        actions,
-        vec![Action::Send {
-            to: 7,
-            payload: binary
-        }]
-    );
+    let (_, actions) = instance.message(&room.view(), Origin::Member(7), &binary).expect("message");
+    assert_eq!(actions, vec![Action::Send { to: 7, payload: binary }]);
 }
 
 #[test]
@@ -206,17 +172,12 @@ fn relay_passes_without_actions_and_accepts_handshakes() {
     let plugin = load(&runtime, "relay");
     let room = Room::new("relay", &[1, 2]);
     let mut instance = plugin.instantiate("relay").expect("instantiate");
-    let (verdict, actions) = instance
-        .message(&room.view(), Origin::Member(1), &Payload::text("hi"))
-        .expect("message");
+    let (verdict, actions) =
+        instance.message(&room.view(), Origin::Member(1), &Payload::text("hi")).expect("message");
     assert_eq!(verdict, Verdict::Pass);
     assert!(actions.is_empty());
     let (verdict, _) = instance
-        .message(
-            &room.view(),
-            Origin::Room("elsewhere".into()),
-            &Payload::text("x"),
-        )
+        .message(&room.view(), Origin::Room("elsewhere".into()), &Payload::text("x"))
         .expect("forwarded message");
     assert_eq!(verdict, Verdict::Pass);
 
@@ -244,22 +205,10 @@ fn check_reports_a_good_plugin() {
     assert_eq!(report.hooks.len(), 9);
     assert_eq!(report.wit_package, WIT_PACKAGE);
     assert_eq!(report.rooms, vec!["relay", "relay:*"]);
-    assert!(
-        report
-            .imports
-            .contains(&"roomcast:plugin/room@0.1.0".to_owned())
-    );
-    assert!(
-        report
-            .imports
-            .iter()
-            .any(|import| import.starts_with("wasi:cli/"))
-    );
+    assert!(report.imports.contains(&"roomcast:plugin/room@0.1.0".to_owned()));
+    assert!(report.imports.iter().any(|import| import.starts_with("wasi:cli/")));
     let text = report.to_string();
-    assert!(
-        text.contains("world:   roomcast:plugin@0.1.0 room-plugin"),
-        "{text}"
-    );
+    assert!(text.contains("world:   roomcast:plugin@0.1.0 room-plugin"), "{text}");
     assert!(text.contains("(traps)"), "{text}");
     eprintln!("{text}");
 }
@@ -274,9 +223,7 @@ fn a_core_module_is_refused_clearly() {
     assert_eq!(error.plugin, "core");
     let text = error.to_string();
     assert!(
-        text.contains(
-            "is a core WebAssembly module, not a component; build with --target wasm32-wasip2"
-        ),
+        text.contains("is a core WebAssembly module, not a component; build with --target wasm32-wasip2"),
         "{text}"
     );
 }
@@ -288,32 +235,19 @@ fn garbage_and_missing_files_are_refused_clearly() {
     let file = scratch.file("junk.wasm", b"this is not wasm at all");
     let error = runtime.load(&file).expect_err("garbage");
     assert_eq!(error.kind, FailureKind::Load);
-    assert!(
-        error.to_string().contains("is not a WebAssembly file"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("is not a WebAssembly file"), "{error}");
 
     // A component header with nothing valid after it.
     let file = scratch.file("broken.wasm", b"\0asm\x0d\0\x01\0\xff\xff\xff");
     let error = runtime.load(&file).expect_err("broken component");
-    assert!(
-        error
-            .to_string()
-            .contains("is not a valid WebAssembly component"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("is not a valid WebAssembly component"), "{error}");
 
-    let error = runtime
-        .load(&scratch.0.join("absent.wasm"))
-        .expect_err("missing file");
+    let error = runtime.load(&scratch.0.join("absent.wasm")).expect_err("missing file");
     assert!(error.to_string().contains("cannot read"), "{error}");
 
     let file = scratch.file("bad name.wasm", b"");
     let error = runtime.load(&file).expect_err("bad name");
-    assert!(
-        error.to_string().contains("not a valid plugin name"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("not a valid plugin name"), "{error}");
 }
 
 #[test]
@@ -325,10 +259,8 @@ fn fresh_instances_are_isolated_and_cheap() {
     let room = Room::new("relay", &[1]);
     let mut a = plugin.instantiate("relay").expect("a");
     let mut b = plugin.instantiate("relay").expect("b");
-    a.message(&room.view(), Origin::Member(1), &Payload::text("1"))
-        .expect("a works");
-    b.message(&room.view(), Origin::Member(1), &Payload::text("2"))
-        .expect("b works");
+    a.message(&room.view(), Origin::Member(1), &Payload::text("1")).expect("a works");
+    b.message(&room.view(), Origin::Member(1), &Payload::text("2")).expect("b works");
 }
 
 /// Not an assertion on time: prints the host CPU per `message` call through relay
@@ -342,15 +274,12 @@ fn bench_relay_message_and_instantiation() {
     let payload = Payload::text("x".repeat(100));
     let calls = 20_000;
     for _ in 0..1000 {
-        instance
-            .message(&room.view(), Origin::Member(1), &payload)
-            .expect("warm up");
+        instance.message(&room.view(), Origin::Member(1), &payload).expect("warm up");
     }
     let started = Instant::now();
     for _ in 0..calls {
-        let (verdict, actions) = instance
-            .message(&room.view(), Origin::Member(1), &payload)
-            .expect("message");
+        let (verdict, actions) =
+            instance.message(&room.view(), Origin::Member(1), &payload).expect("message");
         assert_eq!(verdict, Verdict::Pass);
         assert!(actions.is_empty());
     }
@@ -358,9 +287,8 @@ fn bench_relay_message_and_instantiation() {
 
     let instances = 200;
     let started = Instant::now();
-    let kept: Vec<RoomInstance> = (0..instances)
-        .map(|_| plugin.instantiate("relay:bench").expect("instantiate"))
-        .collect();
+    let kept: Vec<RoomInstance> =
+        (0..instances).map(|_| plugin.instantiate("relay:bench").expect("instantiate")).collect();
     let per_instance = started.elapsed() / instances;
     drop(kept);
 
@@ -370,9 +298,7 @@ fn bench_relay_message_and_instantiation() {
     let room = Room::new("echo:bench", &[1, 2]);
     let started = Instant::now();
     for _ in 0..calls {
-        let (_, actions) = instance
-            .message(&room.view(), Origin::Member(1), &payload)
-            .expect("message");
+        let (_, actions) = instance.message(&room.view(), Origin::Member(1), &payload).expect("message");
         assert_eq!(actions.len(), 1);
     }
     let echo_per_call = started.elapsed() / calls;
@@ -383,21 +309,14 @@ fn bench_relay_message_and_instantiation() {
         per_call.as_nanos(),
         echo_per_call.as_nanos(),
         per_instance.as_secs_f64() * 1e6,
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        if cfg!(debug_assertions) { "debug" } else { "release" },
     );
     assert!(per_call < Duration::from_secs(1));
 }
 
 fn text_of(action: &Action) -> Option<&str> {
     match action {
-        Action::Send {
-            payload: Payload::Text(bytes),
-            ..
-        } => std::str::from_utf8(bytes).ok(),
+        Action::Send { payload: Payload::Text(bytes), .. } => std::str::from_utf8(bytes).ok(),
         _ => None,
     }
 }
@@ -418,21 +337,14 @@ fn chaos_spin_times_out_and_a_fresh_instance_works() {
     assert_eq!(error.plugin, "chaos");
     assert_eq!(error.room.as_deref(), Some("chaos:spin"));
     let text = error.to_string();
-    assert!(
-        text.starts_with("plugin `chaos` in room `chaos:spin`: timed out after 10ms"),
-        "{text}"
-    );
-    assert!(
-        took >= Duration::from_millis(10),
-        "interrupted early: {took:?}"
-    );
+    assert!(text.starts_with("plugin `chaos` in room `chaos:spin`: timed out after 10ms"), "{text}");
+    assert!(took >= Duration::from_millis(10), "interrupted early: {took:?}");
     eprintln!("spin interrupted after {took:?}");
 
     // The failed instance refuses further calls at once.
     assert_eq!(instance.failure(), Some(FailureKind::Timeout));
-    let again = instance
-        .message(&room.view(), Origin::Member(1), &Payload::text("hello"))
-        .expect_err("poisoned");
+    let again =
+        instance.message(&room.view(), Origin::Member(1), &Payload::text("hello")).expect_err("poisoned");
     assert!(again.to_string().contains("unusable"), "{again}");
 
     let mut fresh = plugin.instantiate("chaos:spin").expect("fresh instance");
@@ -457,12 +369,7 @@ fn chaos_hog_hits_the_memory_cap() {
         .message(&room.view(), Origin::Member(1), &Payload::text("hog"))
         .expect_err("hog must be stopped");
     assert_eq!(error.kind, FailureKind::Memory, "{error}");
-    assert!(
-        error
-            .to_string()
-            .contains("exceeded its memory limit of 32MiB in `message`"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("exceeded its memory limit of 32MiB in `message`"), "{error}");
 }
 
 #[test]
@@ -471,9 +378,8 @@ fn chaos_panic_is_a_trap_that_quotes_the_panic() {
     let plugin = load(&runtime, "chaos");
     let room = Room::new("chaos", &[1]);
     let mut instance = plugin.instantiate("chaos").expect("instantiate");
-    let error = instance
-        .message(&room.view(), Origin::Member(1), &Payload::text("panic"))
-        .expect_err("panic traps");
+    let error =
+        instance.message(&room.view(), Origin::Member(1), &Payload::text("panic")).expect_err("panic traps");
     assert_eq!(error.kind, FailureKind::Trap, "{error}");
     let text = error.to_string();
     assert!(text.contains("trapped in `message`"), "{text}");
@@ -496,11 +402,9 @@ fn chaos_burst_is_bounded_by_the_action_budget() {
 
     // Given time (this debug build needs about 0.7 s), the call completes, and only the
     // first MAX_ACTIONS_PER_CALL sends were recorded; the rest were refused.
-    let runtime = PluginRuntime::new(HostCaps {
-        max_deadline: Duration::from_secs(20),
-        ..HostCaps::default()
-    })
-    .expect("runtime");
+    let runtime =
+        PluginRuntime::new(HostCaps { max_deadline: Duration::from_secs(20), ..HostCaps::default() })
+            .expect("runtime");
     let scratch = Scratch::new("burst");
     let file = scratch.plugin("chaos", "chaos", Some("[limits]\ndeadline = \"20s\"\n"));
     let plugin = runtime.load(&file).expect("load");
@@ -521,15 +425,13 @@ fn chaos_timers_fire_once_and_members_are_the_view() {
     let room = Room::new("chaos", &[3, 7]);
     let mut instance = plugin.instantiate("chaos").expect("instantiate");
 
-    let (_, actions) = instance
-        .message(&room.view(), Origin::Member(7), &Payload::text("members"))
-        .expect("members");
+    let (_, actions) =
+        instance.message(&room.view(), Origin::Member(7), &Payload::text("members")).expect("members");
     assert_eq!(actions.len(), 1);
     assert_eq!(text_of(&actions[0]), Some("[3,7]"));
 
-    let (verdict, actions) = instance
-        .message(&room.view(), Origin::Member(3), &Payload::text("timer:25"))
-        .expect("timer");
+    let (verdict, actions) =
+        instance.message(&room.view(), Origin::Member(3), &Payload::text("timer:25")).expect("timer");
     assert_eq!(verdict, Verdict::Drop);
     let [Action::SetTimer { id, after }] = actions.as_slice() else {
         panic!("expected one SetTimer, got {actions:?}");
@@ -540,18 +442,11 @@ fn chaos_timers_fire_once_and_members_are_the_view() {
     assert_eq!(text_of(&fired[0]), Some("timer fired"));
     // A timer that is no longer pending is ignored.
     assert_eq!(instance.timer(&room.view(), *id).expect("stale"), vec![]);
-    assert_eq!(
-        instance.timer(&room.view(), 12345).expect("unknown"),
-        vec![]
-    );
+    assert_eq!(instance.timer(&room.view(), 12345).expect("unknown"), vec![]);
 
     // Forwarded messages and binary ones pass.
     let (verdict, _) = instance
-        .message(
-            &room.view(),
-            Origin::Room("elsewhere".into()),
-            &Payload::text("spin"),
-        )
+        .message(&room.view(), Origin::Room("elsewhere".into()), &Payload::text("spin"))
         .expect("forwarded");
     assert_eq!(verdict, Verdict::Pass);
 }
@@ -563,12 +458,7 @@ fn chaos_init_failures_fail_the_load() {
     let file = scratch.plugin("chaos", "chaos", Some("[config]\nfail_init = true\n"));
     let error = runtime.load(&file).expect_err("init fails");
     assert_eq!(error.kind, FailureKind::Error);
-    assert!(
-        error
-            .to_string()
-            .contains("init refused its config: fail_init set"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("init refused its config: fail_init set"), "{error}");
     let file = scratch.plugin("chaos", "chaos", Some("[config]\npanic_in_init = true\n"));
     let error = runtime.load(&file).expect_err("init panics");
     assert_eq!(error.kind, FailureKind::Trap);
@@ -581,9 +471,8 @@ fn counter_state_survives_snapshot_and_restore() {
     let plugin = load(&runtime, "counter");
     let room = Room::new("counter", &[1]);
     let count = |instance: &mut RoomInstance| -> u64 {
-        let (verdict, actions) = instance
-            .message(&room.view(), Origin::Member(1), &Payload::text("tick"))
-            .expect("message");
+        let (verdict, actions) =
+            instance.message(&room.view(), Origin::Member(1), &Payload::text("tick")).expect("message");
         assert_eq!(verdict, Verdict::Drop);
         let reply: serde_json::Value =
             serde_json::from_str(text_of(&actions[0]).expect("text reply")).expect("json");
@@ -593,10 +482,7 @@ fn counter_state_survives_snapshot_and_restore() {
     assert_eq!(count(&mut old), 1);
     assert_eq!(count(&mut old), 2);
     assert_eq!(count(&mut old), 3);
-    let state = old
-        .snapshot()
-        .expect("snapshot")
-        .expect("counter keeps state");
+    let state = old.snapshot().expect("snapshot").expect("counter keeps state");
 
     let mut new = plugin.instantiate("counter").expect("instantiate");
     new.restore(&state).expect("restore");
@@ -605,10 +491,7 @@ fn counter_state_survives_snapshot_and_restore() {
     let mut refused = plugin.instantiate("counter").expect("instantiate");
     let error = refused.restore(b"abc").expect_err("bad state");
     assert_eq!(error.kind, FailureKind::Error);
-    assert!(
-        error.to_string().contains("expected 8 bytes, got 3"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("expected 8 bytes, got 3"), "{error}");
 
     // A plugin that keeps no state says so.
     let relay = load(&runtime, "relay");
@@ -619,16 +502,11 @@ fn counter_state_survives_snapshot_and_restore() {
 #[test]
 fn otherworld_is_refused_for_its_wit_version() {
     let runtime = runtime();
-    let error = runtime
-        .check(&plugin_file("otherworld"))
-        .expect_err("otherworld");
+    let error = runtime.check(&plugin_file("otherworld")).expect_err("otherworld");
     assert_eq!(error.kind, FailureKind::Load);
     let text = error.to_string();
     assert!(text.contains("roomcast:plugin/room@0.2.0"), "{text}");
-    assert!(
-        text.contains("this host speaks roomcast:plugin@0.1.0"),
-        "{text}"
-    );
+    assert!(text.contains("this host speaks roomcast:plugin@0.1.0"), "{text}");
 }
 
 #[test]
@@ -640,14 +518,8 @@ fn a_component_of_another_world_is_refused_clearly() {
     let error = runtime.check(&file).expect_err("empty component");
     assert_eq!(error.kind, FailureKind::Load);
     let text = error.to_string();
-    assert!(
-        text.contains("does not implement the `room-plugin` world of roomcast:plugin@0.1.0"),
-        "{text}"
-    );
-    assert!(
-        text.contains("missing exports `describe`, `init`"),
-        "{text}"
-    );
+    assert!(text.contains("does not implement the `room-plugin` world of roomcast:plugin@0.1.0"), "{text}");
+    assert!(text.contains("missing exports `describe`, `init`"), "{text}");
     assert!(text.contains("(it exports: nothing)"), "{text}");
 }
 
@@ -673,24 +545,15 @@ fn gate_decides_handshakes_from_its_config() {
         protocols: vec![],
     };
     assert_eq!(
-        plugin
-            .handshake(&request("token=secret", "https://app.example.com"))
-            .expect("handshake"),
+        plugin.handshake(&request("token=secret", "https://app.example.com")).expect("handshake"),
         HandshakeDecision::Accept { protocol: None }
     );
     assert_eq!(
-        plugin
-            .handshake(&request("token=wrong", "https://app.example.com"))
-            .expect("handshake"),
-        HandshakeDecision::Reject {
-            status: 403,
-            reason: "bad token".into()
-        }
+        plugin.handshake(&request("token=wrong", "https://app.example.com")).expect("handshake"),
+        HandshakeDecision::Reject { status: 403, reason: "bad token".into() }
     );
     assert!(matches!(
-        plugin
-            .handshake(&request("token=secret", "https://evil.example"))
-            .expect("handshake"),
+        plugin.handshake(&request("token=secret", "https://evil.example")).expect("handshake"),
         HandshakeDecision::Reject { status: 403, .. }
     ));
 }
@@ -714,9 +577,7 @@ fn a_folder_loads_in_order_and_reports_bad_files() {
     assert_eq!(errors[0].plugin, "junk");
     assert_eq!(errors[1].plugin, "zzz");
     assert!(
-        errors[1]
-            .to_string()
-            .contains("`tag:*` conflicts with `tag:*` of plugin `tag`"),
+        errors[1].to_string().contains("`tag:*` conflicts with `tag:*` of plugin `tag`"),
         "{}",
         errors[1]
     );
@@ -740,11 +601,7 @@ fn a_folder_loads_in_order_and_reports_bad_files() {
 
     let missing = PluginSet::load_dir(&runtime, &scratch.0.join("absent"));
     assert!(missing.0.is_empty());
-    assert!(
-        missing.1[0]
-            .to_string()
-            .contains("cannot read the plugins folder")
-    );
+    assert!(missing.1[0].to_string().contains("cannot read the plugins folder"));
 }
 
 fn served_after(set: &PluginSet, room: &str) -> Option<String> {
@@ -758,12 +615,7 @@ fn proc_status(field: &str) -> Option<u64> {
 }
 
 fn mappings() -> Option<usize> {
-    Some(
-        std::fs::read_to_string("/proc/self/maps")
-            .ok()?
-            .lines()
-            .count(),
-    )
+    Some(std::fs::read_to_string("/proc/self/maps").ok()?.lines().count())
 }
 
 /// Ten thousand live rooms of one plugin fit: address space (each memory reserves
@@ -785,9 +637,8 @@ fn ten_thousand_live_rooms() {
     }
     let took = started.elapsed();
     for instance in &mut instances {
-        let (verdict, _) = instance
-            .message(&room.view(), Origin::Member(1), &Payload::text("x"))
-            .expect("message");
+        let (verdict, _) =
+            instance.message(&room.view(), Origin::Member(1), &Payload::text("x")).expect("message");
         assert_eq!(verdict, Verdict::Pass);
     }
     let (rss_after, maps_after) = (proc_status("VmRSS:"), mappings());

@@ -98,10 +98,7 @@ const USAGE: &str = r#"expected {"say":"..."} or {"to":<id>,"say":"..."}"#;
 
 impl Chat {
     fn name(&self, id: MemberId) -> String {
-        self.names
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| format!("guest-{id}"))
+        self.names.get(&id).cloned().unwrap_or_else(|| format!("guest-{id}"))
     }
 
     fn member_message(&self, room: &Room, from: MemberId, message: &Message) {
@@ -114,20 +111,11 @@ impl Chat {
         };
         match to {
             None => {
-                let say = Outgoing::Say {
-                    from,
-                    name: &name,
-                    text: &say,
-                };
+                let say = Outgoing::Say { from, name: &name, text: &say };
                 let _ = room.broadcast_json(&say);
             }
             Some(to) => {
-                let direct = Message::to_json(&Outgoing::Direct {
-                    from,
-                    name: &name,
-                    to,
-                    text: &say,
-                });
+                let direct = Message::to_json(&Outgoing::Direct { from, name: &name, to, text: &say });
                 match room.send(to, direct.clone()) {
                     Ok(()) => {}
                     Err(RoomError::UnknownMember) => return error(&format!("unknown member {to}")),
@@ -143,9 +131,7 @@ impl Chat {
 
 impl Plugin for Chat {
     fn init(_config: Config) -> Result<Self, String> {
-        Ok(Chat {
-            names: BTreeMap::new(),
-        })
+        Ok(Chat { names: BTreeMap::new() })
     }
 
     fn join(&mut self, room: &Room, member: Member) {
@@ -154,37 +140,22 @@ impl Plugin for Chat {
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| format!("guest-{}", member.id));
         self.names.insert(member.id, name);
-        let names: Vec<(MemberId, String)> = room
-            .members()
-            .into_iter()
-            .map(|id| (id, self.name(id)))
-            .collect();
+        let names: Vec<(MemberId, String)> =
+            room.members().into_iter().map(|id| (id, self.name(id))).collect();
         let name = self.name(member.id);
         let welcome = Outgoing::Welcome {
             id: member.id,
             name: &name,
-            members: names
-                .iter()
-                .map(|(id, name)| Entry { id: *id, name })
-                .collect(),
+            members: names.iter().map(|(id, name)| Entry { id: *id, name }).collect(),
         };
         let _ = room.send_json(member.id, &welcome);
-        let join = Message::to_json(&Outgoing::Join {
-            id: member.id,
-            name: &name,
-        });
+        let join = Message::to_json(&Outgoing::Join { id: member.id, name: &name });
         let _ = room.broadcast_except(join, &[member.id]);
     }
 
     fn leave(&mut self, room: &Room, member: MemberId, _reason: LeaveReason) {
-        let name = self
-            .names
-            .remove(&member)
-            .unwrap_or_else(|| format!("guest-{member}"));
-        let _ = room.broadcast_json(&Outgoing::Leave {
-            id: member,
-            name: &name,
-        });
+        let name = self.names.remove(&member).unwrap_or_else(|| format!("guest-{member}"));
+        let _ = room.broadcast_json(&Outgoing::Leave { id: member, name: &name });
     }
 
     fn message(&mut self, room: &Room, from: Origin, message: Message) -> Verdict {
@@ -199,10 +170,7 @@ impl Plugin for Chat {
                     Ok(Say { say }) => say,
                     Err(_) => String::from_utf8_lossy(message.as_bytes()).into_owned(),
                 };
-                let _ = room.broadcast_json(&Outgoing::SayFromRoom {
-                    from_room: &from_room,
-                    text: &text,
-                });
+                let _ = room.broadcast_json(&Outgoing::SayFromRoom { from_room: &from_room, text: &text });
             }
         }
         Verdict::Drop

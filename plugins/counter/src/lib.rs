@@ -45,9 +45,8 @@ impl Plugin for Counter {
     }
 
     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
-        let bytes: [u8; 8] = state
-            .try_into()
-            .map_err(|state: Vec<u8>| format!("expected 8 bytes, got {}", state.len()))?;
+        let bytes: [u8; 8] =
+            state.try_into().map_err(|state: Vec<u8>| format!("expected 8 bytes, got {}", state.len()))?;
         self.count = u64::from_le_bytes(bytes);
         Ok(())
     }

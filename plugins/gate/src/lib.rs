@@ -53,9 +53,7 @@ impl Plugin for Gate {
     fn handshake(&self, request: &HandshakeRequest) -> HandshakeDecision {
         if !self.origins.is_empty() {
             let allowed = request.header("origin").is_some_and(|origin| {
-                self.origins
-                    .iter()
-                    .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+                self.origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
             });
             if !allowed {
                 return HandshakeDecision::reject(403, "origin not allowed");

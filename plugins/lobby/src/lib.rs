@@ -55,9 +55,7 @@ impl Plugin for Lobby {
         };
         let reply = match room.forward(&post.room, Message::to_json(&json!({"say": post.say}))) {
             Ok(()) => Reply::Forwarded { room: post.room },
-            Err(error) => Reply::Error {
-                error: error.to_string(),
-            },
+            Err(error) => Reply::Error { error: error.to_string() },
         };
         let _ = room.send_json(*sender, &reply);
         Verdict::Drop

@@ -75,10 +75,7 @@ impl Default for Settings {
 
 impl Default for RateLimit {
     fn default() -> Self {
-        RateLimit {
-            messages: 5,
-            per_ms: 1000,
-        }
+        RateLimit { messages: 5, per_ms: 1000 }
     }
 }
 
@@ -176,11 +173,7 @@ impl Plugin for Moderation {
             .filter(|word| !word.is_empty())
             .map(|word| word.to_lowercase())
             .collect();
-        Ok(Moderation {
-            settings,
-            banned,
-            windows: BTreeMap::new(),
-        })
+        Ok(Moderation { settings, banned, windows: BTreeMap::new() })
     }
 
     fn leave(&mut self, _room: &Room, member: MemberId, _reason: LeaveReason) {

@@ -57,9 +57,7 @@ impl Plugin for Chaos {
         if settings.fail_init {
             return Err("fail_init set".into());
         }
-        Ok(Chaos {
-            timers: BTreeMap::new(),
-        })
+        Ok(Chaos { timers: BTreeMap::new() })
     }
 
     fn message(&mut self, room: &Room, from: Origin, message: Message) -> Verdict {
