@@ -1,27 +1,48 @@
-//! `roomcast-bench`: a load generator that speaks plain WebSocket over loopback only,
-//! bounded in connection count and time.
+//! `roomcast-bench`: the load generator for Roomcast and its peers. It speaks plain
+//! WebSocket over loopback only, bounded in connection count and time.
 //!
-//! Run with: `cargo run --release -p roomcast-bench -- idle --url ws://127.0.0.1:8080/ws/idle --connections 10000 --hold 20s --server-pid PID`
+//! Run with: `bench/run` (everything, every server), or one scenario against a server
+//! you started, e.g.
+//! `roomcast-bench fanout --url ws://127.0.0.1:8080/ws/bench --server-pid PID`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+mod chart;
+mod churn;
+mod client;
+mod fanout;
+mod http;
+mod idle;
+mod procfs;
+mod reload;
+mod report;
+mod servers;
+mod stats;
+mod suite;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::Target;
+use crate::fanout::{FanoutParams, Pace};
+use crate::servers::{Kind, Programs};
 
 #[derive(Parser)]
 #[command(about = "Load generator for WebSocket room servers (loopback only)")]
 struct Cli {
     #[command(subcommand)]
-    scenario: Scenario,
+    command: Command,
 }
 
 #[derive(Subcommand)]
-enum Scenario {
+enum Command {
+    /// N clients in one room, K senders, M stamped messages: throughput, latency, loss,
+    /// server CPU per delivery.
+    Fanout {
+        #[command(flatten)]
+        fanout: FanoutArgs,
+    },
     /// Hold N idle connections (answering pings) and report the server's RSS per connection.
     Idle {
         /// ws://127.0.0.1:PORT/ws/ROOM (loopback addresses only)
@@ -30,143 +51,250 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
         /// How long to hold them, e.g. 20s
-        #[arg(long, default_value = "20s", value_parser = parse_secs)]
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
         hold: Duration,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
         /// The server's process id, to read its RSS from /proc
         #[arg(long)]
         server_pid: u32,
     },
+    /// Holds a share of the idle connections for `idle` (one process per 19,700).
+    #[command(hide = true)]
+    IdleWorker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 0)]
+        source_offset: u32,
+    },
+    /// Clients join and leave while the room broadcasts: connects/s, fds and RSS before/after.
+    Churn {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Messages per second one member broadcasts
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        server_pid: u32,
+    },
+    /// A paced fan-out through a plugin while its .wasm is replaced every second.
+    Reload {
+        #[command(flatten)]
+        fanout: FanoutArgs,
+        /// The server's plugins folder
+        #[arg(long)]
+        plugins: PathBuf,
+        /// The plugin to replace (its room is the URL's)
+        #[arg(long, default_value = "relay")]
+        name: String,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        every: Duration,
+        /// Admin token, to count the versions the server loaded
+        #[arg(long, env = "ROOMCAST_ADMIN_TOKEN")]
+        admin_token: Option<String>,
+    },
+    /// Every scenario for every server, several runs, reports (what `bench/run` calls).
+    Suite(SuiteArgs),
+    /// Rewrite the reports from a results .json file.
+    Report {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+        font: PathBuf,
+        #[arg(long)]
+        benchmarks_md: Option<PathBuf>,
+    },
 }
 
-fn parse_secs(text: &str) -> Result<Duration, String> {
-    text.strip_suffix('s')
-        .and_then(|n| n.parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("`{text}`: write seconds like 20s"))
+#[derive(Args)]
+struct FanoutArgs {
+    /// ws://127.0.0.1:PORT/ws/ROOM (loopback addresses only)
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    /// Messages in total
+    #[arg(long, default_value_t = 4000)]
+    messages: usize,
+    /// Payload bytes (at least 32)
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Saturated: messages in flight at most
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Paced instead of saturated: deliveries per second
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long)]
+    binary: bool,
+    /// The server's process id, to read its CPU time from /proc
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
-/// `(address, path)` of a `ws://` URL, refusing anything but loopback.
-fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
-    let (authority, path) = rest
-        .split_once('/')
-        .map(|(a, p)| (a, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let addr: SocketAddr = authority.parse().context("the URL needs an IP:port")?;
-    if !addr.ip().is_loopback() {
-        bail!("refusing to load a non-loopback address: {addr}");
-    }
-    Ok((addr, path))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Connect from source address 127.0.0.(2 + n / 20000) so tens of thousands of
-/// connections do not exhaust one address's ephemeral ports.
-async fn connect_from(addr: SocketAddr, n: usize) -> anyhow::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    let source = Ipv4Addr::new(127, 0, 0, 2 + (n / 20_000) as u8);
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    Ok(socket.connect(addr).await?)
-}
-
-async fn handshake(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> anyhow::Result<()> {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await? == 0 {
-            bail!("closed during handshake");
+impl FanoutArgs {
+    fn params(&self) -> FanoutParams {
+        FanoutParams {
+            clients: self.clients,
+            senders: self.senders,
+            messages: self.messages,
+            size: self.size,
+            pace: match self.rate {
+                Some(deliveries_per_sec) => Pace::Paced { deliveries_per_sec },
+                None => Pace::Saturated { window: self.window },
+            },
+            binary: self.binary,
+            grace: Duration::from_secs(3),
+            max_duration: Duration::from_secs(120),
         }
-        head.push(byte[0]);
     }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        bail!("refused: {}", String::from_utf8_lossy(&head));
+}
+
+#[derive(Args)]
+struct SuiteArgs {
+    /// Small sizes, one run: a smoke test of the whole pipeline
+    #[arg(long)]
+    quick: bool,
+    /// Runs of every scenario [default: 3, quick: 1]
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Servers to run, comma-separated
+    #[arg(long, default_value = "roomcast,tungstenite,uws,ws", value_delimiter = ',')]
+    servers: Vec<String>,
+    #[arg(long, default_value = "target/release/roomcast")]
+    roomcast: PathBuf,
+    #[arg(long, default_value = "target/release/tungstenite-peer")]
+    tungstenite_peer: PathBuf,
+    #[arg(long, default_value = "bench/peers")]
+    peers_dir: PathBuf,
+    #[arg(long, default_value = "node")]
+    node: String,
+    /// Where relay.wasm and moderation.wasm are
+    #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
+    wasm_dir: PathBuf,
+    #[arg(long, default_value = "target/bench-work")]
+    work_dir: PathBuf,
+    /// Reports go to OUT.md, OUT.json, OUT.png
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    benchmarks_md: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    font: PathBuf,
+    #[arg(long, default_value = "")]
+    date: String,
+    #[arg(long, default_value = "")]
+    commit: String,
+    /// The CPU servers are pinned to
+    #[arg(long, default_value = "0")]
+    server_cpu: String,
+    /// Heartbeat (ping) interval of every server
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}`: write a duration like 20s or 500ms");
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
+    }
+    let secs: f64 = text.strip_suffix('s').ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // One thread: the load generator is pinned to one CPU, and a single-threaded
+    // runtime spends it on sockets rather than on moving tasks between threads.
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Fanout { fanout } => {
+            let target = Target::parse(&fanout.url)?;
+            let params = fanout.params();
+            let conns = client::connect_all(&target, params.clients).await?;
+            let result = fanout::run(conns, &params, fanout.server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Idle { url, connections, hold, concurrency, server_pid } => {
+            let params = idle::IdleParams { connections, hold, concurrency };
+            let result = idle::run(&Target::parse(&url)?, &params, server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::IdleWorker { url, connections, concurrency, source_offset } => {
+            client::offset_sources(source_offset);
+            idle::worker(&Target::parse(&url)?, connections, concurrency).await?;
+        }
+        Command::Churn { url, members, rate, duration, concurrency, server_pid } => {
+            let params = churn::ChurnParams {
+                members,
+                messages_per_sec: rate,
+                duration,
+                concurrency,
+                settle: Duration::from_secs(2),
+            };
+            let result = churn::run(&Target::parse(&url)?, &params, server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Reload { fanout, plugins, name, every, admin_token } => {
+            let target = Target::parse(&fanout.url)?;
+            let server_pid = fanout.server_pid.context("--server-pid is needed")?;
+            let mut params = fanout.params();
+            if let Pace::Saturated { .. } = params.pace {
+                params.pace = Pace::Paced { deliveries_per_sec: 50_000.0 };
+            }
+            let admin = admin_token.map(|token| reload::Admin { addr: target.addr, token });
+            let params = reload::ReloadParams { fanout: params, every };
+            let result = reload::run(&target, &params, &plugins, &name, admin.as_ref(), server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Suite(args) => suite::run(suite_options(args)?).await?,
+        Command::Report { json, font, benchmarks_md } => {
+            let text =
+                std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+            let results: suite::Results = serde_json::from_str(&text)?;
+            let out = json.with_extension("");
+            suite::write_reports(&results, &out, &font, benchmarks_md.as_deref())?;
+        }
     }
     Ok(())
 }
 
-/// Read server frames forever, answering pings with masked pongs.
-async fn answer_pings(mut stream: TcpStream) -> anyhow::Result<()> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("server closed the connection");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        while buf.len() >= 2 && buf[1] < 126 && buf.len() >= 2 + buf[1] as usize {
-            let (opcode, len) = (buf[0] & 0x0F, buf[1] as usize);
-            if opcode == 0x9 {
-                let mut pong = vec![0x8A, 0x80 | len as u8, 0, 0, 0, 0];
-                pong.extend_from_slice(&buf[2..2 + len]);
-                stream.write_all(&pong).await?;
-            }
-            buf.drain(..2 + len);
-        }
-    }
-}
-
-async fn idle(
-    url: &str,
-    connections: usize,
-    hold: Duration,
-    server_pid: u32,
-) -> anyhow::Result<()> {
-    let (addr, path) = parse_url(url)?;
-    let before = rss_kib(server_pid);
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::with_capacity(connections);
-    let started = std::time::Instant::now();
-    for n in 0..connections {
-        let mut stream = connect_from(addr, n).await?;
-        handshake(&mut stream, addr, &path).await?;
-        let failed = failed.clone();
-        tasks.push(tokio::spawn(async move {
-            if answer_pings(stream).await.is_err() {
-                failed.fetch_add(1, Relaxed);
-            }
-        }));
-    }
-    let connect_time = started.elapsed();
-    tokio::time::sleep(hold).await;
-    let after = rss_kib(server_pid);
-    let dropped = failed.load(Relaxed);
-    println!(
-        "connections: {connections} (opened in {connect_time:.1?}, held {hold:?}, dropped by server: {dropped})"
-    );
-    println!("server RSS: before {before} KiB, after {after} KiB");
-    println!(
-        "server RSS per idle connection: {:.2} KiB",
-        (after.saturating_sub(before)) as f64 / connections as f64
-    );
-    for task in tasks {
-        task.abort();
-    }
-    Ok(())
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
-        Scenario::Idle {
-            url,
-            connections,
-            hold,
-            server_pid,
-        } => idle(&url, connections, hold, server_pid).await,
-    }
+fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
+    let servers = args.servers.iter().map(|s| Kind::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(suite::SuiteOptions {
+        quick: args.quick,
+        runs: args.runs,
+        servers,
+        programs: Programs {
+            roomcast: args.roomcast,
+            tungstenite_peer: args.tungstenite_peer,
+            peers_dir: args.peers_dir,
+            node: args.node,
+            logs: args.work_dir.join("logs"),
+            cpu: args.server_cpu,
+            heartbeat: args.heartbeat,
+        },
+        wasm_dir: args.wasm_dir,
+        work_dir: args.work_dir,
+        out: args.out,
+        benchmarks_md: args.benchmarks_md,
+        font: args.font,
+        date: args.date,
+        commit: args.commit,
+    })
 }

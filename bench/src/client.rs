@@ -1,0 +1,294 @@
+//! The load generator's WebSocket client: loopback-only targets, source addresses
+//! spread over 127.0.0.x, the opening handshake, and frame encoding and decoding.
+//!
+//! This is deliberately not a general client: it writes masked frames of one opcode,
+//! parses the unmasked frames a server sends, and never allocates per frame.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Text frame opcode.
+pub const TEXT: u8 = 0x1;
+/// Binary frame opcode.
+pub const BINARY: u8 = 0x2;
+/// Close frame opcode.
+pub const CLOSE: u8 = 0x8;
+/// Ping frame opcode.
+pub const PING: u8 = 0x9;
+/// Pong frame opcode.
+pub const PONG: u8 = 0xA;
+
+/// Where the load goes: a loopback address and the request path (`/ws/ROOM`).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub path: String,
+}
+
+impl Target {
+    /// Parse `ws://IP:PORT/PATH`, refusing anything that is not a loopback address.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
+        let (authority, path) =
+            rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+        let addr: SocketAddr =
+            authority.parse().with_context(|| format!("`{authority}`: the URL needs an IP:port"))?;
+        Self::new(addr, path)
+    }
+
+    /// A target on a loopback address; any other address is refused.
+    pub fn new(addr: SocketAddr, path: String) -> anyhow::Result<Self> {
+        if !addr.ip().is_loopback() {
+            bail!("refusing to load a non-loopback address: {addr}");
+        }
+        Ok(Self { addr, path })
+    }
+}
+
+/// Round-robin over 127.0.0.2 ..= 127.0.0.254 so that tens of thousands of
+/// connections, and the TIME_WAIT sockets that closed ones leave behind, never exhaust
+/// one source address's ephemeral ports (about 28,000 each).
+static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
+
+fn next_source() -> Ipv4Addr {
+    let n = NEXT_SOURCE.fetch_add(1, Relaxed);
+    Ipv4Addr::new(127, 0, 0, 2 + (n % 253) as u8)
+}
+
+/// Start the source-address rotation at `offset` (worker processes use their index so
+/// that they do not all begin on the same address).
+pub fn offset_sources(offset: u32) {
+    NEXT_SOURCE.store(offset, Relaxed);
+}
+
+/// An open WebSocket connection and the bytes that followed the handshake response.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Frames the server sent right behind its `101` response.
+    pub pending: Vec<u8>,
+}
+
+/// Connect and upgrade, from the next source address, within `timeout`.
+pub async fn connect(target: &Target, timeout: Duration) -> anyhow::Result<Conn> {
+    tokio::time::timeout(timeout, connect_inner(target)).await.context("connect and handshake timed out")?
+}
+
+/// Open `n` connections, at most `concurrency` handshakes at a time, in order.
+pub async fn connect_many(
+    target: &Target,
+    n: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> Vec<anyhow::Result<Conn>> {
+    use futures_util::StreamExt as _;
+    futures_util::stream::iter(0..n)
+        .map(|_| connect(target, timeout))
+        .buffered(concurrency.max(1))
+        .collect()
+        .await
+}
+
+/// Open `n` connections; any failure fails the lot.
+pub async fn connect_all(target: &Target, n: usize) -> anyhow::Result<Vec<Conn>> {
+    connect_many(target, n, 64, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.with_context(|| format!("connection {i} to {}", target.addr)))
+        .collect()
+}
+
+async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(next_source()), 0))?;
+    let mut stream = socket.connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        target.path, target.addr
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(512);
+    loop {
+        if stream.read_buf(&mut head).await? == 0 {
+            bail!("closed during the handshake");
+        }
+        if let Some(end) = find(&head, b"\r\n\r\n") {
+            if !head.starts_with(b"HTTP/1.1 101") {
+                let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+                bail!("upgrade refused: {}", String::from_utf8_lossy(line));
+            }
+            let pending = head.split_off(end + 4);
+            return Ok(Conn { stream, pending });
+        }
+        if head.len() > 16 * 1024 {
+            bail!("handshake response too long");
+        }
+        head.reserve(512);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The masking key of every frame this client sends (the RFC asks for a key; the
+/// servers under test do not care which).
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// Append one masked, final frame to `out`.
+pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
+}
+
+/// One frame at the front of a buffer: its opcode and where its payload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameAt {
+    pub opcode: u8,
+    pub payload_start: usize,
+    pub end: usize,
+}
+
+/// Parse the server frame that starts at `buf[0]`, if it is complete.
+pub fn parse(buf: &[u8]) -> Option<FrameAt> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0F;
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut header): (usize, usize) = match buf[1] & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let bytes: [u8; 8] = buf[2..10].try_into().ok()?;
+            (u64::from_be_bytes(bytes) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if masked {
+        header += 4;
+    }
+    let end = header.checked_add(len)?;
+    (buf.len() >= end).then_some(FrameAt { opcode, payload_start: header, end })
+}
+
+/// Fill `out` with a text payload of exactly `size` bytes (at least [`STAMP_LEN`])
+/// carrying who sent it, its sequence number and when it was sent.
+pub fn stamp(sender: u32, seq: u32, sent_ns: u64, size: usize, out: &mut Vec<u8>) {
+    out.clear();
+    push_hex(out, sender as u64, 8);
+    push_hex(out, seq as u64, 8);
+    push_hex(out, sent_ns, 16);
+    out.resize(size.max(STAMP_LEN), b'.');
+}
+
+/// Bytes of a message taken by the stamp; the rest is padding.
+pub const STAMP_LEN: usize = 32;
+
+fn push_hex(out: &mut Vec<u8>, value: u64, digits: u32) {
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[((value >> (i * 4)) & 0xF) as usize]);
+    }
+}
+
+/// Read back what [`stamp`] wrote: `(sender, seq, sent_ns)`.
+pub fn read_stamp(payload: &[u8]) -> Option<(u32, u32, u64)> {
+    if payload.len() < STAMP_LEN {
+        return None;
+    }
+    let sender = hex(&payload[0..8])?;
+    let seq = hex(&payload[8..16])?;
+    let sent = hex(&payload[16..32])?;
+    Some((sender as u32, seq as u32, sent))
+}
+
+fn hex(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |acc, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(acc << 4 | v as u64)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_non_loopback_targets() {
+        assert!(Target::parse("ws://127.0.0.1:8080/ws/a").is_ok());
+        assert!(Target::parse("ws://[::1]:8080/ws/a").is_ok());
+        assert!(Target::parse("ws://10.0.0.1:8080/ws/a").is_err());
+        assert!(Target::parse("ws://example.com:80/ws/a").is_err());
+        assert!(Target::parse("wss://127.0.0.1:8080/ws/a").is_err());
+    }
+
+    #[test]
+    fn stamps_round_trip() {
+        let mut out = Vec::new();
+        stamp(7, 1234, 987_654_321_000, 64, &mut out);
+        assert_eq!(out.len(), 64);
+        assert!(std::str::from_utf8(&out).is_ok());
+        assert_eq!(read_stamp(&out), Some((7, 1234, 987_654_321_000)));
+    }
+
+    #[test]
+    fn parses_frames_of_every_length_form() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let payload = vec![b'x'; len];
+            let mut frame = vec![0x81];
+            if len < 126 {
+                frame.push(len as u8);
+            } else if len <= 65535 {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            } else {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+            frame.extend_from_slice(&payload);
+            let at = parse(&frame).expect("complete");
+            assert_eq!((at.opcode, at.end - at.payload_start), (TEXT, len));
+            assert_eq!(at.end, frame.len());
+            assert_eq!(parse(&frame[..frame.len() - 1]), None);
+        }
+    }
+
+    #[test]
+    fn encodes_masked_frames() {
+        let mut out = Vec::new();
+        encode(TEXT, b"hi", &mut out);
+        assert_eq!(out[..2], [0x81, 0x82]);
+        assert_eq!(out[6] ^ MASK[0], b'h');
+        assert_eq!(out[7] ^ MASK[1], b'i');
+    }
+}

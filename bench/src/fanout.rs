@@ -1,0 +1,351 @@
+//! Fan-out: N clients in one room, K of them sending M messages of S bytes that carry
+//! their send time; every other member should receive each message exactly once.
+//! Reports deliveries per second, latency percentiles, lost and duplicated deliveries,
+//! and the server's CPU over the sending phase only.
+//!
+//! One pump task sends for all K senders, message `g` from sender `g % K` with sequence
+//! number `g / K`. Saturated, it keeps at most `window` messages in flight (sent but not
+//! yet delivered to every other member), so server queues stay bounded and what is
+//! measured is throughput, not how deep a queue can grow. Paced, message `g` leaves at
+//! `g / rate` seconds after the start. Every connection has its own receiver task,
+//! which counts each `(sender, seq)` once in a bitset.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::client::{self, Conn};
+use crate::procfs;
+use crate::stats::Latency;
+
+/// How the senders send.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub enum Pace {
+    /// As fast as the server takes them, with at most `window` messages in flight.
+    Saturated { window: usize },
+    /// At a fixed total rate of deliveries per second (messages/s times recipients).
+    Paced { deliveries_per_sec: f64 },
+}
+
+/// One fan-out run's shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FanoutParams {
+    pub clients: usize,
+    pub senders: usize,
+    /// Messages sent in total (rounded down to a multiple of `senders`).
+    pub messages: usize,
+    /// Payload bytes per message (at least 32, the stamp).
+    pub size: usize,
+    pub pace: Pace,
+    /// Binary frames instead of text.
+    pub binary: bool,
+    /// Stop waiting for missing deliveries after this long without progress.
+    pub grace: Duration,
+    /// Bound on the sending phase, whatever happens.
+    pub max_duration: Duration,
+}
+
+/// What one fan-out run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FanoutResult {
+    pub messages: u64,
+    /// Deliveries owed: each message to every member but its sender.
+    pub expected: u64,
+    /// Distinct deliveries received.
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    /// Frames that carried no stamp of this run (e.g. a plugin's notice).
+    pub foreign: u64,
+    /// Connections the server closed before the end.
+    pub closed_by_server: u64,
+    /// From the first send to the last delivery.
+    pub elapsed_s: f64,
+    pub deliveries_per_sec: f64,
+    pub latency: Latency,
+    /// Server CPU (user + system) over the sending phase, when its pid is known.
+    pub server_cpu_s: f64,
+    pub cpu_us_per_delivery: f64,
+    /// The load generator's own CPU over the same phase (it shares no CPU with the
+    /// server; near `elapsed_s` means it, not the server, was the limit).
+    pub client_cpu_s: f64,
+}
+
+/// State the pump and the receivers share.
+struct Shared {
+    epoch: Instant,
+    /// Messages handed to the kernel so far.
+    sent: AtomicU64,
+    /// Distinct deliveries so far, over all receivers.
+    delivered: AtomicU64,
+    /// Set while the pump waits for the window to open; receivers then wake it.
+    pump_waiting: AtomicBool,
+    progress: Notify,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// Where `(sender, seq)` sits in a receiver's bitset.
+#[derive(Clone, Copy)]
+struct Layout {
+    senders: usize,
+    per_sender: usize,
+}
+
+#[derive(Default)]
+struct ReceiverOut {
+    latencies_ns: Vec<u32>,
+    duplicates: u64,
+    foreign: u64,
+    last_ns: u64,
+    closed_by_server: bool,
+}
+
+/// Run one fan-out over connections already open in the room. The connections are
+/// closed when it returns.
+pub async fn run(
+    conns: Vec<Conn>,
+    params: &FanoutParams,
+    server_pid: Option<u32>,
+) -> anyhow::Result<FanoutResult> {
+    let clients = conns.len();
+    anyhow::ensure!(clients >= 2, "fan-out needs at least two clients");
+    let senders = params.senders.clamp(1, clients);
+    let per_sender = params.messages / senders;
+    let total = per_sender * senders;
+    let layout = Layout { senders, per_sender };
+    let shared = Arc::new(Shared {
+        epoch: Instant::now(),
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        pump_waiting: AtomicBool::new(false),
+        progress: Notify::new(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut writers = Vec::with_capacity(senders);
+    let mut receivers = Vec::with_capacity(clients);
+    for (i, conn) in conns.into_iter().enumerate() {
+        let (read, write) = conn.stream.into_split();
+        let write = Arc::new(Mutex::new(write));
+        if i < senders {
+            writers.push(write.clone());
+        }
+        let own = if i < senders { per_sender } else { 0 };
+        let expected = total - own;
+        receivers.push(tokio::spawn(receive(
+            read,
+            write,
+            conn.pending,
+            shared.clone(),
+            stop_rx.clone(),
+            layout,
+            expected,
+        )));
+    }
+    // Let every member's join reach its room before anything is sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let recipients = (clients - 1) as u64;
+    let expected = total as u64 * recipients;
+    let cpu_before = server_pid.map(procfs::cpu_secs).transpose()?;
+    let own_before = procfs::cpu_secs(std::process::id())?;
+    let start = Instant::now();
+    let start_ns = shared.now_ns();
+    let pump = tokio::spawn(pump(writers, shared.clone(), params.clone(), layout, start));
+
+    let deadline = start + params.max_duration;
+    let mut last_seen = 0;
+    let mut last_change = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let delivered = shared.delivered.load(Relaxed);
+        let now = Instant::now();
+        if delivered >= expected || now >= deadline {
+            break;
+        }
+        if delivered != last_seen {
+            last_seen = delivered;
+            last_change = now;
+        } else if pump.is_finished() && now - last_change >= params.grace {
+            break;
+        }
+    }
+    let cpu_after = server_pid.map(procfs::cpu_secs).transpose()?;
+    let own_after = procfs::cpu_secs(std::process::id())?;
+    let _ = stop_tx.send(true);
+    pump.abort();
+
+    let mut result = FanoutResult {
+        messages: shared.sent.load(Relaxed),
+        expected,
+        client_cpu_s: own_after - own_before,
+        ..FanoutResult::default()
+    };
+    let mut latencies: Vec<u32> = Vec::with_capacity(expected as usize);
+    let mut last_ns = start_ns;
+    for receiver in receivers {
+        let out = receiver.await.context("receiver task")?;
+        result.delivered += out.latencies_ns.len() as u64;
+        result.duplicates += out.duplicates;
+        result.foreign += out.foreign;
+        result.closed_by_server += out.closed_by_server as u64;
+        last_ns = last_ns.max(out.last_ns);
+        latencies.extend_from_slice(&out.latencies_ns);
+    }
+    result.lost = expected.saturating_sub(result.delivered);
+    result.elapsed_s = (last_ns - start_ns) as f64 / 1e9;
+    if result.elapsed_s > 0.0 {
+        result.deliveries_per_sec = result.delivered as f64 / result.elapsed_s;
+    }
+    result.latency = Latency::from_ns(&mut latencies);
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        result.server_cpu_s = after - before;
+        if result.delivered > 0 {
+            result.cpu_us_per_delivery = result.server_cpu_s * 1e6 / result.delivered as f64;
+        }
+    }
+    Ok(result)
+}
+
+/// Send every message, for all senders, in the order `g = seq * senders + sender`.
+async fn pump(
+    writers: Vec<Arc<Mutex<OwnedWriteHalf>>>,
+    shared: Arc<Shared>,
+    params: FanoutParams,
+    layout: Layout,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let opcode = if params.binary { client::BINARY } else { client::TEXT };
+    let recipients = (params.clients.max(2) - 1) as u64;
+    let total = layout.per_sender * layout.senders;
+    let mut payload = Vec::with_capacity(params.size);
+    let mut frame = Vec::with_capacity(params.size + 14);
+    for g in 0..total {
+        match params.pace {
+            Pace::Saturated { window } => {
+                wait_for_window(&shared, window as u64 * recipients, recipients, params.grace).await
+            }
+            Pace::Paced { deliveries_per_sec } => {
+                let at = g as f64 * recipients as f64 / deliveries_per_sec;
+                tokio::time::sleep_until((start + Duration::from_secs_f64(at)).into()).await;
+            }
+        }
+        let (sender, seq) = (g % layout.senders, g / layout.senders);
+        client::stamp(sender as u32, seq as u32, shared.now_ns(), params.size, &mut payload);
+        frame.clear();
+        client::encode(opcode, &payload, &mut frame);
+        shared.sent.fetch_add(1, Relaxed);
+        writers[sender].lock().await.write_all(&frame).await?;
+    }
+    Ok(())
+}
+
+/// Wait until fewer than `window` deliveries are outstanding, or until `grace` passes
+/// without progress (some deliveries were lost: carry on rather than stall).
+async fn wait_for_window(shared: &Shared, window: u64, recipients: u64, grace: Duration) {
+    loop {
+        let notified = shared.progress.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        shared.pump_waiting.store(true, Relaxed);
+        let owed = shared.sent.load(Relaxed) * recipients;
+        if owed.saturating_sub(shared.delivered.load(Relaxed)) < window {
+            shared.pump_waiting.store(false, Relaxed);
+            return;
+        }
+        if tokio::time::timeout(grace, notified).await.is_err() {
+            shared.pump_waiting.store(false, Relaxed);
+            return;
+        }
+    }
+}
+
+/// Read one member's frames until told to stop: count each stamped message once,
+/// record its latency, answer pings.
+async fn receive(
+    mut read: OwnedReadHalf,
+    write: Arc<Mutex<OwnedWriteHalf>>,
+    mut buf: Vec<u8>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    layout: Layout,
+    expected: usize,
+) -> ReceiverOut {
+    let mut out = ReceiverOut { latencies_ns: Vec::with_capacity(expected), ..ReceiverOut::default() };
+    let mut seen = vec![0u64; (layout.senders * layout.per_sender).div_ceil(64)];
+    let mut pong = Vec::new();
+    buf.reserve(64 * 1024);
+    loop {
+        let now = shared.now_ns();
+        let mut at = 0;
+        let mut fresh = 0u64;
+        let mut closed = false;
+        while let Some(frame) = client::parse(&buf[at..]) {
+            let payload = &buf[at + frame.payload_start..at + frame.end];
+            match frame.opcode {
+                client::TEXT | client::BINARY => match client::read_stamp(payload) {
+                    Some((sender, seq, sent_ns))
+                        if (sender as usize) < layout.senders && (seq as usize) < layout.per_sender =>
+                    {
+                        let bit = sender as usize * layout.per_sender + seq as usize;
+                        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+                        if seen[word] & mask != 0 {
+                            out.duplicates += 1;
+                        } else {
+                            seen[word] |= mask;
+                            fresh += 1;
+                            let latency = now.saturating_sub(sent_ns);
+                            out.latencies_ns.push(latency.min(u32::MAX as u64) as u32);
+                        }
+                    }
+                    _ => out.foreign += 1,
+                },
+                client::PING => {
+                    pong.clear();
+                    client::encode(client::PONG, payload, &mut pong);
+                    let _ = write.lock().await.write_all(&pong).await;
+                }
+                client::CLOSE => closed = true,
+                _ => {}
+            }
+            at += frame.end;
+        }
+        buf.drain(..at);
+        if fresh > 0 {
+            out.last_ns = now;
+            shared.delivered.fetch_add(fresh, Relaxed);
+            if shared.pump_waiting.load(Relaxed) {
+                shared.progress.notify_one();
+            }
+        }
+        if closed {
+            out.closed_by_server = !*stop.borrow();
+            break;
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            biased;
+            read = read.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    out.closed_by_server = !*stop.borrow();
+                    break;
+                }
+                Ok(_) => {}
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    out
+}

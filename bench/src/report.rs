@@ -1,0 +1,515 @@
+//! The Markdown reports: a dated results file with every run, and `BENCHMARKS.md` with
+//! the latest medians, the machine, and how to reproduce them.
+
+use std::fmt::Write as _;
+
+use crate::fanout::{FanoutResult, Pace};
+use crate::servers::Kind;
+use crate::stats::median;
+use crate::suite::Results;
+
+/// Median of `f` over the runs of `kind`.
+fn med<T>(runs: &[(Kind, T)], kind: Kind, f: impl Fn(&T) -> f64) -> f64 {
+    median(runs.iter().filter(|(k, _)| *k == kind).map(|(_, r)| f(r)))
+}
+
+/// Median of `f` over the plugin runs through `plugin`.
+pub fn plugin_med(results: &Results, plugin: &str, f: impl Fn(&FanoutResult) -> f64) -> f64 {
+    median(results.plugins.iter().filter(|p| p.plugin == plugin).map(|p| f(&p.result)))
+}
+
+/// A number with `d` decimals, or `–` when there is none.
+fn num(v: f64, d: usize) -> String {
+    if v.is_finite() { format!("{v:.d$}") } else { "–".into() }
+}
+
+/// `a / b` as `1.23×`.
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b != 0.0 { format!("{:.2}×", a / b) } else { "–".into() }
+}
+
+/// The medians the chart and the tables share.
+#[derive(Clone, Copy, Debug)]
+pub struct Medians {
+    pub cpu_us_per_delivery: f64,
+    pub deliveries_per_sec: f64,
+    pub saturated_p99_us: f64,
+    pub paced_p50_us: f64,
+    pub paced_p99_us: f64,
+    pub paced_max_us: f64,
+    pub paced_cpu_us: f64,
+    pub idle_kib_per_conn: f64,
+    pub idle_opened: f64,
+    pub churn_per_sec: f64,
+}
+
+pub fn medians(results: &Results, kind: Kind) -> Medians {
+    Medians {
+        cpu_us_per_delivery: med(&results.fanout, kind, |r| r.cpu_us_per_delivery),
+        deliveries_per_sec: med(&results.fanout, kind, |r| r.deliveries_per_sec),
+        saturated_p99_us: med(&results.fanout, kind, |r| r.latency.p99_us),
+        paced_p50_us: med(&results.paced, kind, |r| r.latency.p50_us),
+        paced_p99_us: med(&results.paced, kind, |r| r.latency.p99_us),
+        paced_max_us: med(&results.paced, kind, |r| r.latency.max_us),
+        paced_cpu_us: med(&results.paced, kind, |r| r.cpu_us_per_delivery),
+        idle_kib_per_conn: med(&results.idle, kind, |r| r.rss_per_conn_kib),
+        idle_opened: med(&results.idle, kind, |r| r.opened as f64),
+        churn_per_sec: med(&results.churn, kind, |r| r.connects_per_sec),
+    }
+}
+
+fn header(out: &mut String, first: &str, servers: &[Kind]) {
+    let _ = write!(out, "| {first} |");
+    for k in servers {
+        let _ = write!(out, " {} |", k.label());
+    }
+    out.push_str("\n|---|");
+    for _ in servers {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+}
+
+fn row(out: &mut String, name: &str, cells: impl IntoIterator<Item = String>) {
+    let _ = write!(out, "| {name} |");
+    for c in cells {
+        let _ = write!(out, " {c} |");
+    }
+    out.push('\n');
+}
+
+/// The tables both reports show: summary, ratios, plugins, reload, targets.
+pub fn tables(results: &Results) -> String {
+    let mut out = String::new();
+    let Some(sizes) = &results.sizes else {
+        return out;
+    };
+    let servers = &results.servers;
+    let m: Vec<Medians> = servers.iter().map(|&k| medians(results, k)).collect();
+    let f = &sizes.fanout;
+    let window = match f.pace {
+        Pace::Saturated { window } => window,
+        Pace::Paced { .. } => 0,
+    };
+    let paced_rate = match sizes.paced.pace {
+        Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+        Pace::Saturated { .. } => f64::NAN,
+    };
+    let _ = writeln!(
+        out,
+        "Medians of {} runs; each run on a freshly started server pinned to CPU {}, the load \
+         generator on CPU {}.\n",
+        sizes.runs, results.machine.server_cpu, results.machine.loadgen_cpus
+    );
+    let _ = writeln!(out, "### Side by side\n");
+    header(&mut out, "", servers);
+    let cell = |g: fn(&Medians) -> f64, d: usize| m.iter().map(move |x| num(g(x), d));
+    let _ = writeln!(
+        out,
+        "| **Saturated fan-out**: {} clients, {} senders, {} messages of {} B, {} in flight | {}",
+        f.clients,
+        f.senders,
+        f.messages,
+        f.size,
+        window,
+        "|".repeat(servers.len())
+    );
+    row(
+        &mut out,
+        "server CPU µs per delivery (= CPU s per million; lower is better)",
+        cell(|x| x.cpu_us_per_delivery, 3),
+    );
+    row(&mut out, "deliveries/s (the load generator may be the limit)", cell(|x| x.deliveries_per_sec, 0));
+    row(&mut out, "latency p99 under saturation, µs", cell(|x| x.saturated_p99_us, 0));
+    row(
+        &mut out,
+        "lost / duplicated deliveries (all runs)",
+        servers.iter().map(|&k| {
+            let (lost, dup) = results
+                .fanout
+                .iter()
+                .filter(|(s, _)| *s == k)
+                .fold((0, 0), |(l, d), (_, r)| (l + r.lost, d + r.duplicates));
+            format!("{lost} / {dup}")
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "| **Paced fan-out**: {} deliveries/s to {} clients | {}",
+        num(paced_rate, 0),
+        sizes.paced.clients,
+        "|".repeat(servers.len())
+    );
+    row(&mut out, "latency p50, µs", cell(|x| x.paced_p50_us, 0));
+    row(&mut out, "latency p99, µs (lower is better)", cell(|x| x.paced_p99_us, 0));
+    row(&mut out, "latency max, µs", cell(|x| x.paced_max_us, 0));
+    row(&mut out, "server CPU µs per delivery", cell(|x| x.paced_cpu_us, 3));
+    let _ = writeln!(
+        out,
+        "| **Idle**: {} connections held {} s, heartbeat on | {}",
+        sizes.idle.connections,
+        sizes.idle.hold.as_secs(),
+        "|".repeat(servers.len())
+    );
+    row(&mut out, "server RSS per connection, KiB (lower is better)", cell(|x| x.idle_kib_per_conn, 2));
+    row(&mut out, "connections open (median)", cell(|x| x.idle_opened, 0));
+    let c = &sizes.churn;
+    let _ = writeln!(
+        out,
+        "| **Churn**: {} at a time join and leave for {} s while {} members get {} msg/s | {}",
+        c.concurrency,
+        c.duration.as_secs(),
+        c.members,
+        c.messages_per_sec,
+        "|".repeat(servers.len())
+    );
+    row(&mut out, "connects/s", cell(|x| x.churn_per_sec, 0));
+    let churn_cells = |g: fn(&crate::churn::ChurnResult) -> String| {
+        servers
+            .iter()
+            .map(move |&k| {
+                results
+                    .churn
+                    .iter()
+                    .filter(|(s, _)| *s == k)
+                    .map(|(_, r)| g(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect::<Vec<_>>()
+    };
+    row(
+        &mut out,
+        "server fds before → after, each run",
+        churn_cells(|r| format!("{}→{}", r.fds_before, r.fds_after)),
+    );
+    row(
+        &mut out,
+        "server RSS before → after, MiB, each run",
+        churn_cells(|r| {
+            format!("{:.1}→{:.1}", r.rss_before_kib as f64 / 1024.0, r.rss_after_kib as f64 / 1024.0)
+        }),
+    );
+    row(&mut out, "broadcast lost during churn, each run", churn_cells(|r| r.broadcast.lost.to_string()));
+
+    if let Some(rc) = servers.iter().position(|&k| k == Kind::Roomcast) {
+        let peers: Vec<usize> = (0..servers.len()).filter(|&i| i != rc).collect();
+        if !peers.is_empty() {
+            let _ = writeln!(out, "\n### Roomcast ÷ peer (medians)\n");
+            let peer_kinds: Vec<Kind> = peers.iter().map(|&i| servers[i]).collect();
+            header(&mut out, "metric", &peer_kinds);
+            let ratios = |g: fn(&Medians) -> f64| {
+                peers.iter().map(|&i| ratio(g(&m[rc]), g(&m[i]))).collect::<Vec<_>>()
+            };
+            row(&mut out, "CPU per delivery, saturated (< 1 is better)", ratios(|x| x.cpu_us_per_delivery));
+            row(&mut out, "deliveries/s, saturated (> 1 is better)", ratios(|x| x.deliveries_per_sec));
+            row(&mut out, "latency p99, paced (< 1 is better)", ratios(|x| x.paced_p99_us));
+            row(&mut out, "CPU per delivery, paced (< 1 is better)", ratios(|x| x.paced_cpu_us));
+            row(&mut out, "RSS per idle connection (< 1 is better)", ratios(|x| x.idle_kib_per_conn));
+            row(&mut out, "connects/s under churn (> 1 is better)", ratios(|x| x.churn_per_sec));
+        }
+    }
+
+    if !results.plugins.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Plugins (Roomcast, saturated fan-out as above)\n\n\
+             | room served by | deliveries/s | % of no plugin | CPU µs per delivery | CPU vs no plugin | lost |\n\
+             |---|---:|---:|---:|---:|---:|"
+        );
+        let base_tp = plugin_med(results, "none", |r| r.deliveries_per_sec);
+        let base_cpu = plugin_med(results, "none", |r| r.cpu_us_per_delivery);
+        for plugin in ["none", "relay", "moderation"] {
+            let tp = plugin_med(results, plugin, |r| r.deliveries_per_sec);
+            let cpu = plugin_med(results, plugin, |r| r.cpu_us_per_delivery);
+            let lost: u64 =
+                results.plugins.iter().filter(|p| p.plugin == plugin).map(|p| p.result.lost).sum();
+            let name = if plugin == "none" { "no plugin" } else { plugin };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {}% | {} | {} | {lost} |",
+                num(tp, 0),
+                num(tp / base_tp * 100.0, 1),
+                num(cpu, 3),
+                ratio(cpu, base_cpu)
+            );
+        }
+    }
+
+    if !results.reload.is_empty() {
+        let r = &sizes.reload;
+        let rate = match r.fanout.pace {
+            Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+            Pace::Saturated { .. } => f64::NAN,
+        };
+        let _ = writeln!(
+            out,
+            "\n### Reload under load (Roomcast, relay replaced every {} s during a paced fan-out of {} deliveries/s to {} clients)\n\n\
+             | run | replacements | versions loaded | deliveries | lost | duplicated | closed by server | p99 µs | max µs |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            r.every.as_secs_f64(),
+            num(rate, 0),
+            r.fanout.clients
+        );
+        for (i, run) in results.reload.iter().enumerate() {
+            let versions = match (run.versions_before, run.versions_after) {
+                (Some(a), Some(b)) => (b - a.min(b)).to_string(),
+                _ => "no admin API".into(),
+            };
+            let f = &run.fanout;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {versions} | {} | {} | {} | {} | {} | {} |",
+                i + 1,
+                run.replacements,
+                f.delivered,
+                f.lost,
+                f.duplicates,
+                f.closed_by_server,
+                num(f.latency.p99_us, 0),
+                num(f.latency.max_us, 0)
+            );
+        }
+    }
+
+    out.push_str(&targets(results, &m));
+    out
+}
+
+/// Issue 5's targets, met or not, from the medians.
+fn targets(results: &Results, m: &[Medians]) -> String {
+    let mut out = String::new();
+    let servers = &results.servers;
+    let Some(rc) = servers.iter().position(|&k| k == Kind::Roomcast) else {
+        return out;
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let _ = writeln!(
+        out,
+        "\n### Targets (issue 5)\n\n| target | Roomcast | reference | verdict |\n|---|---:|---:|---|"
+    );
+    let best_peer = (0..servers.len())
+        .filter(|&i| i != rc && m[i].cpu_us_per_delivery.is_finite())
+        .min_by(|&a, &b| m[a].cpu_us_per_delivery.total_cmp(&m[b].cpu_us_per_delivery));
+    if let Some(best) = best_peer {
+        let (ours, theirs) = (m[rc].cpu_us_per_delivery, m[best].cpu_us_per_delivery);
+        let _ = writeln!(
+            out,
+            "| CPU per delivery, saturated fan-out ≤ best peer | {} µs | {} µs ({}) | {} ({}) |",
+            num(ours, 3),
+            num(theirs, 3),
+            servers[best].label(),
+            verdict(ours <= theirs),
+            ratio(ours, theirs)
+        );
+    }
+    if let Some(uws) = servers.iter().position(|&k| k == Kind::Uws) {
+        let (ours, theirs) = (m[rc].paced_p99_us, m[uws].paced_p99_us);
+        let _ = writeln!(
+            out,
+            "| broadcast p99, paced, ≤ uWebSockets | {} µs | {} µs | {} ({}) |",
+            num(ours, 0),
+            num(theirs, 0),
+            verdict(ours <= theirs),
+            ratio(ours, theirs)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| RSS per idle connection ≤ 4 KiB at 19,000 | {} KiB at {} | 4 KiB at 19000 | {} |",
+        num(m[rc].idle_kib_per_conn, 2),
+        num(m[rc].idle_opened, 0),
+        if m[rc].idle_opened < 19_000.0 {
+            format!("{} at this size", verdict(m[rc].idle_kib_per_conn <= 4.0))
+        } else {
+            verdict(m[rc].idle_kib_per_conn <= 4.0).to_owned()
+        }
+    );
+    if !results.plugins.is_empty() {
+        let pct = plugin_med(results, "relay", |r| r.deliveries_per_sec)
+            / plugin_med(results, "none", |r| r.deliveries_per_sec)
+            * 100.0;
+        let cpu = plugin_med(results, "none", |r| r.cpu_us_per_delivery)
+            / plugin_med(results, "relay", |r| r.cpu_us_per_delivery)
+            * 100.0;
+        let _ = writeln!(
+            out,
+            "| plugin pass-through ≥ 90% of no-plugin throughput | {}% (by CPU per delivery: {}%) | 90% | {} |",
+            num(pct, 1),
+            num(cpu, 1),
+            verdict(pct >= 90.0)
+        );
+    }
+    out
+}
+
+fn machine(results: &Results) -> String {
+    let m = &results.machine;
+    format!(
+        "| | |\n|---|---|\n| date | {} |\n| commit | `{}` |\n| CPUs (nproc) | {} × {} |\n| memory | {:.1} GiB |\n\
+         | kernel | {} |\n| pinning | servers on CPU {}, load generator on CPU {} (`taskset`) |\n\
+         | Rust | {} |\n| Node | {} |\n| uWebSockets.js | npm `uwebsockets@{}`, integrity `{}` |\n\
+         | Node ws | `ws@{}` |\n| tokio-tungstenite | 0.30 (bench/src/bin/tungstenite-peer.rs, 4 KiB read buffer) |\n\
+         | load average before → after | {} → {} |\n",
+        m.date,
+        m.commit,
+        m.cpus,
+        m.cpu_model,
+        m.memory_gib,
+        m.kernel,
+        m.server_cpu,
+        m.loadgen_cpus,
+        m.rustc,
+        m.node,
+        m.uws_version,
+        m.uws_integrity,
+        m.ws_version,
+        m.load_before,
+        m.load_after
+    )
+}
+
+/// The dated results file: tables, settings, every run.
+pub fn results_md(results: &Results, chart: Option<&str>) -> String {
+    let mut out = format!(
+        "# Roomcast benchmark, {}{}\n\n",
+        results.machine.date,
+        if results.quick { " (quick smoke run: small sizes, not for comparison)" } else { "" }
+    );
+    out.push_str(&machine(results));
+    out.push('\n');
+    if let Some(chart) = chart {
+        let _ = writeln!(out, "![CPU per delivery, latency, memory per connection]({chart})\n");
+    }
+    out.push_str(&tables(results));
+    if !results.errors.is_empty() {
+        out.push_str("\n### Failed runs\n\n");
+        for e in &results.errors {
+            let _ = writeln!(out, "- {e}");
+        }
+    }
+    out.push_str("\n### Every run\n\n| server | scenario | deliveries/s | CPU µs/delivery | p50 µs | p99 µs | max µs | lost | dup | closed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut fan = |kind: &str, scenario: &str, r: &FanoutResult| {
+        let _ = writeln!(
+            out,
+            "| {kind} | {scenario} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            r.deliveries_per_sec,
+            r.cpu_us_per_delivery,
+            r.latency.p50_us,
+            r.latency.p99_us,
+            r.latency.max_us,
+            r.lost,
+            r.duplicates,
+            r.closed_by_server
+        );
+    };
+    for (k, r) in &results.fanout {
+        fan(k.label(), "saturated", r);
+    }
+    for (k, r) in &results.paced {
+        fan(k.label(), "paced", r);
+    }
+    for p in &results.plugins {
+        fan("Roomcast", &format!("plugin {}", p.plugin), &p.result);
+    }
+    for r in &results.reload {
+        fan("Roomcast", "reload", &r.fanout);
+    }
+    for (k, r) in &results.churn {
+        fan(k.label(), "churn broadcast", &r.broadcast);
+    }
+    out.push_str("\n| server | idle connections | failed | dropped | pings answered | RSS before KiB | RSS after KiB | KiB per connection | connect s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (k, r) in &results.idle {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} |",
+            k.label(),
+            r.opened,
+            r.failed,
+            r.dropped_by_server,
+            r.pings_answered,
+            r.rss_before_kib,
+            r.rss_after_kib,
+            r.rss_per_conn_kib,
+            r.connect_s
+        );
+    }
+    out.push_str("\n| server | churn connects | failed | connects/s | fds before | fds after | RSS before KiB | RSS after KiB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (k, r) in &results.churn {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} |",
+            k.label(),
+            r.connects,
+            r.failed,
+            r.connects_per_sec,
+            r.fds_before,
+            r.fds_after,
+            r.rss_before_kib,
+            r.rss_after_kib
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhole run: {:.0} s. Raw numbers: the `.json` file beside this one.",
+        results.duration_s
+    );
+    out
+}
+
+/// `BENCHMARKS.md`: the latest tables, the machine, how to reproduce.
+pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>) -> String {
+    let mut out = String::from(
+        "# Benchmarks\n\n\
+         Roomcast against the servers people would pick instead, on one machine, with one load\n\
+         generator, in one script run. This file is rewritten by `bench/run`; every run also\n\
+         leaves a dated report with every individual run under `bench/results/`.\n\n",
+    );
+    let _ = writeln!(out, "Latest: [{results_file}]({results_file}), {}.\n", results.machine.date);
+    if let Some(chart) = chart {
+        let _ = writeln!(out, "![CPU per delivery, latency, memory per connection]({chart})\n");
+    }
+    out.push_str("## Latest results\n\n");
+    out.push_str(&tables(results));
+    out.push_str("\n## Machine\n\n");
+    out.push_str(&machine(results));
+    out.push_str(
+        "\n## How to reproduce\n\n\
+         ```sh\n\
+         bench/run            # everything, about 15 minutes on 2 cores\n\
+         bench/run --quick    # a 2-minute smoke run with small sizes\n\
+         ```\n\n\
+         `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
+         `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
+         peers in release mode, and runs `roomcast-bench suite` pinned to CPU 1 while every\n\
+         server is pinned to CPU 0. Each scenario can also be run by hand against a server you\n\
+         started: `target/release/roomcast-bench --help`.\n\n\
+         ## What is measured\n\n\
+         - **Saturated fan-out**: N clients in one room; K of them send M text messages of S bytes,\n\
+           each stamped with its sender, sequence number and send time; every other member must\n\
+           get each message once. At most a window of messages is in flight, so queues stay\n\
+           bounded. *Server CPU per delivery* is utime + stime from `/proc/PID/stat` over the\n\
+           sending phase only, divided by deliveries: it is the fair number, because on 2 cores\n\
+           the load generator, not the server, saturates first for the fastest servers.\n\
+         - **Paced fan-out**: the same at a fixed rate of deliveries per second; latency is from\n\
+           the send stamp to the read that returned the delivery.\n\
+         - **Idle**: connections from source addresses spread over 127.0.0.x that only answer\n\
+           pings (every server pings after the same interval); RSS growth over the fresh server\n\
+           divided by connections.\n\
+         - **Churn**: clients join and leave the room (half with a close frame, half by dropping\n\
+           the TCP connection) while it broadcasts; the server's open descriptors and RSS before\n\
+           the run and after everyone left show leaks.\n\
+         - **Plugins**: the saturated fan-out through `relay` (passes everything on, the same\n\
+           semantics as no plugin) and `moderation` (checks every message; limits set so none is\n\
+           dropped) against no plugin, on one Roomcast.\n\
+         - **Reload under load**: a paced fan-out through `relay` while `relay.wasm` is replaced\n\
+           every second (written under a temporary name, renamed over the old one; each copy\n\
+           carries a different custom section so its content hash changes); lost and duplicated\n\
+           deliveries are counted per member and per message.\n\n\
+         The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
+         topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
+         ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\
+         (`bench/src/bin/tungstenite-peer.rs`). Roomcast runs with `--max-queue-bytes 64MiB`.\n",
+    );
+    out
+}

@@ -1,0 +1,176 @@
+//! The servers under test: how to start each one pinned to its CPU with `taskset`, wait
+//! until it accepts connections, and stop it.
+//!
+//! Every server gets the same room semantics (a message goes to every other member),
+//! the same heartbeat interval, and room for bursts in its outbound queues.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+/// A server implementation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Roomcast,
+    Tungstenite,
+    Uws,
+    Ws,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Roomcast, Kind::Tungstenite, Kind::Uws, Kind::Ws];
+
+    /// The short name used on the command line.
+    pub fn id(self) -> &'static str {
+        match self {
+            Kind::Roomcast => "roomcast",
+            Kind::Tungstenite => "tungstenite",
+            Kind::Uws => "uws",
+            Kind::Ws => "ws",
+        }
+    }
+
+    /// The name shown in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Roomcast => "Roomcast",
+            Kind::Tungstenite => "tokio-tungstenite",
+            Kind::Uws => "uWebSockets.js",
+            Kind::Ws => "Node ws",
+        }
+    }
+
+    pub fn parse(id: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.id() == id)
+            .with_context(|| format!("unknown server `{id}` (roomcast, tungstenite, uws, ws)"))
+    }
+}
+
+/// Where the server programs are.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    pub roomcast: PathBuf,
+    pub tungstenite_peer: PathBuf,
+    /// The folder with `uws.js`, `ws.js` and their `node_modules`.
+    pub peers_dir: PathBuf,
+    pub node: String,
+    /// Where server logs go.
+    pub logs: PathBuf,
+    /// The CPU every server is pinned to.
+    pub cpu: String,
+    /// Heartbeat interval for every server.
+    pub heartbeat: Duration,
+}
+
+/// Extra settings for a Roomcast run.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    pub plugins: Option<PathBuf>,
+    pub admin_token: Option<String>,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    pub pid: u32,
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl Server {
+    /// Start `kind` on a free loopback port, pinned to `programs.cpu`, and wait until
+    /// it accepts connections.
+    pub async fn start(kind: Kind, programs: &Programs, extras: &Extras) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let heartbeat = programs.heartbeat.as_secs().max(1).to_string();
+        let mut command = tokio::process::Command::new("taskset");
+        command.args(["-c", &programs.cpu]);
+        match kind {
+            Kind::Roomcast => {
+                command
+                    .arg(&programs.roomcast)
+                    .args(["serve", "--listen", &addr.to_string()])
+                    .args(["--max-queue-bytes", "64MiB"])
+                    .args(["--heartbeat-interval", &format!("{heartbeat}s")])
+                    .args(["--max-connections", "19500"]);
+                if let Some(dir) = &extras.plugins {
+                    command.arg("--plugins").arg(dir);
+                }
+                if let Some(token) = &extras.admin_token {
+                    command.args(["--admin-token", token]);
+                }
+            }
+            Kind::Tungstenite => {
+                command.arg(&programs.tungstenite_peer).arg(port.to_string());
+            }
+            Kind::Uws | Kind::Ws => {
+                let script = programs.peers_dir.join(format!("{}.js", kind.id()));
+                command.arg(&programs.node).arg(script).arg(port.to_string());
+            }
+        }
+        std::fs::create_dir_all(&programs.logs)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(programs.logs.join(format!("{}.log", kind.id())))?;
+        command
+            .env("HEARTBEAT_SECS", &heartbeat)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = command.spawn().with_context(|| format!("starting {}", kind.label()))?;
+        let pid = child.id().context("server pid")?;
+        let started = Instant::now();
+        // taskset execs the server, so the pid is the server's own.
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("{} exited during start-up ({status}); see {}", kind.label(), programs.logs.display());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("{} did not listen on {addr} within 30 s", kind.label());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let start-up work (plugin compilation, JIT warm-up of the module) finish.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Self { pid, addr, child })
+    }
+
+    /// Kill it and wait for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.child.start_kill();
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Copy the given plugin files (and manifests) into a fresh folder.
+pub fn plugins_folder(dir: &Path, files: &[(&Path, &str)]) -> anyhow::Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    for (from, name) in files {
+        std::fs::copy(from, dir.join(name))
+            .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
+    }
+    Ok(dir.to_owned())
+}

@@ -1,0 +1,461 @@
+//! The whole benchmark: every scenario, for every server, several runs, each run on a
+//! freshly started server pinned to its own CPU; then the reports.
+//!
+//! Runs are interleaved (run 1 of every server, then run 2, ...) so that drift on a
+//! noisy machine spreads over all servers instead of favouring one.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::churn::{self, ChurnParams, ChurnResult};
+use crate::client::{self, Target};
+use crate::fanout::{self, FanoutParams, FanoutResult, Pace};
+use crate::idle::{self, IdleParams, IdleResult};
+use crate::reload::{self, Admin, ReloadParams, ReloadResult};
+use crate::servers::{Extras, Kind, Programs, Server};
+use crate::{chart, procfs, report};
+
+/// The size of every scenario.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sizes {
+    pub runs: usize,
+    pub fanout: FanoutParams,
+    pub paced: FanoutParams,
+    pub idle: IdleParams,
+    pub churn: ChurnParams,
+    pub reload: ReloadParams,
+}
+
+impl Sizes {
+    /// The full run (about 15 minutes here) or a smoke run (about 2 minutes).
+    pub fn new(quick: bool, runs: Option<usize>) -> Self {
+        let saturated = |clients, senders, messages, window| FanoutParams {
+            clients,
+            senders,
+            messages,
+            size: 64,
+            pace: Pace::Saturated { window },
+            binary: false,
+            grace: Duration::from_secs(3),
+            max_duration: Duration::from_secs(60),
+        };
+        let paced = |clients: usize, senders, rate: f64, secs: f64| FanoutParams {
+            clients,
+            senders,
+            messages: (rate / (clients - 1) as f64 * secs) as usize,
+            size: 64,
+            pace: Pace::Paced { deliveries_per_sec: rate },
+            binary: false,
+            grace: Duration::from_secs(3),
+            max_duration: Duration::from_secs_f64(secs + 30.0),
+        };
+        if quick {
+            Sizes {
+                runs: runs.unwrap_or(1),
+                fanout: saturated(200, 4, 1000, 64),
+                paced: paced(200, 4, 20_000.0, 2.0),
+                idle: IdleParams { connections: 2000, hold: Duration::from_secs(2), concurrency: 128 },
+                churn: ChurnParams {
+                    members: 50,
+                    messages_per_sec: 100.0,
+                    duration: Duration::from_secs(2),
+                    concurrency: 32,
+                    settle: Duration::from_secs(2),
+                },
+                reload: ReloadParams { fanout: paced(50, 2, 20_000.0, 3.5), every: Duration::from_secs(1) },
+            }
+        } else {
+            Sizes {
+                runs: runs.unwrap_or(3),
+                fanout: saturated(1000, 10, 4000, 256),
+                paced: paced(1000, 10, 50_000.0, 6.0),
+                idle: IdleParams { connections: 19_000, hold: Duration::from_secs(12), concurrency: 128 },
+                churn: ChurnParams {
+                    members: 100,
+                    messages_per_sec: 200.0,
+                    duration: Duration::from_secs(5),
+                    concurrency: 32,
+                    settle: Duration::from_secs(2),
+                },
+                reload: ReloadParams { fanout: paced(100, 4, 50_000.0, 10.0), every: Duration::from_secs(1) },
+            }
+        }
+    }
+}
+
+/// The machine and software the numbers come from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub date: String,
+    pub commit: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub server_cpu: String,
+    pub loadgen_cpus: String,
+    pub rustc: String,
+    pub node: String,
+    pub uws_version: String,
+    pub uws_integrity: String,
+    pub ws_version: String,
+    /// `/proc/loadavg` (1, 5, 15 minutes) when the run started and ended: other work on
+    /// the machine shows here.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+/// A plugin fan-out run: which room, and which plugin served it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PluginRun {
+    pub plugin: String,
+    pub result: FanoutResult,
+}
+
+/// Everything measured, run by run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub quick: bool,
+    pub machine: Machine,
+    pub sizes: Option<Sizes>,
+    pub servers: Vec<Kind>,
+    pub fanout: Vec<(Kind, FanoutResult)>,
+    pub paced: Vec<(Kind, FanoutResult)>,
+    pub idle: Vec<(Kind, IdleResult)>,
+    pub churn: Vec<(Kind, ChurnResult)>,
+    pub plugins: Vec<PluginRun>,
+    pub reload: Vec<ReloadResult>,
+    /// Runs that failed, with why.
+    pub errors: Vec<String>,
+    pub duration_s: f64,
+}
+
+/// Where things are and where the reports go.
+#[derive(Clone, Debug)]
+pub struct SuiteOptions {
+    pub quick: bool,
+    pub runs: Option<usize>,
+    pub servers: Vec<Kind>,
+    pub programs: Programs,
+    /// The folder with the built `relay.wasm` and `moderation.wasm`.
+    pub wasm_dir: PathBuf,
+    /// Scratch space (plugin folders); emptied at the start.
+    pub work_dir: PathBuf,
+    /// Output files: `<out>.md`, `<out>.json`, `<out>.png`.
+    pub out: PathBuf,
+    /// Also rewrite this BENCHMARKS.md.
+    pub benchmarks_md: Option<PathBuf>,
+    pub font: PathBuf,
+    pub date: String,
+    pub commit: String,
+}
+
+pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let sizes = Sizes::new(options.quick, options.runs);
+    let mut results = Results {
+        quick: options.quick,
+        machine: machine(&options),
+        sizes: Some(sizes.clone()),
+        servers: options.servers.clone(),
+        ..Results::default()
+    };
+    if options.work_dir.exists() {
+        std::fs::remove_dir_all(&options.work_dir)?;
+    }
+    std::fs::create_dir_all(&options.work_dir)?;
+    eprintln!(
+        "bench: {} run(s) of every scenario; load generator on CPU {}, servers on CPU {}",
+        sizes.runs, results.machine.loadgen_cpus, options.programs.cpu
+    );
+    for run in 1..=sizes.runs {
+        for &kind in &options.servers {
+            scenario(&mut results, kind, run, "fan-out", &options, async |server| {
+                let target = Target::new(server.addr, "/ws/bench".into())?;
+                let conns = client::connect_all(&target, sizes.fanout.clients).await?;
+                let r = fanout::run(conns, &sizes.fanout, Some(server.pid)).await?;
+                Ok(Outcome::Fanout(r))
+            })
+            .await;
+            scenario(&mut results, kind, run, "paced", &options, async |server| {
+                let target = Target::new(server.addr, "/ws/bench".into())?;
+                let conns = client::connect_all(&target, sizes.paced.clients).await?;
+                let r = fanout::run(conns, &sizes.paced, Some(server.pid)).await?;
+                Ok(Outcome::Paced(r))
+            })
+            .await;
+            scenario(&mut results, kind, run, "idle", &options, async |server| {
+                let target = Target::new(server.addr, "/ws/idle".into())?;
+                Ok(Outcome::Idle(idle::run(&target, &sizes.idle, server.pid).await?))
+            })
+            .await;
+            scenario(&mut results, kind, run, "churn", &options, async |server| {
+                let target = Target::new(server.addr, "/ws/churn".into())?;
+                Ok(Outcome::Churn(churn::run(&target, &sizes.churn, server.pid).await?))
+            })
+            .await;
+        }
+        if options.servers.contains(&Kind::Roomcast) {
+            plugins(&mut results, run, &sizes, &options).await;
+            reload_run(&mut results, run, &sizes, &options).await;
+        }
+    }
+    results.duration_s = started.elapsed().as_secs_f64();
+    results.machine.load_after = load_average();
+    write_reports(&results, &options.out, &options.font, options.benchmarks_md.as_deref())
+}
+
+/// What one scenario run produced.
+enum Outcome {
+    Fanout(FanoutResult),
+    Paced(FanoutResult),
+    Idle(IdleResult),
+    Churn(ChurnResult),
+}
+
+/// Start a fresh server, run one scenario against it, stop it, record the outcome.
+async fn scenario(
+    results: &mut Results,
+    kind: Kind,
+    run: usize,
+    name: &str,
+    options: &SuiteOptions,
+    body: impl AsyncFnOnce(&Server) -> anyhow::Result<Outcome>,
+) {
+    let started = Instant::now();
+    let outcome = async {
+        let server = Server::start(kind, &options.programs, &Extras::default()).await?;
+        let outcome = body(&server).await;
+        server.stop().await?;
+        outcome
+    }
+    .await;
+    let took = started.elapsed().as_secs_f64();
+    let line = match outcome {
+        Ok(Outcome::Fanout(r)) => {
+            let line = fanout_line(&r);
+            results.fanout.push((kind, r));
+            line
+        }
+        Ok(Outcome::Paced(r)) => {
+            let line = fanout_line(&r);
+            results.paced.push((kind, r));
+            line
+        }
+        Ok(Outcome::Idle(r)) => {
+            let line = format!(
+                "{} open, {:.2} KiB RSS per connection, {} dropped",
+                r.opened, r.rss_per_conn_kib, r.dropped_by_server
+            );
+            results.idle.push((kind, r));
+            line
+        }
+        Ok(Outcome::Churn(r)) => {
+            let line = format!(
+                "{:.0} connects/s, fds {} -> {}, RSS {} -> {} KiB, broadcast lost {}",
+                r.connects_per_sec,
+                r.fds_before,
+                r.fds_after,
+                r.rss_before_kib,
+                r.rss_after_kib,
+                r.broadcast.lost
+            );
+            results.churn.push((kind, r));
+            line
+        }
+        Err(error) => {
+            let line = format!("FAILED: {error:#}");
+            results.errors.push(format!("{} {name} run {run}: {error:#}", kind.label()));
+            line
+        }
+    };
+    eprintln!("  run {run} {:<17} {name:<8} {line} ({took:.1} s)", kind.label());
+}
+
+fn fanout_line(r: &FanoutResult) -> String {
+    format!(
+        "{:.0} deliveries/s, {:.3} µs CPU/delivery, p50 {:.0} µs p99 {:.0} µs, lost {} dup {}",
+        r.deliveries_per_sec, r.cpu_us_per_delivery, r.latency.p50_us, r.latency.p99_us, r.lost, r.duplicates
+    )
+}
+
+/// The plugins folder for the plugin scenarios: relay, moderation and its manifest.
+fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = options.work_dir.join(name);
+    let relay = options.wasm_dir.join("relay.wasm");
+    let moderation = options.wasm_dir.join("moderation.wasm");
+    crate::servers::plugins_folder(&dir, &[(&relay, "relay.wasm"), (&moderation, "moderation.wasm")])?;
+    // Checks every message; limits set so that none of the load is dropped.
+    std::fs::write(
+        dir.join("moderation.toml"),
+        "[config]\nbanned_words = [\"spam\", \"scam\", \"phishing\"]\nmax_length = 4096\n\
+         rate_limit = { messages = 1000000, per_ms = 1000 }\nclose_after = 0\n",
+    )?;
+    Ok(dir)
+}
+
+/// Saturated fan-out through no plugin, relay and moderation, on one Roomcast.
+async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    let outcome = async {
+        let dir = plugin_folder(options, "plugins")?;
+        let extras = Extras { plugins: Some(dir), admin_token: None };
+        let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
+        let mut rooms = vec!["none", "relay", "moderation"];
+        // Rotate the order between runs so that no room always goes first.
+        rooms.rotate_left((run - 1) % 3);
+        let mut runs = Vec::new();
+        for plugin in rooms {
+            let room = if plugin == "none" { "bench" } else { plugin };
+            let target = Target::new(server.addr, format!("/ws/{room}"))?;
+            let conns = client::connect_all(&target, sizes.fanout.clients).await?;
+            let result = fanout::run(conns, &sizes.fanout, Some(server.pid)).await?;
+            eprintln!("  run {run} Roomcast          plugin {plugin:<10} {}", fanout_line(&result));
+            runs.push(PluginRun { plugin: plugin.into(), result });
+        }
+        server.stop().await?;
+        anyhow::Ok(runs)
+    }
+    .await;
+    match outcome {
+        Ok(runs) => results.plugins.extend(runs),
+        Err(error) => {
+            eprintln!("  run {run} Roomcast          plugins  FAILED: {error:#}");
+            results.errors.push(format!("plugins run {run}: {error:#}"));
+        }
+    }
+}
+
+/// Paced fan-out through relay while relay.wasm is replaced every second.
+async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    let outcome = async {
+        let dir = plugin_folder(options, "reload")?;
+        let token = format!("bench-{}", std::process::id());
+        let extras = Extras { plugins: Some(dir.clone()), admin_token: Some(token.clone()) };
+        let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
+        let target = Target::new(server.addr, "/ws/relay".into())?;
+        let admin = Admin { addr: server.addr, token };
+        let result = reload::run(&target, &sizes.reload, &dir, "relay", Some(&admin), server.pid).await;
+        server.stop().await?;
+        result
+    }
+    .await;
+    match outcome {
+        Ok(r) => {
+            eprintln!(
+                "  run {run} Roomcast          reload   {} replacements, versions {:?} -> {:?}, {}",
+                r.replacements,
+                r.versions_before,
+                r.versions_after,
+                fanout_line(&r.fanout)
+            );
+            results.reload.push(r);
+        }
+        Err(error) => {
+            eprintln!("  run {run} Roomcast          reload   FAILED: {error:#}");
+            results.errors.push(format!("reload run {run}: {error:#}"));
+        }
+    }
+}
+
+fn machine(options: &SuiteOptions) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let lock = std::fs::read_to_string(options.programs.peers_dir.join("package-lock.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .unwrap_or_default();
+    let package = |name: &str, field: &str| {
+        lock["packages"][format!("node_modules/{name}")][field].as_str().unwrap_or("?").to_owned()
+    };
+    let output = |program: &str, arg: &str| {
+        std::process::Command::new(program)
+            .arg(arg)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    Machine {
+        date: options.date.clone(),
+        commit: options.commit.clone(),
+        cpus: cpuinfo.lines().filter(|l| l.starts_with("processor")).count(),
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+            .unwrap_or_else(|| "?".into()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into()),
+        memory_gib: meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| kib / 1024.0 / 1024.0)
+            .unwrap_or(0.0),
+        server_cpu: options.programs.cpu.clone(),
+        loadgen_cpus: procfs::allowed_cpus(),
+        rustc: output("rustc", "-V"),
+        node: output(&options.programs.node, "--version"),
+        uws_version: package("uwebsockets", "version"),
+        uws_integrity: package("uwebsockets", "integrity"),
+        ws_version: package("ws", "version"),
+        load_before: load_average(),
+        load_after: String::new(),
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Write `OUT.json`, `OUT.md`, `OUT.png` and, when asked, BENCHMARKS.md.
+pub fn write_reports(
+    results: &Results,
+    out: &Path,
+    font: &Path,
+    benchmarks_md: Option<&Path>,
+) -> anyhow::Result<()> {
+    let with_ext = |ext: &str| -> PathBuf {
+        let mut name = out.to_owned().into_os_string();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let (md, json, png) = (with_ext(".md"), with_ext(".json"), with_ext(".png"));
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)?;
+    let chart_error = chart::draw(results, &png, font).err();
+    if let Some(error) = &chart_error {
+        eprintln!("bench: no chart: {error:#}");
+    }
+    let png_name = chart_error.is_none().then(|| file_name(&png));
+    std::fs::write(&md, report::results_md(results, png_name.as_deref()))
+        .with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("bench: wrote {}, {}, {}", md.display(), json.display(), png.display());
+    if let Some(path) = benchmarks_md {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Path| p.strip_prefix(base).unwrap_or(p).to_string_lossy().into_owned();
+        let chart = chart_error.is_none().then(|| rel(&png));
+        std::fs::write(path, report::benchmarks_md(results, &rel(&md), chart.as_deref()))?;
+        eprintln!("bench: updated {}", path.display());
+    }
+    if !results.errors.is_empty() {
+        eprintln!("bench: {} run(s) failed:", results.errors.len());
+        for error in &results.errors {
+            eprintln!("  {error}");
+        }
+    }
+    Ok(())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
