@@ -23,10 +23,10 @@ use crate::metrics::Metrics;
 use crate::plugin::{HostCaps, Plugin, PluginError, PluginRuntime, PluginSet};
 
 /// How long the folder must be quiet before a burst of events is acted on.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A file whose size or modification time changes within this window is still being
 /// written (a plain `cp` over the old file); it is looked at again later.
-const STABLE_FOR: Duration = Duration::from_millis(50);
+const STABLE_FOR: Duration = Duration::from_millis(25);
 /// The rescan that catches events the watcher missed (or a folder it cannot watch).
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
 

@@ -154,6 +154,14 @@ async fn twenty_swaps_under_traffic_drop_and_lose_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
 
+    let calls: Vec<String> = server
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("roomcast_plugin_calls_total"))
+        .map(String::from)
+        .collect();
+    println!("{calls:#?}");
     // Tally: within each room, every member saw every message of every member once.
     let mut results = Vec::new();
     for task in tasks {

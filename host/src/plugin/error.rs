@@ -45,7 +45,7 @@ impl fmt::Display for FailureKind {
     }
 }
 
-/// A plugin failure: `plugin `chat` in room `chat:x`: timed out after 10ms`.
+/// A plugin failure: `plugin `chat` in room `chat:x`: ran past its 10ms deadline`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("plugin `{plugin}`{}: {detail}", .room.as_ref().map(|room| format!(" in room `{room}`")).unwrap_or_default())]
 pub struct PluginError {
@@ -54,7 +54,7 @@ pub struct PluginError {
     /// The room whose instance failed; `None` for loading and handshakes.
     pub room: Option<String>,
     pub kind: FailureKind,
-    /// What happened, for people: `timed out after 10ms`, `trapped: ...`.
+    /// What happened, for people: `ran past its 10ms deadline`, `trapped: ...`.
     pub detail: String,
 }
 

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
-use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 
 use super::bindings::{Exports, Linked};
-use super::runtime::Shared;
+use super::runtime::{Shared, TICK};
 use super::set::RoomPattern;
 use super::{
     Action, FailureKind, HandshakeDecision, HandshakeRequest, LeaveReason, Limits, MAX_ACTION_BYTES_PER_CALL,
@@ -356,6 +356,8 @@ impl Sandbox {
         let state = HostState::new(&code.name, room, code.limits.memory, code.shared.store_key());
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
+        store.data_mut().begin_call(code.setup_ticks);
         store.set_epoch_deadline(code.setup_ticks);
         let exports = match code.linked.instantiate(&mut store) {
             Ok(exports) => exports,
@@ -404,8 +406,9 @@ impl Sandbox {
                 format!("instance is unusable after an earlier failure ({kind})"),
             ));
         }
-        self.store.data_mut().begin_call();
-        self.store.set_epoch_deadline(code.ticks_for(hook));
+        let ticks = code.ticks_for(hook);
+        self.store.data_mut().begin_call(ticks);
+        self.store.set_epoch_deadline(ticks);
         let result = body(&self.exports, &mut self.store);
         let state = self.store.data_mut();
         state.end_call();
@@ -420,6 +423,17 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// How many extra windows a call may get because its thread was preempted.
+const MAX_PREEMPTION_WINDOWS: u32 = 20;
+
+/// The calling thread's CPU time so far (Linux: `/proc/thread-self/schedstat`).
+/// Read only when a call reaches its deadline, never per call.
+fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
 }
 
 /// Timeout if the epoch deadline interrupted the guest, Memory if the limiter refused
@@ -442,7 +456,7 @@ fn failure(
 ) -> PluginError {
     let detail = match kind {
         FailureKind::Timeout => {
-            format!("timed out after {} in `{hook}`", format_duration(code.deadline_for(hook)))
+            format!("ran past its {} deadline in `{hook}`", format_duration(code.deadline_for(hook)))
         }
         FailureKind::Memory => {
             format!("exceeded its memory limit of {} in `{hook}`", format_size(code.limits.memory))
@@ -667,6 +681,14 @@ pub(crate) struct HostState {
     /// there before trapping, and the failure report quotes it.
     last_error_log: Option<String>,
 
+    /// The deadline of the call in progress, in ticks (one preemption window).
+    window_ticks: u64,
+    /// The thread's CPU time when the current window was granted; `None` until the
+    /// call first reaches its deadline.
+    window_cpu: Option<Duration>,
+    /// Windows granted to the call in progress because its thread was preempted.
+    extensions: u32,
+
     // For the instance's life.
     timers: HashSet<u64>,
     next_timer: u64,
@@ -694,8 +716,35 @@ impl HostState {
             log_lines: 0,
             log_dropped: 0,
             last_error_log: None,
+            window_ticks: 1,
+            window_cpu: None,
+            extensions: 0,
             timers: HashSet::new(),
             next_timer: 1,
+        }
+    }
+
+    /// Called by wasmtime when a call reaches its epoch deadline. Epochs count
+    /// wall-clock time, so on a busy machine a preempted thread could "time out"
+    /// without having run. The first time a call reaches its deadline it gets one more
+    /// window, and the thread's CPU time is noted; at the end of a window the call is
+    /// interrupted if its thread ran for at least half of it (a runaway guest), and
+    /// gets another window if it mostly waited for a CPU, at most
+    /// [`MAX_PREEMPTION_WINDOWS`] times. A guest that spins is stopped after about two
+    /// deadlines of CPU time; an honest one is not failed by the scheduler.
+    fn deadline_reached(&mut self) -> UpdateDeadline {
+        let Some(cpu) = thread_cpu_time() else { return UpdateDeadline::Interrupt };
+        let window = TICK * u32::try_from(self.window_ticks).unwrap_or(u32::MAX);
+        let grant = match self.window_cpu {
+            None => true,
+            Some(start) => cpu.saturating_sub(start) < window / 2 && self.extensions < MAX_PREEMPTION_WINDOWS,
+        };
+        if grant {
+            self.window_cpu = Some(cpu);
+            self.extensions += 1;
+            UpdateDeadline::Continue(self.window_ticks)
+        } else {
+            UpdateDeadline::Interrupt
         }
     }
 
@@ -717,7 +766,10 @@ impl HostState {
         }
     }
 
-    pub(crate) fn begin_call(&mut self) {
+    pub(crate) fn begin_call(&mut self, window_ticks: u64) {
+        self.window_ticks = window_ticks;
+        self.window_cpu = None;
+        self.extensions = 0;
         self.actions.clear();
         self.action_bytes = 0;
         self.log_lines = 0;
@@ -906,7 +958,7 @@ mod tests {
     fn in_call(state: &mut HostState, members: &[MemberId], exists: &RoomExists) {
         let view = RoomView { room: "unit:room", members, room_exists: exists };
         state.enter(Scope::Hook(&view));
-        state.begin_call();
+        state.begin_call(10);
     }
 
     #[test]
@@ -955,7 +1007,7 @@ mod tests {
             assert_eq!(state.close(1, code, String::new()), Err(Refusal::InvalidCloseCode), "{code}");
         }
         // 200 bytes of two-byte characters: cut to 122 bytes, on a char boundary.
-        state.begin_call();
+        state.begin_call(10);
         let long = "é".repeat(100);
         assert_eq!(state.close(1, 4000, long), Ok(()));
         let Some(Action::Close { reason, .. }) = state.actions.last() else {
@@ -1027,7 +1079,7 @@ mod tests {
     fn without_a_room_the_acting_imports_are_unavailable() {
         let mut state = HostState::new("unit", None, 1 << 20, [7; 32]);
         state.enter(Scope::Detached);
-        state.begin_call();
+        state.begin_call(10);
         assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
         assert_eq!(state.broadcast(Payload::text("a"), vec![]), Err(Refusal::Unavailable));
         assert_eq!(state.forward("other".into(), Payload::text("a")), Err(Refusal::Unavailable));
@@ -1047,7 +1099,7 @@ mod tests {
     fn init_and_restore_may_set_timers_but_not_send() {
         let mut state = state();
         state.enter(Scope::Setup);
-        state.begin_call();
+        state.begin_call(10);
         assert_eq!(state.send(1, Payload::text("a")), Err(Refusal::Unavailable));
         assert_eq!(state.broadcast(Payload::text("a"), vec![]), Err(Refusal::Unavailable));
         assert_eq!(state.close(1, 1000, String::new()), Err(Refusal::Unavailable));
@@ -1057,7 +1109,7 @@ mod tests {
         assert_eq!(state.actions, vec![Action::SetTimer { id, after: Duration::from_secs(1) }]);
         // `snapshot` may not touch timers.
         state.enter(Scope::Detached);
-        state.begin_call();
+        state.begin_call(10);
         assert_eq!(state.set_timer(5), Err(Refusal::Unavailable));
         state.cancel_timer(id);
         assert!(state.actions.is_empty());

@@ -19,7 +19,11 @@
 //! - Every call into a guest runs under an epoch deadline and a per-store memory cap.
 //!   A failed call (trap, timeout, memory) has no effect: the actions it recorded are
 //!   discarded and the instance refuses further calls. The caller makes a new one.
-//! - Deadlines are wall-clock (a 1 ms epoch ticker). Hooks that run per event
+//! - Deadlines are measured by a 1 ms epoch ticker, i.e. in wall-clock time, but a
+//!   call that reaches its deadline while its thread mostly waited for a CPU gets
+//!   another window (see `HostState::deadline_reached`): a spinning guest is stopped
+//!   after about two deadlines of CPU time, a preempted honest one is not failed.
+//!   Hooks that run per event
 //!   (`handshake`, `join`, `leave`, `message`, `timer`) get the plugin's deadline;
 //!   the once-per-instance calls (instantiation, `init`, `describe`, `snapshot`,
 //!   `restore`) get the host's largest deadline, so that a preempted thread on a busy

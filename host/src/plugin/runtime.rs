@@ -27,7 +27,7 @@ pub const WIT_PACKAGE: &str = "roomcast:plugin@0.1.0";
 /// The interface versions that link: the same `0.1` track (semver for `0.x`).
 const WIT_COMPATIBLE: &str = "0.1.";
 /// How often the epoch ticks; deadlines are counted in ticks.
-const TICK: Duration = Duration::from_millis(1);
+pub(crate) const TICK: Duration = Duration::from_millis(1);
 
 /// What `roomcast plugin check FILE.wasm` reports about a plugin that loads.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -337,7 +337,7 @@ fn chaos_spin_times_out_and_a_fresh_instance_works() {
     assert_eq!(error.plugin, "chaos");
     assert_eq!(error.room.as_deref(), Some("chaos:spin"));
     let text = error.to_string();
-    assert!(text.starts_with("plugin `chaos` in room `chaos:spin`: timed out after 10ms"), "{text}");
+    assert!(text.starts_with("plugin `chaos` in room `chaos:spin`: ran past its 10ms deadline"), "{text}");
     assert!(took >= Duration::from_millis(10), "interrupted early: {took:?}");
     eprintln!("spin interrupted after {took:?}");
 
