@@ -101,6 +101,9 @@ pub struct Config {
     pub plugin_max_memory: u64,
     pub plugin_max_deadline: Duration,
     pub plugin_cache: Option<PathBuf>,
+    /// PEM certificate chain and private key; with both, the server speaks TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl fmt::Debug for Config {
@@ -124,6 +127,8 @@ impl fmt::Debug for Config {
             .field("plugin_max_memory", &self.plugin_max_memory)
             .field("plugin_max_deadline", &self.plugin_max_deadline)
             .field("plugin_cache", &self.plugin_cache)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
@@ -148,6 +153,8 @@ impl Default for Config {
             plugin_max_memory: 256 << 20,
             plugin_max_deadline: Duration::from_secs(1),
             plugin_cache: default_cache_dir(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -223,7 +230,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Compiled-plugin cache, so restarts skip compiling; `off` disables [default: ~/.cache/roomcast/plugins]",
     ),
     ("plugin_max_deadline", "DURATION", "Host-wide cap on a plugin's per-call deadline [default: 1s]"),
+    ("tls_cert", "FILE", "PEM certificate chain; with --tls-key, serve https:// and wss:// [default: none]"),
+    ("tls_key", "FILE", "PEM private key matching --tls-cert [default: none]"),
 ];
+
+/// Settings that live in a TOML table rather than at the top level: the dotted TOML
+/// name and the setting's key (`[tls] cert` is `--tls-cert`).
+pub const NESTED: &[(&str, &str)] = &[("tls.cert", "tls_cert"), ("tls.key", "tls_key")];
 
 impl Config {
     /// Set one key. `Err` carries the reason; the caller adds the key and its source.
@@ -285,6 +298,8 @@ impl Config {
             "plugin_max_deadline" => {
                 self.plugin_max_deadline = parse_positive_duration(&text).map_err(bad)?
             }
+            "tls_cert" => self.tls_cert = Some(PathBuf::from(text)),
+            "tls_key" => self.tls_key = Some(PathBuf::from(text)),
             _ => return Err(SetError::Unknown),
         }
         Ok(())
@@ -298,7 +313,8 @@ impl Config {
             file: file.to_owned(),
             reason: e.message().to_owned(),
         })?;
-        for (key, value) in &table {
+        for (key, value) in flatten(&table) {
+            let key = &key;
             let raw = match value {
                 toml::Value::String(s) => RawValue::Text(s.clone()),
                 toml::Value::Integer(i) => RawValue::Integer(*i),
@@ -324,14 +340,20 @@ impl Config {
                 toml::Value::Table(_) => RawValue::Other("a table"),
             };
             // A relative path in a file is relative to that file.
-            let raw = match (key.as_str(), raw) {
-                ("plugins" | "admin_token_file", RawValue::Text(path)) => {
+            // Settings in a table have a dotted TOML name; the rest are top-level keys.
+            let setting = match NESTED.iter().find(|(name, _)| name == key) {
+                Some((_, setting)) => *setting,
+                None if NESTED.iter().any(|(_, setting)| setting == key) => "",
+                None => key.as_str(),
+            };
+            let raw = match (setting, raw) {
+                ("plugins" | "admin_token_file" | "tls_cert" | "tls_key", RawValue::Text(path)) => {
                     let base = file.parent().unwrap_or(Path::new("."));
                     RawValue::Text(base.join(path).to_string_lossy().into_owned())
                 }
                 (_, raw) => raw,
             };
-            self.set(key, &raw).map_err(|e| match e {
+            self.set(setting, &raw).map_err(|e| match e {
                 SetError::Unknown => ConfigError::UnknownKey { file: file.to_owned(), key: key.clone() },
                 SetError::Bad(reason) => {
                     ConfigError::BadFileValue { file: file.to_owned(), key: key.clone(), reason }
@@ -353,6 +375,23 @@ impl Config {
             SetError::TokenFile(file, reason) => ConfigError::TokenFile { file, reason },
         })
     }
+}
+
+/// The file's keys with tables that hold [`NESTED`] settings opened up: `[tls] cert`
+/// becomes `tls.cert`. Other tables stay whole (and are refused as values).
+fn flatten(table: &toml::Table) -> Vec<(String, &toml::Value)> {
+    let mut entries = Vec::new();
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(inner)
+                if NESTED.iter().any(|(name, _)| name.split('.').next() == Some(key)) =>
+            {
+                entries.extend(inner.iter().map(|(sub, value)| (format!("{key}.{sub}"), value)));
+            }
+            _ => entries.push((key.clone(), value)),
+        }
+    }
+    entries
 }
 
 /// `$XDG_CACHE_HOME/roomcast/plugins`, else `$HOME/.cache/roomcast/plugins`.
@@ -477,6 +516,27 @@ mod tests {
 
         let text = Config::default().apply_flag("max-queue-bytes", "lots").unwrap_err().to_string();
         assert!(text.contains("--max-queue-bytes") && text.contains("lots"), "{text}");
+    }
+
+    #[test]
+    fn tls_table() {
+        let (dir, file) = write("[tls]\ncert = \"cert.pem\"\nkey = \"/etc/key.pem\"\n");
+        let mut config = Config::default();
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.tls_cert, Some(dir.path().join("cert.pem")), "relative to the file");
+        assert_eq!(config.tls_key, Some(PathBuf::from("/etc/key.pem")));
+        config.apply_flag("tls-cert", "other.pem").unwrap();
+        assert_eq!(config.tls_cert, Some(PathBuf::from("other.pem")));
+
+        for (text, key) in [
+            ("[tls]\ncrt = \"c.pem\"\n", "tls.crt"),
+            ("tls_cert = \"c.pem\"\n", "tls_cert"),
+            ("[tls]\ncert = 5.5\n", "tls.cert"),
+        ] {
+            let (_dir, file) = write(text);
+            let text = Config::default().apply_file(&file).unwrap_err().to_string();
+            assert!(text.contains(&format!("`{key}`")) && text.contains("roomcast.toml"), "{text}");
+        }
     }
 
     #[test]

@@ -17,4 +17,6 @@ pub mod scaffold;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
+pub mod transport;
 pub mod units;
