@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod broadcast;
 pub mod config;
+pub mod dashboard;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;
@@ -20,3 +21,4 @@ pub mod shutdown;
 pub mod tls;
 pub mod transport;
 pub mod units;
+pub mod web;

@@ -68,13 +68,15 @@ pub(crate) struct Shared {
     /// Session and room tasks; `run` waits for them on shutdown.
     tracker: TaskTracker,
     /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
-    shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
     /// Set first on shutdown, so `/healthz` turns 503 before sessions are closed.
-    draining: AtomicBool,
+    pub draining: AtomicBool,
     next_member: AtomicU64,
     /// Set when `--tls-cert`/`--tls-key` are: every connection starts with a TLS
     /// handshake, under the same watchdog as the HTTP request.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Signed-in dashboard browsers.
+    pub dashboard: crate::dashboard::Sessions,
 }
 
 /// Serve on `listener` until `shutdown` resolves; see [`Server::run`].
@@ -115,6 +117,7 @@ impl Server {
             draining: AtomicBool::new(false),
             next_member: AtomicU64::new(1),
             tls,
+            dashboard: Default::default(),
             config,
         });
         // After each reload, every live room re-resolves its plugin at once.
@@ -202,6 +205,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
+        .merge(crate::web::routes())
         .fallback(upgrade)
         .with_state(shared)
 }

@@ -280,6 +280,7 @@ pub fn rss_kib() -> u64 {
 
 mod build;
 pub use build::{built_plugins, plugins_workspace};
+pub mod browser;
 pub mod tls;
 
 /// A temporary plugins folder holding copies of the named built plugins
