@@ -3,9 +3,10 @@
 //!
 //! The task runs two futures over the two halves of its [`Transport`]: the reader
 //! (decode frames, feed the room, answer pings, watch the heartbeat) and the writer
-//! (drain the member's outbound queue, one vectored write per batch). Whatever ends the session — a close frame, a
-//! reap, an error, an overflow, a plugin, shutdown — the task leaves every room first,
-//! then sends its close frame if it has one, and drops the socket.
+//! (drain the member's outbound queue, one vectored write per batch). Whatever ends
+//! the session — a close frame, a reap, an error, an overflow, a plugin, shutdown — the
+//! task leaves every room first, then sends its close frame if it has one, and drops
+//! the socket.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
