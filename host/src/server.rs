@@ -408,9 +408,22 @@ struct WatchState {
 /// opens TCP and never finishes TLS is closed after it and counted as `timeout`.
 async fn serve_connection(shared: Arc<Shared>, router: Router, stream: TcpStream, remote: SocketAddr) {
     let accepted = Instant::now();
-    let Some(tls) = shared.tls.clone() else {
-        return serve_http(shared, router, stream, remote, accepted).await;
-    };
+    match shared.tls.clone() {
+        None => serve_http(shared, router, stream, remote, accepted).await,
+        // Boxed: the TLS states are several KiB, and inline they would make every
+        // plain connection's task that large too.
+        Some(tls) => Box::pin(serve_tls(shared, router, stream, remote, accepted, tls)).await,
+    }
+}
+
+async fn serve_tls(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    accepted: Instant,
+    tls: Arc<rustls::ServerConfig>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::select! {
         done = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream)) => done,

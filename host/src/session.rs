@@ -177,8 +177,10 @@ async fn read_loop(
                 sleep.as_mut().reset(heartbeat.next_wake());
             }
             read = reader.read_buf(&mut buf, READ_CHUNK) => match read {
-                Ok(0) | Err(_) => return Ending { reason: CloseReason::Reset, close: None },
+                Ok(0) => return Ending { reason: CloseReason::Reset, close: None },
                 Ok(_) => heartbeat.seen(Instant::now()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Ending { reason: CloseReason::Reset, close: None },
             }
         }
     }

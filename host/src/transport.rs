@@ -68,7 +68,9 @@ impl Reader<'_> {
     /// Wait for bytes and append what is there to `buf`, first making room for at
     /// least `chunk` more; `Ok(0)` at the end of the stream. Cancel-safe: if the
     /// future is dropped, no bytes were taken. On plain TCP the room is made only once
-    /// the socket is readable, so an idle connection holds no read buffer.
+    /// the socket is readable, and a readiness that turns out stale returns
+    /// `WouldBlock`, so the caller can drop an empty buffer before it waits again: an
+    /// idle connection holds no read buffer.
     pub async fn read_buf(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
         let reserve = |buf: &mut BytesMut| {
             if buf.capacity() - buf.len() < chunk {
@@ -76,14 +78,11 @@ impl Reader<'_> {
             }
         };
         match self {
-            Self::Plain(half) => loop {
+            Self::Plain(half) => {
                 half.readable().await?;
                 reserve(buf);
-                match half.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    result => return result,
-                }
-            },
+                half.try_read_buf(buf)
+            }
             Self::Tls(half) => {
                 reserve(buf);
                 half.read_buf(buf).await
