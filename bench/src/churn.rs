@@ -57,8 +57,8 @@ pub async fn run(target: &Target, params: &ChurnParams, server_pid: u32) -> anyh
         size: 64,
         pace: Pace::Paced { deliveries_per_sec: params.messages_per_sec * recipients },
         binary: false,
-        grace: Duration::from_secs(2),
-        max_duration: params.duration + Duration::from_secs(10),
+        grace: Duration::from_secs(10),
+        max_duration: params.duration + Duration::from_secs(30),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

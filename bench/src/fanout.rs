@@ -64,6 +64,8 @@ pub struct FanoutResult {
     pub duplicates: u64,
     /// Frames that carried no stamp of this run (e.g. a plugin's notice).
     pub foreign: u64,
+    /// The phase hit `max_duration` before every delivery arrived.
+    pub timed_out: bool,
     /// Connections the server closed before the end.
     pub closed_by_server: u64,
     /// From the first send to the last delivery.
@@ -108,7 +110,7 @@ struct Layout {
 
 #[derive(Default)]
 struct ReceiverOut {
-    latencies_ns: Vec<u32>,
+    latencies_ns: Vec<u64>,
     duplicates: u64,
     foreign: u64,
     last_ns: u64,
@@ -173,11 +175,16 @@ pub async fn run(
     let deadline = start + params.max_duration;
     let mut last_seen = 0;
     let mut last_change = Instant::now();
+    let mut timed_out = false;
     loop {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let delivered = shared.delivered.load(Relaxed);
         let now = Instant::now();
-        if delivered >= expected || now >= deadline {
+        if delivered >= expected {
+            break;
+        }
+        if now >= deadline {
+            timed_out = true;
             break;
         }
         if delivered != last_seen {
@@ -196,11 +203,12 @@ pub async fn run(
     let mut result = FanoutResult {
         messages: shared.sent.load(Relaxed),
         expected,
+        timed_out,
         client_cpu_s: own_after - own_before,
         other_cpu_s: (others_after - others_before).max(0.0),
         ..FanoutResult::default()
     };
-    let mut latencies: Vec<u32> = Vec::with_capacity(expected as usize);
+    let mut latencies: Vec<u64> = Vec::with_capacity(expected as usize);
     let mut last_ns = start_ns;
     for receiver in receivers {
         let out = receiver.await.context("receiver task")?;
@@ -314,7 +322,7 @@ async fn receive(
                             seen[word] |= mask;
                             fresh += 1;
                             let latency = now.saturating_sub(sent_ns);
-                            out.latencies_ns.push(latency.min(u32::MAX as u64) as u32);
+                            out.latencies_ns.push(latency);
                         }
                     }
                     _ => out.foreign += 1,

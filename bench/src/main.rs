@@ -156,7 +156,7 @@ impl FanoutArgs {
                 None => Pace::Saturated { window: self.window },
             },
             binary: self.binary,
-            grace: Duration::from_secs(3),
+            grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(120),
         }
     }

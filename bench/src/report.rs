@@ -104,18 +104,22 @@ pub fn tables(results: &Results) -> String {
     let _ = writeln!(
         out,
         "Medians of {} runs; each run on a freshly started server pinned to CPU {}, the load \
-         generator on CPU {}.\n",
-        sizes.runs, results.machine.server_cpu, results.machine.loadgen_cpus
+         generator on CPU {}. The machine is shared: runs wait (a little) for other programs to \
+         quiet down, {} of them started anyway on a busy machine, and the rows marked *noise* \
+         show what other programs used during the measured phase.\n",
+        sizes.runs, results.machine.server_cpu, results.machine.loadgen_cpus, results.busy_starts
     );
     let _ = writeln!(out, "### Side by side\n");
     header(&mut out, "", servers);
     let cell = |g: fn(&Medians) -> f64, d: usize| m.iter().map(move |x| num(g(x), d));
     let _ = writeln!(
         out,
-        "| **Saturated fan-out**: {} clients, {} senders, {} messages of {} B, {} in flight | {}",
+        "| **Saturated fan-out**: {} clients, {} senders, {} messages ({} for the Node servers) of {} B, \
+         {} in flight | {}",
         f.clients,
         f.senders,
         f.messages,
+        sizes.node_messages,
         f.size,
         window,
         "|".repeat(servers.len())
@@ -139,6 +143,7 @@ pub fn tables(results: &Results) -> String {
             format!("{lost} / {dup}")
         }),
     );
+    row(&mut out, "other programs' CPU during the phase, s (noise)", cell(|x| x.fanout_other_s, 2));
     let _ = writeln!(
         out,
         "| **Paced fan-out**: {} deliveries/s to {} clients | {}",
@@ -146,7 +151,6 @@ pub fn tables(results: &Results) -> String {
         sizes.paced.clients,
         "|".repeat(servers.len())
     );
-    row(&mut out, "other programs' CPU during the phase, s (noise)", cell(|x| x.fanout_other_s, 2));
     row(&mut out, "latency p50, µs", cell(|x| x.paced_p50_us, 0));
     row(&mut out, "latency p99, µs (lower is better)", cell(|x| x.paced_p99_us, 0));
     row(&mut out, "latency max, µs", cell(|x| x.paced_max_us, 0));
@@ -423,7 +427,7 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             r.latency.p50_us,
             r.latency.p99_us,
             r.latency.max_us,
-            r.lost,
+            if r.timed_out { format!("{} (time limit)", r.lost) } else { r.lost.to_string() },
             r.duplicates,
             r.closed_by_server
         );
@@ -476,8 +480,9 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
     }
     let _ = writeln!(
         out,
-        "\nWhole run: {:.0} s. Raw numbers: the `.json` file beside this one.",
-        results.duration_s
+        "\nWhole run: {:.0} s, of which {:.0} s waiting for other programs to quiet down; {} run(s) \
+         started while the machine was still busy. Raw numbers: the `.json` file beside this one.",
+        results.duration_s, results.quiet_wait_s, results.busy_starts
     );
     out
 }
@@ -508,7 +513,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
          peers in release mode, copies the binaries aside (others may rebuild `target/` during\n\
          the run), and runs `roomcast-bench suite` pinned to CPU 1 while every server is pinned\n\
-         to CPU 0, both at nice -10 when run as root so that other work on the machine does not\n\
+         to CPU 0, both at nice -20 when run as root so that other work on the machine does not\n\
          preempt them. Each scenario can also be run by hand against a server you started:\n\
          `target/release/roomcast-bench --help`. Profiles of Roomcast's hot path and how they\n\
          were taken: [bench/PROFILE.md](bench/PROFILE.md).\n\n\

@@ -10,7 +10,7 @@ pub struct Latency {
 
 impl Latency {
     /// Percentiles of samples in nanoseconds (sorted in place).
-    pub fn from_ns(samples: &mut [u32]) -> Self {
+    pub fn from_ns(samples: &mut [u64]) -> Self {
         if samples.is_empty() {
             return Self::default();
         }
@@ -24,7 +24,7 @@ impl Latency {
 }
 
 /// The nearest-rank percentile of sorted samples.
-pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -50,7 +50,7 @@ mod tests {
 
     #[test]
     fn percentiles_and_medians() {
-        let mut samples: Vec<u32> = (1..=100).rev().map(|n| n * 1000).collect();
+        let mut samples: Vec<u64> = (1..=100).rev().map(|n| n * 1000).collect();
         let l = Latency::from_ns(&mut samples);
         assert_eq!((l.p50_us, l.p99_us, l.max_us), (50.0, 99.0, 100.0));
         assert_eq!(median([3.0, 1.0, 2.0]), 2.0);

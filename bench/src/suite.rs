@@ -23,6 +23,10 @@ use crate::{chart, procfs, report};
 pub struct Sizes {
     pub runs: usize,
     pub fanout: FanoutParams,
+    /// Messages of the saturated fan-out for the Node servers, at least ten times
+    /// slower per delivery: the same window and room, fewer messages, so that their
+    /// runs do not take minutes.
+    pub node_messages: usize,
     pub paced: FanoutParams,
     pub idle: IdleParams,
     pub churn: ChurnParams,
@@ -42,8 +46,8 @@ impl Sizes {
             size: 64,
             pace: Pace::Saturated { window },
             binary: false,
-            grace: Duration::from_secs(3),
-            max_duration: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+            max_duration: Duration::from_secs(180),
         };
         let paced = |clients: usize, senders, rate: f64, secs: f64| FanoutParams {
             clients,
@@ -52,13 +56,14 @@ impl Sizes {
             size: 64,
             pace: Pace::Paced { deliveries_per_sec: rate },
             binary: false,
-            grace: Duration::from_secs(3),
-            max_duration: Duration::from_secs_f64(secs + 30.0),
+            grace: Duration::from_secs(10),
+            max_duration: Duration::from_secs_f64(secs + 60.0),
         };
         if quick {
             Sizes {
                 runs: runs.unwrap_or(1),
                 fanout: saturated(200, 4, 1000, 64),
+                node_messages: 500,
                 paced: paced(200, 4, 20_000.0, 2.0),
                 idle: IdleParams { connections: 2000, hold: Duration::from_secs(2), concurrency: 128 },
                 churn: ChurnParams {
@@ -75,6 +80,7 @@ impl Sizes {
             Sizes {
                 runs: runs.unwrap_or(3),
                 fanout: saturated(1000, 10, 4000, 256),
+                node_messages: 1500,
                 paced: paced(1000, 10, 50_000.0, 6.0),
                 idle: IdleParams { connections: 19_000, hold: Duration::from_secs(12), concurrency: 128 },
                 churn: ChurnParams {
@@ -144,6 +150,10 @@ pub struct Results {
     /// Runs that failed, with why.
     pub errors: Vec<String>,
     pub duration_s: f64,
+    /// Time spent waiting for other programs to quiet down before runs, and how many
+    /// runs started while the machine was still busy.
+    pub quiet_wait_s: f64,
+    pub busy_starts: usize,
 }
 
 /// Where things are and where the reports go.
@@ -186,10 +196,17 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     );
     for run in 1..=sizes.runs {
         for &kind in &options.servers {
+            let params = FanoutParams {
+                messages: match kind {
+                    Kind::Roomcast | Kind::Tungstenite => sizes.fanout.messages,
+                    Kind::Uws | Kind::Ws => sizes.node_messages,
+                },
+                ..sizes.fanout.clone()
+            };
             scenario(&mut results, kind, run, "fan-out", &options, async |server| {
                 let target = Target::new(server.addr, "/ws/bench".into())?;
-                let conns = client::connect_all(&target, sizes.fanout.clients).await?;
-                let r = fanout::run(conns, &sizes.fanout, Some(server.pid)).await?;
+                let conns = client::connect_all(&target, params.clients).await?;
+                let r = fanout::run(conns, &params, Some(server.pid)).await?;
                 Ok(Outcome::Fanout(r))
             })
             .await;
@@ -221,6 +238,35 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
     write_reports(&results, &options.out, &options.font, options.benchmarks_md.as_deref())
 }
 
+/// How long, in total, the suite may wait for a quiet machine.
+const QUIET_BUDGET: Duration = Duration::from_secs(240);
+/// How long one run may wait for it.
+const QUIET_MAX: Duration = Duration::from_secs(20);
+
+/// Wait until other programs use less than a quarter of a CPU over a second (at most
+/// [`QUIET_MAX`], and [`QUIET_BUDGET`] over the whole suite): a compiler that another
+/// user starts still shows in the run's other-programs CPU, but runs do not begin in
+/// the middle of one.
+async fn quiet(results: &mut Results) {
+    let me = [std::process::id()];
+    let started = Instant::now();
+    loop {
+        let before = procfs::others_cpu_secs(&me);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let busy = procfs::others_cpu_secs(&me) - before;
+        let waited = started.elapsed();
+        if busy < 0.25 {
+            break;
+        }
+        if waited >= QUIET_MAX || results.quiet_wait_s + waited.as_secs_f64() >= QUIET_BUDGET.as_secs_f64() {
+            results.busy_starts += 1;
+            break;
+        }
+    }
+    // The one-second sample itself is not waiting.
+    results.quiet_wait_s += (started.elapsed().as_secs_f64() - 1.0).max(0.0);
+}
+
 /// What one scenario run produced.
 enum Outcome {
     Fanout(FanoutResult),
@@ -238,6 +284,7 @@ async fn scenario(
     options: &SuiteOptions,
     body: impl AsyncFnOnce(&Server) -> anyhow::Result<Outcome>,
 ) {
+    quiet(results).await;
     let started = Instant::now();
     let outcome = async {
         let server = Server::start(kind, &options.programs, &Extras::default()).await?;
@@ -319,6 +366,7 @@ fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> 
 
 /// Saturated fan-out through no plugin, relay and moderation, on one Roomcast.
 async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    quiet(results).await;
     let outcome = async {
         let dir = plugin_folder(options, "plugins")?;
         let extras = Extras { plugins: Some(dir), admin_token: None };
@@ -356,6 +404,7 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
 
 /// Paced fan-out through relay while relay.wasm is replaced every second.
 async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    quiet(results).await;
     let outcome = async {
         let dir = plugin_folder(options, "reload")?;
         let token = format!("bench-{}", std::process::id());
