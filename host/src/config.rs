@@ -101,6 +101,11 @@ pub struct Config {
     pub plugin_max_memory: u64,
     pub plugin_max_deadline: Duration,
     pub plugin_cache: Option<PathBuf>,
+    /// Cluster mode: the Redis URL (`[cluster] redis`); `None` runs one node alone.
+    pub redis: Option<String>,
+    /// Cluster mode: how long a room's owner holds its lease without renewing it
+    /// (`[cluster] lease`), i.e. how soon another node takes over a dead owner's rooms.
+    pub cluster_lease: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -124,6 +129,9 @@ impl fmt::Debug for Config {
             .field("plugin_max_memory", &self.plugin_max_memory)
             .field("plugin_max_deadline", &self.plugin_max_deadline)
             .field("plugin_cache", &self.plugin_cache)
+            // A Redis URL may carry a password.
+            .field("redis", &self.redis.as_deref().map(redact_url))
+            .field("cluster_lease", &self.cluster_lease)
             .finish()
     }
 }
@@ -148,6 +156,8 @@ impl Default for Config {
             plugin_max_memory: 256 << 20,
             plugin_max_deadline: Duration::from_secs(1),
             plugin_cache: default_cache_dir(),
+            redis: None,
+            cluster_lease: crate::cluster::DEFAULT_LEASE,
         }
     }
 }
@@ -223,6 +233,16 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Compiled-plugin cache, so restarts skip compiling; `off` disables [default: ~/.cache/roomcast/plugins]",
     ),
     ("plugin_max_deadline", "DURATION", "Host-wide cap on a plugin's per-call deadline [default: 1s]"),
+    (
+        "redis",
+        "URL",
+        "Cluster mode: share rooms with other nodes through this Redis (redis://host:6379) [default: off]",
+    ),
+    (
+        "cluster_lease",
+        "DURATION",
+        "Cluster mode: how soon another node takes over the rooms of a node that died [default: 5s]",
+    ),
 ];
 
 impl Config {
@@ -285,6 +305,18 @@ impl Config {
             "plugin_max_deadline" => {
                 self.plugin_max_deadline = parse_positive_duration(&text).map_err(bad)?
             }
+            "redis" => {
+                let url = text.trim();
+                redis::Client::open(url).map_err(|e| bad(format!("`{}` is not a Redis URL: {e}", redact_url(url))))?;
+                self.redis = Some(url.to_owned());
+            }
+            "cluster_lease" => {
+                let lease = parse_positive_duration(&text).map_err(bad)?;
+                if lease < Duration::from_millis(300) {
+                    return Err(bad(format!("`{text}` is too short; the lease must be at least 300ms")));
+                }
+                self.cluster_lease = lease;
+            }
             _ => return Err(SetError::Unknown),
         }
         Ok(())
@@ -298,7 +330,7 @@ impl Config {
             file: file.to_owned(),
             reason: e.message().to_owned(),
         })?;
-        for (key, value) in &table {
+        for (key, setting, value) in flatten(&table, file)? {
             let raw = match value {
                 toml::Value::String(s) => RawValue::Text(s.clone()),
                 toml::Value::Integer(i) => RawValue::Integer(*i),
@@ -324,14 +356,14 @@ impl Config {
                 toml::Value::Table(_) => RawValue::Other("a table"),
             };
             // A relative path in a file is relative to that file.
-            let raw = match (key.as_str(), raw) {
+            let raw = match (setting.as_str(), raw) {
                 ("plugins" | "admin_token_file", RawValue::Text(path)) => {
                     let base = file.parent().unwrap_or(Path::new("."));
                     RawValue::Text(base.join(path).to_string_lossy().into_owned())
                 }
                 (_, raw) => raw,
             };
-            self.set(key, &raw).map_err(|e| match e {
+            self.set(&setting, &raw).map_err(|e| match e {
                 SetError::Unknown => ConfigError::UnknownKey { file: file.to_owned(), key: key.clone() },
                 SetError::Bad(reason) => {
                     ConfigError::BadFileValue { file: file.to_owned(), key: key.clone(), reason }
@@ -355,6 +387,43 @@ impl Config {
     }
 }
 
+/// Settings written in a TOML table rather than at the top level: `("cluster.redis",
+/// "redis")` means `[cluster] redis = ...` in the file is the flag `--redis`.
+pub const TABLE_KEYS: &[(&str, &str)] = &[("cluster.redis", "redis"), ("cluster.lease", "cluster_lease")];
+
+/// A file's settings as (key as written, e.g. `cluster.redis`; setting; value).
+fn flatten<'a>(
+    table: &'a toml::Table,
+    file: &Path,
+) -> Result<Vec<(String, String, &'a toml::Value)>, ConfigError> {
+    let unknown = |key: String| ConfigError::UnknownKey { file: file.to_owned(), key };
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let is_table = TABLE_KEYS.iter().any(|(path, _)| path.split_once('.').is_some_and(|(t, _)| t == key));
+        match value {
+            toml::Value::Table(inner) if is_table => {
+                for (sub, value) in inner {
+                    let path = format!("{key}.{sub}");
+                    let setting = TABLE_KEYS
+                        .iter()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, s)| s.to_string())
+                        .ok_or(unknown(path.clone()))?;
+                    out.push((path, setting, value));
+                }
+            }
+            _ => {
+                // A setting that lives in a table is unknown at the top level.
+                if TABLE_KEYS.iter().any(|(_, setting)| setting == key) {
+                    return Err(unknown(key.clone()));
+                }
+                out.push((key.clone(), key.clone(), value));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `$XDG_CACHE_HOME/roomcast/plugins`, else `$HOME/.cache/roomcast/plugins`.
 fn default_cache_dir() -> Option<PathBuf> {
     let base =
@@ -362,6 +431,14 @@ fn default_cache_dir() -> Option<PathBuf> {
             std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|home| PathBuf::from(home).join(".cache"))
         })?;
     Some(base.join("roomcast").join("plugins"))
+}
+
+/// A URL with any password replaced, for logs and error messages.
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// Why [`Config::set`] refused a value.
@@ -486,6 +563,30 @@ mod tests {
             let result = config.set(key, &RawValue::Text("x".into()));
             assert!(!matches!(result, Err(SetError::Unknown)), "{key} is listed but unknown");
         }
+    }
+
+    #[test]
+    fn cluster_settings_live_in_their_table() {
+        let (_dir, file) = write("[cluster]\nredis = \"redis://127.0.0.1:6390/\"\nlease = \"2s\"\n");
+        let mut config = Config::default();
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.redis.as_deref(), Some("redis://127.0.0.1:6390/"));
+        assert_eq!(config.cluster_lease, Duration::from_secs(2));
+
+        let (_dir, file) = write("redis = \"redis://127.0.0.1/\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("unknown key `redis`"), "{text}");
+        let (_dir, file) = write("[cluster]\nredys = \"x\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("cluster.redys"), "{text}");
+        let (_dir, file) = write("[cluster]\nredis = \"http://x\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("cluster.redis"), "{text}");
+
+        let mut config = Config::default();
+        config.apply_flag("redis", "redis://:pw@127.0.0.1:1/").unwrap();
+        assert!(!format!("{config:?}").contains("pw"));
+        assert!(config.apply_flag("cluster-lease", "10ms").is_err());
     }
 
     #[test]
