@@ -216,7 +216,11 @@ async fn publish(
             && cluster.room_known(&room)
         {
             if !cluster.publish_remote(&room, payload) {
-                return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "Redis is unreachable; retry\n")
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    "Redis is unreachable; retry\n",
+                )
                     .into_response();
             }
             return (StatusCode::ACCEPTED, axum::Json(json!({ "room": room }))).into_response();

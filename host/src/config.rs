@@ -307,7 +307,8 @@ impl Config {
             }
             "redis" => {
                 let url = text.trim();
-                redis::Client::open(url).map_err(|e| bad(format!("`{}` is not a Redis URL: {e}", redact_url(url))))?;
+                redis::Client::open(url)
+                    .map_err(|e| bad(format!("`{}` is not a Redis URL: {e}", redact_url(url))))?;
                 self.redis = Some(url.to_owned());
             }
             "cluster_lease" => {

@@ -19,14 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broadcast::Outbound;
+use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
+use crate::cluster::{Cluster, ClusterEvent, Role, RoleChange, RoomLink};
 use crate::frame::{self, close_code};
 use crate::metrics::{CloseReason, Metrics, PluginCalls};
 use crate::plugin::{
     Action, LeaveReason, MemberInfo, Origin, Payload, Plugin, PluginError, RoomExists, RoomInstance,
     RoomView, Verdict,
 };
-use crate::cluster::wire::{Delivery, InEvent, ToOwner, OutEvent, FromOwner, Snapshot};
-use crate::cluster::{Cluster, ClusterEvent, Role, RoleChange, RoomLink};
 use crate::reload::LivePlugins;
 
 pub use crate::plugin::MemberId;
@@ -794,7 +794,9 @@ impl RoomActor {
                         if peer.deliver(encode(&payload)) {
                             self.metrics.messages_out.fetch_add(1, Relaxed);
                         }
-                    } else if let Some(clustered) = self.cluster.as_mut().filter(|c| c.remote.contains_key(&to)) {
+                    } else if let Some(clustered) =
+                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&to))
+                    {
                         clustered.outbox.push(Delivery::Send { to, payload });
                     }
                 }
@@ -999,7 +1001,9 @@ impl RoomActor {
                 self.peers.retain(|p| p.id != member);
                 return last;
             }
-            RoomEvent::Message { from, payload } => clustered.link.to_owner(InEvent::Message { from, payload }),
+            RoomEvent::Message { from, payload } => {
+                clustered.link.to_owner(InEvent::Message { from, payload })
+            }
             RoomEvent::Forward { from_room, payload, hops } => {
                 clustered.link.to_owner(InEvent::Forward { from_room: from_room.to_string(), payload, hops })
             }
@@ -1047,7 +1051,8 @@ impl RoomActor {
                     }
                     Role::Solo => {}
                 }
-                let unheard: Vec<Vec<u8>> = self.cluster.as_mut().map(|c| c.unheard.drain(..).collect()).unwrap_or_default();
+                let unheard: Vec<Vec<u8>> =
+                    self.cluster.as_mut().map(|c| c.unheard.drain(..).collect()).unwrap_or_default();
                 for data in unheard {
                     self.unheard(data);
                 }
@@ -1164,7 +1169,8 @@ impl RoomActor {
                         }
                     }
                 } else {
-                    for id in present.iter().filter(|id| !self.ids.contains(id)).copied().collect::<Vec<_>>() {
+                    for id in present.iter().filter(|id| !self.ids.contains(id)).copied().collect::<Vec<_>>()
+                    {
                         self.ids.push(id);
                         if let Some(info) = self.member_info(id) {
                             self.joined(&info);
@@ -1265,7 +1271,8 @@ impl RoomActor {
                 }
             }
             InEvent::Leave { member, reason } => {
-                let reason = CloseReason::ALL.into_iter().find(|r| r.label() == reason).unwrap_or(CloseReason::Reset);
+                let reason =
+                    CloseReason::ALL.into_iter().find(|r| r.label() == reason).unwrap_or(CloseReason::Reset);
                 self.remote_leave(member, reason);
             }
             InEvent::Message { from, payload } => {
@@ -1275,7 +1282,9 @@ impl RoomActor {
                     tracing::debug!(room = %self.room.name, member = from, "message from an unknown member dropped");
                 }
             }
-            InEvent::Forward { from_room, payload, hops } => self.message(Origin::Room(from_room), payload, hops),
+            InEvent::Forward { from_room, payload, hops } => {
+                self.message(Origin::Room(from_room), payload, hops)
+            }
             InEvent::Publish(payload) => self.deliver_all(&payload, None),
         }
     }
@@ -1329,7 +1338,8 @@ impl RoomActor {
                         }
                         Delivery::Close { member, code, reason, failure } => {
                             if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
-                                let why = if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
+                                let why =
+                                    if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
                                 peer.end(Ending::new(why, code, reason));
                             }
                         }

@@ -35,7 +35,16 @@ impl Redis {
     /// Start (again) on the same port and wait until it answers.
     async fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -368,7 +377,8 @@ async fn redis_restart_loses_no_local_delivery_and_recovers_cross_node() {
     assert_eq!(follower.metric("roomcast_cluster_up").await, 1.0);
     assert!(follower.metric("roomcast_cluster_resyncs_total").await >= 1.0);
     // One owner again.
-    let owned = owner.metric("roomcast_cluster_owned_rooms").await + follower.metric("roomcast_cluster_owned_rooms").await;
+    let owned = owner.metric("roomcast_cluster_owned_rooms").await
+        + follower.metric("roomcast_cluster_owned_rooms").await;
     assert_eq!(owned, 1.0);
 }
 
@@ -409,7 +419,8 @@ async fn presence_spans_the_cluster() {
     assert_eq!(welcome["type"], "welcome");
     let bob_id = welcome["id"].as_u64().unwrap();
     assert_ne!(ada_id >> 32, bob_id >> 32, "member ids come from distinct per-node ranges");
-    let names: Vec<&str> = welcome["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        welcome["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["ada", "bob"]);
     let joined: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
     assert_eq!((joined["type"].as_str(), joined["name"].as_str()), (Some("join"), Some("bob")));

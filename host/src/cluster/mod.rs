@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plugin::{MemberId, MemberInfo, Payload};
 use crate::room::{Room, RoomEvent};
-use wire::{Delivery, InEvent, ToOwner, OutEvent, FromOwner, Snapshot};
+use wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 
 /// How many writes (publishes, presence updates, snapshots) wait for Redis. Past it a
 /// write is dropped and counted: a slow or unreachable Redis never grows the host.
@@ -131,6 +131,8 @@ pub struct Entry {
     subscribed_in: AtomicBool,
     /// Presence must be written in full and the role re-decided at the next tick.
     resync: AtomicBool,
+    /// A `Check` for the room is queued (one at a time is enough).
+    checking: AtomicBool,
     changes: Mutex<VecDeque<RoleChange>>,
     pending: AtomicBool,
     /// Signalled with each change; the actor waits on it for its first role.
@@ -167,7 +169,11 @@ enum Write {
     Cmd(redis::Cmd),
     /// A publish; for an event sent to an owner (`unheard` set), a reply of zero
     /// receivers hands the record back to the room.
-    Publish { channel: String, data: Vec<u8>, unheard: Option<Arc<str>> },
+    Publish {
+        channel: String,
+        data: Vec<u8>,
+        unheard: Option<Arc<str>>,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -332,6 +338,7 @@ impl Cluster {
             role: Mutex::new(Role::Pending),
             subscribed_in: AtomicBool::new(false),
             resync: AtomicBool::new(true),
+            checking: AtomicBool::new(false),
             changes: Mutex::new(VecDeque::new()),
             pending: AtomicBool::new(false),
             changed: Notify::new(),
@@ -393,7 +400,8 @@ impl Cluster {
     pub fn render_metrics(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let owned = self.entries.lock().expect("cluster lock").values().filter(|e| e.role() == Role::Owner).count();
+        let owned =
+            self.entries.lock().expect("cluster lock").values().filter(|e| e.role() == Role::Owner).count();
         let _ = writeln!(
             out,
             "# HELP roomcast_cluster_up Whether Redis is reachable (cluster mode).\n# TYPE roomcast_cluster_up gauge\nroomcast_cluster_up {}",
@@ -413,7 +421,11 @@ impl Cluster {
             ("inbox", &self.stats.dropped_inbox),
             ("unheard", &self.stats.dropped_unheard),
         ] {
-            let _ = writeln!(out, "roomcast_cluster_dropped_total{{reason=\"{reason}\"}} {}", counter.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "roomcast_cluster_dropped_total{{reason=\"{reason}\"}} {}",
+                counter.load(Relaxed)
+            );
         }
         for (name, help, counter) in [
             (
@@ -433,7 +445,11 @@ impl Cluster {
                 &self.stats.discarded,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.load(Relaxed)
+            );
         }
         out
     }
@@ -550,7 +566,16 @@ impl Cluster {
         if entry.tx.try_send(RoomEvent::Cluster(ClusterEvent::Unheard(data))).is_err() {
             self.stats.dropped_inbox.fetch_add(1, Relaxed);
         }
-        let _ = self.control.try_send(Control::Check(entry));
+        self.check(entry);
+    }
+
+    /// Re-decide a room's role soon (at most one request queued per room).
+    fn check(&self, entry: Arc<Entry>) {
+        if !entry.checking.swap(true, Relaxed)
+            && self.control.try_send(Control::Check(entry.clone())).is_err()
+        {
+            entry.checking.store(false, Relaxed);
+        }
     }
 
     /// Hand every subscription message to its room's inbox, until the connection ends.
@@ -561,7 +586,9 @@ impl Cluster {
             };
             let event = match direction {
                 store::Direction::In => ToOwner::decode(message.get_payload_bytes()).map(ClusterEvent::In),
-                store::Direction::Out => FromOwner::decode(message.get_payload_bytes()).map(ClusterEvent::Out),
+                store::Direction::Out => {
+                    FromOwner::decode(message.get_payload_bytes()).map(ClusterEvent::Out)
+                }
             };
             let event = match event {
                 Ok(event) => event,
@@ -618,7 +645,8 @@ impl Cluster {
             *self.conn.lock().expect("cluster lock") = Some(conn);
             *self.sink.lock().await = Some(sink);
             let mut dispatcher = tokio::spawn(self.clone().dispatch(stream));
-            let entries: Vec<Arc<Entry>> = self.entries.lock().expect("cluster lock").values().cloned().collect();
+            let entries: Vec<Arc<Entry>> =
+                self.entries.lock().expect("cluster lock").values().cloned().collect();
             for entry in &entries {
                 entry.subscribed_in.store(false, Relaxed);
                 entry.resync.store(true, Relaxed);
@@ -692,7 +720,8 @@ impl Cluster {
                 self.forget(&entry);
                 let _ = done.send(());
             }
-            Control::Check(_) | Control::Reconcile(_) => {}
+            Control::Check(entry) => entry.checking.store(false, Relaxed),
+            Control::Reconcile(_) => {}
         }
     }
 
@@ -717,7 +746,7 @@ impl Cluster {
             match control {
                 Control::Attach(entry) => attach.push(entry),
                 Control::Check(entry) => {
-                    entry.resync.store(true, Relaxed);
+                    entry.checking.store(false, Relaxed);
                     check.push(entry);
                 }
                 Control::Detach(entry, done) => {
@@ -803,7 +832,11 @@ impl Cluster {
                 // Rewrite this node's presence for the room from the registry.
                 pipe.cmd("DEL").arg(&members_key).ignore();
                 for peer in room.members().iter() {
-                    pipe.cmd("HSET").arg(&members_key).arg(peer.id).arg(wire::encode_member(&peer.info())).ignore();
+                    pipe.cmd("HSET")
+                        .arg(&members_key)
+                        .arg(peer.id)
+                        .arg(wire::encode_member(&peer.info()))
+                        .ignore();
                 }
             }
             pipe.cmd("EVAL")
@@ -894,12 +927,17 @@ impl Cluster {
                 .arg(&self.node)
                 .arg(self.lease.as_millis() as u64);
             pipe.cmd("GET").arg(store::state_key(name));
-            pipe.cmd("EVAL").arg(store::MEMBERS).arg(1).arg(store::nodes_key(name)).arg(store::members_prefix(name));
+            pipe.cmd("EVAL")
+                .arg(store::MEMBERS)
+                .arg(1)
+                .arg(store::nodes_key(name))
+                .arg(store::members_prefix(name));
         }
         let replies: Vec<Value> = self.query(&pipe).await?;
         let mut replies = replies.into_iter();
         for entry in entries {
-            let (Some(claim), Some(state), Some(members)) = (replies.next(), replies.next(), replies.next()) else {
+            let (Some(claim), Some(state), Some(members)) = (replies.next(), replies.next(), replies.next())
+            else {
                 return Err("short reply to a claim".into());
             };
             let mut fields = array(claim).into_iter();
@@ -934,7 +972,11 @@ impl Cluster {
     /// Every live node's members of `room`.
     async fn members(&self, room: &str) -> Result<Vec<(String, MemberInfo)>, String> {
         let mut pipe = redis::pipe();
-        pipe.cmd("EVAL").arg(store::MEMBERS).arg(1).arg(store::nodes_key(room)).arg(store::members_prefix(room));
+        pipe.cmd("EVAL")
+            .arg(store::MEMBERS)
+            .arg(1)
+            .arg(store::nodes_key(room))
+            .arg(store::members_prefix(room));
         let mut replies: Vec<Value> = self.query(&pipe).await?;
         Ok(presence(replies.pop().unwrap_or(Value::Nil)))
     }
@@ -1055,13 +1097,20 @@ impl RoomLink {
     /// Forward into another room through its owner (it has no actor here).
     pub fn forward(&self, target: &str, event: InEvent) {
         let record = ToOwner { node: self.cluster.node.clone(), event };
-        self.cluster.write(Write::Publish { channel: store::in_channel(target), data: record.encode(), unheard: None });
+        self.cluster.write(Write::Publish {
+            channel: store::in_channel(target),
+            data: record.encode(),
+            unheard: None,
+        });
     }
 
     /// Publish the owner's deliveries for the other nodes' members.
     pub fn deliver(&mut self, items: Vec<Delivery>) {
         self.seq += 1;
-        let record = FromOwner { node: self.cluster.node.clone(), event: OutEvent::Deliveries { seq: self.seq, items } };
+        let record = FromOwner {
+            node: self.cluster.node.clone(),
+            event: OutEvent::Deliveries { seq: self.seq, items },
+        };
         self.cluster.write(Write::Publish {
             channel: store::out_channel(&self.entry.name),
             data: record.encode(),
@@ -1107,7 +1156,7 @@ impl RoomLink {
 
     /// Re-decide the room's role now (its owner seems gone).
     pub fn check(&self) {
-        let _ = self.cluster.control.try_send(Control::Check(self.entry.clone()));
+        self.cluster.check(self.entry.clone());
     }
 
     /// Ask for every node's members of the room (the owner's counts disagree).
@@ -1189,7 +1238,9 @@ fn int(value: Value) -> u64 {
 /// the process id (node ids and member-id prefixes only need to differ).
 fn random_u64() -> u64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
     hasher.write_u32(std::process::id());
     hasher.finish()
 }

@@ -448,7 +448,8 @@ mod tests {
         record.truncate(record.len() - 1);
         assert_eq!(ToOwner::decode(&record), Err(WireError::Truncated));
         // Text that is not UTF-8 is refused rather than passed on as text.
-        let bad = ToOwner { node: "n".into(), event: InEvent::Publish(Payload::Text(Bytes::from_static(b"\xff"))) };
+        let bad =
+            ToOwner { node: "n".into(), event: InEvent::Publish(Payload::Text(Bytes::from_static(b"\xff"))) };
         assert_eq!(ToOwner::decode(&bad.encode()), Err(WireError::Utf8));
         assert!(FromOwner::decode(&[VERSION, 99]).is_err());
     }
