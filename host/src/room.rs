@@ -1213,7 +1213,7 @@ impl RoomActor {
             .filter(|(_, info)| {
                 !clustered.remote.contains_key(&info.id)
                     && !self.peers.iter().any(|p| p.id == info.id)
-                    && !clustered.left.get(&info.id).is_some_and(|at| *at >= asked)
+                    && clustered.left.get(&info.id).is_none_or(|at| *at < asked)
             })
             .collect();
         for member in gone {

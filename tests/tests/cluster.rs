@@ -325,12 +325,7 @@ async fn graceful_shutdown_hands_leases_over_at_once() {
     let stopping = Instant::now();
     let stop = tokio::spawn(owner.stop());
     // The owner's member is closed with 1001.
-    loop {
-        match next_text(&mut a, Duration::from_secs(5)).await {
-            Some(_) => continue,
-            None => break,
-        }
-    }
+    while next_text(&mut a, Duration::from_secs(5)).await.is_some() {}
     stop.await.unwrap();
     send_text(&mut b, "x").await;
     let reply = next_text(&mut b, Duration::from_secs(5)).await.expect("the other node took over");
