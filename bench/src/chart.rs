@@ -23,9 +23,11 @@ type Reader = fn(&Medians) -> f64;
 struct Panel {
     title: String,
     unit: &'static str,
-    /// Series name and how to read it from the medians.
-    series: Vec<(&'static str, Reader)>,
+    /// How to read each bar of a server from its medians.
+    series: Vec<Reader>,
     decimals: usize,
+    /// A dashed reference line: value and label.
+    target: Option<(f64, &'static str)>,
 }
 
 fn short(kind: Kind) -> &'static str {
@@ -50,20 +52,23 @@ pub fn draw(results: &Results, path: &Path, font: &Path) -> anyhow::Result<()> {
         Panel {
             title: format!("Server CPU per delivery, saturated fan-out to {}", sizes.fanout.clients),
             unit: "µs",
-            series: vec![("", |m| m.cpu_us_per_delivery)],
+            series: vec![|m| m.cpu_us_per_delivery],
             decimals: 3,
+            target: None,
         },
         Panel {
-            title: format!("Latency, paced fan-out to {}", sizes.paced.clients),
+            title: format!("Latency p50 | p99, paced fan-out to {}", sizes.paced.clients),
             unit: "µs",
-            series: vec![("p50", |m| m.paced_p50_us), ("p99", |m| m.paced_p99_us)],
+            series: vec![|m| m.paced_p50_us, |m| m.paced_p99_us],
             decimals: 0,
+            target: None,
         },
         Panel {
             title: format!("Server RSS per idle connection, {} open", sizes.idle.connections),
             unit: "KiB",
-            series: vec![("", |m| m.idle_kib_per_conn)],
+            series: vec![|m| m.idle_kib_per_conn],
             decimals: 2,
+            target: Some((4.0, "target 4 KiB")),
         },
     ];
     let servers = &results.servers;
@@ -101,8 +106,7 @@ fn draw_panel<DB: DrawingBackend>(
     medians: &[Medians],
 ) -> anyhow::Result<()> {
     let n = servers.len();
-    let values: Vec<Vec<f64>> =
-        medians.iter().map(|m| panel.series.iter().map(|(_, f)| f(m)).collect()).collect();
+    let values: Vec<Vec<f64>> = medians.iter().map(|m| panel.series.iter().map(|f| f(m)).collect()).collect();
     let top = values.iter().flatten().copied().filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-9) * 1.18;
     let names: Vec<&str> = servers.iter().map(|&k| short(k)).collect();
     let formatter = |x: &f64| {
@@ -126,6 +130,7 @@ fn draw_panel<DB: DrawingBackend>(
         .x_labels(n)
         .x_label_formatter(&formatter)
         .y_desc(panel.unit)
+        .y_label_formatter(&|v| format!("{v}"))
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 13))
         .draw()
@@ -156,12 +161,7 @@ fn draw_panel<DB: DrawingBackend>(
                     color.filled(),
                 )))
                 .map_err(draw_error)?;
-            let name = panel.series[s].0;
-            let text = if name.is_empty() {
-                format!("{v:.*}", panel.decimals)
-            } else {
-                format!("{name} {v:.*}", panel.decimals)
-            };
+            let text = format!("{v:.*}", panel.decimals);
             chart
                 .draw_series(std::iter::once(Text::new(
                     text,
@@ -170,6 +170,19 @@ fn draw_panel<DB: DrawingBackend>(
                 )))
                 .map_err(draw_error)?;
         }
+    }
+    if let Some((value, label)) = panel.target {
+        let style = ShapeStyle::from(&BLACK).stroke_width(1);
+        let dashes = (0..n * 10).map(|i| {
+            let x = -0.5 + i as f64 * 0.1;
+            PathElement::new(vec![(x, value), (x + 0.05, value)], style)
+        });
+        chart.draw_series(dashes).map_err(draw_error)?;
+        let left =
+            ("sans-serif", 12).into_font().into_text_style(area).pos(Pos::new(HPos::Left, VPos::Bottom));
+        chart
+            .draw_series(std::iter::once(Text::new(label, (-0.45, value + top * 0.01), left)))
+            .map_err(draw_error)?;
     }
     Ok(())
 }

@@ -75,6 +75,9 @@ pub struct FanoutResult {
     /// The load generator's own CPU over the same phase (it shares no CPU with the
     /// server; near `elapsed_s` means it, not the server, was the limit).
     pub client_cpu_s: f64,
+    /// CPU the rest of the machine used over the same phase (other processes, and
+    /// kernel work not charged to either side): a noisy neighbour shows here.
+    pub other_cpu_s: f64,
 }
 
 /// State the pump and the receivers share.
@@ -159,6 +162,7 @@ pub async fn run(
     let expected = total as u64 * recipients;
     let cpu_before = server_pid.map(procfs::cpu_secs).transpose()?;
     let own_before = procfs::cpu_secs(std::process::id())?;
+    let busy_before = procfs::machine_busy_secs()?;
     let start = Instant::now();
     let start_ns = shared.now_ns();
     let pump = tokio::spawn(pump(writers, shared.clone(), params.clone(), layout, start));
@@ -182,6 +186,7 @@ pub async fn run(
     }
     let cpu_after = server_pid.map(procfs::cpu_secs).transpose()?;
     let own_after = procfs::cpu_secs(std::process::id())?;
+    let busy_after = procfs::machine_busy_secs()?;
     let _ = stop_tx.send(true);
     pump.abort();
 
@@ -210,6 +215,7 @@ pub async fn run(
     result.latency = Latency::from_ns(&mut latencies);
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         result.server_cpu_s = after - before;
+        result.other_cpu_s = (busy_after - busy_before - result.server_cpu_s - result.client_cpu_s).max(0.0);
         if result.delivered > 0 {
             result.cpu_us_per_delivery = result.server_cpu_s * 1e6 / result.delivered as f64;
         }

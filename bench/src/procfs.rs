@@ -33,6 +33,18 @@ fn clock_ticks() -> u64 {
     })
 }
 
+/// CPU seconds all CPUs of the machine have spent busy (not idle, not waiting for
+/// I/O) since boot, from the first line of `/proc/stat`.
+pub fn machine_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    anyhow::ensure!(ticks.len() >= 5, "short /proc/stat line");
+    // user nice system idle iowait irq softirq steal ...; guest time is already in user.
+    let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks[3] - ticks[4];
+    Ok(busy as f64 / clock_ticks() as f64)
+}
+
 /// Resident set size in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -81,6 +93,7 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(cpu_secs(me).unwrap() >= 0.0);
+        assert!(machine_busy_secs().unwrap() > 0.0);
         assert!(rss_kib(me).unwrap() > 0);
         assert!(fd_count(me).unwrap() >= 3);
         assert!(open_files_limit() > 0);

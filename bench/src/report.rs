@@ -14,8 +14,10 @@ fn med<T>(runs: &[(Kind, T)], kind: Kind, f: impl Fn(&T) -> f64) -> f64 {
 }
 
 /// Median of `f` over the plugin runs through `plugin`.
-pub fn plugin_med(results: &Results, plugin: &str, f: impl Fn(&FanoutResult) -> f64) -> f64 {
-    median(results.plugins.iter().filter(|p| p.plugin == plugin).map(|p| f(&p.result)))
+pub fn plugin_med(results: &Results, plugin: &str, clients: usize, f: impl Fn(&FanoutResult) -> f64) -> f64 {
+    median(
+        results.plugins.iter().filter(|p| p.plugin == plugin && p.clients == clients).map(|p| f(&p.result)),
+    )
 }
 
 /// A number with `d` decimals, or `–` when there is none.
@@ -213,26 +215,35 @@ pub fn tables(results: &Results) -> String {
     if !results.plugins.is_empty() {
         let _ = writeln!(
             out,
-            "\n### Plugins (Roomcast, saturated fan-out as above)\n\n\
-             | room served by | deliveries/s | % of no plugin | CPU µs per delivery | CPU vs no plugin | lost |\n\
-             |---|---:|---:|---:|---:|---:|"
+            "\n### Plugins (Roomcast, saturated fan-out; relay passes everything on, moderation \
+             checks every message)\n\n\
+             | room | served by | deliveries/s | % of no plugin | CPU µs per delivery | CPU vs no plugin | lost |\n\
+             |---|---|---:|---:|---:|---:|---:|"
         );
-        let base_tp = plugin_med(results, "none", |r| r.deliveries_per_sec);
-        let base_cpu = plugin_med(results, "none", |r| r.cpu_us_per_delivery);
-        for plugin in ["none", "relay", "moderation"] {
-            let tp = plugin_med(results, plugin, |r| r.deliveries_per_sec);
-            let cpu = plugin_med(results, plugin, |r| r.cpu_us_per_delivery);
-            let lost: u64 =
-                results.plugins.iter().filter(|p| p.plugin == plugin).map(|p| p.result.lost).sum();
-            let name = if plugin == "none" { "no plugin" } else { plugin };
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {}% | {} | {} | {lost} |",
-                num(tp, 0),
-                num(tp / base_tp * 100.0, 1),
-                num(cpu, 3),
-                ratio(cpu, base_cpu)
-            );
+        for params in [&sizes.fanout, &sizes.small_room] {
+            let n = params.clients;
+            let base_tp = plugin_med(results, "none", n, |r| r.deliveries_per_sec);
+            let base_cpu = plugin_med(results, "none", n, |r| r.cpu_us_per_delivery);
+            for plugin in ["none", "relay", "moderation"] {
+                let tp = plugin_med(results, plugin, n, |r| r.deliveries_per_sec);
+                let cpu = plugin_med(results, plugin, n, |r| r.cpu_us_per_delivery);
+                let lost: u64 = results
+                    .plugins
+                    .iter()
+                    .filter(|p| p.plugin == plugin && p.clients == n)
+                    .map(|p| p.result.lost)
+                    .sum();
+                let name = if plugin == "none" { "no plugin" } else { plugin };
+                let _ = writeln!(
+                    out,
+                    "| {n} members, {} senders | {name} | {} | {}% | {} | {} | {lost} |",
+                    params.senders,
+                    num(tp, 0),
+                    num(tp / base_tp * 100.0, 1),
+                    num(cpu, 3),
+                    ratio(cpu, base_cpu)
+                );
+            }
         }
     }
 
@@ -325,20 +336,24 @@ fn targets(results: &Results, m: &[Medians]) -> String {
             verdict(m[rc].idle_kib_per_conn <= 4.0).to_owned()
         }
     );
-    if !results.plugins.is_empty() {
-        let pct = plugin_med(results, "relay", |r| r.deliveries_per_sec)
-            / plugin_med(results, "none", |r| r.deliveries_per_sec)
-            * 100.0;
-        let cpu = plugin_med(results, "none", |r| r.cpu_us_per_delivery)
-            / plugin_med(results, "relay", |r| r.cpu_us_per_delivery)
-            * 100.0;
-        let _ = writeln!(
-            out,
-            "| plugin pass-through ≥ 90% of no-plugin throughput | {}% (by CPU per delivery: {}%) | 90% | {} |",
-            num(pct, 1),
-            num(cpu, 1),
-            verdict(pct >= 90.0)
-        );
+    if let Some(sizes) = results.sizes.as_ref().filter(|_| !results.plugins.is_empty()) {
+        for params in [&sizes.fanout, &sizes.small_room] {
+            let n = params.clients;
+            let pct = plugin_med(results, "relay", n, |r| r.deliveries_per_sec)
+                / plugin_med(results, "none", n, |r| r.deliveries_per_sec)
+                * 100.0;
+            let cpu = plugin_med(results, "none", n, |r| r.cpu_us_per_delivery)
+                / plugin_med(results, "relay", n, |r| r.cpu_us_per_delivery)
+                * 100.0;
+            let _ = writeln!(
+                out,
+                "| plugin pass-through ≥ 90% of no-plugin throughput ({n} members) | {}% (by CPU per \
+                 delivery: {}%) | 90% | {} |",
+                num(pct, 1),
+                num(cpu, 1),
+                verdict(pct >= 90.0 && cpu >= 90.0)
+            );
+        }
     }
     out
 }
@@ -388,13 +403,15 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             let _ = writeln!(out, "- {e}");
         }
     }
-    out.push_str("\n### Every run\n\n| server | scenario | deliveries/s | CPU µs/delivery | p50 µs | p99 µs | max µs | lost | dup | closed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("\n### Every run\n\n| server | scenario | deliveries/s | server CPU µs/delivery | load generator CPU s | other CPU s | p50 µs | p99 µs | max µs | lost | dup | closed |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut fan = |kind: &str, scenario: &str, r: &FanoutResult| {
         let _ = writeln!(
             out,
-            "| {kind} | {scenario} | {:.0} | {:.3} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {kind} | {scenario} | {:.0} | {:.3} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
             r.deliveries_per_sec,
             r.cpu_us_per_delivery,
+            r.client_cpu_s,
+            r.other_cpu_s,
             r.latency.p50_us,
             r.latency.p99_us,
             r.latency.max_us,
@@ -410,7 +427,7 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
         fan(k.label(), "paced", r);
     }
     for p in &results.plugins {
-        fan("Roomcast", &format!("plugin {}", p.plugin), &p.result);
+        fan("Roomcast", &format!("{} members, plugin {}", p.clients, p.plugin), &p.result);
     }
     for r in &results.reload {
         fan("Roomcast", "reload", &r.fanout);

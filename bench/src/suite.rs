@@ -26,6 +26,9 @@ pub struct Sizes {
     pub paced: FanoutParams,
     pub idle: IdleParams,
     pub churn: ChurnParams,
+    /// The plugin scenario runs `fanout` and this: a small room where every member
+    /// sends, so the per-message cost (and a plugin call is one) weighs more.
+    pub small_room: FanoutParams,
     pub reload: ReloadParams,
 }
 
@@ -65,6 +68,7 @@ impl Sizes {
                     concurrency: 32,
                     settle: Duration::from_secs(2),
                 },
+                small_room: saturated(10, 10, 20_000, 256),
                 reload: ReloadParams { fanout: paced(50, 2, 20_000.0, 3.5), every: Duration::from_secs(1) },
             }
         } else {
@@ -80,6 +84,7 @@ impl Sizes {
                     concurrency: 32,
                     settle: Duration::from_secs(2),
                 },
+                small_room: saturated(10, 10, 200_000, 1024),
                 reload: ReloadParams { fanout: paced(100, 4, 50_000.0, 10.0), every: Duration::from_secs(1) },
             }
         }
@@ -112,6 +117,8 @@ pub struct Machine {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PluginRun {
     pub plugin: String,
+    /// Members of the room.
+    pub clients: usize,
     pub result: FanoutResult,
 }
 
@@ -277,8 +284,15 @@ async fn scenario(
 
 fn fanout_line(r: &FanoutResult) -> String {
     format!(
-        "{:.0} deliveries/s, {:.3} µs CPU/delivery, p50 {:.0} µs p99 {:.0} µs, lost {} dup {}",
-        r.deliveries_per_sec, r.cpu_us_per_delivery, r.latency.p50_us, r.latency.p99_us, r.lost, r.duplicates
+        "{:.0} deliveries/s, {:.3} µs CPU/delivery, p50 {:.0} µs p99 {:.0} µs, lost {} dup {}, \
+         other CPU {:.2} s",
+        r.deliveries_per_sec,
+        r.cpu_us_per_delivery,
+        r.latency.p50_us,
+        r.latency.p99_us,
+        r.lost,
+        r.duplicates,
+        r.other_cpu_s
     )
 }
 
@@ -307,13 +321,19 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
         // Rotate the order between runs so that no room always goes first.
         rooms.rotate_left((run - 1) % 3);
         let mut runs = Vec::new();
-        for plugin in rooms {
-            let room = if plugin == "none" { "bench" } else { plugin };
-            let target = Target::new(server.addr, format!("/ws/{room}"))?;
-            let conns = client::connect_all(&target, sizes.fanout.clients).await?;
-            let result = fanout::run(conns, &sizes.fanout, Some(server.pid)).await?;
-            eprintln!("  run {run} Roomcast          plugin {plugin:<10} {}", fanout_line(&result));
-            runs.push(PluginRun { plugin: plugin.into(), result });
+        for params in [&sizes.fanout, &sizes.small_room] {
+            for &plugin in &rooms {
+                let room = if plugin == "none" { "bench" } else { plugin };
+                let target = Target::new(server.addr, format!("/ws/{room}"))?;
+                let conns = client::connect_all(&target, params.clients).await?;
+                let result = fanout::run(conns, params, Some(server.pid)).await?;
+                eprintln!(
+                    "  run {run} Roomcast          plugin {plugin:<10} {:>4} clients {}",
+                    params.clients,
+                    fanout_line(&result)
+                );
+                runs.push(PluginRun { plugin: plugin.into(), clients: params.clients, result });
+            }
         }
         server.stop().await?;
         anyhow::Ok(runs)

@@ -82,18 +82,16 @@
 //! # What a plugin cannot do
 //!
 //! The host gives a plugin nothing but the WIT `room` interface and defines every WASI
-//! import as a trap. So:
+//! import as a trap (except `wasi:random`). So:
 //!
 //! - `println!`, `eprintln!` and `dbg!` trap: use [`log()`] or the [`info!`] family.
 //!   A panic is logged at error level through [`log()`] (the SDK installs a panic
 //!   hook in `init`), then the instance traps and the host reports the failure.
 //! - `std::time` and `std::thread::sleep` trap: [`Room::now`] is the clock and
 //!   [`Room::set_timer`] the way to act later.
-//! - `std::collections::HashMap::new()` and `HashSet::new()` seed their hasher from
-//!   WASI randomness and trap: use `BTreeMap`/`BTreeSet`, or give the map a fixed
-//!   hasher, e.g. `HashMap<K, V, BuildHasherDefault<std::hash::DefaultHasher>>` built
-//!   with `HashMap::default()` (fine for host-assigned keys such as member ids; keys a
-//!   client chooses can then be made to collide, so prefer `BTreeMap` for those).
+//! - `std::collections::HashMap::new()` and `HashSet::new()` work: the host answers
+//!   the `wasi:random` imports their seed comes from (from a per-instance generator),
+//!   and that is the only WASI the host provides.
 //! - An allocation the host's memory cap refuses makes std write to stderr, which
 //!   traps; the room's instance is gone either way.
 //! - Files, sockets, environment variables and threads are unavailable.

@@ -24,6 +24,8 @@ use crate::plugin::{HostCaps, Plugin, PluginError, PluginRuntime, PluginSet};
 
 /// How long the folder must be quiet before a burst of events is acted on.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// After an event that says a file is complete, how long to gather related events.
+const SETTLE: Duration = Duration::from_millis(5);
 /// A file whose size or modification time changes within this window is still being
 /// written (a plain `cp` over the old file); it is looked at again later.
 const STABLE_FOR: Duration = Duration::from_millis(25);
@@ -293,8 +295,23 @@ pub struct Watcher {
 }
 
 enum WatchEvent {
-    Changed(PathBuf),
+    /// A file changed; `complete` when the event says it is whole again (renamed into
+    /// place, closed after writing, or deleted).
+    Changed(PathBuf, bool),
     Rescan,
+    Stop,
+}
+
+/// Whether a file event means the file is complete: it was renamed into place, closed
+/// after writing, or removed. Other events (data written, created) may be mid-write.
+fn completes(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    matches!(
+        kind,
+        notify::EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            | notify::EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | notify::EventKind::Remove(_)
+    )
 }
 
 impl Watcher {
@@ -305,7 +322,10 @@ impl Watcher {
         let events = tx.clone();
         let inotify = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let _ = match event {
-                Ok(event) => event.paths.into_iter().try_for_each(|p| events.send(WatchEvent::Changed(p))),
+                Ok(event) => {
+                    let complete = completes(&event.kind);
+                    event.paths.into_iter().try_for_each(|p| events.send(WatchEvent::Changed(p, complete)))
+                }
                 Err(_) => events.send(WatchEvent::Rescan),
             };
         });
@@ -341,7 +361,7 @@ impl Drop for Watcher {
         // The loop ends when every sender is gone: ours, and the inotify callback's,
         // which `_inotify` drops as the loop returns... so signal it explicitly.
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(WatchEvent::Changed(PathBuf::from("\0stop")));
+            let _ = stop.send(WatchEvent::Stop);
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -350,23 +370,25 @@ impl Drop for Watcher {
 }
 
 fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>) {
-    let mut pending: BTreeMap<String, Instant> = BTreeMap::new();
+    // Name → (when to act, whether the file is known complete).
+    let mut pending: BTreeMap<String, (Instant, bool)> = BTreeMap::new();
     let mut last_scan = snapshot(dir);
     let mut next_rescan = Instant::now() + RESCAN_EVERY;
     loop {
         // Wait for an event, a pending name to become due, or the rescan.
-        let due = pending.values().min().copied().unwrap_or(next_rescan).min(next_rescan);
+        let due = pending.values().map(|(at, _)| *at).min().unwrap_or(next_rescan).min(next_rescan);
         let timeout = due.saturating_duration_since(Instant::now());
         match rx.recv_timeout(timeout) {
-            Ok(WatchEvent::Changed(path)) => {
-                if path.as_os_str() == "\0stop" {
-                    return;
-                }
+            Ok(WatchEvent::Stop) => return,
+            Ok(WatchEvent::Changed(path, complete)) => {
                 if path.parent() == Some(dir)
                     && let Some(name) = plugin_file_name(&path)
                 {
-                    // Every new event for a name pushes its deadline back: debounce.
-                    pending.insert(name, Instant::now() + DEBOUNCE);
+                    // A complete file is acted on almost at once (a few milliseconds
+                    // gather the `.wasm` and `.toml` of one install); any other event
+                    // pushes the name's deadline back: debounce.
+                    let wait = if complete { SETTLE } else { DEBOUNCE };
+                    pending.insert(name, (Instant::now() + wait, complete));
                 }
             }
             Ok(WatchEvent::Rescan) => next_rescan = Instant::now(),
@@ -381,19 +403,19 @@ fn watch_loop(plugins: &LivePlugins, dir: &Path, rx: &mpsc::Receiver<WatchEvent>
             changed.extend(last_scan.keys().filter(|p| !scan.contains_key(*p)));
             for path in changed {
                 if let Some(name) = plugin_file_name(path) {
-                    pending.entry(name).or_insert(now);
+                    pending.entry(name).or_insert((now, false));
                 }
             }
             last_scan = scan;
             next_rescan = now + RESCAN_EVERY;
         }
-        let ready: Vec<String> =
-            pending.iter().filter(|(_, at)| **at <= now).map(|(n, _)| n.clone()).collect();
-        for name in ready {
+        let ready: Vec<(String, bool)> =
+            pending.iter().filter(|(_, (at, _))| *at <= now).map(|(n, (_, c))| (n.clone(), *c)).collect();
+        for (name, complete) in ready {
             pending.remove(&name);
-            if !is_stable(&dir.join(format!("{name}.wasm"))) {
+            if !complete && !is_stable(&dir.join(format!("{name}.wasm"))) {
                 // Still being written: look again shortly.
-                pending.insert(name, Instant::now() + DEBOUNCE);
+                pending.insert(name, (Instant::now() + DEBOUNCE, false));
                 continue;
             }
             plugins.reload(dir, &name);
