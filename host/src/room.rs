@@ -1023,10 +1023,21 @@ impl RoomActor {
         }
     }
 
-    /// Apply the role changes the supervisor queued.
+    /// Apply the role changes the supervisor queued, then the records from Redis.
     fn role_changes(&mut self) {
         while let Some(change) = self.cluster.as_ref().and_then(|c| c.link.next_change()) {
             self.role_change(change);
+        }
+        let records = self.cluster.as_ref().map(|c| c.link.take_records()).unwrap_or_default();
+        for record in records {
+            match record {
+                ClusterEvent::Wake => {}
+                ClusterEvent::In(record) => self.inbound(record),
+                ClusterEvent::Out(record) => self.outbound(record),
+                ClusterEvent::Unheard(data) => self.unheard(data),
+            }
+            // Deliveries of inbound records go out per record, as for local events.
+            self.after_event();
         }
     }
 

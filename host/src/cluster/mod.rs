@@ -56,6 +56,10 @@ use wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 pub const WRITE_QUEUE: usize = 16 * 1024;
 /// The most writes sent in one pipeline.
 const WRITE_BATCH: usize = 512;
+/// The most bytes of records from Redis one room holds before its actor takes them.
+/// Pub/sub has no backpressure: past this a record is dropped and counted (and a
+/// follower notices the gap in the owner's sequence numbers).
+pub const ROOM_BACKLOG_BYTES: usize = 8 << 20;
 /// How many role-decision requests (attach, detach, check) wait for the supervisor.
 const CONTROL_QUEUE: usize = 8 * 1024;
 /// Reconnect back-off bounds.
@@ -102,10 +106,12 @@ pub enum RoleChange {
     Reconcile { presence: Vec<(String, MemberInfo)>, asked: Instant },
 }
 
-/// What the cluster puts in a room's inbox.
+/// What the cluster puts in a room's inbox: only [`ClusterEvent::Wake`]; the records
+/// themselves wait in the room's [`Entry`] (bounded in bytes, in arrival order), so a
+/// burst from Redis does not compete with local members for the inbox.
 #[derive(Debug)]
 pub enum ClusterEvent {
-    /// The room's [`RoleChange`] queue has something.
+    /// The room's [`RoleChange`] queue or record backlog has something.
     Wake,
     /// An event for the owner (from the `in` channel).
     In(ToOwner),
@@ -135,6 +141,9 @@ pub struct Entry {
     checking: AtomicBool,
     changes: Mutex<VecDeque<RoleChange>>,
     pending: AtomicBool,
+    /// Records from Redis for the actor, and their size in bytes.
+    records: Mutex<(VecDeque<ClusterEvent>, usize)>,
+    has_records: AtomicBool,
     /// Signalled with each change; the actor waits on it for its first role.
     changed: Notify,
 }
@@ -152,6 +161,24 @@ impl Entry {
         self.changed.notify_one();
         // A full inbox is fine: the actor checks `pending` before every event.
         let _ = self.tx.try_send(RoomEvent::Cluster(ClusterEvent::Wake));
+    }
+
+    /// Queue a record for the actor; `false` if the backlog is full.
+    fn push_record(&self, event: ClusterEvent, size: usize) -> bool {
+        {
+            let mut records = self.records.lock().expect("entry lock");
+            if records.1 + size > ROOM_BACKLOG_BYTES {
+                return false;
+            }
+            records.0.push_back(event);
+            records.1 += size;
+            if records.0.len() > 1 {
+                return true; // the actor was woken for the first one
+            }
+        }
+        self.has_records.store(true, Relaxed);
+        let _ = self.tx.try_send(RoomEvent::Cluster(ClusterEvent::Wake));
+        true
     }
 
     fn set_role(&self, role: Role) -> Role {
@@ -341,6 +368,8 @@ impl Cluster {
             checking: AtomicBool::new(false),
             changes: Mutex::new(VecDeque::new()),
             pending: AtomicBool::new(false),
+            records: Mutex::new((VecDeque::new(), 0)),
+            has_records: AtomicBool::new(false),
             changed: Notify::new(),
         });
         self.entries.lock().expect("cluster lock").insert(entry.name.clone(), entry.clone());
@@ -563,7 +592,8 @@ impl Cluster {
             self.stats.dropped_unheard.fetch_add(1, Relaxed);
             return;
         };
-        if entry.tx.try_send(RoomEvent::Cluster(ClusterEvent::Unheard(data))).is_err() {
+        let size = data.len();
+        if !entry.push_record(ClusterEvent::Unheard(data), size) {
             self.stats.dropped_inbox.fetch_add(1, Relaxed);
         }
         self.check(entry);
@@ -598,8 +628,9 @@ impl Cluster {
                 }
             };
             let entry = self.entries.lock().expect("cluster lock").get(room).cloned();
+            let size = message.get_payload_bytes().len();
             if let Some(entry) = entry
-                && entry.tx.try_send(RoomEvent::Cluster(event)).is_err()
+                && !entry.push_record(event, size)
             {
                 self.stats.dropped_inbox.fetch_add(1, Relaxed);
             }
@@ -1055,6 +1086,16 @@ impl RoomLink {
             self.entry.pending.store(false, Relaxed);
         }
         change
+    }
+
+    /// The records from Redis waiting for the actor, in arrival order.
+    pub fn take_records(&self) -> VecDeque<ClusterEvent> {
+        if !self.entry.has_records.swap(false, Relaxed) {
+            return VecDeque::new();
+        }
+        let mut records = self.entry.records.lock().expect("entry lock");
+        records.1 = 0;
+        std::mem::take(&mut records.0)
     }
 
     /// Announce a local member (before its join is published, so a new owner that
