@@ -106,12 +106,12 @@ async fn run(mut sender: Client, receivers: Vec<Client>, messages: usize, pace: 
                         break;
                     }
                 };
-                if let Message::Text(text) = message {
-                    if let Some(stamp) = text.strip_prefix("t:").and_then(|t| t.split(' ').next()) {
-                        let sent = Duration::from_nanos(stamp.parse().unwrap());
-                        mine.push(epoch.elapsed().saturating_sub(sent));
-                        got += 1;
-                    }
+                if let Message::Text(text) = message
+                    && let Some(stamp) = text.strip_prefix("t:").and_then(|t| t.split(' ').next())
+                {
+                    let sent = Duration::from_nanos(stamp.parse().unwrap());
+                    mine.push(epoch.elapsed().saturating_sub(sent));
+                    got += 1;
                 }
             }
             latencies.lock().unwrap().extend(mine);
