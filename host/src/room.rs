@@ -418,6 +418,10 @@ impl RoomActor {
             self.refresh_plugin();
         }
         loop {
+            if let Some(clustered) = &self.cluster {
+                // Backpressure from Redis: take no event the write queue cannot absorb.
+                clustered.link.writable().await;
+            }
             let next_timer = self.timers.keys().next().map(|(at, _)| *at);
             let save_at = self.cluster.as_ref().and_then(|c| c.save_at);
             let event = tokio::select! {

@@ -54,6 +54,8 @@ use wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 /// How many writes (publishes, presence updates, snapshots) wait for Redis. Past it a
 /// write is dropped and counted: a slow or unreachable Redis never grows the host.
 pub const WRITE_QUEUE: usize = 16 * 1024;
+/// The free write-queue slots a room actor waits for before it takes its next event.
+const WRITE_HEADROOM: usize = 64;
 /// The most writes sent in one pipeline.
 const WRITE_BATCH: usize = 512;
 /// The most bytes of records from Redis one room holds before its actor takes them.
@@ -1086,6 +1088,15 @@ impl RoomLink {
             self.entry.pending.store(false, Relaxed);
         }
         change
+    }
+
+    /// Wait until the write queue has room for the writes of a few events: a room
+    /// whose events Redis cannot absorb stops taking them, so its members' inbox fills
+    /// and their senders wait, as on one node, instead of writes being dropped.
+    pub async fn writable(&self) {
+        if self.cluster.is_up() {
+            let _ = self.cluster.writes.reserve_many(WRITE_HEADROOM).await;
+        }
     }
 
     /// The records from Redis waiting for the actor, in arrival order.
