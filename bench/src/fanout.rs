@@ -53,6 +53,7 @@ pub struct FanoutParams {
 
 /// What one fan-out run measured.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FanoutResult {
     pub messages: u64,
     /// Deliveries owed: each message to every member but its sender.
@@ -75,8 +76,8 @@ pub struct FanoutResult {
     /// The load generator's own CPU over the same phase (it shares no CPU with the
     /// server; near `elapsed_s` means it, not the server, was the limit).
     pub client_cpu_s: f64,
-    /// CPU the rest of the machine used over the same phase (other processes, and
-    /// kernel work not charged to either side): a noisy neighbour shows here.
+    /// CPU other programs on the machine used over the same phase: a noisy neighbour
+    /// shows here (kernel threads are not counted).
     pub other_cpu_s: f64,
 }
 
@@ -162,7 +163,9 @@ pub async fn run(
     let expected = total as u64 * recipients;
     let cpu_before = server_pid.map(procfs::cpu_secs).transpose()?;
     let own_before = procfs::cpu_secs(std::process::id())?;
-    let busy_before = procfs::machine_busy_secs()?;
+    let me = std::process::id();
+    let exclude = [me, server_pid.unwrap_or(me)];
+    let others_before = procfs::others_cpu_secs(&exclude);
     let start = Instant::now();
     let start_ns = shared.now_ns();
     let pump = tokio::spawn(pump(writers, shared.clone(), params.clone(), layout, start));
@@ -186,7 +189,7 @@ pub async fn run(
     }
     let cpu_after = server_pid.map(procfs::cpu_secs).transpose()?;
     let own_after = procfs::cpu_secs(std::process::id())?;
-    let busy_after = procfs::machine_busy_secs()?;
+    let others_after = procfs::others_cpu_secs(&exclude);
     let _ = stop_tx.send(true);
     pump.abort();
 
@@ -194,6 +197,7 @@ pub async fn run(
         messages: shared.sent.load(Relaxed),
         expected,
         client_cpu_s: own_after - own_before,
+        other_cpu_s: (others_after - others_before).max(0.0),
         ..FanoutResult::default()
     };
     let mut latencies: Vec<u32> = Vec::with_capacity(expected as usize);
@@ -215,7 +219,6 @@ pub async fn run(
     result.latency = Latency::from_ns(&mut latencies);
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         result.server_cpu_s = after - before;
-        result.other_cpu_s = (busy_after - busy_before - result.server_cpu_s - result.client_cpu_s).max(0.0);
         if result.delivered > 0 {
             result.cpu_us_per_delivery = result.server_cpu_s * 1e6 / result.delivered as f64;
         }

@@ -33,16 +33,38 @@ fn clock_ticks() -> u64 {
     })
 }
 
-/// CPU seconds all CPUs of the machine have spent busy (not idle, not waiting for
-/// I/O) since boot, from the first line of `/proc/stat`.
-pub fn machine_busy_secs() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
-    anyhow::ensure!(ticks.len() >= 5, "short /proc/stat line");
-    // user nice system idle iowait irq softirq steal ...; guest time is already in user.
-    let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks[3] - ticks[4];
-    Ok(busy as f64 / clock_ticks() as f64)
+/// CPU seconds used so far by every user-space process but `exclude` (kernel threads
+/// are skipped), each with the time of the children it has reaped: over an interval,
+/// the difference is what other programs on the machine used, including short-lived
+/// ones (a compiler run shows in its parent's children time once it exits).
+pub fn others_cpu_secs(exclude: &[u32]) -> f64 {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if exclude.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<u64> = after.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+        // After the state: ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime.
+        if fields.len() < 14 || fields[5] & PF_KTHREAD != 0 {
+            continue;
+        }
+        ticks += fields[10..14].iter().sum::<u64>();
+    }
+    ticks as f64 / clock_ticks() as f64
 }
 
 /// Resident set size in KiB.
@@ -61,6 +83,14 @@ pub fn fd_count(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd"))?
         .count())
+}
+
+/// This process's nice value (field 19 of `/proc/self/stat`).
+pub fn nice() -> i64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The soft limit on open files of this process.
@@ -93,7 +123,7 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(cpu_secs(me).unwrap() >= 0.0);
-        assert!(machine_busy_secs().unwrap() > 0.0);
+        assert!(others_cpu_secs(&[me]) > 0.0);
         assert!(rss_kib(me).unwrap() > 0);
         assert!(fd_count(me).unwrap() >= 3);
         assert!(open_files_limit() > 0);

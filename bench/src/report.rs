@@ -43,6 +43,8 @@ pub struct Medians {
     pub idle_kib_per_conn: f64,
     pub idle_opened: f64,
     pub churn_per_sec: f64,
+    pub fanout_other_s: f64,
+    pub paced_other_s: f64,
 }
 
 pub fn medians(results: &Results, kind: Kind) -> Medians {
@@ -57,6 +59,8 @@ pub fn medians(results: &Results, kind: Kind) -> Medians {
         idle_kib_per_conn: med(&results.idle, kind, |r| r.rss_per_conn_kib),
         idle_opened: med(&results.idle, kind, |r| r.opened as f64),
         churn_per_sec: med(&results.churn, kind, |r| r.connects_per_sec),
+        fanout_other_s: med(&results.fanout, kind, |r| r.other_cpu_s),
+        paced_other_s: med(&results.paced, kind, |r| r.other_cpu_s),
     }
 }
 
@@ -142,10 +146,12 @@ pub fn tables(results: &Results) -> String {
         sizes.paced.clients,
         "|".repeat(servers.len())
     );
+    row(&mut out, "other programs' CPU during the phase, s (noise)", cell(|x| x.fanout_other_s, 2));
     row(&mut out, "latency p50, µs", cell(|x| x.paced_p50_us, 0));
     row(&mut out, "latency p99, µs (lower is better)", cell(|x| x.paced_p99_us, 0));
     row(&mut out, "latency max, µs", cell(|x| x.paced_max_us, 0));
     row(&mut out, "server CPU µs per delivery", cell(|x| x.paced_cpu_us, 3));
+    row(&mut out, "other programs' CPU during the phase, s (noise)", cell(|x| x.paced_other_s, 2));
     let _ = writeln!(
         out,
         "| **Idle**: {} connections held {} s, heartbeat on | {}",
@@ -361,19 +367,21 @@ fn targets(results: &Results, m: &[Medians]) -> String {
 fn machine(results: &Results) -> String {
     let m = &results.machine;
     format!(
-        "| | |\n|---|---|\n| date | {} |\n| commit | `{}` |\n| CPUs (nproc) | {} × {} |\n| memory | {:.1} GiB |\n\
-         | kernel | {} |\n| pinning | servers on CPU {}, load generator on CPU {} (`taskset`) |\n\
+        "| | |\n|---|---|\n| date | {} |\n| commit | `{}` (binary sha256 `{}`) |\n| CPUs (nproc) | {} × {} |\n| memory | {:.1} GiB |\n\
+         | kernel | {} |\n| pinning | servers on CPU {}, load generator on CPU {} (`taskset`), both at nice {} |\n\
          | Rust | {} |\n| Node | {} |\n| uWebSockets.js | npm `uwebsockets@{}`, integrity `{}` |\n\
          | Node ws | `ws@{}` |\n| tokio-tungstenite | 0.30 (bench/src/bin/tungstenite-peer.rs, 4 KiB read buffer) |\n\
          | load average before → after | {} → {} |\n",
         m.date,
         m.commit,
+        m.roomcast_sha256.get(..16).unwrap_or("?"),
         m.cpus,
         m.cpu_model,
         m.memory_gib,
         m.kernel,
         m.server_cpu,
         m.loadgen_cpus,
+        m.nice,
         m.rustc,
         m.node,
         m.uws_version,
@@ -493,21 +501,27 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run            # everything, about 15 minutes on 2 cores\n\
-         bench/run --quick    # a 2-minute smoke run with small sizes\n\
+         bench/run            # everything, about 15 minutes on 2 cores (plus the build)\n\
+         bench/run --quick    # a 3-minute smoke run with small sizes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
-         peers in release mode, and runs `roomcast-bench suite` pinned to CPU 1 while every\n\
-         server is pinned to CPU 0. Each scenario can also be run by hand against a server you\n\
-         started: `target/release/roomcast-bench --help`.\n\n\
+         peers in release mode, copies the binaries aside (others may rebuild `target/` during\n\
+         the run), and runs `roomcast-bench suite` pinned to CPU 1 while every server is pinned\n\
+         to CPU 0, both at nice -10 when run as root so that other work on the machine does not\n\
+         preempt them. Each scenario can also be run by hand against a server you started:\n\
+         `target/release/roomcast-bench --help`. Profiles of Roomcast's hot path and how they\n\
+         were taken: [bench/PROFILE.md](bench/PROFILE.md).\n\n\
          ## What is measured\n\n\
          - **Saturated fan-out**: N clients in one room; K of them send M text messages of S bytes,\n\
            each stamped with its sender, sequence number and send time; every other member must\n\
-           get each message once. At most a window of messages is in flight, so queues stay\n\
-           bounded. *Server CPU per delivery* is utime + stime from `/proc/PID/stat` over the\n\
+           get each message once. At most a window of messages is in flight (sent but not yet\n\
+           delivered to everyone), so queues stay bounded; the window decides how much a\n\
+           server can batch, and is the same for every server. *Server CPU per delivery* is utime + stime from `/proc/PID/stat` over the\n\
            sending phase only, divided by deliveries: it is the fair number, because on 2 cores\n\
            the load generator, not the server, saturates first for the fastest servers.\n\
+           *Other programs' CPU* (every other process, from `/proc`) shows how noisy the\n\
+           machine was during the phase.\n\
          - **Paced fan-out**: the same at a fixed rate of deliveries per second; latency is from\n\
            the send stamp to the read that returned the delivery.\n\
          - **Idle**: connections from source addresses spread over 127.0.0.x that only answer\n\

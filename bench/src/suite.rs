@@ -93,6 +93,7 @@ impl Sizes {
 
 /// The machine and software the numbers come from.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Machine {
     pub date: String,
     pub commit: String,
@@ -111,6 +112,10 @@ pub struct Machine {
     /// the machine shows here.
     pub load_before: String,
     pub load_after: String,
+    /// The nice value servers and load generator ran at (they inherit it).
+    pub nice: i64,
+    /// `sha256sum` of the Roomcast binary that ran.
+    pub roomcast_sha256: String,
 }
 
 /// A plugin fan-out run: which room, and which plugin served it.
@@ -124,6 +129,7 @@ pub struct PluginRun {
 
 /// Everything measured, run by run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Results {
     pub quick: bool,
     pub machine: Machine,
@@ -426,6 +432,14 @@ fn machine(options: &SuiteOptions) -> Machine {
         ws_version: package("ws", "version"),
         load_before: load_average(),
         load_after: String::new(),
+        nice: procfs::nice(),
+        roomcast_sha256: std::process::Command::new("sha256sum")
+            .arg(&options.programs.roomcast)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".into()),
     }
 }
 

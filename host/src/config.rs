@@ -101,6 +101,9 @@ pub struct Config {
     pub plugin_max_memory: u64,
     pub plugin_max_deadline: Duration,
     pub plugin_cache: Option<PathBuf>,
+    /// PEM certificate chain and private key; with both, the server speaks TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Cluster mode: the Redis URL (`[cluster] redis`); `None` runs one node alone.
     pub redis: Option<String>,
     /// Cluster mode: how long a room's owner holds its lease without renewing it
@@ -129,6 +132,8 @@ impl fmt::Debug for Config {
             .field("plugin_max_memory", &self.plugin_max_memory)
             .field("plugin_max_deadline", &self.plugin_max_deadline)
             .field("plugin_cache", &self.plugin_cache)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             // A Redis URL may carry a password.
             .field("redis", &self.redis.as_deref().map(redact_url))
             .field("cluster_lease", &self.cluster_lease)
@@ -156,6 +161,8 @@ impl Default for Config {
             plugin_max_memory: 256 << 20,
             plugin_max_deadline: Duration::from_secs(1),
             plugin_cache: default_cache_dir(),
+            tls_cert: None,
+            tls_key: None,
             redis: None,
             cluster_lease: crate::cluster::DEFAULT_LEASE,
         }
@@ -233,6 +240,8 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Compiled-plugin cache, so restarts skip compiling; `off` disables [default: ~/.cache/roomcast/plugins]",
     ),
     ("plugin_max_deadline", "DURATION", "Host-wide cap on a plugin's per-call deadline [default: 1s]"),
+    ("tls_cert", "FILE", "PEM certificate chain; with --tls-key, serve https:// and wss:// [default: none]"),
+    ("tls_key", "FILE", "PEM private key matching --tls-cert [default: none]"),
     (
         "redis",
         "URL",
@@ -243,6 +252,15 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "DURATION",
         "Cluster mode: how soon another node takes over the rooms of a node that died [default: 5s]",
     ),
+];
+
+/// Settings that live in a TOML table rather than at the top level: the dotted TOML
+/// name and the setting's key (`[tls] cert` is `--tls-cert`).
+pub const NESTED: &[(&str, &str)] = &[
+    ("tls.cert", "tls_cert"),
+    ("tls.key", "tls_key"),
+    ("cluster.redis", "redis"),
+    ("cluster.lease", "cluster_lease"),
 ];
 
 impl Config {
@@ -305,6 +323,8 @@ impl Config {
             "plugin_max_deadline" => {
                 self.plugin_max_deadline = parse_positive_duration(&text).map_err(bad)?
             }
+            "tls_cert" => self.tls_cert = Some(PathBuf::from(text)),
+            "tls_key" => self.tls_key = Some(PathBuf::from(text)),
             "redis" => {
                 let url = text.trim();
                 redis::Client::open(url)
@@ -331,7 +351,8 @@ impl Config {
             file: file.to_owned(),
             reason: e.message().to_owned(),
         })?;
-        for (key, setting, value) in flatten(&table, file)? {
+        for (key, value) in flatten(&table) {
+            let key = &key;
             let raw = match value {
                 toml::Value::String(s) => RawValue::Text(s.clone()),
                 toml::Value::Integer(i) => RawValue::Integer(*i),
@@ -357,14 +378,20 @@ impl Config {
                 toml::Value::Table(_) => RawValue::Other("a table"),
             };
             // A relative path in a file is relative to that file.
-            let raw = match (setting.as_str(), raw) {
-                ("plugins" | "admin_token_file", RawValue::Text(path)) => {
+            // Settings in a table have a dotted TOML name; the rest are top-level keys.
+            let setting = match NESTED.iter().find(|(name, _)| name == key) {
+                Some((_, setting)) => *setting,
+                None if NESTED.iter().any(|(_, setting)| setting == key) => "",
+                None => key.as_str(),
+            };
+            let raw = match (setting, raw) {
+                ("plugins" | "admin_token_file" | "tls_cert" | "tls_key", RawValue::Text(path)) => {
                     let base = file.parent().unwrap_or(Path::new("."));
                     RawValue::Text(base.join(path).to_string_lossy().into_owned())
                 }
                 (_, raw) => raw,
             };
-            self.set(&setting, &raw).map_err(|e| match e {
+            self.set(setting, &raw).map_err(|e| match e {
                 SetError::Unknown => ConfigError::UnknownKey { file: file.to_owned(), key: key.clone() },
                 SetError::Bad(reason) => {
                     ConfigError::BadFileValue { file: file.to_owned(), key: key.clone(), reason }
@@ -388,41 +415,21 @@ impl Config {
     }
 }
 
-/// Settings written in a TOML table rather than at the top level: `("cluster.redis",
-/// "redis")` means `[cluster] redis = ...` in the file is the flag `--redis`.
-pub const TABLE_KEYS: &[(&str, &str)] = &[("cluster.redis", "redis"), ("cluster.lease", "cluster_lease")];
-
-/// A file's settings as (key as written, e.g. `cluster.redis`; setting; value).
-fn flatten<'a>(
-    table: &'a toml::Table,
-    file: &Path,
-) -> Result<Vec<(String, String, &'a toml::Value)>, ConfigError> {
-    let unknown = |key: String| ConfigError::UnknownKey { file: file.to_owned(), key };
-    let mut out = Vec::new();
+/// The file's keys with tables that hold [`NESTED`] settings opened up: `[tls] cert`
+/// becomes `tls.cert`. Other tables stay whole (and are refused as values).
+fn flatten(table: &toml::Table) -> Vec<(String, &toml::Value)> {
+    let mut entries = Vec::new();
     for (key, value) in table {
-        let is_table = TABLE_KEYS.iter().any(|(path, _)| path.split_once('.').is_some_and(|(t, _)| t == key));
         match value {
-            toml::Value::Table(inner) if is_table => {
-                for (sub, value) in inner {
-                    let path = format!("{key}.{sub}");
-                    let setting = TABLE_KEYS
-                        .iter()
-                        .find(|(p, _)| *p == path)
-                        .map(|(_, s)| s.to_string())
-                        .ok_or(unknown(path.clone()))?;
-                    out.push((path, setting, value));
-                }
+            toml::Value::Table(inner)
+                if NESTED.iter().any(|(name, _)| name.split('.').next() == Some(key)) =>
+            {
+                entries.extend(inner.iter().map(|(sub, value)| (format!("{key}.{sub}"), value)));
             }
-            _ => {
-                // A setting that lives in a table is unknown at the top level.
-                if TABLE_KEYS.iter().any(|(_, setting)| setting == key) {
-                    return Err(unknown(key.clone()));
-                }
-                out.push((key.clone(), key.clone(), value));
-            }
+            _ => entries.push((key.clone(), value)),
         }
     }
-    Ok(out)
+    entries
 }
 
 /// `$XDG_CACHE_HOME/roomcast/plugins`, else `$HOME/.cache/roomcast/plugins`.
@@ -555,6 +562,27 @@ mod tests {
 
         let text = Config::default().apply_flag("max-queue-bytes", "lots").unwrap_err().to_string();
         assert!(text.contains("--max-queue-bytes") && text.contains("lots"), "{text}");
+    }
+
+    #[test]
+    fn tls_table() {
+        let (dir, file) = write("[tls]\ncert = \"cert.pem\"\nkey = \"/etc/key.pem\"\n");
+        let mut config = Config::default();
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.tls_cert, Some(dir.path().join("cert.pem")), "relative to the file");
+        assert_eq!(config.tls_key, Some(PathBuf::from("/etc/key.pem")));
+        config.apply_flag("tls-cert", "other.pem").unwrap();
+        assert_eq!(config.tls_cert, Some(PathBuf::from("other.pem")));
+
+        for (text, key) in [
+            ("[tls]\ncrt = \"c.pem\"\n", "tls.crt"),
+            ("tls_cert = \"c.pem\"\n", "tls_cert"),
+            ("[tls]\ncert = 5.5\n", "tls.cert"),
+        ] {
+            let (_dir, file) = write(text);
+            let text = Config::default().apply_file(&file).unwrap_err().to_string();
+            assert!(text.contains(&format!("`{key}`")) && text.contains("roomcast.toml"), "{text}");
+        }
     }
 
     #[test]

@@ -172,7 +172,7 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 }
 
 /// Decode `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

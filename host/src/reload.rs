@@ -10,7 +10,7 @@
 //! at any step is logged with its reason and recorded for the admin API, and the
 //! previous version keeps serving.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -31,6 +31,38 @@ const SETTLE: Duration = Duration::from_millis(5);
 const STABLE_FOR: Duration = Duration::from_millis(25);
 /// The rescan that catches events the watcher missed (or a folder it cannot watch).
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// How many reload events [`LivePlugins::reload_events`] keeps (the dashboard's log).
+pub const RELOAD_LOG: usize = 64;
+
+/// One outcome of a reload, for the dashboard's log.
+#[derive(Clone, Debug)]
+pub struct ReloadEvent {
+    pub at: SystemTime,
+    pub plugin: String,
+    pub kind: ReloadKind,
+    /// The version now serving, for `Loaded`.
+    pub version: Option<u64>,
+    /// The error, for `Failed`.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadKind {
+    Loaded,
+    Failed,
+    Removed,
+}
+
+impl ReloadKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Loaded => "loaded",
+            Self::Failed => "failed",
+            Self::Removed => "removed",
+        }
+    }
+}
 
 /// Why the plugins could not be set up at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +98,8 @@ pub struct LivePlugins {
     /// Bumped on every publish; room actors re-resolve their plugin when it changes.
     generation: AtomicU64,
     records: Mutex<BTreeMap<String, PluginRecord>>,
+    /// The latest [`RELOAD_LOG`] reload outcomes, oldest first.
+    events: Mutex<VecDeque<ReloadEvent>>,
     /// Called after each publish (the server tells every live room).
     on_publish: Mutex<Option<Callback>>,
     metrics: Arc<Metrics>,
@@ -104,6 +138,7 @@ impl LivePlugins {
             current: RwLock::new(Arc::new(PluginSet::new())),
             generation: AtomicU64::new(0),
             records: Mutex::new(BTreeMap::new()),
+            events: Mutex::new(VecDeque::with_capacity(RELOAD_LOG)),
             on_publish: Mutex::new(None),
             metrics,
         };
@@ -150,6 +185,31 @@ impl LivePlugins {
         self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The latest reload outcomes, oldest first (at most [`RELOAD_LOG`]).
+    pub fn reload_events(&self) -> Vec<ReloadEvent> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    fn log_event(&self, plugin: &str, kind: ReloadKind, version: Option<u64>, error: Option<String>) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        // The same failure again (the watcher retries a broken file on each event) is
+        // not news; `last_error_at` in the plugin's record says when it last happened.
+        let previous = events.iter().rev().find(|e| e.plugin == plugin);
+        if kind == ReloadKind::Failed && previous.is_some_and(|e| e.kind == kind && e.error == error) {
+            return;
+        }
+        if events.len() == RELOAD_LOG {
+            events.pop_front();
+        }
+        events.push_back(ReloadEvent {
+            at: SystemTime::now(),
+            plugin: plugin.to_owned(),
+            kind,
+            version,
+            error,
+        });
+    }
+
     /// The version number of `plugin` (1 for the first version loaded under its name),
     /// or 0 if it is no longer the current version.
     pub fn version_of(&self, plugin: &Arc<Plugin>) -> u64 {
@@ -193,6 +253,7 @@ impl LivePlugins {
                 r.content = None;
             });
             tracing::info!(plugin = name, file = %wasm.display(), "plugin removed; its rooms return to the default behaviour");
+            self.log_event(name, ReloadKind::Removed, None, None);
             self.publish(set);
             return true;
         };
@@ -230,11 +291,13 @@ impl LivePlugins {
                     took = ?started.elapsed(),
                     "plugin loaded"
                 );
+                self.log_event(name, ReloadKind::Loaded, Some(version), None);
                 self.publish(set);
                 true
             }
             Err(error) => {
                 tracing::error!(plugin = name, file = %wasm.display(), %error, "plugin not loaded; the previous version keeps serving");
+                self.log_event(name, ReloadKind::Failed, None, Some(error.to_string()));
                 self.record(name, |r| {
                     r.last_error = Some((SystemTime::now(), error.to_string()));
                     // Try again when the file changes, even back to this content.

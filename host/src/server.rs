@@ -15,6 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -29,6 +30,8 @@ use crate::plugin::{HandshakeDecision, HandshakeRequest, HostCaps};
 use crate::reload::{LivePlugins, PluginsError, Watcher};
 use crate::room::{Peer, Rooms};
 use crate::session::{self, Session};
+use crate::tls::TlsError;
+use crate::transport::Transport;
 
 /// A startup failure.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Plugins(#[from] PluginsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
 }
@@ -65,10 +70,15 @@ pub(crate) struct Shared {
     /// Session and room tasks; `run` waits for them on shutdown.
     tracker: TaskTracker,
     /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
-    shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
     /// Set first on shutdown, so `/healthz` turns 503 before sessions are closed.
-    draining: AtomicBool,
+    pub draining: AtomicBool,
     next_member: AtomicU64,
+    /// Set when `--tls-cert`/`--tls-key` are: every connection starts with a TLS
+    /// handshake, under the same watchdog as the HTTP request.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Signed-in dashboard browsers.
+    pub dashboard: crate::dashboard::Sessions,
 }
 
 /// Serve on `listener` until `shutdown` resolves; see [`Server::run`].
@@ -89,6 +99,7 @@ pub struct Server {
 impl Server {
     /// Set up the server: start the plugin runtime and load the plugins folder.
     pub fn new(config: Config) -> Result<Self, ServerError> {
+        let tls = crate::tls::server_config(&config)?;
         let metrics = Arc::new(Metrics::default());
         let tracker = TaskTracker::new();
         let caps =
@@ -111,6 +122,8 @@ impl Server {
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
             next_member: AtomicU64::new(1),
+            tls,
+            dashboard: Default::default(),
             config,
         });
         // After each reload, every live room re-resolves its plugin at once.
@@ -206,6 +219,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
+        .merge(crate::web::routes())
         .fallback(upgrade)
         .with_state(shared)
 }
@@ -278,17 +292,14 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
                 return;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => parts,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                return;
-            }
+        let Ok((transport, read_ahead)) = Transport::from_upgraded(upgraded) else {
+            tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+            return;
         };
         let config = &task_shared.config;
         Session {
-            stream: parts.io.into_inner(),
-            read_ahead: parts.read_buf,
+            transport,
+            read_ahead,
             peer,
             room: valid.room,
             rooms: task_shared.rooms.clone(),
@@ -409,10 +420,51 @@ struct WatchState {
     last_done: Option<Instant>,
 }
 
-/// Serve HTTP on one TCP connection until it upgrades, closes, idles out or the server
-/// shuts down.
+/// Serve one accepted TCP connection: complete the TLS handshake first when TLS is on,
+/// then serve HTTP on it. The handshake timeout runs from accept, so a client that
+/// opens TCP and never finishes TLS is closed after it and counted as `timeout`.
 async fn serve_connection(shared: Arc<Shared>, router: Router, stream: TcpStream, remote: SocketAddr) {
     let accepted = Instant::now();
+    match shared.tls.clone() {
+        None => serve_http(shared, router, stream, remote, accepted).await,
+        // Boxed: the TLS states are several KiB, and inline they would make every
+        // plain connection's task that large too.
+        Some(tls) => Box::pin(serve_tls(shared, router, stream, remote, accepted, tls)).await,
+    }
+}
+
+async fn serve_tls(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    accepted: Instant,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake = tokio::select! {
+        done = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream)) => done,
+        () = shared.shutdown.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => serve_http(shared, router, stream, remote, accepted).await,
+        Ok(Err(error)) => {
+            shared.metrics.rejected(RejectReason::BadRequest);
+            tracing::debug!(%remote, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            tracing::debug!(%remote, "TLS handshake timeout");
+        }
+    }
+}
+
+/// Serve HTTP on one connection until it upgrades, closes, idles out or the server
+/// shuts down.
+async fn serve_http<S>(shared: Arc<Shared>, router: Router, stream: S, remote: SocketAddr, accepted: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let watch = Arc::new(Watch::default());
     let service_watch = watch.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {

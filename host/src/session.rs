@@ -1,11 +1,12 @@
 //! One WebSocket session: the task that owns an upgraded connection from its first
 //! frame to its last byte.
 //!
-//! The task runs two futures over the same socket: the reader (decode frames, feed the
-//! room, answer pings, watch the heartbeat) and the writer (drain the member's outbound
-//! queue, one vectored write per batch). Whatever ends the session — a close frame, a
-//! reap, an error, an overflow, a plugin, shutdown — the task leaves every room first,
-//! then sends its close frame if it has one, and drops the socket.
+//! The task runs two futures over the two halves of its [`Transport`]: the reader
+//! (decode frames, feed the room, answer pings, watch the heartbeat) and the writer
+//! (drain the member's outbound queue, one vectored write per batch). Whatever ends
+//! the session — a close frame, a reap, an error, an overflow, a plugin, shutdown — the
+//! task leaves every room first, then sends its close frame if it has one, and drops
+//! the socket.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -13,8 +14,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +24,7 @@ use crate::heartbeat::{Beat, Heartbeat};
 use crate::metrics::{CloseReason, Metrics};
 use crate::plugin::Payload;
 use crate::room::{Ending, Peer, Room, Rooms};
+use crate::transport::{Reader, Transport, Writer};
 
 /// Frames written per vectored write.
 const WRITE_BATCH: usize = 64;
@@ -44,7 +44,7 @@ pub struct Limits {
 
 /// Everything a session task owns.
 pub struct Session {
-    pub stream: TcpStream,
+    pub transport: Transport,
     /// Bytes the HTTP layer read past the upgrade request (a client's first frames).
     pub read_ahead: Bytes,
     pub peer: Arc<Peer>,
@@ -60,17 +60,19 @@ pub struct Session {
 
 impl Session {
     pub async fn run(self) {
-        let Session { stream, read_ahead, peer, room, rooms, metrics, limits, shutdown, permit } = self;
+        let Session { mut transport, read_ahead, peer, room, rooms, metrics, limits, shutdown, permit } =
+            self;
         metrics.connections.fetch_add(1, Relaxed);
         let joined = rooms.join(&room, &peer).await;
         let member_rooms: Vec<Arc<Room>> = vec![joined];
 
+        let (mut reader, mut writer) = transport.split();
         let ending = {
             // Copy what the HTTP layer read ahead (usually nothing) and release its buffer.
             let buf = BytesMut::from(&read_ahead[..]);
             drop(read_ahead);
-            let reader = read_loop(&stream, buf, &peer, &member_rooms, &metrics, &limits, &shutdown);
-            let writer = write_loop(&stream, &peer.outbound);
+            let reader = read_loop(&mut reader, buf, &peer, &member_rooms, &metrics, &limits, &shutdown);
+            let writer = write_loop(&mut writer, &peer.outbound);
             tokio::select! {
                 ending = reader => ending,
                 _ = writer => peer.ending().unwrap_or(Ending { reason: CloseReason::Reset, close: None }),
@@ -93,24 +95,25 @@ impl Session {
             } else {
                 peer.outbound.close_after_data(frame);
             }
-            let mut stream = stream;
             let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                if flush(&stream, &peer.outbound).await.is_ok() && stream.shutdown().await.is_ok() {
-                    linger(&stream).await;
+                if flush(&mut writer, &peer.outbound).await.is_ok() && writer.shutdown().await.is_ok() {
+                    // Read and discard until the client closes its side, so the kernel
+                    // does not answer unread bytes with a reset that would destroy the
+                    // close frame before the client reads it.
+                    reader.drain_to_end().await;
                 }
             })
             .await;
-            drop(permit);
-            return;
         }
-        drop(stream);
+        drop((reader, writer));
+        drop(transport);
         drop(permit);
     }
 }
 
 /// Read frames until the session must end; says why.
 async fn read_loop(
-    stream: &TcpStream,
+    reader: &mut Reader<'_>,
     mut buf: BytesMut,
     peer: &Arc<Peer>,
     member_rooms: &[Arc<Room>],
@@ -173,19 +176,11 @@ async fn read_loop(
                 }
                 sleep.as_mut().reset(heartbeat.next_wake());
             }
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return Ending { reason: CloseReason::Reset, close: None };
-                }
-                if buf.capacity() - buf.len() < READ_CHUNK {
-                    buf.reserve(READ_CHUNK);
-                }
-                match stream.try_read_buf(&mut buf) {
-                    Ok(0) => return Ending { reason: CloseReason::Reset, close: None },
-                    Ok(_) => heartbeat.seen(Instant::now()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Ending { reason: CloseReason::Reset, close: None },
-                }
+            read = reader.read_buf(&mut buf, READ_CHUNK) => match read {
+                Ok(0) => return Ending { reason: CloseReason::Reset, close: None },
+                Ok(_) => heartbeat.seen(Instant::now()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Ending { reason: CloseReason::Reset, close: None },
             }
         }
     }
@@ -193,9 +188,9 @@ async fn read_loop(
 
 /// Write whatever the outbound queue holds, batch by batch, forever. Returns only on
 /// a socket error.
-async fn write_loop(stream: &TcpStream, outbound: &Outbound) -> io::Error {
+async fn write_loop(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Error {
     loop {
-        if let Err(e) = flush(stream, outbound).await {
+        if let Err(e) = flush(writer, outbound).await {
             return e;
         }
         outbound.wait().await;
@@ -203,34 +198,29 @@ async fn write_loop(stream: &TcpStream, outbound: &Outbound) -> io::Error {
 }
 
 /// Write until the outbound queue is empty.
-async fn flush(stream: &TcpStream, outbound: &Outbound) -> io::Result<()> {
+async fn flush(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Result<()> {
     let mut batch = Vec::new();
     loop {
         outbound.drain(&mut batch, WRITE_BATCH);
         if batch.is_empty() {
-            return Ok(());
+            return writer.flush().await;
         }
-        write_all(stream, &batch).await?;
+        write_all(writer, &batch).await?;
         batch.clear();
     }
 }
 
 /// Write every frame of `frames` with as few system calls as the kernel allows.
-async fn write_all(stream: &TcpStream, frames: &[Bytes]) -> io::Result<()> {
+async fn write_all(writer: &mut Writer<'_>, frames: &[Bytes]) -> io::Result<()> {
     let (mut index, mut offset) = (0, 0);
     while index < frames.len() {
         let slices: Vec<IoSlice<'_>> = std::iter::once(&frames[index][offset..])
             .chain(frames[index + 1..].iter().map(|f| &f[..]))
             .map(IoSlice::new)
             .collect();
-        let written = match stream.try_write_vectored(&slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                stream.writable().await?;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let written = match writer.write_vectored(&slices).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => n,
         };
         let mut left = written;
         while left > 0 {
@@ -246,22 +236,4 @@ async fn write_all(stream: &TcpStream, frames: &[Bytes]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// After our close frame and FIN: read and discard until the client closes its side,
-/// so the kernel does not answer unread bytes with a reset that would destroy the
-/// close frame before the client reads it.
-async fn linger(stream: &TcpStream) {
-    let mut scratch = [0u8; 1024];
-    loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
-        match stream.try_read(&mut scratch) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
 }

@@ -1,5 +1,6 @@
 //! The `roomcast` binary as an operator meets it: configuration errors name the key
-//! and the file, startup errors are one clear line, and SIGTERM drains and exits 0.
+//! and the file, startup errors (a port in use, a TLS key that does not match its
+//! certificate) are one clear line, and SIGTERM drains and exits 0.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
@@ -46,6 +47,37 @@ fn a_port_in_use_is_one_clear_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     fails_with(&["serve", "--listen", &addr], &["cannot listen on", &addr]);
+}
+
+#[test]
+fn a_missing_plugins_folder_is_one_clear_line() {
+    fails_with(
+        &["serve", "--listen", "127.0.0.1:0", "--plugins", "/nonexistent/plugins"],
+        &["/nonexistent/plugins", "does not exist"],
+    );
+}
+
+#[test]
+fn a_tls_key_that_does_not_match_its_certificate_is_one_clear_line() {
+    let write_pair = |name: &str| {
+        let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = temp_file(&format!("{name}.crt"), &pair.cert.pem());
+        let key = temp_file(&format!("{name}.key"), &pair.signing_key.serialize_pem());
+        (cert.to_str().unwrap().to_owned(), key.to_str().unwrap().to_owned())
+    };
+    let (cert, _) = write_pair("one");
+    let (_, other_key) = write_pair("two");
+    fails_with(
+        &["serve", "--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &other_key],
+        &["does not match", "one.crt", "two.key"],
+    );
+    fails_with(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", &cert], &["--tls-key"]);
+    fails_with(
+        &["serve", "--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", "/nonexistent/key.pem"],
+        &["/nonexistent/key.pem"],
+    );
+    let config = temp_file("tls.toml", "[tls]\ncert = \"one.crt\"\nkye = \"one.key\"\n");
+    fails_with(&["serve", "--config", config.to_str().unwrap()], &["tls.kye", "tls.toml"]);
 }
 
 #[test]

@@ -30,8 +30,13 @@ pub struct TestServer {
 impl TestServer {
     /// Start a server with `config` (its `listen` is ignored: port 0 on loopback).
     pub async fn start(config: Config) -> Self {
-        let listener =
-            roomcast::server::bind("127.0.0.1:0".parse().unwrap(), config.listen_backlog).expect("bind");
+        Self::start_on("127.0.0.1:0".parse().unwrap(), config).await
+    }
+
+    /// Start a server with `config` on `addr` (its `listen` is ignored), e.g. on the
+    /// port of a server that just stopped.
+    pub async fn start_on(addr: SocketAddr, config: Config) -> Self {
+        let listener = roomcast::server::bind(addr, config.listen_backlog).expect("bind");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = roomcast::server::Server::new(config).expect("server config");
@@ -275,6 +280,8 @@ pub fn rss_kib() -> u64 {
 
 mod build;
 pub use build::{built_plugins, plugins_workspace};
+pub mod browser;
+pub mod tls;
 
 /// A temporary plugins folder holding copies of the named built plugins
 /// (`("chat", None)` copies chat.wasm; a second element writes NAME.toml).

@@ -1,0 +1,144 @@
+//! The byte stream under a WebSocket session: plain TCP or TLS, and the read and write
+//! halves a session drives at the same time.
+//!
+//! Plain TCP is the fast path and stays what it was: `tokio::net::TcpStream`'s borrowed
+//! halves, readiness plus `try_read_buf`, and `try_write_vectored` straight on the
+//! socket, with nothing in between. TLS runs rustls over the same socket; its halves
+//! come from `tokio::io::split`, which puts the stream behind a lock that each half
+//! takes only while it is being polled, so the reader waiting for bytes never blocks
+//! the writer.
+
+use std::io::{self, IoSlice};
+
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpStream, tcp};
+use tokio_rustls::server::TlsStream;
+
+/// An upgraded connection.
+#[derive(Debug)]
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    /// Take the connection back from hyper after a 101: the stream, and the bytes
+    /// hyper read past the upgrade request. Gives `upgraded` back if its stream is
+    /// neither of the server's own kinds.
+    pub fn from_upgraded(upgraded: Upgraded) -> Result<(Self, Bytes), Upgraded> {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return Ok((Self::Plain(parts.io.into_inner()), parts.read_buf)),
+            Err(upgraded) => upgraded,
+        };
+        let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>()?;
+        Ok((Self::Tls(Box::new(parts.io.into_inner())), parts.read_buf))
+    }
+
+    /// The read and write halves, usable concurrently from one task.
+    pub fn split(&mut self) -> (Reader<'_>, Writer<'_>) {
+        match self {
+            Self::Plain(stream) => {
+                let (read, write) = stream.split();
+                (Reader::Plain(read), Writer::Plain(write))
+            }
+            Self::Tls(stream) => {
+                let (read, write) = tokio::io::split(&mut **stream);
+                (Reader::Tls(read), Writer::Tls(write))
+            }
+        }
+    }
+}
+
+/// The read half of a [`Transport`].
+pub enum Reader<'a> {
+    Plain(tcp::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// The write half of a [`Transport`].
+pub enum Writer<'a> {
+    Plain(tcp::WriteHalf<'a>),
+    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+impl Reader<'_> {
+    /// Wait for bytes and append what is there to `buf`, first making room for at
+    /// least `chunk` more; `Ok(0)` at the end of the stream. Cancel-safe: if the
+    /// future is dropped, no bytes were taken. On plain TCP the room is made only once
+    /// the socket is readable, and a readiness that turns out stale returns
+    /// `WouldBlock`, so the caller can drop an empty buffer before it waits again: an
+    /// idle connection holds no read buffer.
+    pub async fn read_buf(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+        let reserve = |buf: &mut BytesMut| {
+            if buf.capacity() - buf.len() < chunk {
+                buf.reserve(chunk);
+            }
+        };
+        match self {
+            Self::Plain(half) => {
+                half.readable().await?;
+                reserve(buf);
+                half.try_read_buf(buf)
+            }
+            Self::Tls(half) => {
+                reserve(buf);
+                half.read_buf(buf).await
+            }
+        }
+    }
+
+    /// Read and discard until the peer closes its side (or the stream fails).
+    pub async fn drain_to_end(&mut self) {
+        let mut scratch = [0u8; 1024];
+        loop {
+            let read = match self {
+                Self::Plain(half) => match half.readable().await {
+                    Ok(()) => half.try_read(&mut scratch),
+                    Err(e) => Err(e),
+                },
+                Self::Tls(half) => half.read(&mut scratch).await,
+            };
+            match read {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl Writer<'_> {
+    /// Write some prefix of `slices`; returns how many bytes. Plain TCP tries the
+    /// socket first and waits for writability only when the kernel refuses.
+    pub async fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Plain(half) => loop {
+                match half.try_write_vectored(slices) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => half.writable().await?,
+                    result => return result,
+                }
+            },
+            Self::Tls(half) => half.write_vectored(slices).await,
+        }
+    }
+
+    /// Push out whatever the transport still buffers (TLS records; nothing on TCP).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(_) => Ok(()),
+            Self::Tls(half) => half.flush().await,
+        }
+    }
+
+    /// Close the sending side: a TLS `close_notify`, then the TCP FIN.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(half) => half.shutdown().await,
+            Self::Tls(half) => half.shutdown().await,
+        }
+    }
+}

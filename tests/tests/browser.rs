@@ -1,0 +1,252 @@
+//! A real browser against a real server: headless Chromium, driven over WebDriver,
+//! uses the chat demo page and the dashboard as a person would. Two pages chat with
+//! each other; a plugin swap shows on the dashboard; the page survives a server
+//! restart by reconnecting. Screenshots land in `target/screenshots/`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use roomcast::config::Config;
+use roomcast_tests::browser::{Browser, Driver, screenshot_path};
+use roomcast_tests::*;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "browser-test-token";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Chromium is heavy for two cores: one browser test at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(dir: &PluginDir) -> Config {
+    Config {
+        plugins: Some(dir.path.clone()),
+        plugin_cache: None,
+        admin_token: Some(TOKEN.into()),
+        ..test_config()
+    }
+}
+
+/// Open the demo page and join `chat:ROOM` as `name`.
+async fn join(browser: &Browser, server: std::net::SocketAddr, name: &str, room: &str) -> anyhow::Result<()> {
+    browser.goto(&format!("http://{server}/")).await?;
+    browser.type_into("#name", name).await?;
+    browser.type_into("#room", room).await?;
+    browser.click("#join").await?;
+    wait_connected(browser, name).await
+}
+
+async fn wait_connected(browser: &Browser, who: &str) -> anyhow::Result<()> {
+    let script = "return document.getElementById('status').dataset.state === 'connected'";
+    browser.wait_for(&format!("{who}'s page is connected"), script, json!([]), WAIT).await.map(drop)
+}
+
+/// Wait until the page's member list holds exactly `expected` (sorted names, comma-separated).
+async fn wait_members(browser: &Browser, who: &str, expected: &str) -> anyhow::Result<()> {
+    let script = "return [...document.querySelectorAll('#members .member')].map(b => b.dataset.name).sort().join(',') \
+                  === arguments[0]";
+    browser
+        .wait_for(&format!("{who} sees members {expected}"), script, json!([expected]), WAIT)
+        .await
+        .map(drop)
+}
+
+/// Wait for a message line of `class` whose author and text contain the given parts.
+async fn wait_line(
+    browser: &Browser,
+    who: &str,
+    class: &str,
+    author: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    let script = "return [...document.querySelectorAll('#log li')].some(li => \
+                  li.matches(arguments[0]) && (li.querySelector('.who')?.textContent ?? '').includes(arguments[1]) \
+                  && li.querySelector('.text').textContent === arguments[2])";
+    browser
+        .wait_for(
+            &format!("{who} sees {class} `{text}` by {author}"),
+            script,
+            json!([class, author, text]),
+            WAIT,
+        )
+        .await
+        .map(drop)
+}
+
+async fn say(browser: &Browser, text: &str) -> anyhow::Result<()> {
+    browser.type_into("#message", text).await?;
+    browser.click("#send").await
+}
+
+/// Keep a screenshot as a build artefact.
+async fn keep_screenshot(browser: &Browser, name: &str) -> anyhow::Result<()> {
+    let file = screenshot_path(name);
+    browser.screenshot(&file).await?;
+    let size = std::fs::metadata(&file)?.len();
+    anyhow::ensure!(size > 10_000, "{} is suspiciously small ({size} bytes)", file.display());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pages_chat_with_each_other() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    let server = TestServer::start(config(&dir)).await;
+    let driver = Driver::start().await?;
+    let (ada, bob) = (driver.open().await?, driver.open().await?);
+
+    join(&ada, server.addr, "ada", "lobby").await?;
+    join(&bob, server.addr, "bob", "lobby").await?;
+    wait_members(&ada, "ada", "ada,bob").await?;
+    wait_members(&bob, "bob", "ada,bob").await?;
+    let joined = "return [...document.querySelectorAll('#log li.system')].some(li => li.textContent.includes('bob joined'))";
+    ada.wait_for("ada is told bob joined", joined, json!([]), WAIT).await?;
+
+    say(&bob, "hello ada").await?;
+    wait_line(&ada, "ada", "li.say", "bob", "hello ada").await?;
+    wait_line(&bob, "bob", "li.say.mine", "bob", "hello ada").await?;
+    say(&ada, "hi bob, welcome to Roomcast").await?;
+    wait_line(&bob, "bob", "li.say", "ada", "hi bob, welcome to Roomcast").await?;
+
+    // A direct message: choose the member, then write.
+    ada.click("#members .member[data-name='bob']").await?;
+    ada.wait_for(
+        "the direct recipient is shown",
+        "return !document.getElementById('to').hidden",
+        json!([]),
+        WAIT,
+    )
+    .await?;
+    say(&ada, "psst, only you").await?;
+    wait_line(&bob, "bob", "li.direct", "ada → you", "psst, only you").await?;
+    wait_line(&ada, "ada", "li.direct.mine", "you → bob", "psst, only you").await?;
+    ada.click("#to-clear").await?;
+    say(&ada, "back to everyone").await?;
+    wait_line(&bob, "bob", "li.say", "ada", "back to everyone").await?;
+    keep_screenshot(&ada, "demo").await?;
+
+    bob.click("#leave").await?;
+    wait_members(&ada, "ada", "ada").await?;
+    let left = "return [...document.querySelectorAll('#log li.system')].some(li => li.textContent.includes('bob left'))";
+    ada.wait_for("ada is told bob left", left, json!([]), WAIT).await?;
+
+    ada.close().await?;
+    bob.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+/// Install `built` as `name` the way an operator should: copy beside it, then rename.
+fn install_atomically(dir: &Path, built: &str, name: &str) {
+    let temp = dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::copy(built_plugins().join(format!("{built}.wasm")), &temp).unwrap();
+    std::fs::rename(&temp, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+async fn wait_css(browser: &Browser, what: &str, css: &str) -> anyhow::Result<Value> {
+    browser.wait_for(what, "return document.querySelector(arguments[0]) !== null", json!([css]), WAIT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_swap_shows_on_the_dashboard() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    install_atomically(&dir.path, "taga", "tag");
+    let server = TestServer::start(config(&dir)).await;
+    // Some life to show: two chat members and one member of the swapped plugin's room.
+    let mut grace = server.connect("chat:lobby?name=grace").await;
+    let mut linus = server.connect("chat:lobby?name=linus").await;
+    let _tagged = server.connect("tag").await;
+    for text in ["morning", "hi grace"] {
+        send_text(&mut grace, &format!("{{\"say\":\"{text}\"}}")).await;
+    }
+
+    let driver = Driver::start().await?;
+    let browser = driver.open().await?;
+    browser.goto(&format!("http://{}/dashboard", server.addr)).await?;
+    browser.type_into("#token", "not-the-token").await?;
+    browser.click("#sign-in").await?;
+    wait_css(&browser, "a wrong token is refused", "p.error[role=alert]").await?;
+    browser.type_into("#token", TOKEN).await?;
+    browser.click("#sign-in").await?;
+
+    wait_css(&browser, "the dashboard is live", "#live[data-state='connected']").await?;
+    wait_css(&browser, "tag v1 is listed", "#plugins tr[data-plugin='tag'][data-version='1']").await?;
+    let cookie = browser.eval("return document.cookie", json!([])).await?;
+    assert_eq!(cookie, json!(""), "the session cookie is HttpOnly");
+    let rooms = "return document.querySelector(\"#rooms tr[data-room='chat:lobby']\")?.textContent ?? ''";
+    let row = browser.wait_for("chat:lobby's members", rooms, json!([]), WAIT).await?;
+    let row = row.as_str().unwrap_or_default();
+    assert!(row.contains("grace") && row.contains("linus") && row.contains("chat v1"), "{row}");
+    let connections = "return document.getElementById('connections').textContent === '3'";
+    browser.wait_for("three open connections", connections, json!([]), WAIT).await?;
+
+    // Swap the plugin under the live server: the page shows it without a reload (a
+    // mark left in the page survives), so it came over the event stream.
+    browser.eval("window.roomcastTestMark = 'still the same page'", json!([])).await?;
+    install_atomically(&dir.path, "tagb", "tag");
+    wait_css(&browser, "tag v2 is listed", "#plugins tr[data-plugin='tag'][data-version='2']").await?;
+    wait_css(
+        &browser,
+        "the reload is logged",
+        "#reloads li[data-kind='loaded'][data-plugin='tag'][data-version='2']",
+    )
+    .await?;
+    // A file that does not load is logged as a failure.
+    std::fs::write(dir.path.join("broken.wasm"), "not a plugin").unwrap();
+    wait_css(&browser, "the failure is logged", "#reloads li[data-kind='failed'][data-plugin='broken']")
+        .await?;
+    // Messages per second: traffic shows within a push or two.
+    for _ in 0..20 {
+        send_text(&mut linus, "{\"say\":\"did the tag plugin just change?\"}").await;
+    }
+    let busy = "return parseFloat(document.getElementById('rate-in').textContent) > 0";
+    browser.wait_for("messages per second above zero", busy, json!([]), WAIT).await?;
+    browser.resize(1280, 1250).await?;
+    keep_screenshot(&browser, "dashboard").await?;
+
+    let mark = browser.eval("return window.roomcastTestMark", json!([])).await?;
+    assert_eq!(mark, json!("still the same page"), "the page was not reloaded");
+
+    browser.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reconnects_after_a_server_restart() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    let server = TestServer::start(config(&dir)).await;
+    let addr = server.addr;
+    let driver = Driver::start().await?;
+    let ada = driver.open().await?;
+    join(&ada, addr, "ada", "restart").await?;
+
+    server.stop().await;
+    let lost = "return document.getElementById('status').dataset.state === 'reconnecting'";
+    ada.wait_for("the page notices the server went away", lost, json!([]), WAIT).await?;
+
+    // A new server on the same port: the page finds it on its own.
+    let server = TestServer::start_on(addr, config(&dir)).await;
+    wait_connected(&ada, "ada").await?;
+    let mut bob = server.connect("chat:restart?name=bob").await;
+    let welcome: Value = serde_json::from_str(&recv_text(&mut bob).await)?;
+    assert_eq!(welcome["type"], "welcome");
+    assert!(welcome["members"].as_array().is_some_and(|m| m.iter().any(|m| m["name"] == "ada")), "{welcome}");
+    wait_members(&ada, "ada", "ada,bob").await?;
+
+    send_text(&mut bob, "{\"say\":\"welcome back\"}").await;
+    wait_line(&ada, "ada", "li.say", "bob", "welcome back").await?;
+    say(&ada, "glad to be back").await?;
+    loop {
+        let message: Value = serde_json::from_str(&recv_text(&mut bob).await)?;
+        if message["type"] == "say" && message["name"] == "ada" {
+            assert_eq!(message["text"], "glad to be back");
+            break;
+        }
+    }
+
+    ada.close().await?;
+    server.stop().await;
+    Ok(())
+}
