@@ -138,7 +138,50 @@ async fn rooms(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
     if let Err(denied) = authorize(&shared, &headers) {
         return denied.into_response();
     }
-    axum::Json(rooms_json(&shared)).into_response()
+    let mut list = rooms_json(&shared);
+    if let Some(cluster) = shared.rooms.cluster() {
+        cluster_rooms(cluster, &mut list).await;
+    }
+    axum::Json(list).into_response()
+}
+
+/// Cluster mode: every room of the cluster with its cluster-wide members. Each entry
+/// gains `owner` (node id), `local_members` (this node's count) and `nodes` (member ids
+/// per node); `members` becomes the cluster-wide count. Without Redis the list stays
+/// this node's, with `"cluster": "unreachable"` on each entry.
+async fn cluster_rooms(cluster: &crate::cluster::Cluster, list: &mut Value) {
+    let Value::Array(rooms) = list else { return };
+    let Some(overview) = cluster.overview().await else {
+        for room in rooms.iter_mut() {
+            room["cluster"] = json!("unreachable");
+        }
+        return;
+    };
+    for room in rooms.iter_mut() {
+        room["local_members"] = room["members"].clone();
+    }
+    for entry in overview {
+        let total: usize = entry.members.iter().map(|(_, ids)| ids.len()).sum();
+        let nodes: serde_json::Map<String, Value> =
+            entry.members.into_iter().map(|(node, ids)| (node, json!(ids))).collect();
+        let existing = rooms.iter_mut().find(|r| r["name"] == entry.name.as_str());
+        let room = match existing {
+            Some(room) => room,
+            None => {
+                rooms.push(json!({
+                    "name": entry.name,
+                    // Its owner elsewhere runs the plugin.
+                    "plugin": Value::Null,
+                    "local_members": 0,
+                }));
+                rooms.last_mut().expect("just pushed")
+            }
+        };
+        room["members"] = json!(total);
+        room["owner"] = json!(entry.owner);
+        room["nodes"] = Value::Object(nodes);
+    }
+    rooms.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
 }
 
 /// `POST /admin/rooms/{room}/publish`: the body goes to every member of the room, as
@@ -168,6 +211,20 @@ async fn publish(
         Payload::Binary(body)
     };
     let Some(live) = shared.rooms.get(&room) else {
+        // Cluster mode: the room may live on other nodes; its owner delivers it.
+        if let Some(cluster) = shared.rooms.cluster()
+            && cluster.room_known(&room)
+        {
+            if !cluster.publish_remote(&room, payload) {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    "Redis is unreachable; retry\n",
+                )
+                    .into_response();
+            }
+            return (StatusCode::ACCEPTED, axum::Json(json!({ "room": room }))).into_response();
+        }
         return (StatusCode::NOT_FOUND, "no such room: it has no members\n").into_response();
     };
     let members = live.members().len();

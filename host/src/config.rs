@@ -104,6 +104,11 @@ pub struct Config {
     /// PEM certificate chain and private key; with both, the server speaks TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Cluster mode: the Redis URL (`[cluster] redis`); `None` runs one node alone.
+    pub redis: Option<String>,
+    /// Cluster mode: how long a room's owner holds its lease without renewing it
+    /// (`[cluster] lease`), i.e. how soon another node takes over a dead owner's rooms.
+    pub cluster_lease: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -129,6 +134,9 @@ impl fmt::Debug for Config {
             .field("plugin_cache", &self.plugin_cache)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            // A Redis URL may carry a password.
+            .field("redis", &self.redis.as_deref().map(redact_url))
+            .field("cluster_lease", &self.cluster_lease)
             .finish()
     }
 }
@@ -155,6 +163,8 @@ impl Default for Config {
             plugin_cache: default_cache_dir(),
             tls_cert: None,
             tls_key: None,
+            redis: None,
+            cluster_lease: crate::cluster::DEFAULT_LEASE,
         }
     }
 }
@@ -232,11 +242,26 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("plugin_max_deadline", "DURATION", "Host-wide cap on a plugin's per-call deadline [default: 1s]"),
     ("tls_cert", "FILE", "PEM certificate chain; with --tls-key, serve https:// and wss:// [default: none]"),
     ("tls_key", "FILE", "PEM private key matching --tls-cert [default: none]"),
+    (
+        "redis",
+        "URL",
+        "Cluster mode: share rooms with other nodes through this Redis (redis://host:6379) [default: off]",
+    ),
+    (
+        "cluster_lease",
+        "DURATION",
+        "Cluster mode: how soon another node takes over the rooms of a node that died [default: 5s]",
+    ),
 ];
 
 /// Settings that live in a TOML table rather than at the top level: the dotted TOML
 /// name and the setting's key (`[tls] cert` is `--tls-cert`).
-pub const NESTED: &[(&str, &str)] = &[("tls.cert", "tls_cert"), ("tls.key", "tls_key")];
+pub const NESTED: &[(&str, &str)] = &[
+    ("tls.cert", "tls_cert"),
+    ("tls.key", "tls_key"),
+    ("cluster.redis", "redis"),
+    ("cluster.lease", "cluster_lease"),
+];
 
 impl Config {
     /// Set one key. `Err` carries the reason; the caller adds the key and its source.
@@ -300,6 +325,19 @@ impl Config {
             }
             "tls_cert" => self.tls_cert = Some(PathBuf::from(text)),
             "tls_key" => self.tls_key = Some(PathBuf::from(text)),
+            "redis" => {
+                let url = text.trim();
+                redis::Client::open(url)
+                    .map_err(|e| bad(format!("`{}` is not a Redis URL: {e}", redact_url(url))))?;
+                self.redis = Some(url.to_owned());
+            }
+            "cluster_lease" => {
+                let lease = parse_positive_duration(&text).map_err(bad)?;
+                if lease < Duration::from_millis(300) {
+                    return Err(bad(format!("`{text}` is too short; the lease must be at least 300ms")));
+                }
+                self.cluster_lease = lease;
+            }
             _ => return Err(SetError::Unknown),
         }
         Ok(())
@@ -401,6 +439,14 @@ fn default_cache_dir() -> Option<PathBuf> {
             std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|home| PathBuf::from(home).join(".cache"))
         })?;
     Some(base.join("roomcast").join("plugins"))
+}
+
+/// A URL with any password replaced, for logs and error messages.
+fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// Why [`Config::set`] refused a value.
@@ -546,6 +592,30 @@ mod tests {
             let result = config.set(key, &RawValue::Text("x".into()));
             assert!(!matches!(result, Err(SetError::Unknown)), "{key} is listed but unknown");
         }
+    }
+
+    #[test]
+    fn cluster_settings_live_in_their_table() {
+        let (_dir, file) = write("[cluster]\nredis = \"redis://127.0.0.1:6390/\"\nlease = \"2s\"\n");
+        let mut config = Config::default();
+        config.apply_file(&file).unwrap();
+        assert_eq!(config.redis.as_deref(), Some("redis://127.0.0.1:6390/"));
+        assert_eq!(config.cluster_lease, Duration::from_secs(2));
+
+        let (_dir, file) = write("redis = \"redis://127.0.0.1/\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("unknown key `redis`"), "{text}");
+        let (_dir, file) = write("[cluster]\nredys = \"x\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("cluster.redys"), "{text}");
+        let (_dir, file) = write("[cluster]\nredis = \"http://x\"\n");
+        let text = Config::default().apply_file(&file).unwrap_err().to_string();
+        assert!(text.contains("cluster.redis"), "{text}");
+
+        let mut config = Config::default();
+        config.apply_flag("redis", "redis://:pw@127.0.0.1:1/").unwrap();
+        assert!(!format!("{config:?}").contains("pw"));
+        assert!(config.apply_flag("cluster-lease", "10ms").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod broadcast;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod frame;

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broadcast::Outbound;
+use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
+use crate::cluster::{Cluster, ClusterEvent, Role, RoleChange, RoomLink};
 use crate::frame::{self, close_code};
 use crate::metrics::{CloseReason, Metrics, PluginCalls};
 use crate::plugin::{
@@ -100,6 +102,16 @@ impl Peer {
         self.ending.lock().expect("peer lock").clone()
     }
 
+    /// What a plugin's `join` hook is told about this member.
+    pub fn info(&self) -> MemberInfo {
+        MemberInfo {
+            id: self.id,
+            query: self.query.clone(),
+            remote_addr: self.remote_addr.clone(),
+            protocol: self.protocol.clone(),
+        }
+    }
+
     /// Queue a data frame; an overflow cuts the member off as a slow consumer.
     /// Returns whether the frame was queued.
     pub fn deliver(&self, frame: Bytes) -> bool {
@@ -150,6 +162,8 @@ pub enum RoomEvent {
     /// A backend publishes to the room (admin API): every member gets it, as if the
     /// room had broadcast it.
     Publish(Payload),
+    /// Cluster mode: a record from Redis or a role change (see [`crate::cluster`]).
+    Cluster(ClusterEvent),
 }
 
 /// A live room. Sessions hold it for as long as they are members.
@@ -210,11 +224,23 @@ pub struct Rooms {
     plugins: Arc<LivePlugins>,
     /// Room actors are tracked so shutdown can wait for them.
     tracker: TaskTracker,
+    /// Cluster mode (`--redis`): rooms are shared with other nodes through it.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Rooms {
     pub fn new(metrics: Arc<Metrics>, plugins: Arc<LivePlugins>, tracker: TaskTracker) -> Self {
-        Self { map: Mutex::new(HashMap::new()), metrics, plugins, tracker }
+        Self { map: Mutex::new(HashMap::new()), metrics, plugins, tracker, cluster: None }
+    }
+
+    /// Share rooms with other nodes through `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     pub fn plugins(&self) -> &Arc<LivePlugins> {
@@ -310,7 +336,10 @@ impl Rooms {
             plugin: Mutex::new(None),
             tx,
         });
-        let actor = RoomActor::new(room.clone(), self);
+        let mut actor = RoomActor::new(room.clone(), self);
+        if let Some(cluster) = &self.cluster {
+            actor.cluster = Some(Clustered::new(cluster.link(&room, room.tx.clone())));
+        }
         self.tracker.spawn(actor.run(rx));
         room
     }
@@ -335,6 +364,8 @@ struct RoomActor {
     timers: BTreeMap<(Instant, u64), ()>,
     timer_deadlines: HashMap<u64, Instant>,
     room_exists: RoomExists,
+    /// Cluster mode: the room's role and what it knows beyond this node.
+    cluster: Option<Clustered>,
 }
 
 /// What decides where a room's messages go.
@@ -370,29 +401,60 @@ impl RoomActor {
             timers: BTreeMap::new(),
             timer_deadlines: HashMap::new(),
             room_exists: Arc::new(move |name: &str| {
-                exists.upgrade().is_some_and(|rooms| rooms.get(name).is_some())
+                exists.upgrade().is_some_and(|rooms| {
+                    rooms.get(name).is_some() || rooms.cluster.as_ref().is_some_and(|c| c.room_known(name))
+                })
             }),
+            cluster: None,
         }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<RoomEvent>) {
-        self.refresh_plugin();
+        if let Some(clustered) = &mut self.cluster {
+            // Events wait in the inbox until the cluster says who runs the room.
+            let role = clustered.link.first_role().await;
+            self.role_change(role);
+        } else {
+            self.refresh_plugin();
+        }
         loop {
+            if let Some(clustered) = &self.cluster {
+                // Backpressure from Redis: take no event the write queue cannot absorb.
+                clustered.link.writable().await;
+            }
             let next_timer = self.timers.keys().next().map(|(at, _)| *at);
+            let save_at = self.cluster.as_ref().and_then(|c| c.save_at);
             let event = tokio::select! {
                 event = rx.recv() => event,
                 () = sleep_until_opt(next_timer) => {
                     self.fire_due_timers();
+                    self.after_event();
+                    continue;
+                }
+                () = sleep_until_opt(save_at) => {
+                    self.save_snapshot();
                     continue;
                 }
             };
             let Some(event) = event else { break };
+            self.role_changes();
             self.refresh_plugin();
+            if self.follows() {
+                if self.follow(event) {
+                    break;
+                }
+                continue;
+            }
             match event {
-                RoomEvent::Join(peer) => self.join(peer),
+                RoomEvent::Join(peer) => {
+                    self.announce(&peer);
+                    self.join(peer)
+                }
                 RoomEvent::Leave { member, reason, last } => {
+                    self.unannounce(member);
                     self.leave(member, reason);
                     if last {
+                        self.after_event();
                         break;
                     }
                 }
@@ -402,14 +464,22 @@ impl RoomActor {
                 }
                 RoomEvent::PluginsChanged => {}
                 RoomEvent::Publish(payload) => self.deliver_all(&payload, None),
+                RoomEvent::Cluster(event) => self.cluster_event(event),
             }
+            self.after_event();
         }
+        self.finish().await;
         tracing::debug!(room = %self.room.name, "room closed");
     }
 
     /// Record which plugin and version serve the room, for the admin API.
     fn show_logic(&self) {
         let shown = match &self.logic {
+            // A follower runs no instance; it shows the plugin its owner runs.
+            Logic::Default if self.follows() => self
+                .plugins
+                .for_room(&self.room.name)
+                .map(|plugin| (plugin.name().to_owned(), self.plugins.version_of(&plugin))),
             Logic::Default => None,
             Logic::Plugin { instance, .. } => {
                 let plugin = instance.plugin();
@@ -424,7 +494,12 @@ impl RoomActor {
     /// Runs between two events, never during one.
     fn refresh_plugin(&mut self) {
         if self.plugins.generation() != self.generation {
-            self.switch_plugin();
+            if self.follows() {
+                // The owner runs the plugin; a follower only shows which.
+                self.generation = self.plugins.generation();
+            } else {
+                self.switch_plugin();
+            }
             self.show_logic();
         }
     }
@@ -479,8 +554,9 @@ impl RoomActor {
     }
 
     /// Start a fresh instance of `plugin`. With `state`, restore it; without (or if the
-    /// restore is refused), present the current members as joins.
-    fn start(&mut self, plugin: Arc<Plugin>, state: Option<Vec<u8>>) {
+    /// restore is refused), present the current members as joins. Returns whether the
+    /// state was restored.
+    fn start(&mut self, plugin: Arc<Plugin>, state: Option<Vec<u8>>) -> bool {
         let calls = self.metrics.plugin_calls(plugin.name());
         let mut instance = match plugin.instantiate(&self.room.name) {
             Ok(instance) => instance,
@@ -489,7 +565,7 @@ impl RoomActor {
                 tracing::error!(%error, "plugin instance could not start; closing the room's members");
                 self.logic = Logic::Failed { plugin };
                 self.close_all_failed();
-                return;
+                return false;
             }
         };
         calls.ok();
@@ -510,7 +586,7 @@ impl RoomActor {
                                 tracing::error!(%error, "plugin instance could not start");
                                 self.logic = Logic::Failed { plugin };
                                 self.close_all_failed();
-                                return;
+                                return false;
                             }
                         }
                     }
@@ -520,12 +596,24 @@ impl RoomActor {
         self.logic = Logic::Plugin { instance, calls };
         self.apply_setup();
         if !restored {
-            for peer in self.peers.clone() {
-                if !self.call_join(&peer) {
-                    return;
+            for member in self.member_infos() {
+                if !self.call_join(&member) {
+                    return false;
                 }
             }
         }
+        restored
+    }
+
+    /// Every member (local or on another node) in join order.
+    fn member_infos(&self) -> Vec<MemberInfo> {
+        self.ids
+            .iter()
+            .filter_map(|id| match self.peers.iter().find(|p| p.id == *id) {
+                Some(peer) => Some(peer.info()),
+                None => self.cluster.as_ref()?.remote.get(id).map(|r| r.info.clone()),
+            })
+            .collect()
     }
 
     /// Apply the timers a new instance set in `init` or `restore`.
@@ -539,24 +627,23 @@ impl RoomActor {
     fn join(&mut self, peer: Arc<Peer>) {
         self.ids.push(peer.id);
         self.peers.push(peer.clone());
+        self.joined(&peer.info());
+    }
+
+    /// Tell the logic about a member already added to `ids`.
+    fn joined(&mut self, info: &MemberInfo) {
         if let Logic::Failed { plugin } = &self.logic {
             // A new member gives the plugin another chance to start.
             let plugin = plugin.clone();
             self.start(plugin, None);
             return; // `start` presented every member, the new one included
         }
-        self.call_join(&peer);
+        self.call_join(info);
     }
 
-    /// Call the plugin's `join` for `peer`; `false` if the instance failed.
-    fn call_join(&mut self, peer: &Arc<Peer>) -> bool {
-        let info = MemberInfo {
-            id: peer.id,
-            query: peer.query.clone(),
-            remote_addr: peer.remote_addr.clone(),
-            protocol: peer.protocol.clone(),
-        };
-        let result = self.with_instance(|instance, view| instance.join(view, &info));
+    /// Call the plugin's `join` for `info`; `false` if the instance failed.
+    fn call_join(&mut self, info: &MemberInfo) -> bool {
+        let result = self.with_instance(|instance, view| instance.join(view, info));
         match result {
             None => true,
             Some(Ok(actions)) => {
@@ -573,6 +660,11 @@ impl RoomActor {
     fn leave(&mut self, member: MemberId, reason: CloseReason) {
         self.ids.retain(|id| *id != member);
         self.peers.retain(|p| p.id != member);
+        self.left(member, reason);
+    }
+
+    /// Tell the logic about a member already removed from `ids`.
+    fn left(&mut self, member: MemberId, reason: CloseReason) {
         let reason = leave_reason(reason);
         if let Some(result) = self.with_instance(|instance, view| instance.leave(view, member, reason)) {
             match result {
@@ -659,13 +751,7 @@ impl RoomActor {
                 tracing::info!(room = %self.room.name, plugin = plugin.name(), "room continues on a fresh plugin instance");
                 self.logic = Logic::Plugin { instance, calls };
                 self.apply_setup();
-                for peer in self.peers.clone() {
-                    let info = MemberInfo {
-                        id: peer.id,
-                        query: peer.query.clone(),
-                        remote_addr: peer.remote_addr.clone(),
-                        protocol: peer.protocol.clone(),
-                    };
+                for info in self.member_infos() {
                     match self.with_instance(|instance, view| instance.join(view, &info)) {
                         Some(Ok(actions)) => self.apply(actions, 0),
                         Some(Err(error)) => {
@@ -691,6 +777,16 @@ impl RoomActor {
         for peer in &self.peers {
             peer.end(Ending::new(CloseReason::PluginFailure, close_code::INTERNAL, "plugin failure"));
         }
+        if let Some(clustered) = &mut self.cluster {
+            for &member in clustered.remote.keys() {
+                clustered.outbox.push(Delivery::Close {
+                    member,
+                    code: close_code::INTERNAL,
+                    reason: "plugin failure".into(),
+                    failure: true,
+                });
+            }
+        }
     }
 
     /// Carry out what a successful call asked for.
@@ -698,17 +794,25 @@ impl RoomActor {
         for action in actions {
             match action {
                 Action::Send { to, payload } => {
-                    if let Some(peer) = self.peers.iter().find(|p| p.id == to)
-                        && peer.deliver(encode(&payload))
+                    if let Some(peer) = self.peers.iter().find(|p| p.id == to) {
+                        if peer.deliver(encode(&payload)) {
+                            self.metrics.messages_out.fetch_add(1, Relaxed);
+                        }
+                    } else if let Some(clustered) =
+                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&to))
                     {
-                        self.metrics.messages_out.fetch_add(1, Relaxed);
+                        clustered.outbox.push(Delivery::Send { to, payload });
                     }
                 }
-                Action::Broadcast { payload, except } => self.deliver_except(&encode(&payload), &except),
+                Action::Broadcast { payload, except } => self.broadcast(&payload, &except),
                 Action::Forward { room, payload } => self.forward(&room, payload, hops),
                 Action::Close { member, code, reason } => {
                     if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
                         peer.end(Ending::new(CloseReason::Plugin, code, reason));
+                    } else if let Some(clustered) =
+                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&member))
+                    {
+                        clustered.outbox.push(Delivery::Close { member, code, reason, failure: false });
                     }
                 }
                 Action::SetTimer { id, after } => {
@@ -734,6 +838,11 @@ impl RoomActor {
             return;
         }
         let Some(room) = self.rooms.upgrade().and_then(|rooms| rooms.get(target)) else {
+            // Not live here: its owner is elsewhere in the cluster, if anywhere.
+            if let Some(clustered) = self.cluster.as_ref().filter(|c| c.role != Role::Solo) {
+                let event = InEvent::Forward { from_room: self.room.name.to_string(), payload, hops };
+                clustered.link.forward(target, event);
+            }
             return;
         };
         let event = RoomEvent::Forward { from_room: self.room.name.clone(), payload, hops };
@@ -749,12 +858,20 @@ impl RoomActor {
     }
 
     /// The default delivery: every member except the sender.
-    fn deliver_all(&self, payload: &Payload, sender: Option<MemberId>) {
+    fn deliver_all(&mut self, payload: &Payload, sender: Option<MemberId>) {
         let except: &[MemberId] = match &sender {
             Some(id) => std::slice::from_ref(id),
             None => &[],
         };
+        self.broadcast(payload, except);
+    }
+
+    /// Every member except `except`, here and (as the owner) on the other nodes.
+    fn broadcast(&mut self, payload: &Payload, except: &[MemberId]) {
         self.deliver_except(&encode(payload), except);
+        if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {
+            clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except: except.to_vec() });
+        }
     }
 
     /// Queue `frame` for every member except `except`. Never awaits.
@@ -787,5 +904,556 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// How long an owner lets its room's state change before it stores a snapshot: what
+/// a crash of the owner can lose, against one `snapshot` call and one Redis write per
+/// interval for a busy room.
+pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The most records a room keeps while it has no owner to give them to.
+const CLUSTER_BACKLOG: usize = 1024;
+
+/// What a room actor knows in cluster mode beyond this node.
+struct Clustered {
+    link: RoomLink,
+    role: Role,
+    /// Members on other nodes (owner only), by id.
+    remote: HashMap<MemberId, Remote>,
+    /// Remote members that left, and when (owner), so that a presence read older than
+    /// their leave does not bring them back. Pruned as it grows.
+    left: HashMap<MemberId, Instant>,
+    /// Deliveries for other nodes produced by the current event (owner).
+    outbox: Vec<Delivery>,
+    /// This node's records that reached no owner, in order (follower).
+    unheard: std::collections::VecDeque<Vec<u8>>,
+    /// Records for the owner received while a claim is being decided (follower).
+    early: std::collections::VecDeque<ToOwner>,
+    /// The last delivery batch seen: its owner and number (follower).
+    last_seq: Option<(String, u64)>,
+    /// When the next snapshot is due (owner, state changed since the last one).
+    save_at: Option<Instant>,
+    last_save: Option<Instant>,
+}
+
+/// A member on another node, as the owner knows it.
+struct Remote {
+    node: String,
+    info: MemberInfo,
+    joined: Instant,
+}
+
+impl Clustered {
+    fn new(link: RoomLink) -> Self {
+        Self {
+            link,
+            role: Role::Pending,
+            remote: HashMap::new(),
+            left: HashMap::new(),
+            outbox: Vec::new(),
+            unheard: Default::default(),
+            early: Default::default(),
+            last_seq: None,
+            save_at: None,
+            last_save: None,
+        }
+    }
+}
+
+/// Cluster mode: what the actor does as owner, follower or alone.
+impl RoomActor {
+    /// Whether another node runs this room (events go there).
+    fn follows(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| matches!(c.role, Role::Follower | Role::Pending))
+    }
+
+    /// Whether this node runs the room for other nodes too.
+    fn owns(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.role == Role::Owner)
+    }
+
+    /// Announce a local member in the cluster's presence.
+    fn announce(&self, peer: &Peer) {
+        if let Some(clustered) = self.cluster.as_ref().filter(|c| c.role != Role::Solo) {
+            clustered.link.present(&peer.info());
+        }
+    }
+
+    fn unannounce(&self, member: MemberId) {
+        if let Some(clustered) = self.cluster.as_ref().filter(|c| c.role != Role::Solo) {
+            clustered.link.absent(member);
+        }
+    }
+
+    /// A follower's event: local bookkeeping, then the owner decides. Returns whether
+    /// the actor ends (its last local member left).
+    fn follow(&mut self, event: RoomEvent) -> bool {
+        let Some(clustered) = self.cluster.as_mut() else { return false };
+        match event {
+            RoomEvent::Join(peer) => {
+                let info = peer.info();
+                clustered.link.present(&info);
+                clustered.link.to_owner(InEvent::Join(info));
+                self.ids.push(peer.id);
+                self.peers.push(peer);
+            }
+            RoomEvent::Leave { member, reason, last } => {
+                clustered.link.absent(member);
+                clustered.link.to_owner(InEvent::Leave { member, reason: reason.label().to_owned() });
+                self.ids.retain(|id| *id != member);
+                self.peers.retain(|p| p.id != member);
+                return last;
+            }
+            RoomEvent::Message { from, payload } => {
+                clustered.link.to_owner(InEvent::Message { from, payload })
+            }
+            RoomEvent::Forward { from_room, payload, hops } => {
+                clustered.link.to_owner(InEvent::Forward { from_room: from_room.to_string(), payload, hops })
+            }
+            RoomEvent::Publish(payload) => clustered.link.to_owner(InEvent::Publish(payload)),
+            RoomEvent::PluginsChanged => {}
+            RoomEvent::Cluster(event) => self.cluster_event(event),
+        }
+        false
+    }
+
+    fn cluster_event(&mut self, event: ClusterEvent) {
+        match event {
+            ClusterEvent::Wake => self.role_changes(),
+            ClusterEvent::In(record) => self.inbound(record),
+            ClusterEvent::Out(record) => self.outbound(record),
+            ClusterEvent::Unheard(data) => self.unheard(data),
+        }
+    }
+
+    /// Apply the role changes the supervisor queued, then the records from Redis.
+    fn role_changes(&mut self) {
+        while let Some(change) = self.cluster.as_ref().and_then(|c| c.link.next_change()) {
+            self.role_change(change);
+        }
+        let records = self.cluster.as_ref().map(|c| c.link.take_records()).unwrap_or_default();
+        for record in records {
+            match record {
+                ClusterEvent::Wake => {}
+                ClusterEvent::In(record) => self.inbound(record),
+                ClusterEvent::Out(record) => self.outbound(record),
+                ClusterEvent::Unheard(data) => self.unheard(data),
+            }
+            // Deliveries of inbound records go out per record, as for local events.
+            self.after_event();
+        }
+    }
+
+    fn role_change(&mut self, change: RoleChange) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let before = clustered.role;
+        match change {
+            RoleChange::Solo => {
+                clustered.role = Role::Solo;
+                clustered.outbox.clear();
+                match before {
+                    Role::Pending | Role::Follower => {
+                        // Serve the local members on a local instance until Redis returns.
+                        self.generation = u64::MAX;
+                        self.refresh_plugin();
+                    }
+                    Role::Owner => {
+                        let remote: Vec<MemberId> = clustered.remote.keys().copied().collect();
+                        for member in remote {
+                            self.remote_leave(member, CloseReason::Reset);
+                        }
+                    }
+                    Role::Solo => {}
+                }
+                let unheard: Vec<Vec<u8>> =
+                    self.cluster.as_mut().map(|c| c.unheard.drain(..).collect()).unwrap_or_default();
+                for data in unheard {
+                    self.unheard(data);
+                }
+            }
+            RoleChange::Follower { owner } => {
+                clustered.role = Role::Follower;
+                clustered.early.clear();
+                clustered.save_at = None;
+                if matches!(before, Role::Owner | Role::Solo) {
+                    if !matches!(self.logic, Logic::Default) {
+                        tracing::info!(room = %self.room.name, %owner, "another node holds the room's lease: discarding the local instance");
+                        clustered.link.discarded();
+                    }
+                    clustered.remote.clear();
+                    clustered.outbox.clear();
+                    self.logic = Logic::Default;
+                    self.clear_timers();
+                    self.ids = self.peers.iter().map(|p| p.id).collect();
+                }
+                if before != Role::Pending {
+                    // Announce the local members to the owner again (it ignores the ones
+                    // it knows).
+                    let clustered = self.cluster.as_ref().expect("clustered");
+                    for peer in &self.peers {
+                        clustered.link.to_owner(InEvent::Join(peer.info()));
+                    }
+                }
+                self.show_logic();
+            }
+            RoleChange::Owner { snapshot, presence, asked } => {
+                clustered.role = Role::Owner;
+                if matches!(before, Role::Pending | Role::Follower) {
+                    self.take_over(snapshot, presence, asked);
+                } else {
+                    self.reconcile(presence, asked);
+                }
+                let clustered = self.cluster.as_mut().expect("clustered");
+                let early: Vec<ToOwner> = clustered.early.drain(..).collect();
+                let unheard: Vec<Vec<u8>> = clustered.unheard.drain(..).collect();
+                for record in early {
+                    self.inbound(record);
+                }
+                for data in unheard {
+                    self.unheard(data);
+                }
+                self.dirty();
+                self.flush_outbox();
+            }
+            RoleChange::Nodes(nodes) => {
+                if before != Role::Owner {
+                    return;
+                }
+                let mut counts: HashMap<&str, u64> = HashMap::new();
+                for remote in clustered.remote.values() {
+                    *counts.entry(remote.node.as_str()).or_default() += 1;
+                }
+                let me = clustered.link.node();
+                let theirs: HashMap<&str, u64> =
+                    nodes.iter().filter(|(n, _)| n != me).map(|(n, c)| (n.as_str(), *c)).collect();
+                if counts != theirs {
+                    clustered.link.reconcile();
+                }
+                let horizon = Instant::now() - std::time::Duration::from_secs(60);
+                clustered.left.retain(|_, at| *at > horizon);
+            }
+            RoleChange::Reconcile { presence, asked } => {
+                if before == Role::Owner {
+                    self.reconcile(presence, asked);
+                    self.flush_outbox();
+                }
+            }
+        }
+    }
+
+    /// Become the owner of a room this node did not run: restore the stored state (if
+    /// the same plugin made it) and bring it up to date with who is present now, or
+    /// start fresh with every present member.
+    fn take_over(&mut self, snapshot: Option<Snapshot>, presence: Vec<(String, MemberInfo)>, asked: Instant) {
+        let clustered = self.cluster.as_mut().expect("clustered");
+        let me = clustered.link.node().to_owned();
+        let local: Vec<MemberId> = self.peers.iter().map(|p| p.id).collect();
+        clustered.remote.clear();
+        let mut remote_order = Vec::new();
+        for (node, info) in presence {
+            if node != me && !local.contains(&info.id) && !clustered.remote.contains_key(&info.id) {
+                remote_order.push(info.id);
+                clustered.remote.insert(info.id, Remote { node, info, joined: asked });
+            }
+        }
+        let present: Vec<MemberId> = local.iter().chain(remote_order.iter()).copied().collect();
+        self.generation = self.plugins.generation();
+        self.clear_timers();
+        let wanted = self.plugins.for_room(&self.room.name);
+        let Some(plugin) = wanted else {
+            self.logic = Logic::Default;
+            self.ids = present;
+            self.show_logic();
+            return;
+        };
+        let stored = snapshot.filter(|s| s.plugin == plugin.name()).and_then(|s| Some((s.members, s.state?)));
+        match stored {
+            Some((members, state)) => {
+                // The state's view first: the members it knows that are still here.
+                self.ids = members.iter().copied().filter(|id| present.contains(id)).collect();
+                tracing::info!(room = %self.room.name, plugin = plugin.name(), "took the room over from its stored snapshot");
+                if self.start(plugin, Some(state)) {
+                    for gone in members.iter().filter(|id| !present.contains(id)) {
+                        self.left(*gone, CloseReason::Reset);
+                    }
+                    for id in present.iter().filter(|id| !members.contains(id)) {
+                        self.ids.push(*id);
+                        if let Some(info) = self.member_info(*id) {
+                            self.joined(&info);
+                        }
+                    }
+                } else {
+                    for id in present.iter().filter(|id| !self.ids.contains(id)).copied().collect::<Vec<_>>()
+                    {
+                        self.ids.push(id);
+                        if let Some(info) = self.member_info(id) {
+                            self.joined(&info);
+                        }
+                    }
+                }
+            }
+            None => {
+                self.ids = present;
+                tracing::info!(room = %self.room.name, plugin = plugin.name(), "took the room over with a fresh instance");
+                self.start(plugin, None);
+            }
+        }
+        self.show_logic();
+    }
+
+    fn member_info(&self, id: MemberId) -> Option<MemberInfo> {
+        match self.peers.iter().find(|p| p.id == id) {
+            Some(peer) => Some(peer.info()),
+            None => self.cluster.as_ref()?.remote.get(&id).map(|r| r.info.clone()),
+        }
+    }
+
+    /// Bring the remote members up to date with a presence read made at `asked`:
+    /// members gone from it leave (unless they joined after the read), members new in
+    /// it join (unless they left after the read).
+    fn reconcile(&mut self, presence: Vec<(String, MemberInfo)>, asked: Instant) {
+        let Some(clustered) = self.cluster.as_ref() else { return };
+        let me = clustered.link.node().to_owned();
+        let present: HashMap<MemberId, (String, MemberInfo)> =
+            presence.into_iter().filter(|(node, _)| *node != me).map(|(n, i)| (i.id, (n, i))).collect();
+        let gone: Vec<MemberId> = clustered
+            .remote
+            .iter()
+            .filter(|(id, r)| !present.contains_key(id) && r.joined < asked)
+            .map(|(id, _)| *id)
+            .collect();
+        let new: Vec<(String, MemberInfo)> = present
+            .into_values()
+            .filter(|(_, info)| {
+                !clustered.remote.contains_key(&info.id)
+                    && !self.peers.iter().any(|p| p.id == info.id)
+                    && clustered.left.get(&info.id).is_none_or(|at| *at < asked)
+            })
+            .collect();
+        for member in gone {
+            self.remote_leave(member, CloseReason::Reset);
+        }
+        for (node, info) in new {
+            self.remote_join(node, info);
+        }
+    }
+
+    fn remote_join(&mut self, node: String, info: MemberInfo) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        if self.ids.contains(&info.id) {
+            return;
+        }
+        clustered.left.remove(&info.id);
+        clustered.remote.insert(info.id, Remote { node, info: info.clone(), joined: Instant::now() });
+        self.ids.push(info.id);
+        self.joined(&info);
+    }
+
+    fn remote_leave(&mut self, member: MemberId, reason: CloseReason) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        if clustered.remote.remove(&member).is_none() {
+            return;
+        }
+        clustered.left.insert(member, Instant::now());
+        self.ids.retain(|id| *id != member);
+        self.left(member, reason);
+    }
+
+    /// An event for the owner, from another node (or handed back from this one).
+    fn inbound(&mut self, record: ToOwner) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let mine = record.node == clustered.link.node();
+        match clustered.role {
+            Role::Owner => {}
+            // A claim is being decided: keep it for when it is.
+            Role::Pending | Role::Follower => {
+                if clustered.early.len() >= CLUSTER_BACKLOG {
+                    clustered.early.pop_front();
+                    clustered.link.dropped_unheard();
+                }
+                clustered.early.push_back(record);
+                return;
+            }
+            // Alone, only this node's own records are ours to run.
+            Role::Solo if mine => {}
+            Role::Solo => return,
+        }
+        match record.event {
+            InEvent::Join(info) => {
+                if !mine {
+                    self.remote_join(record.node, info);
+                }
+            }
+            InEvent::Leave { member, reason } => {
+                let reason =
+                    CloseReason::ALL.into_iter().find(|r| r.label() == reason).unwrap_or(CloseReason::Reset);
+                self.remote_leave(member, reason);
+            }
+            InEvent::Message { from, payload } => {
+                if self.ids.contains(&from) {
+                    self.message(Origin::Member(from), payload, 0);
+                } else {
+                    tracing::debug!(room = %self.room.name, member = from, "message from an unknown member dropped");
+                }
+            }
+            InEvent::Forward { from_room, payload, hops } => {
+                self.message(Origin::Room(from_room), payload, hops)
+            }
+            InEvent::Publish(payload) => self.deliver_all(&payload, None),
+        }
+    }
+
+    /// Deliveries from the owner, for this node's members.
+    fn outbound(&mut self, record: FromOwner) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        if record.node == clustered.link.node() {
+            return; // our own, already delivered here
+        }
+        match record.event {
+            OutEvent::Released => {
+                if clustered.role == Role::Follower {
+                    clustered.link.check();
+                }
+            }
+            OutEvent::Deliveries { seq, items } => {
+                if clustered.role != Role::Follower {
+                    return;
+                }
+                if let Some((owner, last)) = &clustered.last_seq
+                    && *owner == record.node
+                    && seq > last + 1
+                {
+                    let missed = seq - last - 1;
+                    tracing::warn!(room = %self.room.name, missed, "missed deliveries from the room's owner");
+                    clustered.link.gap(missed);
+                }
+                clustered.last_seq = Some((record.node, seq));
+                // The owner is alive and listening: give it what it did not hear.
+                for data in clustered.unheard.drain(..) {
+                    clustered.link.republish(data);
+                }
+                let mut delivered = 0;
+                for item in items {
+                    match item {
+                        Delivery::Broadcast { payload, except } => {
+                            let frame = encode(&payload);
+                            for peer in &self.peers {
+                                if !except.contains(&peer.id) && peer.deliver(frame.clone()) {
+                                    delivered += 1;
+                                }
+                            }
+                        }
+                        Delivery::Send { to, payload } => {
+                            if let Some(peer) = self.peers.iter().find(|p| p.id == to)
+                                && peer.deliver(encode(&payload))
+                            {
+                                delivered += 1;
+                            }
+                        }
+                        Delivery::Close { member, code, reason, failure } => {
+                            if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
+                                let why =
+                                    if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
+                                peer.end(Ending::new(why, code, reason));
+                            }
+                        }
+                    }
+                }
+                self.metrics.messages_out.fetch_add(delivered, Relaxed);
+            }
+        }
+    }
+
+    /// One of this node's records reached no owner.
+    fn unheard(&mut self, data: Vec<u8>) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        match clustered.role {
+            Role::Pending | Role::Follower => {
+                if clustered.unheard.len() >= CLUSTER_BACKLOG {
+                    clustered.unheard.pop_front();
+                    clustered.link.dropped_unheard();
+                }
+                clustered.unheard.push_back(data);
+            }
+            Role::Owner | Role::Solo => match ToOwner::decode(&data) {
+                Ok(record) => self.inbound(record),
+                Err(error) => tracing::warn!(%error, "unreadable record dropped"),
+            },
+        }
+    }
+
+    /// After each event: publish the remote deliveries it produced, and schedule a
+    /// snapshot if the owner's plugin state may have changed.
+    fn after_event(&mut self) {
+        if self.owns() {
+            self.dirty();
+            self.flush_outbox();
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        if let Some(clustered) = self.cluster.as_mut()
+            && !clustered.outbox.is_empty()
+        {
+            let items = std::mem::take(&mut clustered.outbox);
+            if clustered.role == Role::Owner {
+                clustered.link.deliver(items);
+            }
+        }
+    }
+
+    /// The state may have changed: store a snapshot within [`SNAPSHOT_EVERY`].
+    fn dirty(&mut self) {
+        if !matches!(self.logic, Logic::Plugin { .. }) {
+            return;
+        }
+        if let Some(clustered) = self.cluster.as_mut()
+            && clustered.save_at.is_none()
+        {
+            let now = Instant::now();
+            let due = clustered.last_save.map_or(now, |at| (at + SNAPSHOT_EVERY).max(now));
+            clustered.save_at = Some(due);
+        }
+    }
+
+    /// Store the owner's plugin state for a successor.
+    fn save_snapshot(&mut self) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        clustered.save_at = None;
+        clustered.last_save = Some(Instant::now());
+        if clustered.role != Role::Owner {
+            return;
+        }
+        let Logic::Plugin { instance, calls } = &mut self.logic else { return };
+        let plugin = instance.plugin().name().to_owned();
+        match instance.snapshot() {
+            Ok(state) => {
+                calls.ok();
+                clustered.link.save(&Snapshot { plugin, members: self.ids.clone(), state });
+            }
+            Err(error) => {
+                calls.count(error.kind.outcome());
+                self.recover(&error);
+            }
+        }
+    }
+
+    /// The room's last local member left: an owner hands the room over (or, when
+    /// nobody is left anywhere, deletes its state); then the room leaves the cluster.
+    async fn finish(&mut self) {
+        let owns = self.owns();
+        let empty = self.cluster.as_ref().is_some_and(|c| c.remote.is_empty());
+        if owns && !empty {
+            self.save_snapshot();
+        }
+        let Some(clustered) = self.cluster.take() else { return };
+        // Stop hearing the room's events first, so that those sent after the release
+        // are handed back to their senders instead of being lost here.
+        let link = clustered.link;
+        link.detach_and_wait().await;
+        if owns {
+            link.release(!empty);
+        }
     }
 }

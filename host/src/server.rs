@@ -42,6 +42,8 @@ pub enum ServerError {
     Plugins(#[from] PluginsError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Bind the listening socket with an explicit backlog (tokio's default of 128
@@ -108,9 +110,13 @@ impl Server {
             config.plugin_cache.clone(),
             metrics.clone(),
         )?);
+        let cluster = match &config.redis {
+            Some(url) => Some(crate::cluster::Cluster::new(url, config.cluster_lease)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone())),
+            rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
             metrics,
             tracker,
             shutdown: CancellationToken::new(),
@@ -150,6 +156,10 @@ impl Server {
         let router = router(shared.clone());
         // Stopped (and joined) when `run` returns.
         let _watcher = Watcher::start(shared.rooms.plugins().clone());
+        if let Some(cluster) = shared.rooms.cluster() {
+            // Member ids must be unique across the cluster: each node gets its own range.
+            shared.next_member.store(cluster.start().await, Relaxed);
+        }
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening");
         }
@@ -168,6 +178,10 @@ impl Server {
         shared.tracker.close();
         if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait()).await.is_err() {
             tracing::warn!("shutdown timeout passed with sessions still open; dropping them");
+        }
+        if let Some(cluster) = shared.rooms.cluster() {
+            // The rooms handed their leases over as they emptied; send what is queued.
+            cluster.stop().await;
         }
         tracing::info!("stopped");
         Ok(())
@@ -219,8 +233,11 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.render())
-        .into_response()
+    let mut text = shared.metrics.render();
+    if let Some(cluster) = shared.rooms.cluster() {
+        text.push_str(&cluster.render_metrics());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// Per-connection facts the handshake handler needs.

@@ -1,0 +1,456 @@
+//! The bytes nodes exchange through Redis: events for a room's owner (`in` channel),
+//! deliveries from the owner (`out` channel), presence entries and stored snapshots.
+//!
+//! A small hand-written format (tags, little-endian integers, length-prefixed bytes):
+//! nothing else in the host needs serde for binary data, and the hot path (one
+//! message in, one delivery out) encodes a payload with one copy.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::plugin::{MemberId, MemberInfo, Payload};
+
+/// Bumped when the format changes; a record of another version is refused.
+pub const VERSION: u8 = 1;
+
+/// A record that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("record truncated")]
+    Truncated,
+    #[error("unknown record version {0}")]
+    Version(u8),
+    #[error("unknown tag {0}")]
+    Tag(u8),
+    #[error("text is not UTF-8")]
+    Utf8,
+}
+
+/// An event for a room's owner, published on the room's `in` channel by the node
+/// where it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToOwner {
+    /// The node that published it (where the member lives).
+    pub node: String,
+    pub event: InEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InEvent {
+    Join(MemberInfo),
+    /// `reason` is a [`crate::metrics::CloseReason`] label.
+    Leave {
+        member: MemberId,
+        reason: String,
+    },
+    Message {
+        from: MemberId,
+        payload: Payload,
+    },
+    Forward {
+        from_room: String,
+        payload: Payload,
+        hops: u8,
+    },
+    /// A backend published to the room through another node's admin API.
+    Publish(Payload),
+}
+
+/// What the owner tells every node with members in the room, on the `out` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FromOwner {
+    /// The owner that published it.
+    pub node: String,
+    pub event: OutEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutEvent {
+    /// The deliveries one event produced, in order. `seq` counts batches per owner
+    /// and room, so a follower notices batches it missed.
+    Deliveries { seq: u64, items: Vec<Delivery> },
+    /// The owner gave the room up (its last local member left, or it shuts down):
+    /// claim it now instead of waiting for the lease to expire.
+    Released,
+}
+
+/// One thing for the local members of each node to receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// To every member except `except`.
+    Broadcast { payload: Payload, except: Vec<MemberId> },
+    /// To one member.
+    Send { to: MemberId, payload: Payload },
+    /// Close one member; `failure` says the plugin failed (1011) rather than chose to.
+    Close { member: MemberId, code: u16, reason: String, failure: bool },
+}
+
+/// A room's plugin state as its owner stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The plugin that made it; another plugin starts fresh.
+    pub plugin: String,
+    /// The members the state knows of, in join order.
+    pub members: Vec<MemberId>,
+    /// `None`: the plugin keeps no state it can hand over.
+    pub state: Option<Vec<u8>>,
+}
+
+struct Writer(BytesMut);
+
+impl Writer {
+    fn new(tag: u8) -> Self {
+        let mut buf = BytesMut::with_capacity(64);
+        buf.put_u8(VERSION);
+        buf.put_u8(tag);
+        Self(buf)
+    }
+    fn u8(&mut self, v: u8) {
+        self.0.put_u8(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.put_u16_le(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.put_u64_le(v);
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.0.put_u32_le(v.len() as u32);
+        self.0.put_slice(v);
+    }
+    fn str(&mut self, v: &str) {
+        self.bytes(v.as_bytes());
+    }
+    fn payload(&mut self, p: &Payload) {
+        self.u8(matches!(p, Payload::Binary(_)) as u8);
+        self.bytes(p.as_bytes());
+    }
+    fn ids(&mut self, ids: &[MemberId]) {
+        self.0.put_u32_le(ids.len() as u32);
+        for id in ids {
+            self.u64(*id);
+        }
+    }
+    fn finish(self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// Check the version and return the tag.
+    fn open(data: &'a [u8]) -> Result<(Self, u8), WireError> {
+        let mut r = Reader(data);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        let tag = r.u8()?;
+        Ok((r, tag))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, WireError> {
+        std::str::from_utf8(self.bytes()?).map(str::to_owned).map_err(|_| WireError::Utf8)
+    }
+    fn payload(&mut self) -> Result<Payload, WireError> {
+        let binary = self.u8()? != 0;
+        let data = Bytes::copy_from_slice(self.bytes()?);
+        if binary {
+            Ok(Payload::Binary(data))
+        } else {
+            // Text stays text only when it is UTF-8 (a `Payload::Text` guarantees it).
+            std::str::from_utf8(&data).map_err(|_| WireError::Utf8)?;
+            Ok(Payload::Text(data))
+        }
+    }
+    fn ids(&mut self) -> Result<Vec<MemberId>, WireError> {
+        let n = self.u32()? as usize;
+        if self.0.len() < n.saturating_mul(8) {
+            return Err(WireError::Truncated);
+        }
+        (0..n).map(|_| self.u64()).collect()
+    }
+}
+
+const IN_JOIN: u8 = 1;
+const IN_LEAVE: u8 = 2;
+const IN_MESSAGE: u8 = 3;
+const IN_FORWARD: u8 = 4;
+const IN_PUBLISH: u8 = 5;
+const OUT_DELIVERIES: u8 = 10;
+const OUT_RELEASED: u8 = 11;
+const DELIVERY_BROADCAST: u8 = 1;
+const DELIVERY_SEND: u8 = 2;
+const DELIVERY_CLOSE: u8 = 3;
+const MEMBER: u8 = 20;
+const SNAPSHOT: u8 = 21;
+
+fn put_member(w: &mut Writer, m: &MemberInfo) {
+    w.u64(m.id);
+    w.str(&m.query);
+    w.str(&m.remote_addr);
+    match &m.protocol {
+        Some(p) => {
+            w.u8(1);
+            w.str(p);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn get_member(r: &mut Reader<'_>) -> Result<MemberInfo, WireError> {
+    let id = r.u64()?;
+    let query = r.string()?;
+    let remote_addr = r.string()?;
+    let protocol = if r.u8()? != 0 { Some(r.string()?) } else { None };
+    Ok(MemberInfo { id, query, remote_addr, protocol })
+}
+
+impl ToOwner {
+    pub fn encode(&self) -> Vec<u8> {
+        let tag = match &self.event {
+            InEvent::Join(_) => IN_JOIN,
+            InEvent::Leave { .. } => IN_LEAVE,
+            InEvent::Message { .. } => IN_MESSAGE,
+            InEvent::Forward { .. } => IN_FORWARD,
+            InEvent::Publish(_) => IN_PUBLISH,
+        };
+        let mut w = Writer::new(tag);
+        w.str(&self.node);
+        match &self.event {
+            InEvent::Join(member) => put_member(&mut w, member),
+            InEvent::Leave { member, reason } => {
+                w.u64(*member);
+                w.str(reason);
+            }
+            InEvent::Message { from, payload } => {
+                w.u64(*from);
+                w.payload(payload);
+            }
+            InEvent::Forward { from_room, payload, hops } => {
+                w.str(from_room);
+                w.payload(payload);
+                w.u8(*hops);
+            }
+            InEvent::Publish(payload) => w.payload(payload),
+        }
+        w.finish()
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, WireError> {
+        let (mut r, tag) = Reader::open(data)?;
+        let node = r.string()?;
+        let event = match tag {
+            IN_JOIN => InEvent::Join(get_member(&mut r)?),
+            IN_LEAVE => InEvent::Leave { member: r.u64()?, reason: r.string()? },
+            IN_MESSAGE => InEvent::Message { from: r.u64()?, payload: r.payload()? },
+            IN_FORWARD => InEvent::Forward { from_room: r.string()?, payload: r.payload()?, hops: r.u8()? },
+            IN_PUBLISH => InEvent::Publish(r.payload()?),
+            other => return Err(WireError::Tag(other)),
+        };
+        Ok(Self { node, event })
+    }
+}
+
+impl FromOwner {
+    pub fn encode(&self) -> Vec<u8> {
+        let tag = match &self.event {
+            OutEvent::Deliveries { .. } => OUT_DELIVERIES,
+            OutEvent::Released => OUT_RELEASED,
+        };
+        let mut w = Writer::new(tag);
+        w.str(&self.node);
+        if let OutEvent::Deliveries { seq, items } = &self.event {
+            w.u64(*seq);
+            w.0.put_u32_le(items.len() as u32);
+            for item in items {
+                match item {
+                    Delivery::Broadcast { payload, except } => {
+                        w.u8(DELIVERY_BROADCAST);
+                        w.payload(payload);
+                        w.ids(except);
+                    }
+                    Delivery::Send { to, payload } => {
+                        w.u8(DELIVERY_SEND);
+                        w.u64(*to);
+                        w.payload(payload);
+                    }
+                    Delivery::Close { member, code, reason, failure } => {
+                        w.u8(DELIVERY_CLOSE);
+                        w.u64(*member);
+                        w.u16(*code);
+                        w.str(reason);
+                        w.u8(*failure as u8);
+                    }
+                }
+            }
+        }
+        w.finish()
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, WireError> {
+        let (mut r, tag) = Reader::open(data)?;
+        let node = r.string()?;
+        let event = match tag {
+            OUT_DELIVERIES => {
+                let seq = r.u64()?;
+                let n = r.u32()? as usize;
+                let mut items = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    items.push(match r.u8()? {
+                        DELIVERY_BROADCAST => Delivery::Broadcast { payload: r.payload()?, except: r.ids()? },
+                        DELIVERY_SEND => Delivery::Send { to: r.u64()?, payload: r.payload()? },
+                        DELIVERY_CLOSE => Delivery::Close {
+                            member: r.u64()?,
+                            code: r.u16()?,
+                            reason: r.string()?,
+                            failure: r.u8()? != 0,
+                        },
+                        other => return Err(WireError::Tag(other)),
+                    });
+                }
+                OutEvent::Deliveries { seq, items }
+            }
+            OUT_RELEASED => OutEvent::Released,
+            other => return Err(WireError::Tag(other)),
+        };
+        Ok(Self { node, event })
+    }
+}
+
+/// A presence entry: what the owner needs to present a member to its plugin.
+pub fn encode_member(member: &MemberInfo) -> Vec<u8> {
+    let mut w = Writer::new(MEMBER);
+    put_member(&mut w, member);
+    w.finish()
+}
+
+pub fn decode_member(data: &[u8]) -> Result<MemberInfo, WireError> {
+    let (mut r, tag) = Reader::open(data)?;
+    if tag != MEMBER {
+        return Err(WireError::Tag(tag));
+    }
+    get_member(&mut r)
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(SNAPSHOT);
+        w.str(&self.plugin);
+        w.ids(&self.members);
+        match &self.state {
+            Some(state) => {
+                w.u8(1);
+                w.bytes(state);
+            }
+            None => w.u8(0),
+        }
+        w.finish()
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, WireError> {
+        let (mut r, tag) = Reader::open(data)?;
+        if tag != SNAPSHOT {
+            return Err(WireError::Tag(tag));
+        }
+        let plugin = r.string()?;
+        let members = r.ids()?;
+        let state = if r.u8()? != 0 { Some(r.bytes()?.to_vec()) } else { None };
+        Ok(Self { plugin, members, state })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64) -> MemberInfo {
+        MemberInfo {
+            id,
+            query: "token=a".into(),
+            remote_addr: "127.0.0.1:5".into(),
+            protocol: Some("chat.v1".into()),
+        }
+    }
+
+    #[test]
+    fn inbound_round_trips() {
+        let events = [
+            InEvent::Join(member(7)),
+            InEvent::Join(MemberInfo { protocol: None, ..member(8) }),
+            InEvent::Leave { member: 7, reason: "client".into() },
+            InEvent::Message { from: 7, payload: Payload::text("héllo") },
+            InEvent::Message { from: 7, payload: Payload::binary(vec![0, 255]) },
+            InEvent::Forward { from_room: "a:b".into(), payload: Payload::text("x"), hops: 3 },
+            InEvent::Publish(Payload::binary(Vec::new())),
+        ];
+        for event in events {
+            let record = ToOwner { node: "n1".into(), event };
+            assert_eq!(ToOwner::decode(&record.encode()).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn outbound_round_trips() {
+        let record = FromOwner {
+            node: "owner".into(),
+            event: OutEvent::Deliveries {
+                seq: 42,
+                items: vec![
+                    Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2] },
+                    Delivery::Send { to: 9, payload: Payload::binary(vec![1]) },
+                    Delivery::Close { member: 9, code: 4000, reason: "bye".into(), failure: false },
+                ],
+            },
+        };
+        assert_eq!(FromOwner::decode(&record.encode()).unwrap(), record);
+        let released = FromOwner { node: "owner".into(), event: OutEvent::Released };
+        assert_eq!(FromOwner::decode(&released.encode()).unwrap(), released);
+    }
+
+    #[test]
+    fn snapshots_and_members_round_trip() {
+        let snapshot = Snapshot { plugin: "counter".into(), members: vec![1, 5], state: Some(vec![3; 8]) };
+        assert_eq!(Snapshot::decode(&snapshot.encode()).unwrap(), snapshot);
+        let stateless = Snapshot { state: None, ..snapshot };
+        assert_eq!(Snapshot::decode(&stateless.encode()).unwrap(), stateless);
+        assert_eq!(decode_member(&encode_member(&member(3))).unwrap(), member(3));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert_eq!(ToOwner::decode(&[]), Err(WireError::Truncated));
+        assert_eq!(ToOwner::decode(&[9, 1]), Err(WireError::Version(9)));
+        let mut record = ToOwner { node: "n".into(), event: InEvent::Publish(Payload::text("abc")) }.encode();
+        record.truncate(record.len() - 1);
+        assert_eq!(ToOwner::decode(&record), Err(WireError::Truncated));
+        // Text that is not UTF-8 is refused rather than passed on as text.
+        let bad =
+            ToOwner { node: "n".into(), event: InEvent::Publish(Payload::Text(Bytes::from_static(b"\xff"))) };
+        assert_eq!(ToOwner::decode(&bad.encode()), Err(WireError::Utf8));
+        assert!(FromOwner::decode(&[VERSION, 99]).is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! Cluster mode end to end: a real `redis-server` on a free port and two or three
+//! Roomcast nodes in this process, each on its own runtime so that a node can be
+//! killed abruptly (its runtime dropped: no graceful shutdown, no lease released).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use roomcast::config::Config;
+use roomcast_tests::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A `redis-server` child process without persistence, on a port of its own.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Redis { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Start (again) on the same port and wait until it answers.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-server (scripts/setup installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command("PING").await.as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kill it without a chance to answer anyone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Send one inline command; the first reply line.
+    async fn command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).await.ok()?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Roomcast node on its own runtime.
+struct Node {
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    fn start(config: Config) -> Self {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let guard = runtime.enter();
+        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), 1024).expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let server = roomcast::server::Server::new(config).expect("server config");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = runtime.spawn(async move {
+            server
+                .run(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server run");
+        });
+        drop(guard);
+        Node { addr, runtime: Some(runtime), stop: Some(stop), task: Some(task) }
+    }
+
+    async fn connect(&self, room: &str) -> Client {
+        let url = format!("ws://{}/ws/{room}", self.addr);
+        tokio_tungstenite::connect_async(url).await.expect("connect").0
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
+        metric_value(&body, series).unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    }
+
+    /// Crash: every task of the node stops where it is.
+    fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Graceful shutdown, like SIGTERM.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn config(redis: &Redis, lease: Duration, plugins: Option<&PluginDir>) -> Config {
+    Config {
+        redis: Some(redis.url()),
+        cluster_lease: lease,
+        plugins: plugins.map(|p| p.path.clone()),
+        plugin_cache: None,
+        admin_token: Some("secret".into()),
+        ..test_config()
+    }
+}
+
+/// The next text message within `bound`, if any.
+async fn next_text(client: &mut Client, bound: Duration) -> Option<String> {
+    use futures_util::StreamExt as _;
+    let deadline = Instant::now() + bound;
+    loop {
+        let message = tokio::time::timeout_at(deadline, client.next()).await.ok()??.ok()?;
+        match message {
+            Message::Text(text) => return Some(text.to_string()),
+            Message::Close(_) => return None,
+            _ => continue,
+        }
+    }
+}
+
+/// Send `text` from `from` every 100 ms until every client in `to` received one
+/// message starting with `prefix`; then drain what is left of them.
+async fn until_heard(from: &mut Client, text: &str, to: &mut [&mut Client], bound: Duration) {
+    let deadline = Instant::now() + bound;
+    for client in to.iter_mut() {
+        loop {
+            assert!(Instant::now() < deadline, "`{text}` never arrived");
+            send_text(from, text).await;
+            if let Some(got) = next_text(client, Duration::from_millis(100)).await {
+                assert_eq!(got, text);
+                break;
+            }
+        }
+    }
+    // Drop the extra copies still on their way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for client in to.iter_mut() {
+        while next_text(client, Duration::from_millis(50)).await.is_some() {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_three_nodes_see_one_order() {
+    let redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(config(&redis, lease, None))).collect();
+
+    // Per node: a sender and a listener.
+    let mut senders = Vec::new();
+    let mut listeners = Vec::new();
+    for node in &nodes {
+        senders.push(node.connect("lobby").await);
+        listeners.push(node.connect("lobby").await);
+    }
+    {
+        let (first, _) = senders.split_at_mut(1);
+        let mut to: Vec<&mut Client> = listeners.iter_mut().collect();
+        until_heard(&mut first[0], "warm-up", &mut to, Duration::from_secs(10)).await;
+    }
+
+    const N: usize = 200;
+    let mut sending = Vec::new();
+    for (i, mut sender) in senders.into_iter().enumerate() {
+        sending.push(tokio::spawn(async move {
+            for k in 0..N {
+                send_text(&mut sender, &format!("{i}-{k}")).await;
+                if k % 20 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            sender
+        }));
+    }
+    let mut receiving = Vec::new();
+    for mut listener in listeners {
+        receiving.push(tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(3 * N);
+            while seen.len() < 3 * N {
+                match next_text(&mut listener, Duration::from_secs(10)).await {
+                    Some(text) if text == "warm-up" => {}
+                    Some(text) => seen.push(text),
+                    None => panic!("listener stopped after {} messages: {seen:?}", seen.len()),
+                }
+            }
+            seen
+        }));
+    }
+    let mut orders = Vec::new();
+    for handle in receiving {
+        orders.push(handle.await.unwrap());
+    }
+    for handle in sending {
+        handle.await.unwrap();
+    }
+    // Every listener got every message once, each sender's in its order...
+    for order in &orders {
+        for i in 0..3 {
+            let mine: Vec<&String> = order.iter().filter(|m| m.starts_with(&format!("{i}-"))).collect();
+            let expected: Vec<String> = (0..N).map(|k| format!("{i}-{k}")).collect();
+            assert_eq!(mine, expected.iter().collect::<Vec<_>>());
+        }
+    }
+    // ...and all of them in the same interleaving.
+    assert_eq!(orders[0], orders[1], "node 0 and node 1 saw different orders");
+    assert_eq!(orders[0], orders[2], "node 0 and node 2 saw different orders");
+    // The senders were interleaved for real, not one after the other.
+    let switches = orders[0].windows(2).filter(|w| w[0].as_bytes()[0] != w[1].as_bytes()[0]).count();
+    assert!(switches > 2, "senders never interleaved");
+}
+
+/// `{"count":N,...}` → N.
+fn count_of(reply: &str) -> u64 {
+    let value: serde_json::Value = serde_json::from_str(reply).expect("counter reply is JSON");
+    value["count"].as_u64().expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_state_survives_its_owner_being_killed() {
+    let redis = Redis::start().await;
+    let plugins = PluginDir::new(&[("counter", None)]);
+    let lease = Duration::from_millis(1500);
+    let owner = Node::start(config(&redis, lease, Some(&plugins)));
+    let other = Node::start(config(&redis, lease, Some(&plugins)));
+
+    // The first member makes its node the owner.
+    let mut a = owner.connect("counter").await;
+    send_text(&mut a, "x").await;
+    assert_eq!(count_of(&recv_text(&mut a).await), 1);
+    let mut b = other.connect("counter").await;
+    for expected in 2..=6 {
+        send_text(&mut b, "x").await;
+        assert_eq!(count_of(&recv_text(&mut b).await), expected, "the owner counts for the other node");
+    }
+    assert_eq!(owner.metric("roomcast_cluster_owned_rooms").await, 1.0);
+    assert_eq!(other.metric("roomcast_cluster_owned_rooms").await, 0.0);
+    // Let the owner store its snapshot, then crash it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    owner.kill();
+    drop(a);
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Sent while nobody owns the room: kept, and run by the node that takes over.
+    send_text(&mut b, "x").await;
+    let reply = next_text(&mut b, lease * 4).await.expect("the room continued on the other node");
+    assert_eq!(count_of(&reply), 7, "the count continued from the stored snapshot");
+    let took = killed.elapsed();
+    assert!(took < lease * 3, "takeover took {took:?}");
+    send_text(&mut b, "x").await;
+    assert_eq!(count_of(&recv_text(&mut b).await), 8);
+    assert_eq!(other.metric("roomcast_cluster_owned_rooms").await, 1.0);
+    assert_eq!(other.metric("roomcast_cluster_takeovers_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_hands_leases_over_at_once() {
+    let redis = Redis::start().await;
+    let plugins = PluginDir::new(&[("counter", None)]);
+    // A lease far longer than the test may wait: only a handover passes.
+    let lease = Duration::from_secs(30);
+    let owner = Node::start(config(&redis, lease, Some(&plugins)));
+    let other = Node::start(config(&redis, lease, Some(&plugins)));
+
+    let mut a = owner.connect("counter:handover").await;
+    send_text(&mut a, "x").await;
+    assert_eq!(count_of(&recv_text(&mut a).await), 1);
+    let mut b = other.connect("counter:handover").await;
+    for expected in 2..=4 {
+        send_text(&mut b, "x").await;
+        assert_eq!(count_of(&recv_text(&mut b).await), expected);
+    }
+    let stopping = Instant::now();
+    let stop = tokio::spawn(owner.stop());
+    // The owner's member is closed with 1001.
+    while next_text(&mut a, Duration::from_secs(5)).await.is_some() {}
+    stop.await.unwrap();
+    send_text(&mut b, "x").await;
+    let reply = next_text(&mut b, Duration::from_secs(5)).await.expect("the other node took over");
+    assert_eq!(count_of(&reply), 5, "the state was handed over");
+    assert!(stopping.elapsed() < Duration::from_secs(5), "handover took {:?}", stopping.elapsed());
+    assert_eq!(other.metric("roomcast_cluster_owned_rooms").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_loses_no_local_delivery_and_recovers_cross_node() {
+    let mut redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let owner = Node::start(config(&redis, lease, None));
+    let follower = Node::start(config(&redis, lease, None));
+
+    // The owner's node has one member; the follower's node two.
+    let mut o = owner.connect("talk").await;
+    until_heard(&mut o, "hello", &mut [], Duration::from_secs(1)).await;
+    let mut f1 = follower.connect("talk").await;
+    let mut f2 = follower.connect("talk").await;
+    until_heard(&mut o, "warm-up", &mut [&mut f1, &mut f2], Duration::from_secs(10)).await;
+    send_text(&mut f1, "before").await;
+    assert_eq!(recv_text(&mut o).await, "before");
+    assert_eq!(recv_text(&mut f2).await, "before");
+
+    redis.kill();
+    // Mid-conversation, Redis gone: every local delivery still happens, in order.
+    for k in 0..20 {
+        send_text(&mut f1, &format!("local-{k}")).await;
+        send_text(&mut o, &format!("owner-{k}")).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for k in 0..20 {
+        assert_eq!(recv_text(&mut f2).await, format!("local-{k}"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(follower.metric("roomcast_cluster_up").await, 0.0);
+    assert_eq!(owner.metric("roomcast_cluster_up").await, 0.0);
+
+    redis.restart().await;
+    // Cross-node delivery comes back both ways.
+    until_heard(&mut o, "again", &mut [&mut f1, &mut f2], Duration::from_secs(15)).await;
+    until_heard(&mut f1, "back", &mut [&mut o, &mut f2], Duration::from_secs(15)).await;
+    assert_eq!(follower.metric("roomcast_cluster_up").await, 1.0);
+    assert!(follower.metric("roomcast_cluster_resyncs_total").await >= 1.0);
+    // One owner again.
+    let owned = owner.metric("roomcast_cluster_owned_rooms").await
+        + follower.metric("roomcast_cluster_owned_rooms").await;
+    assert_eq!(owned, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscriber_is_detected_and_resynchronised() {
+    let redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let one = Node::start(config(&redis, lease, None));
+    let two = Node::start(config(&redis, lease, None));
+    let mut a = one.connect("feed").await;
+    until_heard(&mut a, "hello", &mut [], Duration::from_secs(1)).await;
+    let mut b = two.connect("feed").await;
+    until_heard(&mut a, "first", &mut [&mut b], Duration::from_secs(10)).await;
+
+    // What Redis does to a subscriber over its output-buffer limit.
+    let killed = redis.command("CLIENT KILL TYPE pubsub").await.expect("CLIENT KILL");
+    assert!(killed.starts_with(':'), "{killed}");
+    until_heard(&mut a, "second", &mut [&mut b], Duration::from_secs(10)).await;
+    until_heard(&mut b, "third", &mut [&mut a], Duration::from_secs(10)).await;
+    assert!(one.metric("roomcast_cluster_resyncs_total").await >= 1.0);
+    assert!(two.metric("roomcast_cluster_resyncs_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_spans_the_cluster() {
+    let redis = Redis::start().await;
+    let plugins = PluginDir::new(&[("chat", None)]);
+    let lease = Duration::from_millis(1500);
+    let one = Node::start(config(&redis, lease, Some(&plugins)));
+    let two = Node::start(config(&redis, lease, Some(&plugins)));
+
+    let mut ada = one.connect("chat?name=ada").await;
+    let welcome: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    let ada_id = welcome["id"].as_u64().unwrap();
+    let mut bob = two.connect("chat?name=bob").await;
+    // Bob's welcome, run by the owner on node one, lists both members.
+    let welcome: serde_json::Value = serde_json::from_str(&recv_text(&mut bob).await).unwrap();
+    assert_eq!(welcome["type"], "welcome");
+    let bob_id = welcome["id"].as_u64().unwrap();
+    assert_ne!(ada_id >> 32, bob_id >> 32, "member ids come from distinct per-node ranges");
+    let names: Vec<&str> =
+        welcome["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ada", "bob"]);
+    let joined: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    assert_eq!((joined["type"].as_str(), joined["name"].as_str()), (Some("join"), Some("bob")));
+
+    // The admin API of either node shows the room's members on both.
+    let rooms = admin_rooms(two.addr).await;
+    let room = rooms.as_array().unwrap().iter().find(|r| r["name"] == "chat").expect("chat listed");
+    assert_eq!(room["members"], 2);
+    assert_eq!(room["local_members"], 1);
+    assert_eq!(room["nodes"].as_object().unwrap().len(), 2);
+    assert!(room["owner"].is_string());
+
+    // A leave on one node reaches the plugin on the other.
+    drop(bob);
+    let left: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    assert_eq!((left["type"].as_str(), left["id"].as_u64()), (Some("leave"), Some(bob_id)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rooms = admin_rooms(one.addr).await;
+        let room = rooms.as_array().unwrap().iter().find(|r| r["name"] == "chat").cloned().unwrap();
+        if room["members"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "presence still shows {room}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin_rooms(addr: SocketAddr) -> serde_json::Value {
+    let response = raw_request(
+        addr,
+        format!("GET /admin/rooms HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
