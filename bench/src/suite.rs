@@ -361,7 +361,9 @@ fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> 
         "[config]\nbanned_words = [\"spam\", \"scam\", \"phishing\"]\nmax_length = 4096\n\
          rate_limit = { messages = 1000000, per_ms = 1000 }\nclose_after = 0\n",
     )?;
-    Ok(dir)
+    // An absolute path: with a relative one, Roomcast's watcher events do not match
+    // the folder and only its periodic rescan notices a replacement (bench/PROFILE.md).
+    Ok(std::fs::canonicalize(&dir)?)
 }
 
 /// Saturated fan-out through no plugin, relay and moderation, on one Roomcast.
