@@ -115,6 +115,14 @@ impl Outbound {
             state.data_bytes -= frame.len();
             batch.push(frame);
         }
+        // An idle member keeps no queue memory: the control lane is used once per
+        // heartbeat, and a data queue that grew during a burst is given back.
+        if state.control.is_empty() && state.control.capacity() > 0 {
+            state.control = VecDeque::new();
+        }
+        if state.data.is_empty() && state.data.capacity() > 64 {
+            state.data = VecDeque::new();
+        }
     }
 
     /// Wait until something may have been queued.

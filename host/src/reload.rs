@@ -128,6 +128,9 @@ impl LivePlugins {
         {
             return Err(PluginsError::MissingDir(dir.to_owned()));
         }
+        // The watcher reports absolute paths: compare them with an absolute folder.
+        let dir = dir.map(|dir| dir.canonicalize().unwrap_or_else(|_| dir.to_owned()));
+        let dir = dir.as_deref();
         let mut runtime = PluginRuntime::new(caps)?;
         if let Some(cache) = cache {
             runtime.set_cache_dir(cache);

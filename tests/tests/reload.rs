@@ -377,3 +377,24 @@ async fn compiled_plugins_are_cached_for_the_next_start() {
     second.stop().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[tokio::test]
+async fn a_relative_plugins_folder_is_watched_too() {
+    let dir = PluginDir::new(&[]);
+    install_atomically(&dir.path, "taga", "tag");
+    // The same folder, named relative to the working directory.
+    let cwd = std::env::current_dir().unwrap();
+    let up = "../".repeat(cwd.components().count() - 1);
+    let relative =
+        std::path::PathBuf::from(format!("{up}{}", dir.path.display().to_string().trim_start_matches('/')));
+    assert!(relative.is_relative() && relative.is_dir(), "{}", relative.display());
+    let server =
+        TestServer::start(Config { plugins: Some(relative), plugin_cache: None, ..test_config() }).await;
+    let mut client = server.connect("tag").await;
+    wait_for_behaviour(&mut client, "A:", Instant::now()).await;
+    let landed = Instant::now();
+    install_atomically(&dir.path, "tagb", "tag");
+    // Within a second: the watcher's events, not the two-second rescan.
+    wait_for_behaviour(&mut client, "B:", landed).await;
+    server.stop().await;
+}
