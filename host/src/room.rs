@@ -15,7 +15,6 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broadcast::Outbound;
@@ -45,9 +44,9 @@ pub struct Peer {
     pub query: String,
     pub remote_addr: String,
     pub protocol: Option<String>,
-    /// Cancelled when something other than the session itself ends the session (slow
+    /// Notified when something other than the session itself ends the session (slow
     /// consumer, a plugin's close); the session task owns the teardown.
-    kill: CancellationToken,
+    kill: tokio::sync::Notify,
     /// Why the session was ended from outside; the first reason wins.
     ending: Mutex<Option<Ending>>,
 }
@@ -80,7 +79,7 @@ impl Peer {
             query,
             remote_addr,
             protocol,
-            kill: CancellationToken::new(),
+            kill: tokio::sync::Notify::new(),
             ending: Mutex::new(None),
         }
     }
@@ -90,12 +89,15 @@ impl Peer {
         let mut slot = self.ending.lock().expect("peer lock");
         if slot.is_none() {
             *slot = Some(ending);
-            self.kill.cancel();
+            // `notify_one` keeps a permit if the session is not waiting right now.
+            self.kill.notify_one();
         }
     }
 
-    pub fn killed(&self) -> &CancellationToken {
-        &self.kill
+    /// Resolves once [`Peer::end`] was called (at once if it already was). Only the
+    /// session task waits on it.
+    pub async fn killed(&self) {
+        self.kill.notified().await;
     }
 
     pub fn ending(&self) -> Option<Ending> {

@@ -134,7 +134,7 @@ async fn read_loop(
                     metrics.messages_in.fetch_add(1, Relaxed);
                     tokio::select! {
                         biased;
-                        () = peer.killed().cancelled() => return peer.ending().expect("killed with a reason"),
+                        () = peer.killed() => return peer.ending().expect("killed with a reason"),
                         () = room.send(peer.id, if text { Payload::Text(payload) } else { Payload::Binary(payload) }) => {}
                     }
                 }
@@ -167,7 +167,7 @@ async fn read_loop(
             () = shutdown.cancelled() => {
                 return Ending::new(CloseReason::Shutdown, close_code::GOING_AWAY, "server shutting down");
             }
-            () = peer.killed().cancelled() => return peer.ending().expect("killed with a reason"),
+            () = peer.killed() => return peer.ending().expect("killed with a reason"),
             () = &mut sleep => {
                 match heartbeat.poll(Instant::now()) {
                     Beat::Reap => return Ending { reason: CloseReason::Heartbeat, close: None },
