@@ -107,7 +107,13 @@ fn draw_panel<DB: DrawingBackend>(
 ) -> anyhow::Result<()> {
     let n = servers.len();
     let values: Vec<Vec<f64>> = medians.iter().map(|m| panel.series.iter().map(|f| f(m)).collect()).collect();
-    let top = values.iter().flatten().copied().filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-9) * 1.18;
+    // One far-off bar (a disturbed peer) would flatten the others: bars above four
+    // times the median are cut at that height and marked with their value and "↑".
+    let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite()).collect();
+    let highest = finite.iter().copied().chain(panel.target.map(|(t, _)| t)).fold(0.0, f64::max);
+    let clip = highest.min(4.0 * crate::stats::median(finite.iter().copied())).max(1e-9);
+    let clip = clip.max(panel.target.map_or(0.0, |(t, _)| t));
+    let top = clip * 1.18;
     let names: Vec<&str> = servers.iter().map(|&k| short(k)).collect();
     let formatter = |x: &f64| {
         let i = x.round();
@@ -155,17 +161,22 @@ fn draw_panel<DB: DrawingBackend>(
             } else {
                 peer
             };
+            let shown = v.min(clip * 1.06);
             chart
                 .draw_series(std::iter::once(Rectangle::new(
-                    [(x0 + 0.02, 0.0), (x0 + width - 0.02, v)],
+                    [(x0 + 0.02, 0.0), (x0 + width - 0.02, shown)],
                     color.filled(),
                 )))
                 .map_err(draw_error)?;
-            let text = format!("{v:.*}", panel.decimals);
+            let text = if shown < v {
+                format!("{v:.*} ↑", panel.decimals)
+            } else {
+                format!("{v:.*}", panel.decimals)
+            };
             chart
                 .draw_series(std::iter::once(Text::new(
                     text,
-                    (x0 + width / 2.0, v + top * 0.01),
+                    (x0 + width / 2.0, shown + top * 0.01),
                     label_style.clone(),
                 )))
                 .map_err(draw_error)?;
