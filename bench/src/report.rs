@@ -503,6 +503,11 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(&tables(results));
     out.push_str("\n## Machine\n\n");
     out.push_str(&machine(results));
+    // Measurements the suite cannot take itself (several nodes) are kept beside it.
+    if let Ok(cluster) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.md")) {
+        out.push('\n');
+        out.push_str(&cluster);
+    }
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
