@@ -149,7 +149,7 @@ impl PluginRuntime {
             // (Compilation is single-threaded: wasmtime's `parallel-compilation` feature
             // is off in Cargo.toml, so a reload never takes both cores from traffic.)
             .epoch_interruption(true)
-            // Concurrency support made plain sync calls 2.4x slower (NOTES.md).
+            // Concurrency support made plain sync calls 2.4x slower in a trial here.
             .concurrency_support(false)
             // Reserve only what the largest allowed memory needs: with the default 4 GiB
             // per memory, tens of thousands of rooms would exhaust the address space.
