@@ -227,7 +227,7 @@ async fn publish(
         }
         return (StatusCode::NOT_FOUND, "no such room: it has no members\n").into_response();
     };
-    let members = live.members().len();
+    let members = live.member_count();
     if !live.try_send(RoomEvent::Publish(payload)) {
         return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "the room is busy; retry\n")
             .into_response();

@@ -172,9 +172,10 @@ pub enum RoomEvent {
 #[derive(Debug)]
 pub struct Room {
     name: Arc<str>,
-    /// Members in join order. Copy-on-write: the actor takes a snapshot (an `Arc`
-    /// clone) per broadcast, so no lock is held while it delivers.
-    members: Mutex<Arc<Vec<Arc<Peer>>>>,
+    /// Members in join order: the registry's side of membership (counts, the admin
+    /// API, cluster presence). The actor delivers from its own list, kept from the
+    /// join and leave events, so no lock is taken on the message path.
+    members: Mutex<Vec<Arc<Peer>>>,
     /// The actor's inbox. The actor ends after the `Leave` that empties the room.
     tx: mpsc::Sender<RoomEvent>,
     /// The plugin and version serving the room, as the actor last set it (admin API).
@@ -191,8 +192,13 @@ impl Room {
         self.plugin.lock().expect("room lock").clone()
     }
 
-    pub fn members(&self) -> Arc<Vec<Arc<Peer>>> {
+    /// A copy of the member list, in join order.
+    pub fn members(&self) -> Vec<Arc<Peer>> {
         self.members.lock().expect("room lock").clone()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members.lock().expect("room lock").len()
     }
 
     /// Hand a member's message to the room, in arrival order; waits while the inbox is
@@ -271,13 +277,8 @@ impl Rooms {
                     room
                 }
             };
-            let mut members = room.members.lock().expect("room lock");
-            let mut next = Vec::with_capacity(members.len() + 1);
-            next.extend(members.iter().cloned());
-            next.push(peer.clone());
-            *members = Arc::new(next);
+            room.members.lock().expect("room lock").push(peer.clone());
             self.metrics.room_members.fetch_add(1, Relaxed);
-            drop(members);
             room
         };
         let _ = room.tx.send(RoomEvent::Join(peer.clone())).await;
@@ -289,13 +290,11 @@ impl Rooms {
         let last = {
             let mut map = self.map.lock().expect("rooms lock");
             let mut members = room.members.lock().expect("room lock");
-            let before = members.len();
-            let next: Vec<_> = members.iter().filter(|p| p.id != member).cloned().collect();
-            if next.len() == before {
+            let Some(at) = members.iter().position(|p| p.id == member) else {
                 return; // not a member (already left)
-            }
-            let last = next.is_empty();
-            *members = Arc::new(next);
+            };
+            members.remove(at);
+            let last = members.is_empty();
             self.metrics.room_members.fetch_sub(1, Relaxed);
             if last && map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 map.remove(&room.name);
@@ -316,17 +315,9 @@ impl Rooms {
         let map = self.map.lock().expect("rooms lock");
         let mut rooms: Vec<_> = map
             .values()
-            .map(|r| RoomSummary { name: r.name.to_string(), members: r.members().len(), plugin: r.plugin() })
+            .map(|r| RoomSummary { name: r.name.to_string(), members: r.member_count(), plugin: r.plugin() })
             .collect();
         rooms.sort_by(|a, b| a.name.cmp(&b.name));
-        rooms
-    }
-
-    /// Names and member counts of the live rooms.
-    pub fn list(&self) -> Vec<(String, usize)> {
-        let map = self.map.lock().expect("rooms lock");
-        let mut rooms: Vec<_> = map.values().map(|r| (r.name.to_string(), r.members().len())).collect();
-        rooms.sort();
         rooms
     }
 
@@ -334,7 +325,7 @@ impl Rooms {
         let (tx, rx) = mpsc::channel(ROOM_INBOX);
         let room = Arc::new(Room {
             name: Arc::from(name),
-            members: Mutex::new(Arc::new(Vec::new())),
+            members: Mutex::new(Vec::new()),
             plugin: Mutex::new(None),
             tx,
         });
