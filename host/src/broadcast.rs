@@ -8,11 +8,29 @@
 //! frames go in a separate lane that the writer always empties first and that is not
 //! counted against the budget (it is bounded by the session, which queues at most one
 //! ping per heartbeat interval and one close).
+//!
+//! **Frame boundaries.** Whatever was not written stays here, never in a writer's
+//! locals: the writer takes a batch, makes one non-blocking write, and gives back what
+//! the kernel refused ([`Outbound::requeue`]) before it waits. The rest of a frame the
+//! kernel took only part of goes out before anything else, and clearing the queue (an
+//! overflow, [`Outbound::close`]) keeps it. So however a session ends, its close frame
+//! starts on a frame boundary.
+//!
+//! **Write-through.** A plain TCP session attaches its socket. A push that asks for it
+//! and finds nothing queued and no write in flight is sent on that socket at once, with
+//! one non-blocking `send(2)` under the queue's lock (which is what orders it against
+//! the writer); only what the kernel refuses is queued, and only then is the writer
+//! woken. A lightly loaded room thus costs no task wake-up per recipient; a busy one
+//! (the room asks for write-through only when nothing else waits in its inbox) keeps
+//! queueing, and its writers send many frames per system call.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// The data queue would exceed its byte budget.
@@ -30,11 +48,32 @@ pub struct Outbound {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The unwritten rest of a frame the kernel took part of: it goes out first, and
+    /// nothing clears it.
+    rest: Option<Bytes>,
     control: VecDeque<Bytes>,
     data: VecDeque<Bytes>,
+    /// Bytes in `rest` and `data`.
     data_bytes: usize,
     /// Set once the member is being closed: data pushes are refused from then on.
     closed: bool,
+    /// The session's socket, for write-through; `None` on TLS and once detached.
+    direct: Option<Arc<TcpStream>>,
+    /// The writer holds a batch it has not given back yet: a write-through now could
+    /// overtake it.
+    writing: bool,
+}
+
+impl State {
+    /// Drop the queued data, but not the rest of a frame already begun.
+    fn clear_data(&mut self) {
+        self.data.clear();
+        self.data_bytes = self.rest.as_ref().map_or(0, Bytes::len);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_none() && self.control.is_empty() && self.data.is_empty()
+    }
 }
 
 impl Outbound {
@@ -42,9 +81,21 @@ impl Outbound {
         Self { max_bytes, state: Mutex::new(State::default()), wake: Notify::new() }
     }
 
-    /// Queue a data frame. Never blocks; fails when the budget would be exceeded or the
+    /// Give the queue the session's socket, for write-through.
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        self.state.lock().expect("outbound lock").direct = Some(socket);
+    }
+
+    /// Take the socket back: nothing is written through once this returns, and the
+    /// queue holds no reference that would keep the connection open.
+    pub fn detach(&self) {
+        self.state.lock().expect("outbound lock").direct = None;
+    }
+
+    /// Queue a data frame, or with `write_through` send it at once when nothing is
+    /// queued before it. Never blocks; fails when the budget would be exceeded or the
     /// member is closing (a closing member silently receives nothing more).
-    pub fn push_data(&self, frame: Bytes) -> Result<(), Overflow> {
+    pub fn push_data(&self, frame: Bytes, write_through: bool) -> Result<(), Overflow> {
         {
             let mut state = self.state.lock().expect("outbound lock");
             if state.closed {
@@ -53,9 +104,28 @@ impl Outbound {
             if state.data_bytes + frame.len() > self.max_bytes {
                 // Free what the member will never read.
                 state.closed = true;
-                state.data.clear();
-                state.data_bytes = 0;
+                state.clear_data();
                 return Err(Overflow);
+            }
+            if write_through
+                && !state.writing
+                && state.is_empty()
+                && let Some(socket) = &state.direct
+            {
+                match send(socket, &frame) {
+                    Ok(sent) if sent == frame.len() => return Ok(()),
+                    // The rest goes out first, when the kernel lets the writer on.
+                    Ok(sent) if sent > 0 => {
+                        state.data_bytes += frame.len() - sent;
+                        state.rest = Some(frame.slice(sent..));
+                        drop(state);
+                        self.wake.notify_one();
+                        return Ok(());
+                    }
+                    // Refused, or a failed socket (the writer meets the error and
+                    // ends the session): queue it.
+                    Ok(_) | Err(_) => {}
+                }
             }
             state.data_bytes += frame.len();
             state.data.push_back(frame);
@@ -82,13 +152,13 @@ impl Outbound {
         self.wake.notify_one();
     }
 
-    /// Drop queued data and queue a close frame as the last thing this member gets.
+    /// Drop queued data and queue a close frame as the last thing this member gets
+    /// (after the rest of a frame already begun).
     pub fn close(&self, frame: Bytes) {
         {
             let mut state = self.state.lock().expect("outbound lock");
             state.closed = true;
-            state.data.clear();
-            state.data_bytes = 0;
+            state.clear_data();
             state.control.push_back(frame);
         }
         self.wake.notify_one();
@@ -99,9 +169,15 @@ impl Outbound {
         self.state.lock().expect("outbound lock").closed
     }
 
-    /// Move up to `max_frames` queued frames, control frames first, into `batch`.
+    /// Move up to `max_frames` queued frames into `batch`: the rest of a frame begun,
+    /// then control frames, then data. The caller counts as writing until it gives
+    /// back what it did not write with [`Outbound::requeue`].
     pub fn drain(&self, batch: &mut Vec<Bytes>, max_frames: usize) {
         let mut state = self.state.lock().expect("outbound lock");
+        if let Some(rest) = state.rest.take() {
+            state.data_bytes -= rest.len();
+            batch.push(rest);
+        }
         while batch.len() < max_frames {
             let Some(frame) = state.control.pop_front() else {
                 break;
@@ -115,6 +191,7 @@ impl Outbound {
             state.data_bytes -= frame.len();
             batch.push(frame);
         }
+        state.writing = !batch.is_empty();
         // An idle member keeps no queue memory: the control lane is used once per
         // heartbeat, and a data queue that grew during a burst is given back.
         if state.control.is_empty() && state.control.capacity() > 0 {
@@ -123,6 +200,34 @@ impl Outbound {
         if state.data.is_empty() && state.data.capacity() > 64 {
             state.data = VecDeque::new();
         }
+    }
+
+    /// Give back what was not written of a batch from [`Outbound::drain`], `written`
+    /// bytes of which went out: it goes out first next time, in the same order. Empties
+    /// `batch`.
+    pub fn requeue(&self, batch: &mut Vec<Bytes>, mut written: usize) {
+        let mut first = batch.len();
+        for (index, frame) in batch.iter().enumerate() {
+            if written < frame.len() {
+                first = index;
+                break;
+            }
+            written -= frame.len();
+        }
+        let mut state = self.state.lock().expect("outbound lock");
+        state.writing = false;
+        if first < batch.len() {
+            // Nothing queued is older than the batch: it goes back in front, and its
+            // first frame (begun or not) ahead even of control frames queued meanwhile.
+            for frame in batch.drain(first + 1..).rev() {
+                state.data_bytes += frame.len();
+                state.data.push_front(frame);
+            }
+            let frame = batch.pop().expect("the first unwritten frame");
+            state.data_bytes += frame.len() - written;
+            state.rest = Some(frame.slice(written..));
+        }
+        batch.clear();
     }
 
     /// Wait until something may have been queued.
@@ -136,6 +241,12 @@ impl Outbound {
     }
 }
 
+/// One non-blocking `send(2)` of `frame` on `socket`. A refusal clears the socket's
+/// write readiness, so the writer then waits for the kernel rather than spinning.
+fn send(socket: &TcpStream, frame: &[u8]) -> io::Result<usize> {
+    socket.try_io(Interest::WRITABLE, || socket2::SockRef::from(socket).send(frame))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,18 +254,121 @@ mod tests {
     #[test]
     fn budget_and_priority() {
         let out = Outbound::new(10);
-        out.push_data(Bytes::from_static(b"12345")).unwrap();
-        out.push_data(Bytes::from_static(b"6789")).unwrap();
+        out.push_data(Bytes::from_static(b"12345"), true).unwrap();
+        out.push_data(Bytes::from_static(b"6789"), true).unwrap();
         out.push_control(Bytes::from_static(b"ping"));
         let mut batch = Vec::new();
         out.drain(&mut batch, 2);
         assert_eq!(batch, [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]);
         assert_eq!(out.queued_bytes(), 4);
-        out.push_data(Bytes::from_static(b"abcdef")).unwrap();
-        assert_eq!(out.push_data(Bytes::from_static(b"x")), Err(Overflow));
+        out.push_data(Bytes::from_static(b"abcdef"), true).unwrap();
+        assert_eq!(out.push_data(Bytes::from_static(b"x"), false), Err(Overflow));
         assert_eq!(out.queued_bytes(), 0, "an overflowing member's queue is freed");
         assert!(out.is_closed());
-        assert_eq!(out.push_data(Bytes::from_static(b"y")), Ok(()), "later pushes are dropped quietly");
+        assert_eq!(
+            out.push_data(Bytes::from_static(b"y"), false),
+            Ok(()),
+            "later pushes are dropped quietly"
+        );
         assert_eq!(out.queued_bytes(), 0);
+    }
+
+    /// A connected pair on loopback: the server side (attached to a queue) and the client.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // The reactor has seen the new socket writable.
+        server.writable().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0; n];
+        client.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn write_through_only_when_nothing_is_ahead() {
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(1 << 20);
+        out.attach(Arc::clone(&server));
+
+        out.push_data(Bytes::from_static(b"one"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 0, "written through");
+        assert_eq!(read_exactly(&mut client, 3).await, b"one");
+
+        out.push_data(Bytes::from_static(b"two"), false).unwrap();
+        assert_eq!(out.queued_bytes(), 3, "queued when the room asks for no write-through");
+        out.push_data(Bytes::from_static(b"three"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 8, "queued behind a queued frame");
+
+        let mut batch = Vec::new();
+        out.drain(&mut batch, 64);
+        assert_eq!(batch, [Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
+        out.push_data(Bytes::from_static(b"four"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 4, "queued behind a batch being written");
+        // The writer got "two" and 2 bytes of "three" out.
+        server.try_write(b"twoth").unwrap();
+        out.requeue(&mut batch, 5);
+        assert!(batch.is_empty());
+        assert_eq!(out.queued_bytes(), 3 + 4, "the rest of \"three\" and \"four\"");
+        // A control frame queued now still waits for the frame begun.
+        out.push_control(Bytes::from_static(b"ping"));
+        out.drain(&mut batch, 64);
+        assert_eq!(
+            batch,
+            [Bytes::from_static(b"ree"), Bytes::from_static(b"ping"), Bytes::from_static(b"four")]
+        );
+        server.try_write(b"reepingfour").unwrap();
+        out.requeue(&mut batch, 11);
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(read_exactly(&mut client, 16).await, b"twothreepingfour");
+
+        out.push_data(Bytes::from_static(b"five"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 0, "written through again once the writer is done");
+        assert_eq!(read_exactly(&mut client, 4).await, b"five");
+
+        out.detach();
+        assert_eq!(Arc::strong_count(&server), 1, "detach lets the socket go");
+        out.push_data(Bytes::from_static(b"six"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 3, "no socket, no write-through");
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_through_is_queued_and_a_begun_frame_survives_a_close() {
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(64 << 20);
+        out.attach(Arc::clone(&server));
+        // The client reads nothing: write through until the kernel takes only part of a
+        // frame or none of it.
+        let frame = Bytes::from(vec![7u8; 256 << 10]);
+        let mut sent = 0;
+        while out.queued_bytes() == 0 {
+            out.push_data(frame.clone(), true).unwrap();
+            sent += 1;
+            assert!(sent < 1000, "the kernel kept taking 256 KiB frames");
+        }
+        let begun = out.queued_bytes() < frame.len();
+        // More goes behind it.
+        out.push_data(frame.clone(), true).unwrap();
+        let queued = out.queued_bytes();
+        assert!(queued > frame.len());
+
+        // Closing drops the queued frames but keeps the rest of a begun one, then the close.
+        out.close(Bytes::from_static(b"CLOSE"));
+        assert!(out.is_closed());
+        assert_eq!(out.queued_bytes(), if begun { queued - frame.len() } else { 0 });
+        let mut batch = Vec::new();
+        out.drain(&mut batch, 64);
+        let last = batch.pop().unwrap();
+        assert_eq!(last, Bytes::from_static(b"CLOSE"));
+        assert_eq!(batch.len(), usize::from(begun));
+
+        // The frames the kernel took whole reach the client.
+        let body = read_exactly(&mut client, (sent - 1) * frame.len()).await;
+        assert!(body.iter().all(|&b| b == 7));
     }
 }

@@ -116,8 +116,10 @@ impl Peer {
 
     /// Queue a data frame; an overflow cuts the member off as a slow consumer.
     /// Returns whether the frame was queued.
-    pub fn deliver(&self, frame: Bytes) -> bool {
-        match self.outbound.push_data(frame) {
+    /// With `write_through`, a member with nothing queued gets the frame at once (see
+    /// [`Outbound::push_data`]).
+    pub fn deliver(&self, frame: Bytes, write_through: bool) -> bool {
+        match self.outbound.push_data(frame, write_through) {
             Ok(()) => true,
             Err(_) => {
                 self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
@@ -359,6 +361,10 @@ struct RoomActor {
     room_exists: RoomExists,
     /// Cluster mode: the room's role and what it knows beyond this node.
     cluster: Option<Clustered>,
+    /// Nothing else waits in the inbox: deliveries of the current event write
+    /// through to idle members' sockets. Under a backlog they are queued instead, and
+    /// each member's writer sends them many to a system call.
+    write_through: bool,
 }
 
 /// What decides where a room's messages go.
@@ -399,6 +405,7 @@ impl RoomActor {
                 })
             }),
             cluster: None,
+            write_through: false,
         }
     }
 
@@ -420,6 +427,7 @@ impl RoomActor {
             let event = tokio::select! {
                 event = rx.recv() => event,
                 () = sleep_until_opt(next_timer) => {
+                    self.write_through = rx.is_empty();
                     self.fire_due_timers();
                     self.after_event();
                     continue;
@@ -430,6 +438,7 @@ impl RoomActor {
                 }
             };
             let Some(event) = event else { break };
+            self.write_through = rx.is_empty();
             self.role_changes();
             self.refresh_plugin();
             if self.follows() {
@@ -788,7 +797,7 @@ impl RoomActor {
             match action {
                 Action::Send { to, payload } => {
                     if let Some(peer) = self.peers.iter().find(|p| p.id == to) {
-                        if peer.deliver(encode(&payload)) {
+                        if peer.deliver(encode(&payload), self.write_through) {
                             self.metrics.messages_out.fetch_add(1, Relaxed);
                         }
                     } else if let Some(clustered) =
@@ -871,7 +880,7 @@ impl RoomActor {
     fn deliver_except(&self, frame: &Bytes, except: &[MemberId]) {
         let mut delivered = 0;
         for peer in &self.peers {
-            if !except.contains(&peer.id) && peer.deliver(frame.clone()) {
+            if !except.contains(&peer.id) && peer.deliver(frame.clone(), self.write_through) {
                 delivered += 1;
             }
         }
@@ -1332,14 +1341,16 @@ impl RoomActor {
                         Delivery::Broadcast { payload, except } => {
                             let frame = encode(&payload);
                             for peer in &self.peers {
-                                if !except.contains(&peer.id) && peer.deliver(frame.clone()) {
+                                if !except.contains(&peer.id)
+                                    && peer.deliver(frame.clone(), self.write_through)
+                                {
                                     delivered += 1;
                                 }
                             }
                         }
                         Delivery::Send { to, payload } => {
                             if let Some(peer) = self.peers.iter().find(|p| p.id == to)
-                                && peer.deliver(encode(&payload))
+                                && peer.deliver(encode(&payload), self.write_through)
                             {
                                 delivered += 1;
                             }

@@ -8,7 +8,7 @@
 //! task leaves every room first, then sends its close frame if it has one, and drops
 //! the socket.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -63,6 +63,9 @@ impl Session {
         let Session { mut transport, read_ahead, peer, room, rooms, metrics, limits, shutdown, permit } =
             self;
         metrics.connections.fetch_add(1, Relaxed);
+        if let Some(socket) = transport.direct() {
+            peer.outbound.attach(socket);
+        }
         let joined = rooms.join(&room, &peer).await;
         let member_rooms: Vec<Arc<Room>> = vec![joined];
 
@@ -106,6 +109,7 @@ impl Session {
             .await;
         }
         drop((reader, writer));
+        peer.outbound.detach();
         drop(transport);
         drop(permit);
     }
@@ -197,7 +201,9 @@ async fn write_loop(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Error {
     }
 }
 
-/// Write until the outbound queue is empty.
+/// Write until the outbound queue is empty. No frame is held across an await: what
+/// the kernel refuses goes back to the queue before waiting, so dropping this future
+/// (the session ending) loses nothing and leaves the stream on a frame boundary.
 async fn flush(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Result<()> {
     let mut batch = Vec::new();
     loop {
@@ -205,35 +211,27 @@ async fn flush(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Result<()> {
         if batch.is_empty() {
             return writer.flush().await;
         }
-        write_all(writer, &batch).await?;
-        batch.clear();
+        let total: usize = batch.iter().map(Bytes::len).sum();
+        let mut attempt = Attempt { outbound, batch: &mut batch, written: 0 };
+        attempt.written = writer.write_some(attempt.batch).await?;
+        let refused = attempt.written < total;
+        drop(attempt);
+        if refused {
+            writer.ready().await?;
+        }
     }
 }
 
-/// Write every frame of `frames` with as few system calls as the kernel allows.
-async fn write_all(writer: &mut Writer<'_>, frames: &[Bytes]) -> io::Result<()> {
-    let (mut index, mut offset) = (0, 0);
-    while index < frames.len() {
-        let slices: Vec<IoSlice<'_>> = std::iter::once(&frames[index][offset..])
-            .chain(frames[index + 1..].iter().map(|f| &f[..]))
-            .map(IoSlice::new)
-            .collect();
-        let written = match writer.write_vectored(&slices).await? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => n,
-        };
-        let mut left = written;
-        while left > 0 {
-            let remaining = frames[index].len() - offset;
-            if left >= remaining {
-                left -= remaining;
-                index += 1;
-                offset = 0;
-            } else {
-                offset += left;
-                left = 0;
-            }
-        }
+/// A drained batch on its way to the socket; dropping it (written, failed or
+/// cancelled) gives back what was not written.
+struct Attempt<'a> {
+    outbound: &'a Outbound,
+    batch: &'a mut Vec<Bytes>,
+    written: usize,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.outbound.requeue(self.batch, self.written);
     }
-    Ok(())
 }

@@ -1,26 +1,30 @@
 //! The byte stream under a WebSocket session: plain TCP or TLS, and the read and write
 //! halves a session drives at the same time.
 //!
-//! Plain TCP is the fast path and stays what it was: `tokio::net::TcpStream`'s borrowed
-//! halves, readiness plus `try_read_buf`, and `try_write_vectored` straight on the
-//! socket, with nothing in between. TLS runs rustls over the same socket; its halves
+//! Plain TCP is the fast path: readiness plus `try_read_buf`, and `try_write_vectored`
+//! straight on the socket, with nothing in between. The stream is shared (`Arc`) so
+//! that the member's outbound queue can write through to it (see `broadcast`); every
+//! operation here takes `&TcpStream`. TLS runs rustls over the same socket; its halves
 //! come from `tokio::io::split`, which puts the stream behind a lock that each half
 //! takes only while it is being polled, so the reader waiting for bytes never blocks
 //! the writer.
 
 use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpStream, tcp};
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, Interest};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 /// An upgraded connection.
 #[derive(Debug)]
 pub enum Transport {
-    Plain(TcpStream),
+    Plain(Arc<TcpStream>),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -30,20 +34,25 @@ impl Transport {
     /// neither of the server's own kinds.
     pub fn from_upgraded(upgraded: Upgraded) -> Result<(Self, Bytes), Upgraded> {
         let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => return Ok((Self::Plain(parts.io.into_inner()), parts.read_buf)),
+            Ok(parts) => return Ok((Self::Plain(Arc::new(parts.io.into_inner())), parts.read_buf)),
             Err(upgraded) => upgraded,
         };
         let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>()?;
         Ok((Self::Tls(Box::new(parts.io.into_inner())), parts.read_buf))
     }
 
+    /// The socket, when the queue may write through to it (plain TCP).
+    pub fn direct(&self) -> Option<Arc<TcpStream>> {
+        match self {
+            Self::Plain(stream) => Some(Arc::clone(stream)),
+            Self::Tls(_) => None,
+        }
+    }
+
     /// The read and write halves, usable concurrently from one task.
     pub fn split(&mut self) -> (Reader<'_>, Writer<'_>) {
         match self {
-            Self::Plain(stream) => {
-                let (read, write) = stream.split();
-                (Reader::Plain(read), Writer::Plain(write))
-            }
+            Self::Plain(stream) => (Reader::Plain(stream), Writer::Plain(stream)),
             Self::Tls(stream) => {
                 let (read, write) = tokio::io::split(&mut **stream);
                 (Reader::Tls(read), Writer::Tls(write))
@@ -54,13 +63,13 @@ impl Transport {
 
 /// The read half of a [`Transport`].
 pub enum Reader<'a> {
-    Plain(tcp::ReadHalf<'a>),
+    Plain(&'a TcpStream),
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
 }
 
 /// The write half of a [`Transport`].
 pub enum Writer<'a> {
-    Plain(tcp::WriteHalf<'a>),
+    Plain(&'a TcpStream),
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
 }
 
@@ -112,17 +121,29 @@ impl Reader<'_> {
 }
 
 impl Writer<'_> {
-    /// Write some prefix of `slices`; returns how many bytes. Plain TCP tries the
-    /// socket first and waits for writability only when the kernel refuses.
-    pub async fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Self::Plain(half) => loop {
-                match half.try_write_vectored(slices) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => half.writable().await?,
-                    result => return result,
-                }
+    /// Write a prefix of `frames` with one system call on plain TCP (`send(2)` for a
+    /// single frame, else `writev(2)`), returning at once with `Ok(0)` when the kernel
+    /// takes nothing; then [`Writer::ready`] waits for it. TLS waits inside.
+    pub async fn write_some(&mut self, frames: &[Bytes]) -> io::Result<usize> {
+        let written = match self {
+            Self::Plain(stream) => match frames {
+                [frame] => stream.try_io(Interest::WRITABLE, || SockRef::from(*stream).send(frame)),
+                _ => stream.try_write_vectored(&slices(frames)),
             },
-            Self::Tls(half) => half.write_vectored(slices).await,
+            Self::Tls(half) => half.write_vectored(&slices(frames)).await,
+        };
+        match written {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Ok(0) if !frames.iter().all(Bytes::is_empty) => Err(io::ErrorKind::WriteZero.into()),
+            result => result,
+        }
+    }
+
+    /// Wait until the transport can take more bytes.
+    pub async fn ready(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(stream) => stream.writable().await,
+            Self::Tls(_) => Ok(()),
         }
     }
 
@@ -137,8 +158,12 @@ impl Writer<'_> {
     /// Close the sending side: a TLS `close_notify`, then the TCP FIN.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         match self {
-            Self::Plain(half) => half.shutdown().await,
+            Self::Plain(stream) => SockRef::from(*stream).shutdown(Shutdown::Write),
             Self::Tls(half) => half.shutdown().await,
         }
     }
+}
+
+fn slices(frames: &[Bytes]) -> Vec<IoSlice<'_>> {
+    frames.iter().map(|frame| IoSlice::new(frame)).collect()
 }
