@@ -5,8 +5,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -89,6 +88,34 @@ impl Shared {
         hasher.update(self.stores.fetch_add(1, Ordering::Relaxed).to_le_bytes());
         hasher.finalize().into()
     }
+
+    /// Mark guest code running until the guard drops: the epoch ticks meanwhile.
+    pub(crate) fn running(&self) -> Running<'_> {
+        if let Some(ticker) = &self.ticker {
+            ticker.state.started.fetch_add(1, Ordering::Relaxed);
+            // Pairs with the ticker's store of `parked` and load of `calls`: either it
+            // sees this call and keeps ticking, or this sees it parked and wakes it.
+            if ticker.state.calls.fetch_add(1, Ordering::SeqCst) == 0
+                && ticker.state.parked.load(Ordering::SeqCst)
+            {
+                ticker.thread.thread().unpark();
+            }
+        }
+        Running { shared: self }
+    }
+}
+
+/// Guest code is running (see [`Shared::running`]).
+pub(crate) struct Running<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(ticker) = &self.shared.ticker {
+            ticker.state.calls.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -99,28 +126,69 @@ impl Drop for Shared {
     }
 }
 
-/// A thread that advances the engine's epoch every [`TICK`]; stopped by dropping its
-/// sender (or by [`EpochTicker::stop`], which also joins it).
+/// After this many ticks without a call into a guest, the ticker sleeps until the next
+/// call: an idle server (or one without plugins) has no thread waking 1000 times a
+/// second. Steady traffic through plugins never lets it sleep.
+const IDLE_TICKS: u32 = 100;
+
+/// A thread that advances the engine's epoch every [`TICK`] while guest code runs (and
+/// for [`IDLE_TICKS`] after); stopped by [`EpochTicker::stop`].
 struct EpochTicker {
-    stop: mpsc::Sender<()>,
+    state: Arc<TickerState>,
     thread: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct TickerState {
+    stop: AtomicBool,
+    /// Calls into guests running now.
+    calls: AtomicUsize,
+    /// Calls started so far: a call that began and ended between two ticks counts.
+    started: AtomicU64,
+    /// The thread is parked or about to park.
+    parked: AtomicBool,
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> std::io::Result<EpochTicker> {
-        let (stop, stopped) = mpsc::channel::<()>();
+        let state = Arc::new(TickerState::default());
+        let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new().name("roomcast-epoch".to_owned()).spawn(move || {
-            // Stops on a message or when the sender is dropped.
-            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+            let state = shared;
+            let mut idle = 0;
+            let mut seen = 0;
+            while !state.stop.load(Ordering::Acquire) {
+                if idle >= IDLE_TICKS {
+                    state.parked.store(true, Ordering::SeqCst);
+                    if state.calls.load(Ordering::SeqCst) == 0 && !state.stop.load(Ordering::SeqCst) {
+                        std::thread::park();
+                    }
+                    state.parked.store(false, Ordering::SeqCst);
+                    idle = 0;
+                    continue;
+                }
+                std::thread::sleep(TICK);
                 engine.increment_epoch();
+                let started = state.started.load(Ordering::Relaxed);
+                if started == seen && state.calls.load(Ordering::Relaxed) == 0 {
+                    idle += 1;
+                } else {
+                    (idle, seen) = (0, started);
+                }
             }
         })?;
-        Ok(EpochTicker { stop, thread })
+        Ok(EpochTicker { state, thread })
     }
 
     fn stop(self) {
-        drop(self.stop);
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.thread.thread().unpark();
         let _ = self.thread.join();
+    }
+
+    #[cfg(test)]
+    fn is_parked(&self) -> bool {
+        self.state.parked.load(Ordering::SeqCst)
     }
 }
 
@@ -141,7 +209,14 @@ impl std::fmt::Debug for PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// An engine with epoch interruption and a 1 ms ticker thread.
+    /// Whether the epoch ticker sleeps (no guest code ran for a while).
+    #[cfg(test)]
+    pub(crate) fn ticker_parked(&self) -> bool {
+        self.shared.ticker.as_ref().is_some_and(EpochTicker::is_parked)
+    }
+
+    /// An engine with epoch interruption and a 1 ms ticker thread (asleep while no
+    /// guest code runs).
     pub fn new(caps: HostCaps) -> Result<Self, PluginError> {
         let fail = |detail: String| PluginError::load("(runtime)", detail);
         let mut config = Config::new();

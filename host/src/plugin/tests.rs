@@ -356,6 +356,25 @@ fn chaos_spin_times_out_and_a_fresh_instance_works() {
 }
 
 #[test]
+fn the_epoch_ticker_sleeps_while_idle_and_deadlines_still_hold() {
+    let runtime = runtime();
+    let plugin = load_default(&runtime, "chaos");
+    let room = Room::new("chaos:spin", &[1]);
+    let mut instance = plugin.instantiate("chaos:spin").expect("instantiate");
+    let waited = Instant::now();
+    while !runtime.ticker_parked() {
+        assert!(waited.elapsed() < Duration::from_secs(5), "the ticker never went to sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A call wakes it: the spin is still interrupted at its deadline.
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("spin"))
+        .expect_err("spin must be interrupted");
+    assert_eq!(error.kind, FailureKind::Timeout);
+    assert!(!runtime.ticker_parked(), "ticking after a call");
+}
+
+#[test]
 fn chaos_hog_hits_the_memory_cap() {
     // Filling 32 MiB takes longer than the default 10ms deadline (which would report a
     // timeout): give it time to reach the cap.
