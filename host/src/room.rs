@@ -208,7 +208,11 @@ impl Room {
     pub async fn send(&self, from: MemberId, payload: Payload) {
         // The actor only stops after the last member left, so this cannot fail while
         // the sender is a member.
-        let _ = self.tx.send(RoomEvent::Message { from, payload }).await;
+        // Reserve, then send: `Sender::send` would keep a whole `RoomEvent` in this
+        // future, and this future sits in every session's.
+        if let Ok(permit) = self.tx.reserve().await {
+            permit.send(RoomEvent::Message { from, payload });
+        }
     }
 
     /// Queue an event without waiting; `false` if the inbox is full or closed.

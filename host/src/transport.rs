@@ -101,7 +101,8 @@ impl Reader<'_> {
 
     /// Read and discard until the peer closes its side (or the stream fails).
     pub async fn drain_to_end(&mut self) {
-        let mut scratch = [0u8; 1024];
+        // On the heap: an array here would sit in every session's future, idle or not.
+        let mut scratch = vec![0u8; 1024];
         loop {
             let read = match self {
                 Self::Plain(half) => match half.readable().await {
