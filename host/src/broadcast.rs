@@ -29,7 +29,6 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -95,7 +94,7 @@ impl Outbound {
     /// Queue a data frame, or with `write_through` send it at once when nothing is
     /// queued before it. Never blocks; fails when the budget would be exceeded or the
     /// member is closing (a closing member silently receives nothing more).
-    pub fn push_data(&self, frame: Bytes, write_through: bool) -> Result<(), Overflow> {
+    pub fn push_data(&self, frame: &Bytes, write_through: bool) -> Result<(), Overflow> {
         {
             let mut state = self.state.lock().expect("outbound lock");
             if state.closed {
@@ -112,7 +111,7 @@ impl Outbound {
                 && state.is_empty()
                 && let Some(socket) = &state.direct
             {
-                match send(socket, &frame) {
+                match send(socket, frame) {
                     Ok(sent) if sent == frame.len() => return Ok(()),
                     // The rest goes out first, when the kernel lets the writer on.
                     Ok(sent) if sent > 0 => {
@@ -128,7 +127,7 @@ impl Outbound {
                 }
             }
             state.data_bytes += frame.len();
-            state.data.push_back(frame);
+            state.data.push_back(frame.clone());
         }
         self.wake.notify_one();
         Ok(())
@@ -241,10 +240,11 @@ impl Outbound {
     }
 }
 
-/// One non-blocking `send(2)` of `frame` on `socket`. A refusal clears the socket's
-/// write readiness, so the writer then waits for the kernel rather than spinning.
+/// One non-blocking `send(2)` of `frame` on `socket`, without consulting tokio's
+/// readiness (the kernel answers anyway). A refusal leaves that readiness as it was:
+/// the writer's next write then meets the refusal itself and waits for the kernel.
 fn send(socket: &TcpStream, frame: &[u8]) -> io::Result<usize> {
-    socket.try_io(Interest::WRITABLE, || socket2::SockRef::from(socket).send(frame))
+    socket2::SockRef::from(socket).send(frame)
 }
 
 #[cfg(test)]
@@ -254,19 +254,19 @@ mod tests {
     #[test]
     fn budget_and_priority() {
         let out = Outbound::new(10);
-        out.push_data(Bytes::from_static(b"12345"), true).unwrap();
-        out.push_data(Bytes::from_static(b"6789"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"12345"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"6789"), true).unwrap();
         out.push_control(Bytes::from_static(b"ping"));
         let mut batch = Vec::new();
         out.drain(&mut batch, 2);
         assert_eq!(batch, [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]);
         assert_eq!(out.queued_bytes(), 4);
-        out.push_data(Bytes::from_static(b"abcdef"), true).unwrap();
-        assert_eq!(out.push_data(Bytes::from_static(b"x"), false), Err(Overflow));
+        out.push_data(&Bytes::from_static(b"abcdef"), true).unwrap();
+        assert_eq!(out.push_data(&Bytes::from_static(b"x"), false), Err(Overflow));
         assert_eq!(out.queued_bytes(), 0, "an overflowing member's queue is freed");
         assert!(out.is_closed());
         assert_eq!(
-            out.push_data(Bytes::from_static(b"y"), false),
+            out.push_data(&Bytes::from_static(b"y"), false),
             Ok(()),
             "later pushes are dropped quietly"
         );
@@ -296,19 +296,19 @@ mod tests {
         let out = Outbound::new(1 << 20);
         out.attach(Arc::clone(&server));
 
-        out.push_data(Bytes::from_static(b"one"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"one"), true).unwrap();
         assert_eq!(out.queued_bytes(), 0, "written through");
         assert_eq!(read_exactly(&mut client, 3).await, b"one");
 
-        out.push_data(Bytes::from_static(b"two"), false).unwrap();
+        out.push_data(&Bytes::from_static(b"two"), false).unwrap();
         assert_eq!(out.queued_bytes(), 3, "queued when the room asks for no write-through");
-        out.push_data(Bytes::from_static(b"three"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"three"), true).unwrap();
         assert_eq!(out.queued_bytes(), 8, "queued behind a queued frame");
 
         let mut batch = Vec::new();
         out.drain(&mut batch, 64);
         assert_eq!(batch, [Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
-        out.push_data(Bytes::from_static(b"four"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"four"), true).unwrap();
         assert_eq!(out.queued_bytes(), 4, "queued behind a batch being written");
         // The writer got "two" and 2 bytes of "three" out.
         server.try_write(b"twoth").unwrap();
@@ -327,13 +327,13 @@ mod tests {
         assert_eq!(out.queued_bytes(), 0);
         assert_eq!(read_exactly(&mut client, 16).await, b"twothreepingfour");
 
-        out.push_data(Bytes::from_static(b"five"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"five"), true).unwrap();
         assert_eq!(out.queued_bytes(), 0, "written through again once the writer is done");
         assert_eq!(read_exactly(&mut client, 4).await, b"five");
 
         out.detach();
         assert_eq!(Arc::strong_count(&server), 1, "detach lets the socket go");
-        out.push_data(Bytes::from_static(b"six"), true).unwrap();
+        out.push_data(&Bytes::from_static(b"six"), true).unwrap();
         assert_eq!(out.queued_bytes(), 3, "no socket, no write-through");
     }
 
@@ -347,13 +347,13 @@ mod tests {
         let frame = Bytes::from(vec![7u8; 256 << 10]);
         let mut sent = 0;
         while out.queued_bytes() == 0 {
-            out.push_data(frame.clone(), true).unwrap();
+            out.push_data(&frame, true).unwrap();
             sent += 1;
             assert!(sent < 1000, "the kernel kept taking 256 KiB frames");
         }
         let begun = out.queued_bytes() < frame.len();
         // More goes behind it.
-        out.push_data(frame.clone(), true).unwrap();
+        out.push_data(&frame, true).unwrap();
         let queued = out.queued_bytes();
         assert!(queued > frame.len());
 

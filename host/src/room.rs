@@ -114,11 +114,10 @@ impl Peer {
         }
     }
 
-    /// Queue a data frame; an overflow cuts the member off as a slow consumer.
-    /// Returns whether the frame was queued.
-    /// With `write_through`, a member with nothing queued gets the frame at once (see
-    /// [`Outbound::push_data`]).
-    pub fn deliver(&self, frame: Bytes, write_through: bool) -> bool {
+    /// Send or queue a data frame (with `write_through`, a member with nothing queued
+    /// gets it at once: see [`Outbound::push_data`]); an overflow cuts the member off
+    /// as a slow consumer. Returns whether the frame was taken.
+    pub fn deliver(&self, frame: &Bytes, write_through: bool) -> bool {
         match self.outbound.push_data(frame, write_through) {
             Ok(()) => true,
             Err(_) => {
@@ -801,7 +800,7 @@ impl RoomActor {
             match action {
                 Action::Send { to, payload } => {
                     if let Some(peer) = self.peers.iter().find(|p| p.id == to) {
-                        if peer.deliver(encode(&payload), self.write_through) {
+                        if peer.deliver(&encode(&payload), self.write_through) {
                             self.metrics.messages_out.fetch_add(1, Relaxed);
                         }
                     } else if let Some(clustered) =
@@ -884,7 +883,7 @@ impl RoomActor {
     fn deliver_except(&self, frame: &Bytes, except: &[MemberId]) {
         let mut delivered = 0;
         for peer in &self.peers {
-            if !except.contains(&peer.id) && peer.deliver(frame.clone(), self.write_through) {
+            if !except.contains(&peer.id) && peer.deliver(frame, self.write_through) {
                 delivered += 1;
             }
         }
@@ -1345,16 +1344,14 @@ impl RoomActor {
                         Delivery::Broadcast { payload, except } => {
                             let frame = encode(&payload);
                             for peer in &self.peers {
-                                if !except.contains(&peer.id)
-                                    && peer.deliver(frame.clone(), self.write_through)
-                                {
+                                if !except.contains(&peer.id) && peer.deliver(&frame, self.write_through) {
                                     delivered += 1;
                                 }
                             }
                         }
                         Delivery::Send { to, payload } => {
                             if let Some(peer) = self.peers.iter().find(|p| p.id == to)
-                                && peer.deliver(encode(&payload), self.write_through)
+                                && peer.deliver(&encode(&payload), self.write_through)
                             {
                                 delivered += 1;
                             }
