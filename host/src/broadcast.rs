@@ -133,6 +133,33 @@ impl Outbound {
         Ok(())
     }
 
+    /// Queue several data frames under one lock, with one wake-up of the writer (a busy
+    /// room's batch). Fails like [`Outbound::push_data`] at the first frame past the
+    /// budget; returns how many frames were taken.
+    pub fn push_batch<'a>(&self, frames: impl Iterator<Item = &'a Bytes>) -> Result<usize, Overflow> {
+        let mut taken = 0;
+        {
+            let mut state = self.state.lock().expect("outbound lock");
+            if state.closed {
+                return Ok(frames.count());
+            }
+            for frame in frames {
+                if state.data_bytes + frame.len() > self.max_bytes {
+                    state.closed = true;
+                    state.clear_data();
+                    return Err(Overflow);
+                }
+                state.data_bytes += frame.len();
+                state.data.push_back(frame.clone());
+                taken += 1;
+            }
+        }
+        if taken > 0 {
+            self.wake.notify_one();
+        }
+        Ok(taken)
+    }
+
     /// Queue a ping or pong; it goes out before any queued data.
     pub fn push_control(&self, frame: Bytes) {
         self.state.lock().expect("outbound lock").control.push_back(frame);
@@ -250,6 +277,21 @@ fn send(socket: &TcpStream, frame: &[u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_queued_in_order_within_the_budget() {
+        let out = Outbound::new(10);
+        let frames = [Bytes::from_static(b"123"), Bytes::from_static(b"456")];
+        assert_eq!(out.push_batch(frames.iter()), Ok(2));
+        assert_eq!(out.queued_bytes(), 6);
+        let mut batch = Vec::new();
+        out.drain(&mut batch, 64);
+        assert_eq!(batch, frames);
+        let more = [Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh"), Bytes::from_static(b"ijkl")];
+        assert_eq!(out.push_batch(more.iter()), Err(Overflow), "the third frame is past the budget");
+        assert!(out.is_closed());
+        assert_eq!(out.queued_bytes(), 0, "an overflowing member's queue is freed");
+    }
 
     #[test]
     fn budget_and_priority() {

@@ -44,6 +44,73 @@ async fn members_get_every_message_in_order_with_its_opcode() {
     server.stop().await;
 }
 
+/// Members sending all at once: the room takes what waits in its inbox as a batch. Every
+/// member still gets every other member's messages and none of its own, and all members
+/// see them in one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_senders_are_seen_in_one_order_by_everyone() {
+    const MEMBERS: usize = 6;
+    const EACH: usize = 300;
+    let server = TestServer::start(test_config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..MEMBERS {
+        clients.push(server.connect("burst").await);
+    }
+    server.wait_metric("roomcast_room_members", MEMBERS as f64, Duration::from_secs(5)).await;
+
+    let mut tasks = Vec::new();
+    for (me, client) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = client.split();
+            let send = async move {
+                for i in 0..EACH {
+                    sink.feed(Message::text(format!("{me}:{i}"))).await.unwrap();
+                }
+                sink.flush().await.unwrap();
+                sink
+            };
+            let receive = async move {
+                let mut seen = Vec::new();
+                while seen.len() < (MEMBERS - 1) * EACH {
+                    let message = tokio::time::timeout(Duration::from_secs(20), stream.next())
+                        .await
+                        .expect("a message within 20 s")
+                        .expect("connection open")
+                        .expect("websocket");
+                    if let Message::Text(text) = message {
+                        let (from, i) = text.split_once(':').unwrap();
+                        seen.push((from.parse::<usize>().unwrap(), i.parse::<usize>().unwrap()));
+                    }
+                }
+                seen
+            };
+            let (_sink, seen) = tokio::join!(send, receive);
+            (me, seen)
+        }));
+    }
+    let mut views = Vec::new();
+    for task in tasks {
+        views.push(task.await.unwrap());
+    }
+    for (me, seen) in &views {
+        assert!(seen.iter().all(|(from, _)| from != me), "member {me} got its own message");
+        for from in (0..MEMBERS).filter(|from| from != me) {
+            let numbers: Vec<usize> = seen.iter().filter(|(f, _)| *f == from).map(|(_, i)| *i).collect();
+            assert_eq!(numbers, (0..EACH).collect::<Vec<_>>(), "member {me}: messages of {from}");
+        }
+    }
+    // Any two members agree on the order of the messages they both got.
+    for (a, seen_a) in &views {
+        for (b, seen_b) in &views {
+            let common = |seen: &Vec<(usize, usize)>| -> Vec<(usize, usize)> {
+                seen.iter().copied().filter(|(from, _)| from != a && from != b).collect()
+            };
+            assert_eq!(common(seen_a), common(seen_b), "members {a} and {b} disagree on the order");
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
     let config = roomcast::config::Config { max_queue_bytes: 256 << 10, ..test_config() };
