@@ -25,12 +25,15 @@
 //! queueing, and its writers send many frames per system call.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// The most frames one write-through sends.
+const MAX_WRITE_THROUGH: usize = 64;
 
 /// The data queue would exceed its byte budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,31 +136,58 @@ impl Outbound {
         Ok(())
     }
 
-    /// Queue several data frames under one lock, with one wake-up of the writer (a busy
-    /// room's batch). Fails like [`Outbound::push_data`] at the first frame past the
-    /// budget; returns how many frames were taken.
-    pub fn push_batch<'a>(&self, frames: impl Iterator<Item = &'a Bytes>) -> Result<usize, Overflow> {
-        let mut taken = 0;
+    /// Several data frames under one lock (a busy room's batch): with `write_through`
+    /// and nothing queued before them, sent at once with one `sendmsg(2)`, the rest
+    /// queued; otherwise queued, with one wake-up of the writer. Fails like
+    /// [`Outbound::push_data`] at the first frame past the budget; returns how many
+    /// frames were taken.
+    pub fn push_batch(&self, frames: &[&Bytes], write_through: bool) -> Result<usize, Overflow> {
         {
             let mut state = self.state.lock().expect("outbound lock");
             if state.closed {
-                return Ok(frames.count());
+                return Ok(frames.len());
             }
-            for frame in frames {
+            let mut rest = frames;
+            if write_through
+                && !state.writing
+                && state.is_empty()
+                && let Some(socket) = &state.direct
+            {
+                let mut slices = [IoSlice::new(&[]); MAX_WRITE_THROUGH];
+                let count = frames.len().min(MAX_WRITE_THROUGH);
+                for (slice, frame) in slices.iter_mut().zip(frames) {
+                    *slice = IoSlice::new(frame);
+                }
+                // Refused, or a failed socket: all is queued (see `push_data`).
+                let mut sent = socket2::SockRef::from(&**socket).send_vectored(&slices[..count]).unwrap_or(0);
+                while let Some((first, others)) = rest.split_first() {
+                    if sent < first.len() {
+                        if sent > 0 {
+                            state.data_bytes += first.len() - sent;
+                            state.rest = Some(first.slice(sent..));
+                            rest = others;
+                        }
+                        break;
+                    }
+                    sent -= first.len();
+                    rest = others;
+                }
+                if rest.is_empty() && state.rest.is_none() {
+                    return Ok(frames.len());
+                }
+            }
+            for frame in rest {
                 if state.data_bytes + frame.len() > self.max_bytes {
                     state.closed = true;
                     state.clear_data();
                     return Err(Overflow);
                 }
                 state.data_bytes += frame.len();
-                state.data.push_back(frame.clone());
-                taken += 1;
+                state.data.push_back((*frame).clone());
             }
         }
-        if taken > 0 {
-            self.wake.notify_one();
-        }
-        Ok(taken)
+        self.wake.notify_one();
+        Ok(frames.len())
     }
 
     /// Queue a ping or pong; it goes out before any queued data.
@@ -282,13 +312,13 @@ mod tests {
     fn a_batch_is_queued_in_order_within_the_budget() {
         let out = Outbound::new(10);
         let frames = [Bytes::from_static(b"123"), Bytes::from_static(b"456")];
-        assert_eq!(out.push_batch(frames.iter()), Ok(2));
+        assert_eq!(out.push_batch(&[&frames[0], &frames[1]], true), Ok(2));
         assert_eq!(out.queued_bytes(), 6);
         let mut batch = Vec::new();
         out.drain(&mut batch, 64);
         assert_eq!(batch, frames);
         let more = [Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh"), Bytes::from_static(b"ijkl")];
-        assert_eq!(out.push_batch(more.iter()), Err(Overflow), "the third frame is past the budget");
+        assert_eq!(out.push_batch(&[&more[0], &more[1], &more[2]], false), Err(Overflow), "past the budget");
         assert!(out.is_closed());
         assert_eq!(out.queued_bytes(), 0, "an overflowing member's queue is freed");
     }
@@ -377,6 +407,24 @@ mod tests {
         assert_eq!(Arc::strong_count(&server), 1, "detach lets the socket go");
         out.push_data(&Bytes::from_static(b"six"), true).unwrap();
         assert_eq!(out.queued_bytes(), 3, "no socket, no write-through");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_through_with_one_call_or_queued_behind_what_waits() {
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(1 << 20);
+        out.attach(Arc::clone(&server));
+        let (a, b) = (Bytes::from_static(b"aa"), Bytes::from_static(b"bbb"));
+        assert_eq!(out.push_batch(&[&a, &b], true), Ok(2));
+        assert_eq!(out.queued_bytes(), 0, "written through");
+        assert_eq!(read_exactly(&mut client, 5).await, b"aabbb");
+
+        out.push_data(&Bytes::from_static(b"q"), false).unwrap();
+        assert_eq!(out.push_batch(&[&a, &b], true), Ok(2));
+        assert_eq!(out.queued_bytes(), 6, "queued behind the waiting frame");
+        let mut batch = Vec::new();
+        out.drain(&mut batch, 64);
+        assert_eq!(batch, [Bytes::from_static(b"q"), a, b]);
     }
 
     #[tokio::test]

@@ -118,11 +118,10 @@ impl Peer {
         }
     }
 
-    /// Queue every frame of a busy room's batch that this member did not send, with
-    /// one push; an overflow cuts the member off. Returns how many were taken.
-    pub fn deliver_batch(&self, frames: &[(MemberId, Bytes)]) -> u64 {
-        let others = frames.iter().filter(|(from, _)| *from != self.id).map(|(_, frame)| frame);
-        match self.outbound.push_batch(others) {
+    /// Several frames with one push (written through if nothing is queued for the
+    /// member); an overflow cuts the member off. Returns how many were taken.
+    pub fn deliver_batch(&self, frames: &[&Bytes]) -> u64 {
+        match self.outbound.push_batch(frames, true) {
             Ok(taken) => taken as u64,
             Err(_) => {
                 self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
@@ -734,8 +733,9 @@ impl RoomActor {
     /// The default behaviour under load: take the member messages already waiting in
     /// the inbox (up to [`MESSAGE_BATCH`], and only while the plugin set is unchanged,
     /// so a reload still takes over between two messages) and give each member all of
-    /// them, but its own, with one push and one wake-up of its writer. A lone message
-    /// goes the usual way, written through when the inbox is empty.
+    /// them, but its own, with one push: one `sendmsg(2)` when nothing is queued for the
+    /// member, else queued with one wake-up of its writer. A lone message goes the
+    /// usual way, written through when the inbox is empty.
     fn message_batch(&mut self, from: MemberId, payload: Payload, rx: &mut mpsc::Receiver<RoomEvent>) {
         let mut frames = Vec::new();
         while frames.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
@@ -752,7 +752,15 @@ impl RoomActor {
             return self.deliver_all(&payload, Some(from));
         }
         frames.insert(0, (from, encode(&payload)));
-        let delivered: u64 = self.peers.iter().map(|peer| peer.deliver_batch(&frames)).sum();
+        let mut others = Vec::with_capacity(frames.len());
+        let mut delivered = 0;
+        for peer in &self.peers {
+            others.clear();
+            others.extend(frames.iter().filter(|(from, _)| *from != peer.id).map(|(_, frame)| frame));
+            if !others.is_empty() {
+                delivered += peer.deliver_batch(&others);
+            }
+        }
         self.metrics.messages_out.fetch_add(delivered, Relaxed);
     }
 
