@@ -386,6 +386,26 @@ struct RoomActor {
     write_through: bool,
     /// An event taken from the inbox while gathering a batch, handled next.
     pending: Option<RoomEvent>,
+    /// While a batch of messages is handled: deliveries wait here, in order, and go
+    /// out member by member at the end of the batch (or before a close).
+    staging: bool,
+    staged: Vec<(Bytes, Target)>,
+}
+
+/// Who a staged frame is for.
+enum Target {
+    /// Every member but these.
+    Except(Vec<MemberId>),
+    One(MemberId),
+}
+
+impl Target {
+    fn includes(&self, member: MemberId) -> bool {
+        match self {
+            Target::Except(except) => !except.contains(&member),
+            Target::One(one) => *one == member,
+        }
+    }
 }
 
 /// What decides where a room's messages go.
@@ -428,6 +448,8 @@ impl RoomActor {
             cluster: None,
             write_through: false,
             pending: None,
+            staging: false,
+            staged: Vec::new(),
         }
     }
 
@@ -724,23 +746,24 @@ impl RoomActor {
         }
     }
 
-    /// Whether member messages may be handled in batches: the default behaviour, and
-    /// no other node to publish to.
+    /// Whether member messages may be handled in batches: no other node to publish to,
+    /// and a working room logic.
     fn batches(&self) -> bool {
-        matches!(self.logic, Logic::Default) && self.cluster.is_none()
+        self.cluster.is_none() && !matches!(self.logic, Logic::Failed { .. })
     }
 
-    /// The default behaviour under load: take the member messages already waiting in
-    /// the inbox (up to [`MESSAGE_BATCH`], and only while the plugin set is unchanged,
-    /// so a reload still takes over between two messages) and give each member all of
-    /// them, but its own, with one push: one `sendmsg(2)` when nothing is queued for the
-    /// member, else queued with one wake-up of its writer. A lone message goes the
-    /// usual way, written through when the inbox is empty.
+    /// Messages under load: take the member messages already waiting in the inbox (up
+    /// to [`MESSAGE_BATCH`], and only while the plugin set is unchanged, so a reload
+    /// still takes over between two messages) and handle them one by one as usual,
+    /// plugin calls included, but stage their deliveries; then give each member all
+    /// the frames it is due with one push: one `sendmsg(2)` when nothing is queued for
+    /// it, else queued with one wake-up of its writer. A lone message goes the usual
+    /// way, written through when the inbox is empty.
     fn message_batch(&mut self, from: MemberId, payload: Payload, rx: &mut mpsc::Receiver<RoomEvent>) {
-        let mut frames = Vec::new();
-        while frames.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
+        let mut more = Vec::new();
+        while more.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
             match rx.try_recv() {
-                Ok(RoomEvent::Message { from, payload }) => frames.push((from, encode(&payload))),
+                Ok(RoomEvent::Message { from, payload }) => more.push((from, payload)),
                 Ok(other) => {
                     self.pending = Some(other);
                     break;
@@ -748,20 +771,40 @@ impl RoomActor {
                 Err(_) => break,
             }
         }
-        if frames.is_empty() {
-            return self.deliver_all(&payload, Some(from));
+        if more.is_empty() {
+            return self.message(Origin::Member(from), payload, 0);
         }
-        frames.insert(0, (from, encode(&payload)));
-        let mut others = Vec::with_capacity(frames.len());
+        self.staging = true;
+        self.message(Origin::Member(from), payload, 0);
+        for (from, payload) in more {
+            self.message(Origin::Member(from), payload, 0);
+        }
+        self.staging = false;
+        self.flush_staged();
+    }
+
+    /// Deliver the staged frames: each member gets the ones meant for it, in order,
+    /// with one push.
+    fn flush_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let mut frames = Vec::with_capacity(staged.len());
         let mut delivered = 0;
         for peer in &self.peers {
-            others.clear();
-            others.extend(frames.iter().filter(|(from, _)| *from != peer.id).map(|(_, frame)| frame));
-            if !others.is_empty() {
-                delivered += peer.deliver_batch(&others);
+            frames.clear();
+            frames
+                .extend(staged.iter().filter(|(_, target)| target.includes(peer.id)).map(|(frame, _)| frame));
+            if !frames.is_empty() {
+                delivered += peer.deliver_batch(&frames);
             }
         }
         self.metrics.messages_out.fetch_add(delivered, Relaxed);
+        drop(frames);
+        // Keep the allocation for the next batch.
+        self.staged = staged;
+        self.staged.clear();
     }
 
     fn fire_due_timers(&mut self) {
@@ -807,6 +850,7 @@ impl RoomActor {
     /// which is told about every current member. If that fails too, the members are
     /// closed with 1011.
     fn recover(&mut self, error: &PluginError) {
+        self.flush_staged();
         self.failed_call(error);
         let Logic::Plugin { instance, .. } = &self.logic else {
             return;
@@ -864,6 +908,11 @@ impl RoomActor {
     fn apply(&mut self, actions: Vec<Action>, hops: u8) {
         for action in actions {
             match action {
+                Action::Send { to, payload } if self.staging => {
+                    if self.peers.iter().any(|p| p.id == to) {
+                        self.staged.push((encode(&payload), Target::One(to)));
+                    }
+                }
                 Action::Send { to, payload } => {
                     if let Some(peer) = self.peers.iter().find(|p| p.id == to) {
                         if peer.deliver(&encode(&payload), self.write_through) {
@@ -878,6 +927,8 @@ impl RoomActor {
                 Action::Broadcast { payload, except } => self.broadcast(&payload, &except),
                 Action::Forward { room, payload } => self.forward(&room, payload, hops),
                 Action::Close { member, code, reason } => {
+                    // What the member was sent before its close reaches it first.
+                    self.flush_staged();
                     if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
                         peer.end(Ending::new(CloseReason::Plugin, code, reason));
                     } else if let Some(clustered) =
@@ -946,7 +997,11 @@ impl RoomActor {
     }
 
     /// Queue `frame` for every member except `except`. Never awaits.
-    fn deliver_except(&self, frame: &Bytes, except: &[MemberId]) {
+    fn deliver_except(&mut self, frame: &Bytes, except: &[MemberId]) {
+        if self.staging {
+            self.staged.push((frame.clone(), Target::Except(except.to_vec())));
+            return;
+        }
         let mut delivered = 0;
         for peer in &self.peers {
             if !except.contains(&peer.id) && peer.deliver(frame, self.write_through) {

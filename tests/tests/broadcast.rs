@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use roomcast::config::Config;
 use roomcast_tests::*;
 use tokio::io::AsyncWriteExt as _;
 use tokio_tungstenite::tungstenite::Message;
@@ -44,20 +45,17 @@ async fn members_get_every_message_in_order_with_its_opcode() {
     server.stop().await;
 }
 
-/// Members sending all at once: the room takes what waits in its inbox as a batch. Every
-/// member still gets every other member's messages and none of its own, and all members
-/// see them in one order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simultaneous_senders_are_seen_in_one_order_by_everyone() {
-    const MEMBERS: usize = 6;
-    const EACH: usize = 300;
-    let server = TestServer::start(test_config()).await;
+const MEMBERS: usize = 6;
+const EACH: usize = 300;
+
+/// Every member of `room` sends EACH messages as fast as it can while reading; returns
+/// what each member received (sender, number), once it has `expect` messages.
+async fn burst(server: &TestServer, room: &str, expect: usize) -> Vec<(usize, Vec<(usize, usize)>)> {
     let mut clients = Vec::new();
     for _ in 0..MEMBERS {
-        clients.push(server.connect("burst").await);
+        clients.push(server.connect(room).await);
     }
     server.wait_metric("roomcast_room_members", MEMBERS as f64, Duration::from_secs(5)).await;
-
     let mut tasks = Vec::new();
     for (me, client) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
@@ -71,7 +69,7 @@ async fn simultaneous_senders_are_seen_in_one_order_by_everyone() {
             };
             let receive = async move {
                 let mut seen = Vec::new();
-                while seen.len() < (MEMBERS - 1) * EACH {
+                while seen.len() < expect {
                     let message = tokio::time::timeout(Duration::from_secs(20), stream.next())
                         .await
                         .expect("a message within 20 s")
@@ -92,21 +90,49 @@ async fn simultaneous_senders_are_seen_in_one_order_by_everyone() {
     for task in tasks {
         views.push(task.await.unwrap());
     }
-    for (me, seen) in &views {
+    views
+}
+
+/// Each member got every other member's messages in order and none of its own, and any
+/// two members agree on the order of the messages they both got.
+fn assert_one_order(views: &[(usize, Vec<(usize, usize)>)]) {
+    for (me, seen) in views {
         assert!(seen.iter().all(|(from, _)| from != me), "member {me} got its own message");
         for from in (0..MEMBERS).filter(|from| from != me) {
             let numbers: Vec<usize> = seen.iter().filter(|(f, _)| *f == from).map(|(_, i)| *i).collect();
             assert_eq!(numbers, (0..EACH).collect::<Vec<_>>(), "member {me}: messages of {from}");
         }
     }
-    // Any two members agree on the order of the messages they both got.
-    for (a, seen_a) in &views {
-        for (b, seen_b) in &views {
+    for (a, seen_a) in views {
+        for (b, seen_b) in views {
             let common = |seen: &Vec<(usize, usize)>| -> Vec<(usize, usize)> {
                 seen.iter().copied().filter(|(from, _)| from != a && from != b).collect()
             };
             assert_eq!(common(seen_a), common(seen_b), "members {a} and {b} disagree on the order");
         }
+    }
+}
+
+/// Members sending all at once: the room takes what waits in its inbox as a batch, and
+/// its deliveries go out member by member. Nothing is lost, doubled or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_senders_are_seen_in_one_order_by_everyone() {
+    let server = TestServer::start(test_config()).await;
+    assert_one_order(&burst(&server, "burst", (MEMBERS - 1) * EACH).await);
+    server.stop().await;
+}
+
+/// The same through plugins, whose calls run one message at a time inside a batch:
+/// `relay` passes every message on, `echo` sends each back to its sender only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_through_plugins_keep_every_plugin_decision_in_order() {
+    let dir = PluginDir::new(&[("relay", None), ("echo", None)]);
+    let server = TestServer::start(Config { plugins: Some(dir.path.clone()), ..test_config() }).await;
+    assert_one_order(&burst(&server, "relay", (MEMBERS - 1) * EACH).await);
+    server.wait_metric("roomcast_room_members", 0.0, Duration::from_secs(5)).await;
+    for (me, seen) in burst(&server, "echo", EACH).await {
+        let expected: Vec<(usize, usize)> = (0..EACH).map(|i| (me, i)).collect();
+        assert_eq!(seen, expected, "member {me} gets its own messages back, in order, and nothing else");
     }
     server.stop().await;
 }
