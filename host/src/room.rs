@@ -35,8 +35,8 @@ pub use crate::plugin::MemberId;
 /// the sender, never on the other members.
 pub const ROOM_INBOX: usize = 1024;
 
-/// The most member messages a room with the default behaviour takes from its inbox at
-/// once (see `RoomActor::message_batch`).
+/// The most member messages a room takes from its inbox at once (see
+/// `RoomActor::message_batch`).
 const MESSAGE_BATCH: usize = 64;
 
 /// A connection as rooms see it: shared by its session and every room it is in.
@@ -380,9 +380,9 @@ struct RoomActor {
     room_exists: RoomExists,
     /// Cluster mode: the room's role and what it knows beyond this node.
     cluster: Option<Clustered>,
-    /// Nothing else waits in the inbox: deliveries of the current event write
-    /// through to idle members' sockets. Under a backlog they are queued instead, and
-    /// each member's writer sends them many to a system call.
+    /// Nothing else waited in the inbox when the current event was taken: its
+    /// deliveries write through to idle members' sockets. (Under a backlog, messages
+    /// are handled in batches, or queued in cluster mode.)
     write_through: bool,
     /// An event taken from the inbox while gathering a batch, handled next.
     pending: Option<RoomEvent>,
@@ -472,17 +472,17 @@ impl RoomActor {
                 Some(event)
             } else {
                 tokio::select! {
-                event = rx.recv() => event,
-                () = sleep_until_opt(next_timer) => {
-                    self.write_through = rx.is_empty();
-                    self.fire_due_timers();
-                    self.after_event();
-                    continue;
-                }
-                () = sleep_until_opt(save_at) => {
-                    self.save_snapshot();
-                    continue;
-                }
+                    event = rx.recv() => event,
+                    () = sleep_until_opt(next_timer) => {
+                        self.write_through = rx.is_empty();
+                        self.fire_due_timers();
+                        self.after_event();
+                        continue;
+                    }
+                    () = sleep_until_opt(save_at) => {
+                        self.save_snapshot();
+                        continue;
+                    }
                 }
             };
             let Some(event) = event else { break };
