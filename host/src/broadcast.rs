@@ -20,13 +20,12 @@
 //! and finds nothing queued and no write in flight is sent on that socket at once, with
 //! one non-blocking `send(2)` under the queue's lock (which is what orders it against
 //! the writer); only what the kernel refuses is queued, and only then is the writer
-//! woken. A lightly loaded room thus costs no task wake-up per recipient; a busy one
-//! (the room asks for write-through only when nothing else waits in its inbox) keeps
-//! queueing, and its writers send many frames per system call.
+//! woken. A room thus costs no task wake-up per recipient; under load it hands each
+//! member its whole batch at once ([`Outbound::push_batch`], one `sendmsg(2)`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -76,6 +75,50 @@ impl State {
     fn is_empty(&self) -> bool {
         self.rest.is_none() && self.control.is_empty() && self.data.is_empty()
     }
+
+    /// If nothing is queued and the writer holds no batch, send what the kernel takes
+    /// of `frames` now (the rest of a frame it took part of becomes `rest`). Returns
+    /// the frames still to queue.
+    fn write_through<'a>(&mut self, frames: &'a [&'a Bytes]) -> &'a [&'a Bytes] {
+        if self.writing || !self.is_empty() {
+            return frames;
+        }
+        let Some(socket) = &self.direct else {
+            return frames;
+        };
+        // Refused, or a failed socket (the writer meets the error and ends the
+        // session): everything is queued.
+        let mut sent = send(socket, frames).unwrap_or(0);
+        let mut left = frames;
+        while let Some((first, others)) = left.split_first() {
+            if sent < first.len() {
+                if sent > 0 {
+                    self.data_bytes += first.len() - sent;
+                    self.rest = Some(first.slice(sent..));
+                    left = others;
+                }
+                break;
+            }
+            sent -= first.len();
+            left = others;
+        }
+        left
+    }
+
+    /// Queue `frames` within `max_bytes`; at the first that does not fit, free the
+    /// queue (the member will never read it) and fail.
+    fn queue(&mut self, frames: &[&Bytes], max_bytes: usize) -> Result<(), Overflow> {
+        for frame in frames {
+            if self.data_bytes + frame.len() > max_bytes {
+                self.closed = true;
+                self.clear_data();
+                return Err(Overflow);
+            }
+            self.data_bytes += frame.len();
+            self.data.push_back((*frame).clone());
+        }
+        Ok(())
+    }
 }
 
 impl Outbound {
@@ -98,96 +141,47 @@ impl Outbound {
     /// queued before it. Never blocks; fails when the budget would be exceeded or the
     /// member is closing (a closing member silently receives nothing more).
     pub fn push_data(&self, frame: &Bytes, write_through: bool) -> Result<(), Overflow> {
-        {
-            let mut state = self.state.lock().expect("outbound lock");
-            if state.closed {
-                return Ok(());
-            }
-            if state.data_bytes + frame.len() > self.max_bytes {
-                // Free what the member will never read.
-                state.closed = true;
-                state.clear_data();
-                return Err(Overflow);
-            }
-            if write_through
-                && !state.writing
-                && state.is_empty()
-                && let Some(socket) = &state.direct
-            {
-                match send(socket, frame) {
-                    Ok(sent) if sent == frame.len() => return Ok(()),
-                    // The rest goes out first, when the kernel lets the writer on.
-                    Ok(sent) if sent > 0 => {
-                        state.data_bytes += frame.len() - sent;
-                        state.rest = Some(frame.slice(sent..));
-                        drop(state);
-                        self.wake.notify_one();
-                        return Ok(());
-                    }
-                    // Refused, or a failed socket (the writer meets the error and
-                    // ends the session): queue it.
-                    Ok(_) | Err(_) => {}
-                }
-            }
-            state.data_bytes += frame.len();
-            state.data.push_back(frame.clone());
+        let mut state = self.state.lock().expect("outbound lock");
+        if state.closed {
+            return Ok(());
         }
-        self.wake.notify_one();
-        Ok(())
+        if state.data_bytes + frame.len() > self.max_bytes {
+            // Free what the member will never read.
+            state.closed = true;
+            state.clear_data();
+            return Err(Overflow);
+        }
+        self.push(state, std::slice::from_ref(&frame), write_through)
     }
 
     /// Several data frames under one lock (a busy room's batch): with `write_through`
     /// and nothing queued before them, sent at once with one `sendmsg(2)`, the rest
     /// queued; otherwise queued, with one wake-up of the writer. Fails like
-    /// [`Outbound::push_data`] at the first frame past the budget; returns how many
-    /// frames were taken.
-    pub fn push_batch(&self, frames: &[&Bytes], write_through: bool) -> Result<usize, Overflow> {
-        {
-            let mut state = self.state.lock().expect("outbound lock");
-            if state.closed {
-                return Ok(frames.len());
-            }
-            let mut rest = frames;
-            if write_through
-                && !state.writing
-                && state.is_empty()
-                && let Some(socket) = &state.direct
-            {
-                let mut slices = [IoSlice::new(&[]); MAX_WRITE_THROUGH];
-                let count = frames.len().min(MAX_WRITE_THROUGH);
-                for (slice, frame) in slices.iter_mut().zip(frames) {
-                    *slice = IoSlice::new(frame);
-                }
-                // Refused, or a failed socket: all is queued (see `push_data`).
-                let mut sent = socket2::SockRef::from(&**socket).send_vectored(&slices[..count]).unwrap_or(0);
-                while let Some((first, others)) = rest.split_first() {
-                    if sent < first.len() {
-                        if sent > 0 {
-                            state.data_bytes += first.len() - sent;
-                            state.rest = Some(first.slice(sent..));
-                            rest = others;
-                        }
-                        break;
-                    }
-                    sent -= first.len();
-                    rest = others;
-                }
-                if rest.is_empty() && state.rest.is_none() {
-                    return Ok(frames.len());
-                }
-            }
-            for frame in rest {
-                if state.data_bytes + frame.len() > self.max_bytes {
-                    state.closed = true;
-                    state.clear_data();
-                    return Err(Overflow);
-                }
-                state.data_bytes += frame.len();
-                state.data.push_back((*frame).clone());
-            }
+    /// [`Outbound::push_data`] at the first frame to queue past the budget.
+    pub fn push_batch(&self, frames: &[&Bytes], write_through: bool) -> Result<(), Overflow> {
+        let state = self.state.lock().expect("outbound lock");
+        if state.closed {
+            return Ok(());
         }
+        self.push(state, frames, write_through)
+    }
+
+    /// Write through what the kernel takes (if asked), queue the rest, and wake the
+    /// writer if anything is left for it.
+    fn push(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        frames: &[&Bytes],
+        write_through: bool,
+    ) -> Result<(), Overflow> {
+        let left = if write_through { state.write_through(frames) } else { frames };
+        if left.is_empty() && state.rest.is_none() {
+            return Ok(());
+        }
+        state.queue(left, self.max_bytes)?;
+        drop(state);
         self.wake.notify_one();
-        Ok(frames.len())
+        Ok(())
     }
 
     /// Queue a ping or pong; it goes out before any queued data.
@@ -297,11 +291,21 @@ impl Outbound {
     }
 }
 
-/// One non-blocking `send(2)` of `frame` on `socket`, without consulting tokio's
-/// readiness (the kernel answers anyway). A refusal leaves that readiness as it was:
-/// the writer's next write then meets the refusal itself and waits for the kernel.
-fn send(socket: &TcpStream, frame: &[u8]) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send(frame)
+/// One non-blocking `send(2)` of `frames` on `socket` (`sendmsg(2)` for several, up to
+/// [`MAX_WRITE_THROUGH`]), without consulting tokio's readiness (the kernel answers
+/// anyway). A refusal leaves that readiness as it was: the writer's next write then
+/// meets the refusal itself and waits for the kernel.
+fn send(socket: &TcpStream, frames: &[&Bytes]) -> io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    if let [frame] = frames {
+        return socket.send(frame);
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_WRITE_THROUGH];
+    let count = frames.len().min(MAX_WRITE_THROUGH);
+    for (slice, frame) in slices.iter_mut().zip(frames) {
+        *slice = IoSlice::new(frame);
+    }
+    socket.send_vectored(&slices[..count])
 }
 
 #[cfg(test)]
@@ -312,7 +316,7 @@ mod tests {
     fn a_batch_is_queued_in_order_within_the_budget() {
         let out = Outbound::new(10);
         let frames = [Bytes::from_static(b"123"), Bytes::from_static(b"456")];
-        assert_eq!(out.push_batch(&[&frames[0], &frames[1]], true), Ok(2));
+        assert_eq!(out.push_batch(&[&frames[0], &frames[1]], true), Ok(()));
         assert_eq!(out.queued_bytes(), 6);
         let mut batch = Vec::new();
         out.drain(&mut batch, 64);
@@ -415,12 +419,12 @@ mod tests {
         let out = Outbound::new(1 << 20);
         out.attach(Arc::clone(&server));
         let (a, b) = (Bytes::from_static(b"aa"), Bytes::from_static(b"bbb"));
-        assert_eq!(out.push_batch(&[&a, &b], true), Ok(2));
+        assert_eq!(out.push_batch(&[&a, &b], true), Ok(()));
         assert_eq!(out.queued_bytes(), 0, "written through");
         assert_eq!(read_exactly(&mut client, 5).await, b"aabbb");
 
         out.push_data(&Bytes::from_static(b"q"), false).unwrap();
-        assert_eq!(out.push_batch(&[&a, &b], true), Ok(2));
+        assert_eq!(out.push_batch(&[&a, &b], true), Ok(()));
         assert_eq!(out.queued_bytes(), 6, "queued behind the waiting frame");
         let mut batch = Vec::new();
         out.drain(&mut batch, 64);

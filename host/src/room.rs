@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::broadcast::Outbound;
+use crate::broadcast::{Outbound, Overflow};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 use crate::cluster::{Cluster, ClusterEvent, Role, RoleChange, RoomLink};
 use crate::frame::{self, close_code};
@@ -121,26 +121,22 @@ impl Peer {
     /// Several frames with one push (written through if nothing is queued for the
     /// member); an overflow cuts the member off. Returns how many were taken.
     pub fn deliver_batch(&self, frames: &[&Bytes]) -> u64 {
-        match self.outbound.push_batch(frames, true) {
-            Ok(taken) => taken as u64,
-            Err(_) => {
-                self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
-                0
-            }
-        }
+        if self.taken(self.outbound.push_batch(frames, true)) { frames.len() as u64 } else { 0 }
     }
 
     /// Send or queue a data frame (with `write_through`, a member with nothing queued
     /// gets it at once: see [`Outbound::push_data`]); an overflow cuts the member off
     /// as a slow consumer. Returns whether the frame was taken.
     pub fn deliver(&self, frame: &Bytes, write_through: bool) -> bool {
-        match self.outbound.push_data(frame, write_through) {
-            Ok(()) => true,
-            Err(_) => {
-                self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
-                false
-            }
+        self.taken(self.outbound.push_data(frame, write_through))
+    }
+
+    /// Whether a push went through; an overflow cuts the member off as a slow consumer.
+    fn taken(&self, pushed: Result<(), Overflow>) -> bool {
+        if pushed.is_err() {
+            self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
         }
+        pushed.is_ok()
     }
 }
 
@@ -789,21 +785,19 @@ impl RoomActor {
         if self.staged.is_empty() {
             return;
         }
-        let staged = std::mem::take(&mut self.staged);
-        let mut frames = Vec::with_capacity(staged.len());
+        let mut frames = Vec::with_capacity(self.staged.len());
         let mut delivered = 0;
         for peer in &self.peers {
             frames.clear();
-            frames
-                .extend(staged.iter().filter(|(_, target)| target.includes(peer.id)).map(|(frame, _)| frame));
+            frames.extend(
+                self.staged.iter().filter(|(_, target)| target.includes(peer.id)).map(|(frame, _)| frame),
+            );
             if !frames.is_empty() {
                 delivered += peer.deliver_batch(&frames);
             }
         }
         self.metrics.messages_out.fetch_add(delivered, Relaxed);
-        drop(frames);
-        // Keep the allocation for the next batch.
-        self.staged = staged;
+        // Keeps its allocation for the next batch.
         self.staged.clear();
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{SinkExt as _, Stream, StreamExt as _};
 use roomcast::config::Config;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -238,8 +238,11 @@ pub async fn read_close(stream: &mut TcpStream) -> Option<u16> {
     }
 }
 
-/// Receive the next data message, skipping pings and pongs, within 10 s.
-pub async fn recv(client: &mut Client) -> Message {
+/// Receive the next data message, skipping pings and pongs, within 10 s (from a
+/// [`Client`] or any other WebSocket stream, such as one over TLS).
+pub async fn recv<E: std::fmt::Debug>(
+    client: &mut (impl Stream<Item = Result<Message, E>> + Unpin),
+) -> Message {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(10), client.next())
             .await

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, Stream, StreamExt as _};
+use futures_util::{SinkExt as _, StreamExt as _};
 use roomcast::config::Config;
 use roomcast::metrics::{CloseReason, RejectReason};
 use roomcast_tests::tls::{TestCa, peer_certificate};
@@ -15,22 +15,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn tls_config(cert: &tls::Issued) -> Config {
     Config { tls_cert: Some(cert.cert_file.clone()), tls_key: Some(cert.key_file.clone()), ..test_config() }
-}
-
-/// The next data message, skipping pings and pongs, within 10 s.
-async fn next_data<E: std::fmt::Debug>(
-    client: &mut (impl Stream<Item = Result<Message, E>> + Unpin),
-) -> Message {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), client.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("connection ended")
-            .expect("websocket error");
-        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
-            return message;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,16 +33,16 @@ async fn https_and_wss_with_a_generated_certificate() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     ada.send(Message::text("hello over TLS")).await.unwrap();
-    assert_eq!(next_data(&mut bob).await, Message::text("hello over TLS"));
+    assert_eq!(recv(&mut bob).await, Message::text("hello over TLS"));
     // Larger than one TLS record (16 KiB) each way, and a burst of small ones.
     let big = vec![7u8; 60_000];
     bob.send(Message::binary(big.clone())).await.unwrap();
-    assert_eq!(next_data(&mut ada).await, Message::binary(big));
+    assert_eq!(recv(&mut ada).await, Message::binary(big));
     for i in 0..200 {
         ada.send(Message::text(format!("m{i}"))).await.unwrap();
     }
     for i in 0..200 {
-        assert_eq!(next_data(&mut bob).await, Message::text(format!("m{i}")));
+        assert_eq!(recv(&mut bob).await, Message::text(format!("m{i}")));
     }
 
     // A close handshake over TLS: the client's close is echoed and counted as `client`.

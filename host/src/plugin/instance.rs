@@ -359,10 +359,7 @@ impl Sandbox {
         store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
         store.data_mut().begin_call(code.setup_ticks);
         store.set_epoch_deadline(code.setup_ticks);
-        let running = code.shared.running();
-        let instantiated = code.linked.instantiate(&mut store);
-        drop(running);
-        let exports = match instantiated {
+        let exports = match code.shared.running(|| code.linked.instantiate(&mut store)) {
             Ok(exports) => exports,
             Err(error) => {
                 let kind = classify(&error, store.data().limiter.refused);
@@ -412,9 +409,7 @@ impl Sandbox {
         let ticks = code.ticks_for(hook);
         self.store.data_mut().begin_call(ticks);
         self.store.set_epoch_deadline(ticks);
-        let running = code.shared.running();
-        let result = body(&self.exports, &mut self.store);
-        drop(running);
+        let result = code.shared.running(|| body(&self.exports, &mut self.store));
         let state = self.store.data_mut();
         state.end_call();
         match result {

@@ -89,8 +89,8 @@ impl Shared {
         hasher.finalize().into()
     }
 
-    /// Mark guest code running until the guard drops: the epoch ticks meanwhile.
-    pub(crate) fn running(&self) -> Running<'_> {
+    /// Run `guest` (a call into guest code): the epoch ticks meanwhile.
+    pub(crate) fn running<R>(&self, guest: impl FnOnce() -> R) -> R {
         if let Some(ticker) = &self.ticker {
             ticker.state.started.fetch_add(1, Ordering::Relaxed);
             // Pairs with the ticker's store of `parked` and load of `calls`: either it
@@ -101,12 +101,14 @@ impl Shared {
                 ticker.thread.thread().unpark();
             }
         }
-        Running { shared: self }
+        // A guard, so a panic does not leave the call counted.
+        let _running = Running { shared: self };
+        guest()
     }
 }
 
 /// Guest code is running (see [`Shared::running`]).
-pub(crate) struct Running<'a> {
+struct Running<'a> {
     shared: &'a Shared,
 }
 
