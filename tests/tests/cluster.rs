@@ -211,14 +211,20 @@ async fn members_on_three_nodes_see_one_order() {
         until_heard(&mut first[0], "warm-up", &mut to, Duration::from_secs(10)).await;
     }
 
+    // The senders go in rounds: each sends one message, then waits for the others,
+    // and every 10 rounds they all pause a moment. Their messages therefore reach
+    // the owner interleaved, however the scheduler runs the three tasks.
     const N: usize = 200;
+    let rounds = std::sync::Arc::new(tokio::sync::Barrier::new(senders.len()));
     let mut sending = Vec::new();
     for (i, mut sender) in senders.into_iter().enumerate() {
+        let rounds = rounds.clone();
         sending.push(tokio::spawn(async move {
             for k in 0..N {
                 send_text(&mut sender, &format!("{i}-{k}")).await;
-                if k % 20 == 0 {
-                    tokio::task::yield_now().await;
+                rounds.wait().await;
+                if k % 10 == 9 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
             sender
