@@ -109,9 +109,9 @@ pub(crate) fn plugins_json(shared: &Shared) -> Value {
     Value::Array(list)
 }
 
-/// The rooms, as `GET /admin/rooms` shows them.
-pub(crate) fn rooms_json(shared: &Shared) -> Value {
-    let list: Vec<Value> = shared
+/// This node's rooms, one JSON object each.
+fn local_rooms(shared: &Shared) -> Vec<Value> {
+    shared
         .rooms
         .list_with_plugins()
         .into_iter()
@@ -123,8 +123,7 @@ pub(crate) fn rooms_json(shared: &Shared) -> Value {
                 "version": room.plugin.as_ref().map(|(_, v)| v),
             })
         })
-        .collect();
-    Value::Array(list)
+        .collect()
 }
 
 async fn plugins(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -138,19 +137,24 @@ async fn rooms(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respons
     if let Err(denied) = authorize(&shared, &headers) {
         return denied.into_response();
     }
-    let mut list = rooms_json(&shared);
+    axum::Json(rooms_listing(&shared).await).into_response()
+}
+
+/// The rooms as `GET /admin/rooms` and the dashboard show them: this node's, or in
+/// cluster mode the whole cluster's.
+pub(crate) async fn rooms_listing(shared: &Shared) -> Vec<Value> {
+    let mut list = local_rooms(shared);
     if let Some(cluster) = shared.rooms.cluster() {
         cluster_rooms(cluster, &mut list).await;
     }
-    axum::Json(list).into_response()
+    list
 }
 
 /// Cluster mode: every room of the cluster with its cluster-wide members. Each entry
 /// gains `owner` (node id), `local_members` (this node's count) and `nodes` (member ids
 /// per node); `members` becomes the cluster-wide count. Without Redis the list stays
 /// this node's, with `"cluster": "unreachable"` on each entry.
-async fn cluster_rooms(cluster: &crate::cluster::Cluster, list: &mut Value) {
-    let Value::Array(rooms) = list else { return };
+async fn cluster_rooms(cluster: &crate::cluster::Cluster, rooms: &mut Vec<Value>) {
     let Some(overview) = cluster.overview().await else {
         for room in rooms.iter_mut() {
             room["cluster"] = json!("unreachable");

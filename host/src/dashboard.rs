@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::admin::{Denied, authorize, constant_time_eq, plugins_json};
+use crate::admin::{Denied, authorize, constant_time_eq, plugins_json, rooms_listing};
 use crate::config::OriginPolicy;
 use crate::handshake::{origin_allowed, percent_decode};
 use crate::metrics::{CloseReason, RejectReason};
@@ -202,7 +202,7 @@ async fn events(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
             if !bearer && !session.as_deref().is_some_and(|id| shared.dashboard.is_live(id)) {
                 return None;
             }
-            let data = snapshot(&shared, &mut rates).to_string();
+            let data = snapshot(&shared, &mut rates).await.to_string();
             let event = Event::default().event("snapshot").data(data);
             Some((Ok::<_, Infallible>(event), (shared, rates, false)))
         }
@@ -236,31 +236,32 @@ impl Rates {
     }
 }
 
-/// Everything the dashboard shows, as one JSON document.
-fn snapshot(shared: &Shared, rates: &mut Rates) -> Value {
+/// Everything the dashboard shows, as one JSON document. In cluster mode the rooms
+/// are the cluster's, as `/admin/rooms` lists them: `member_count` is cluster-wide,
+/// `members` names this node's members, and `owner` and `nodes` (member ids per node)
+/// say where the room lives.
+async fn snapshot(shared: &Shared, rates: &mut Rates) -> Value {
     let metrics = &shared.metrics;
     let (messages_in, messages_out) = (metrics.messages_in.load(Relaxed), metrics.messages_out.load(Relaxed));
     let (in_per_s, out_per_s) = rates.update(Instant::now(), messages_in, messages_out);
-    let summaries = shared.rooms.list_with_plugins();
-    let rooms: Vec<Value> = summaries
-        .iter()
+    let listing = rooms_listing(shared).await;
+    let room_count = listing.len();
+    let rooms: Vec<Value> = listing
+        .into_iter()
         .take(MAX_ROOMS)
-        .map(|summary| {
+        .map(|mut entry| {
+            let name = entry["name"].as_str().unwrap_or_default();
             let members: Vec<Value> = shared
                 .rooms
-                .get(&summary.name)
+                .get(name)
                 .map(|room| room.members())
                 .into_iter()
                 .flat_map(|members| members.iter().take(MAX_MEMBERS).cloned().collect::<Vec<_>>())
                 .map(|peer| json!({ "id": peer.id, "name": query_name(&peer.query), "remote": peer.remote_addr }))
                 .collect();
-            json!({
-                "name": summary.name,
-                "plugin": summary.plugin.as_ref().map(|(p, _)| p),
-                "version": summary.plugin.as_ref().map(|(_, v)| v),
-                "member_count": summary.members,
-                "members": members,
-            })
+            entry["member_count"] = entry["members"].take();
+            entry["members"] = Value::Array(members);
+            entry
         })
         .collect();
     let events: Vec<Value> = shared
@@ -289,7 +290,8 @@ fn snapshot(shared: &Shared, rates: &mut Rates) -> Value {
         "tls": shared.tls.is_some(),
         "draining": shared.draining.load(Relaxed),
         "connections": metrics.connections.load(Relaxed),
-        "room_count": summaries.len(),
+        "room_count": room_count,
+        "cluster": shared.rooms.cluster().map(|c| json!({ "node": c.node(), "up": c.is_up() })),
         "members": metrics.room_members.load(Relaxed),
         "messages_in_total": messages_in,
         "messages_out_total": messages_out,

@@ -28,15 +28,21 @@
     $("rate-in").textContent = s.messages_in_per_s.toFixed(1);
     $("rate-out").textContent = s.messages_out_per_s.toFixed(1);
     $("started").textContent = new Date(s.started_at).toLocaleString();
+    $("node").textContent = s.cluster ? `Node ${s.cluster.node}, ${s.cluster.up ? "Redis connected" : "Redis unreachable: this node's rooms only"}.` : "";
 
     $("rooms").replaceChildren(
       ...(s.rooms.length
         ? s.rooms.map((room) => {
             const row = el("tr", undefined, { "data-room": room.name });
             row.append(el("td", room.name));
-            row.append(el("td", room.plugin ? `${room.plugin} v${room.version}` : "none (relay)"));
+            // In cluster mode a room owned by another node runs its plugin there.
+            const elsewhere = s.cluster && room.owner && room.owner !== s.cluster.node;
+            const plugin = room.plugin ? `${room.plugin} v${room.version}` : elsewhere ? `on node ${room.owner}` : "none (relay)";
+            row.append(el("td", plugin));
             const names = room.members.map((m) => (m.name ? `${m.name} (#${m.id})` : `#${m.id}`));
-            if (room.member_count > room.members.length) names.push(`… ${room.member_count - room.members.length} more`);
+            const local = room.local_members ?? room.member_count;
+            if (local > room.members.length) names.push(`… ${local - room.members.length} more`);
+            if (room.member_count > local) names.push(`${room.member_count - local} on other nodes`);
             row.append(el("td", `${room.member_count}: ${names.join(", ")}`));
             return row;
           })

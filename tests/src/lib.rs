@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -172,6 +173,116 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
 /// The status code of a raw HTTP response.
 pub fn status_of(response: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The value of header `name` in a response head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+/// Open the dashboard's event stream and read `count` snapshot events (with when each arrived).
+pub async fn snapshots(
+    addr: SocketAddr,
+    extra: &str,
+    count: usize,
+) -> Vec<(tokio::time::Instant, serde_json::Value)> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /dashboard/events HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while events.len() < count {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream ended early: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if events.is_empty() {
+            let head = text.split("\r\n\r\n").next().unwrap();
+            assert_eq!(status_of(head), Some(200), "{text}");
+            assert!(
+                header(head, "content-type").is_some_and(|v| v.starts_with("text/event-stream")),
+                "{head}"
+            );
+        }
+        // Chunked framing aside, each event is one `data:` line.
+        while let Some(start) = text.find("data: ") {
+            let Some(end) = text[start..].find('\n') else { break };
+            let data = text[start + 6..start + end].to_owned();
+            text.drain(..start + end);
+            events.push((tokio::time::Instant::now(), serde_json::from_str(&data).expect("snapshot JSON")));
+        }
+    }
+    events
+}
+
+/// A `redis-server` child process without persistence, on a port of its own.
+pub struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = Redis { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Start (again) on the same port and wait until it answers.
+    pub async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-server (scripts/setup installs it)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.command("PING").await.as_deref() != Some("+PONG") {
+            assert!(tokio::time::Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kill it without a chance to answer anyone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Send one inline command; the first reply line.
+    pub async fn command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).await.ok()?;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_owned())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// A valid upgrade request for `path` with extra header lines (each ending in `\r\n`).

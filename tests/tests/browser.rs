@@ -1,7 +1,7 @@
 //! A real browser against a real server: headless Chromium, driven over WebDriver,
 //! uses the chat demo page and the dashboard as a person would. Two pages chat with
-//! each other; a plugin swap shows on the dashboard; the page survives a server
-//! restart by reconnecting. Screenshots land in `target/screenshots/`.
+//! each other; a plugin swap shows on the dashboard; a cluster node's dashboard shows
+//! a room spread over two nodes; the page survives a server restart by reconnecting. Screenshots land in `target/screenshots/`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -209,6 +209,43 @@ async fn a_plugin_swap_shows_on_the_dashboard() -> anyhow::Result<()> {
 
     browser.close().await?;
     server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_of_a_cluster_node_shows_the_whole_room() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let redis = Redis::start().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    let clustered = || Config { redis: Some(redis.url()), ..config(&dir) };
+    let one = TestServer::start(clustered()).await;
+    let two = TestServer::start(clustered()).await;
+    // Ada on node one, Bob and Carol on node two: the dashboard of node one names Ada
+    // and counts the others as members elsewhere.
+    let mut ada = one.connect("chat:lobby?name=ada").await;
+    recv_text(&mut ada).await;
+    let _bob = two.connect("chat:lobby?name=bob").await;
+    let _carol = two.connect("chat:lobby?name=carol").await;
+
+    let driver = Driver::start().await?;
+    let browser = driver.open().await?;
+    browser.goto(&format!("http://{}/dashboard", one.addr)).await?;
+    browser.type_into("#token", TOKEN).await?;
+    browser.click("#sign-in").await?;
+    wait_css(&browser, "the dashboard is live", "#live[data-state='connected']").await?;
+    let node = "return document.getElementById('node').textContent";
+    let node = browser.wait_for("the node's cluster status", node, json!([]), WAIT).await?;
+    assert!(node.as_str().is_some_and(|n| n.starts_with("Node ") && n.contains("Redis connected")), "{node}");
+    let row = "return (document.querySelector(\"#rooms tr[data-room='chat:lobby']\")?.textContent ?? '')";
+    let whole = format!("{row}.includes('2 on other nodes') && {}", &row["return ".len()..]);
+    let row = browser.wait_for("the room's members on both nodes", &whole, json!([]), WAIT).await?;
+    let row = row.as_str().unwrap_or_default();
+    assert!(row.contains("3: ada (#") && !row.contains("bob"), "{row}");
+    keep_screenshot(&browser, "dashboard-cluster").await?;
+
+    browser.close().await?;
+    one.stop().await;
+    two.stop().await;
     Ok(())
 }
 

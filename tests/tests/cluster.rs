@@ -3,83 +3,13 @@
 //! killed abruptly (its runtime dropped: no graceful shutdown, no lease released).
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use roomcast::config::Config;
 use roomcast_tests::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A `redis-server` child process without persistence, on a port of its own.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = Redis { port, child: None };
-        redis.restart().await;
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Start (again) on the same port and wait until it answers.
-    async fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run redis-server (scripts/setup installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command("PING").await.as_deref() != Some("+PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Kill it without a chance to answer anyone.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Send one inline command; the first reply line.
-    async fn command(&self, command: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
-        stream.write_all(format!("{command}\r\n").as_bytes()).await.ok()?;
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_owned())
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A Roomcast node on its own runtime.
 struct Node {
@@ -433,6 +363,42 @@ async fn presence_spans_the_cluster() {
     assert_eq!(room["local_members"], 1);
     assert_eq!(room["nodes"].as_object().unwrap().len(), 2);
     assert!(room["owner"].is_string());
+
+    // So does the dashboard: cluster-wide counts, this node's members by name, and a
+    // room with no member here listed with its owner.
+    let _carol = one.connect("elsewhere").await;
+    let node_one = snapshots(one.addr, "Authorization: Bearer secret\r\n", 1).await[0].1["cluster"].clone();
+    assert_eq!(node_one["up"], true, "{node_one}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let snapshot = loop {
+        let (_, snapshot) = snapshots(two.addr, "Authorization: Bearer secret\r\n", 1).await.remove(0);
+        // Listed once its owner holds the lease (presence may be written first).
+        if snapshot["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "elsewhere" && r["owner"].is_string())
+        {
+            break snapshot;
+        }
+        assert!(Instant::now() < deadline, "the dashboard never listed the remote room: {snapshot}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(snapshot["cluster"]["up"], true);
+    assert_ne!(snapshot["cluster"]["node"], node_one["node"]);
+    assert_eq!(snapshot["room_count"], 2, "{snapshot}");
+    let room = |name: &str| {
+        snapshot["rooms"].as_array().unwrap().iter().find(|r| r["name"] == name).cloned().unwrap()
+    };
+    let chat = room("chat");
+    assert_eq!((chat["member_count"].as_u64(), chat["local_members"].as_u64()), (Some(2), Some(1)), "{chat}");
+    let here: Vec<&str> =
+        chat["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(here, ["bob"]);
+    let elsewhere = room("elsewhere");
+    assert_eq!(elsewhere["member_count"], 1, "{elsewhere}");
+    assert_eq!(elsewhere["members"], serde_json::json!([]));
+    assert_eq!(elsewhere["owner"], node_one["node"]);
 
     // A leave on one node reaches the plugin on the other.
     drop(bob);

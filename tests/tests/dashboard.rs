@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use roomcast::config::Config;
 use roomcast_tests::*;
-use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -16,13 +15,6 @@ const TOKEN: &str = "dashboard-test-token";
 
 fn head_and_body(response: &str) -> (&str, &str) {
     response.split_once("\r\n\r\n").unwrap_or((response, ""))
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.eq_ignore_ascii_case(name).then(|| value.trim())
-    })
 }
 
 async fn post_login(addr: SocketAddr, token: &str, origin: Option<&str>) -> String {
@@ -47,37 +39,6 @@ async fn sign_in(addr: SocketAddr) -> String {
 async fn get_with(addr: SocketAddr, path: &str, extra: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     raw_request(addr, request.as_bytes()).await.unwrap()
-}
-
-/// Open the event stream and read `count` snapshot events (with when each arrived).
-async fn snapshots(addr: SocketAddr, extra: &str, count: usize) -> Vec<(tokio::time::Instant, Value)> {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /dashboard/events HTTP/1.1\r\nHost: {addr}\r\n{extra}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    let mut events = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    while events.len() < count {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the stream ended early: {text}");
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if events.is_empty() {
-            let head = text.split("\r\n\r\n").next().unwrap();
-            assert_eq!(status_of(head), Some(200), "{text}");
-            assert!(
-                header(head, "content-type").is_some_and(|v| v.starts_with("text/event-stream")),
-                "{head}"
-            );
-        }
-        // Chunked framing aside, each event is one `data:` line.
-        while let Some(start) = text.find("data: ") {
-            let Some(end) = text[start..].find('\n') else { break };
-            let data = text[start + 6..start + end].to_owned();
-            text.drain(..start + end);
-            events.push((tokio::time::Instant::now(), serde_json::from_str(&data).expect("snapshot JSON")));
-        }
-    }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
