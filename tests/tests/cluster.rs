@@ -399,6 +399,7 @@ async fn presence_spans_the_cluster() {
     assert_eq!(elsewhere["member_count"], 1, "{elsewhere}");
     assert_eq!(elsewhere["members"], serde_json::json!([]));
     assert_eq!(elsewhere["owner"], node_one["node"]);
+    assert_eq!(elsewhere["nodes"], serde_json::json!({ node_one["node"].as_str().unwrap(): 1 }));
 
     // A leave on one node reaches the plugin on the other.
     drop(bob);
