@@ -12,7 +12,6 @@
 //! paced at 200 messages per second (latency percentiles). Servers, Redis and clients
 //! share this machine's cores, so compare the layouts, not the absolute numbers.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,65 +20,6 @@ use roomcast::config::Config;
 use roomcast_tests::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        std::thread::sleep(Duration::from_millis(300));
-        Redis(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A node on its own runtime (one worker thread), like a separate process.
-struct Node {
-    addr: std::net::SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Node {
-    fn start(redis: Option<u16>) -> Self {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let guard = runtime.enter();
-        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = Config {
-            redis: redis.map(|port| format!("redis://127.0.0.1:{port}/")),
-            max_queue_bytes: 64 << 20,
-            ..test_config()
-        };
-        let server = roomcast::server::Server::new(config).unwrap();
-        runtime.spawn(async move { server.run(listener, std::future::pending()).await.unwrap() });
-        drop(guard);
-        Node { addr, runtime: Some(runtime) }
-    }
-
-    async fn connect(&self, room: &str) -> Client {
-        tokio_tungstenite::connect_async(format!("ws://{}/ws/{room}", self.addr)).await.unwrap().0
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
 
 struct Outcome {
     deliveries_per_s: f64,
@@ -168,35 +108,46 @@ async fn layout(nodes: &[&Node], sender_on: usize, receivers: usize, room: &str)
     (sender, clients)
 }
 
+/// Open `room` with a first member on `node`, and give the node time to take the
+/// room's lease: the owner is the node of the room's first member.
+async fn open_room(node: &Node, room: &str) -> Client {
+    let first = node.connect(room).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
     let receivers = args.first().copied().unwrap_or(200);
     let messages = args.get(1).copied().unwrap_or(2000);
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     println!("{receivers} receivers, {messages} messages of 64 bytes; paced runs: 200 messages/s");
     println!("| layout | deliveries/s (saturated) | p50 latency (paced) | p99 latency (paced) |");
     println!("|---|---|---|---|");
-    let single = Node::start(None);
-    let owner = Node::start(Some(redis.1));
-    let follower = Node::start(Some(redis.1));
+    let config = |redis: Option<&Redis>| Config {
+        redis: redis.map(Redis::url),
+        max_queue_bytes: 64 << 20,
+        ..test_config()
+    };
+    let single = Node::start(config(None));
+    let owner = Node::start(config(Some(&redis)));
+    let follower = Node::start(config(Some(&redis)));
     let cases: [(&str, Vec<&Node>, usize); 3] = [
         ("one node", vec![&single], 0),
         ("two nodes, sender on the owner", vec![&owner, &follower], 0),
         ("two nodes, sender on the follower", vec![&owner, &follower], 1),
     ];
     for (n, (name, nodes, sender_on)) in cases.into_iter().enumerate() {
-        // The owner is the node of the room's first member.
         let room = format!("bench{n}");
-        let first = nodes[0].connect(&room).await;
+        let first = open_room(nodes[0], &room).await;
         let (sender, clients) = layout(&nodes, sender_on, receivers, &room).await;
         let saturated = run(sender, clients, messages, None).await;
         let room = format!("paced{n}");
-        let _first_paced = nodes[0].connect(&room).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first_paced = open_room(nodes[0], &room).await;
         let (sender, clients) = layout(&nodes, sender_on, receivers, &room).await;
         let paced = run(sender, clients, messages.min(1000), Some(Duration::from_millis(5))).await;
-        drop(first);
+        drop((first, first_paced));
         for node in &nodes {
             let (_, text) = http_get(node.addr, "/metrics").await.unwrap();
             for line in text.lines().filter(|l| !l.starts_with('#') && !l.ends_with(" 0")) {

@@ -59,36 +59,22 @@ impl TestServer {
 
     /// Connect a WebSocket client to `room`.
     pub async fn connect(&self, room: &str) -> Client {
-        let (client, _) = tokio_tungstenite::connect_async(self.url(room)).await.expect("connect");
-        client
+        connect_to(self.addr, room).await
     }
 
     /// The Prometheus text from `/metrics`.
     pub async fn metrics(&self) -> String {
-        let (status, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
-        assert_eq!(status, 200);
-        body
+        metrics_at(self.addr).await
     }
 
     /// The value of one series, e.g. `roomcast_connections_closed_total{reason="client"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self.metrics().await;
-        metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+        metric_at(self.addr, series).await
     }
 
     /// Wait until `series` reaches `value`, polling, within `bound`.
     pub async fn wait_metric(&self, series: &str, value: f64, bound: Duration) {
-        let deadline = tokio::time::Instant::now() + bound;
-        loop {
-            let now = self.metric(series).await;
-            if now == value {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("{series} is {now}, expected {value} within {bound:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_metric_at(self.addr, series, value, bound).await
     }
 
     /// Start the graceful shutdown and wait for `run` to return.
@@ -110,11 +96,117 @@ impl Drop for TestServer {
     }
 }
 
+/// Connect a WebSocket client to `room` on the server at `addr`.
+pub async fn connect_to(addr: SocketAddr, room: &str) -> Client {
+    let (client, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{room}")).await.expect("connect");
+    client
+}
+
+/// The Prometheus text from the `/metrics` of the server at `addr`.
+pub async fn metrics_at(addr: SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics").await.expect("GET /metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of one series of the server at `addr`.
+pub async fn metric_at(addr: SocketAddr, series: &str) -> f64 {
+    let text = metrics_at(addr).await;
+    metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+/// Wait until `series` of the server at `addr` reaches `value`, polling, within `bound`.
+pub async fn wait_metric_at(addr: SocketAddr, series: &str, value: f64, bound: Duration) {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let now = metric_at(addr, series).await;
+        if now == value {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{series} is {now}, expected {value} within {bound:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Parse one series' value out of Prometheus text.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A Roomcast node on its own runtime (one worker thread), like a separate process: it
+/// can be killed abruptly ([`Node::kill`]: no graceful shutdown, nothing released).
+pub struct Node {
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    pub fn start(config: Config) -> Self {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let guard = runtime.enter();
+        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), 1024).expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let server = roomcast::server::Server::new(config).expect("server config");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = runtime.spawn(async move {
+            server
+                .run(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server run");
+        });
+        drop(guard);
+        Node { addr, runtime: Some(runtime), stop: Some(stop), task: Some(task) }
+    }
+
+    /// Connect a WebSocket client to `room`.
+    pub async fn connect(&self, room: &str) -> Client {
+        connect_to(self.addr, room).await
+    }
+
+    /// The value of one series of the node's `/metrics`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_at(self.addr, series).await
+    }
+
+    /// Wait until `series` reaches `value`, polling, within `bound`.
+    pub async fn wait_metric(&self, series: &str, value: f64, bound: Duration) {
+        wait_metric_at(self.addr, series, value, bound).await
+    }
+
+    /// Crash: every task of the node stops where it is.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Graceful shutdown, like SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// A fresh `Config` with short timeouts suitable for tests.
@@ -173,6 +265,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
 /// The status code of a raw HTTP response.
 pub fn status_of(response: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `GET path` with `Authorization: Bearer token`: the JSON body of a 200 response.
+pub async fn admin_json(addr: SocketAddr, token: &str, path: &str) -> serde_json::Value {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw_request(addr, request.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The next message, which must be a JSON text.
+pub async fn recv_json(client: &mut Client) -> serde_json::Value {
+    let text = recv_text(client).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// The value of header `name` in a response head.

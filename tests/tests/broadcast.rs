@@ -222,7 +222,9 @@ async fn a_stalled_reader_is_cut_and_everyone_else_gets_everything() {
                 next += 1;
             }
             Ok(Ok((0x9, _))) => {}
-            Ok(Ok((0x8, payload))) => break Some(u16::from_be_bytes([payload[0], payload[1]])),
+            Ok(Ok((0x8, payload))) => {
+                break payload.get(..2).map(|code| u16::from_be_bytes([code[0], code[1]]));
+            }
             Ok(Ok((opcode, payload))) => {
                 panic!("opcode {opcode} ({} bytes) after {next} messages", payload.len())
             }

@@ -2,79 +2,12 @@
 //! Roomcast nodes in this process, each on its own runtime so that a node can be
 //! killed abruptly (its runtime dropped: no graceful shutdown, no lease released).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use roomcast::config::Config;
 use roomcast_tests::*;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A Roomcast node on its own runtime.
-struct Node {
-    addr: SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Node {
-    fn start(config: Config) -> Self {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let guard = runtime.enter();
-        let listener = roomcast::server::bind("127.0.0.1:0".parse().unwrap(), 1024).expect("bind");
-        let addr = listener.local_addr().unwrap();
-        let server = roomcast::server::Server::new(config).expect("server config");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = runtime.spawn(async move {
-            server
-                .run(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("server run");
-        });
-        drop(guard);
-        Node { addr, runtime: Some(runtime), stop: Some(stop), task: Some(task) }
-    }
-
-    async fn connect(&self, room: &str) -> Client {
-        let url = format!("ws://{}/ws/{room}", self.addr);
-        tokio_tungstenite::connect_async(url).await.expect("connect").0
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let (_, body) = http_get(self.addr, "/metrics").await.expect("GET /metrics");
-        metric_value(&body, series).unwrap_or_else(|| panic!("no {series} in\n{body}"))
-    }
-
-    /// Crash: every task of the node stops where it is.
-    fn kill(mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-
-    /// Graceful shutdown, like SIGTERM.
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("server task");
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
 
 fn config(redis: &Redis, lease: Duration, plugins: Option<&PluginDir>) -> Config {
     Config {
@@ -101,8 +34,8 @@ async fn next_text(client: &mut Client, bound: Duration) -> Option<String> {
     }
 }
 
-/// Send `text` from `from` every 100 ms until every client in `to` received one
-/// message starting with `prefix`; then drain what is left of them.
+/// Send `text` from `from` every 100 ms until every client in `to` received it; then
+/// drain the extra copies still on their way (until each client is quiet for 250 ms).
 async fn until_heard(from: &mut Client, text: &str, to: &mut [&mut Client], bound: Duration) {
     let deadline = Instant::now() + bound;
     for client in to.iter_mut() {
@@ -115,10 +48,8 @@ async fn until_heard(from: &mut Client, text: &str, to: &mut [&mut Client], boun
             }
         }
     }
-    // Drop the extra copies still on their way.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for client in to.iter_mut() {
-        while next_text(client, Duration::from_millis(50)).await.is_some() {}
+        while next_text(client, Duration::from_millis(250)).await.is_some() {}
     }
 }
 
@@ -262,6 +193,8 @@ async fn graceful_shutdown_hands_leases_over_at_once() {
     let stop = tokio::spawn(owner.stop());
     // The owner's member is closed with 1001.
     while next_text(&mut a, Duration::from_secs(5)).await.is_some() {}
+    // Gone without a close reply, so the node need not wait for one.
+    drop(a);
     stop.await.unwrap();
     send_text(&mut b, "x").await;
     let reply = next_text(&mut b, Duration::from_secs(5)).await.expect("the other node took over");
@@ -279,7 +212,7 @@ async fn redis_restart_loses_no_local_delivery_and_recovers_cross_node() {
 
     // The owner's node has one member; the follower's node two.
     let mut o = owner.connect("talk").await;
-    until_heard(&mut o, "hello", &mut [], Duration::from_secs(1)).await;
+    owner.wait_metric("roomcast_cluster_owned_rooms", 1.0, Duration::from_secs(5)).await;
     let mut f1 = follower.connect("talk").await;
     let mut f2 = follower.connect("talk").await;
     until_heard(&mut o, "warm-up", &mut [&mut f1, &mut f2], Duration::from_secs(10)).await;
@@ -297,9 +230,8 @@ async fn redis_restart_loses_no_local_delivery_and_recovers_cross_node() {
     for k in 0..20 {
         assert_eq!(recv_text(&mut f2).await, format!("local-{k}"));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(follower.metric("roomcast_cluster_up").await, 0.0);
-    assert_eq!(owner.metric("roomcast_cluster_up").await, 0.0);
+    follower.wait_metric("roomcast_cluster_up", 0.0, Duration::from_secs(5)).await;
+    owner.wait_metric("roomcast_cluster_up", 0.0, Duration::from_secs(5)).await;
 
     redis.restart().await;
     // Cross-node delivery comes back both ways.
@@ -320,7 +252,7 @@ async fn a_dropped_subscriber_is_detected_and_resynchronised() {
     let one = Node::start(config(&redis, lease, None));
     let two = Node::start(config(&redis, lease, None));
     let mut a = one.connect("feed").await;
-    until_heard(&mut a, "hello", &mut [], Duration::from_secs(1)).await;
+    one.wait_metric("roomcast_cluster_owned_rooms", 1.0, Duration::from_secs(5)).await;
     let mut b = two.connect("feed").await;
     until_heard(&mut a, "first", &mut [&mut b], Duration::from_secs(10)).await;
 
@@ -342,22 +274,22 @@ async fn presence_spans_the_cluster() {
     let two = Node::start(config(&redis, lease, Some(&plugins)));
 
     let mut ada = one.connect("chat?name=ada").await;
-    let welcome: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    let welcome = recv_json(&mut ada).await;
     let ada_id = welcome["id"].as_u64().unwrap();
     let mut bob = two.connect("chat?name=bob").await;
     // Bob's welcome, run by the owner on node one, lists both members.
-    let welcome: serde_json::Value = serde_json::from_str(&recv_text(&mut bob).await).unwrap();
+    let welcome = recv_json(&mut bob).await;
     assert_eq!(welcome["type"], "welcome");
     let bob_id = welcome["id"].as_u64().unwrap();
     assert_ne!(ada_id >> 32, bob_id >> 32, "member ids come from distinct per-node ranges");
     let names: Vec<&str> =
         welcome["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["ada", "bob"]);
-    let joined: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    let joined = recv_json(&mut ada).await;
     assert_eq!((joined["type"].as_str(), joined["name"].as_str()), (Some("join"), Some("bob")));
 
     // The admin API of either node shows the room's members on both.
-    let rooms = admin_rooms(two.addr).await;
+    let rooms = admin_json(two.addr, "secret", "/admin/rooms").await;
     let room = rooms.as_array().unwrap().iter().find(|r| r["name"] == "chat").expect("chat listed");
     assert_eq!(room["members"], 2);
     assert_eq!(room["local_members"], 1);
@@ -403,11 +335,11 @@ async fn presence_spans_the_cluster() {
 
     // A leave on one node reaches the plugin on the other.
     drop(bob);
-    let left: serde_json::Value = serde_json::from_str(&recv_text(&mut ada).await).unwrap();
+    let left = recv_json(&mut ada).await;
     assert_eq!((left["type"].as_str(), left["id"].as_u64()), (Some("leave"), Some(bob_id)));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let rooms = admin_rooms(one.addr).await;
+        let rooms = admin_json(one.addr, "secret", "/admin/rooms").await;
         let room = rooms.as_array().unwrap().iter().find(|r| r["name"] == "chat").cloned().unwrap();
         if room["members"] == 1 {
             break;
@@ -415,17 +347,4 @@ async fn presence_spans_the_cluster() {
         assert!(Instant::now() < deadline, "presence still shows {room}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn admin_rooms(addr: SocketAddr) -> serde_json::Value {
-    let response = raw_request(
-        addr,
-        format!("GET /admin/rooms HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer secret\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status_of(&response), Some(200), "{response}");
-    let body = response.split_once("\r\n\r\n").unwrap().1;
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }

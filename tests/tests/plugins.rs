@@ -6,17 +6,12 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use roomcast::config::Config;
 use roomcast_tests::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 async fn server_with(plugins: &PluginDir) -> TestServer {
     TestServer::start(Config { plugins: Some(plugins.path.clone()), ..test_config() }).await
-}
-
-async fn recv_json(client: &mut Client) -> Value {
-    let text = recv_text(client).await;
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 async fn silent(client: &mut Client) -> bool {

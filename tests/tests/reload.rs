@@ -34,17 +34,7 @@ fn install_atomically(dir: &Path, built: &str, name: &str) {
 }
 
 async fn admin(server: &TestServer, path: &str) -> Value {
-    let response = raw_request(
-        server.addr,
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status_of(&response), Some(200), "{response}");
-    serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
+    admin_json(server.addr, TOKEN, path).await
 }
 
 fn plugin<'a>(plugins: &'a Value, name: &str) -> &'a Value {
