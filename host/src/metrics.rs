@@ -164,9 +164,6 @@ impl Metrics {
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        };
         gauge(&mut out, "roomcast_connections", "Open WebSocket sessions.", self.connections.load(Relaxed));
         gauge(&mut out, "roomcast_rooms", "Rooms with at least one member.", self.rooms.load(Relaxed));
         gauge(
@@ -176,9 +173,11 @@ impl Metrics {
             self.room_members.load(Relaxed),
         );
 
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_connections_closed_total WebSocket sessions closed, by reason.\n# TYPE roomcast_connections_closed_total counter"
+        header(
+            &mut out,
+            "roomcast_connections_closed_total",
+            "WebSocket sessions closed, by reason.",
+            "counter",
         );
         for reason in CloseReason::ALL {
             let _ = writeln!(
@@ -188,9 +187,11 @@ impl Metrics {
                 self.closed_count(reason)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_handshakes_rejected_total Upgrade requests refused, by reason.\n# TYPE roomcast_handshakes_rejected_total counter"
+        header(
+            &mut out,
+            "roomcast_handshakes_rejected_total",
+            "Upgrade requests refused, by reason.",
+            "counter",
         );
         for reason in RejectReason::ALL {
             let _ = writeln!(
@@ -200,9 +201,6 @@ impl Metrics {
                 self.rejected_count(reason)
             );
         }
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
         counter(
             &mut out,
             "roomcast_messages_in_total",
@@ -216,9 +214,11 @@ impl Metrics {
             self.messages_out.load(Relaxed),
         );
 
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_plugin_calls_total Plugin hook calls, by plugin and outcome.\n# TYPE roomcast_plugin_calls_total counter"
+        header(
+            &mut out,
+            "roomcast_plugin_calls_total",
+            "Plugin hook calls, by plugin and outcome.",
+            "counter",
         );
         let calls = self.plugin_calls.lock().expect("metrics lock");
         for (plugin, counters) in calls.iter() {
@@ -233,4 +233,21 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of a series (`kind`: `gauge` or `counter`).
+pub(crate) fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A gauge without labels, with its header.
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// A counter without labels, with its header.
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {value}");
 }

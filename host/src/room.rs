@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broadcast::{Outbound, Overflow};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
-use crate::cluster::{Cluster, ClusterEvent, Role, RoleChange, RoomLink};
+use crate::cluster::{Cluster, Record, Role, RoleChange, RoomLink};
 use crate::frame::{self, close_code};
 use crate::metrics::{CloseReason, Metrics, PluginCalls};
 use crate::plugin::{
@@ -177,8 +177,9 @@ pub enum RoomEvent {
     /// A backend publishes to the room (admin API): every member gets it, as if the
     /// room had broadcast it.
     Publish(Payload),
-    /// Cluster mode: a record from Redis or a role change (see [`crate::cluster`]).
-    Cluster(ClusterEvent),
+    /// Cluster mode: records from Redis or role changes wait in the room's cluster
+    /// entry (see [`crate::cluster`]); the actor takes them before every event.
+    ClusterWake,
 }
 
 /// A live room. Sessions hold it for as long as they are members.
@@ -511,9 +512,8 @@ impl RoomActor {
                 RoomEvent::Forward { from_room, payload, hops } => {
                     self.message(Origin::Room(from_room.to_string()), payload, hops)
                 }
-                RoomEvent::PluginsChanged => {}
                 RoomEvent::Publish(payload) => self.deliver_all(&payload, None),
-                RoomEvent::Cluster(event) => self.cluster_event(event),
+                RoomEvent::PluginsChanged | RoomEvent::ClusterWake => {}
             }
             self.after_event();
         }
@@ -1132,19 +1132,9 @@ impl RoomActor {
                 clustered.link.to_owner(InEvent::Forward { from_room: from_room.to_string(), payload, hops })
             }
             RoomEvent::Publish(payload) => clustered.link.to_owner(InEvent::Publish(payload)),
-            RoomEvent::PluginsChanged => {}
-            RoomEvent::Cluster(event) => self.cluster_event(event),
+            RoomEvent::PluginsChanged | RoomEvent::ClusterWake => {}
         }
         false
-    }
-
-    fn cluster_event(&mut self, event: ClusterEvent) {
-        match event {
-            ClusterEvent::Wake => self.role_changes(),
-            ClusterEvent::In(record) => self.inbound(record),
-            ClusterEvent::Out(record) => self.outbound(record),
-            ClusterEvent::Unheard(data) => self.unheard(data),
-        }
     }
 
     /// Apply the role changes the supervisor queued, then the records from Redis.
@@ -1155,10 +1145,9 @@ impl RoomActor {
         let records = self.cluster.as_ref().map(|c| c.link.take_records()).unwrap_or_default();
         for record in records {
             match record {
-                ClusterEvent::Wake => {}
-                ClusterEvent::In(record) => self.inbound(record),
-                ClusterEvent::Out(record) => self.outbound(record),
-                ClusterEvent::Unheard(data) => self.unheard(data),
+                Record::In(record) => self.inbound(record),
+                Record::Out(record) => self.outbound(record),
+                Record::Unheard(data) => self.unheard(data),
             }
             // Deliveries of inbound records go out per record, as for local events.
             self.after_event();
@@ -1424,12 +1413,10 @@ impl RoomActor {
         }
     }
 
-    /// Deliveries from the owner, for this node's members.
+    /// Deliveries from another node, the owner, for this node's members (a node's
+    /// own never reach it: see `Cluster::dispatch`).
     fn outbound(&mut self, record: FromOwner) {
         let Some(clustered) = self.cluster.as_mut() else { return };
-        if record.node == clustered.link.node() {
-            return; // our own, already delivered here
-        }
         match record.event {
             OutEvent::Released => {
                 if clustered.role == Role::Follower {

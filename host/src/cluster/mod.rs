@@ -47,6 +47,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics;
 use crate::plugin::{MemberId, MemberInfo, Payload};
 use crate::room::{Room, RoomEvent};
 use wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
@@ -108,13 +109,11 @@ pub enum RoleChange {
     Reconcile { presence: Vec<(String, MemberInfo)>, asked: Instant },
 }
 
-/// What the cluster puts in a room's inbox: only [`ClusterEvent::Wake`]; the records
-/// themselves wait in the room's [`Entry`] (bounded in bytes, in arrival order), so a
-/// burst from Redis does not compete with local members for the inbox.
+/// A record from Redis for a room actor. Records wait in the room's [`Entry`]
+/// (bounded in bytes, in arrival order), so a burst from Redis does not compete with
+/// local members for the inbox; the inbox only gets a [`RoomEvent::ClusterWake`].
 #[derive(Debug)]
-pub enum ClusterEvent {
-    /// The room's [`RoleChange`] queue or record backlog has something.
-    Wake,
+pub enum Record {
     /// An event for the owner (from the `in` channel).
     In(ToOwner),
     /// Deliveries or a release from the owner (from the `out` channel).
@@ -133,7 +132,8 @@ pub struct Entry {
     tx: mpsc::Sender<RoomEvent>,
     /// The room's local members, for rewriting presence after Redis lost it.
     room: Weak<Room>,
-    /// The role the supervisor last gave the room (the supervisor's bookkeeping).
+    /// The room's role as the supervisor last decided it, or a follower's after its
+    /// actor released the lease (read by the supervisor and for `/metrics`).
     role: Mutex<Role>,
     /// Whether this node is subscribed to the room's `in` channel (supervisor only).
     subscribed_in: AtomicBool,
@@ -144,7 +144,7 @@ pub struct Entry {
     changes: Mutex<VecDeque<RoleChange>>,
     pending: AtomicBool,
     /// Records from Redis for the actor, and their size in bytes.
-    records: Mutex<(VecDeque<ClusterEvent>, usize)>,
+    records: Mutex<(VecDeque<Record>, usize)>,
     has_records: AtomicBool,
     /// Signalled with each change; the actor waits on it for its first role.
     changed: Notify,
@@ -162,24 +162,24 @@ impl Entry {
         self.pending.store(true, Relaxed);
         self.changed.notify_one();
         // A full inbox is fine: the actor checks `pending` before every event.
-        let _ = self.tx.try_send(RoomEvent::Cluster(ClusterEvent::Wake));
+        let _ = self.tx.try_send(RoomEvent::ClusterWake);
     }
 
     /// Queue a record for the actor; `false` if the backlog is full.
-    fn push_record(&self, event: ClusterEvent, size: usize) -> bool {
+    fn push_record(&self, record: Record, size: usize) -> bool {
         {
             let mut records = self.records.lock().expect("entry lock");
             if records.1 + size > ROOM_BACKLOG_BYTES {
                 return false;
             }
-            records.0.push_back(event);
+            records.0.push_back(record);
             records.1 += size;
             if records.0.len() > 1 {
                 return true; // the actor was woken for the first one
             }
         }
         self.has_records.store(true, Relaxed);
-        let _ = self.tx.try_send(RoomEvent::Cluster(ClusterEvent::Wake));
+        let _ = self.tx.try_send(RoomEvent::ClusterWake);
         true
     }
 
@@ -236,15 +236,16 @@ pub struct Cluster {
     node: String,
     client: redis::Client,
     lease: Duration,
-    /// The commands connection while Redis is reachable (the writer and the
-    /// supervisor clone it; the supervisor replaces it after a reconnect).
+    /// The commands connection while Redis is reachable (cloned for each use; the
+    /// supervisor replaces it after a reconnect).
     conn: Mutex<Option<MultiplexedConnection>>,
     /// The subscription connection's command side (the supervisor's only).
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     up: AtomicBool,
     /// Rooms live on this node, by name.
     entries: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
-    /// Rooms live anywhere in the cluster (refreshed every heartbeat), for `forward`.
+    /// Rooms live anywhere in the cluster (refreshed every heartbeat), for `forward`
+    /// and the admin API's publish.
     known: RwLock<HashSet<String>>,
     writes: mpsc::Sender<Write>,
     control: mpsc::Sender<Control>,
@@ -286,10 +287,6 @@ impl Cluster {
     /// This node's id (the value of the leases it holds).
     pub fn node(&self) -> &str {
         &self.node
-    }
-
-    pub fn lease(&self) -> Duration {
-        self.lease
     }
 
     /// How long one Redis round trip may take before Redis counts as unreachable.
@@ -433,18 +430,18 @@ impl Cluster {
         let mut out = String::new();
         let owned =
             self.entries.lock().expect("cluster lock").values().filter(|e| e.role() == Role::Owner).count();
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_cluster_up Whether Redis is reachable (cluster mode).\n# TYPE roomcast_cluster_up gauge\nroomcast_cluster_up {}",
-            u8::from(self.is_up())
+        metrics::gauge(
+            &mut out,
+            "roomcast_cluster_up",
+            "Whether Redis is reachable (cluster mode).",
+            u8::from(self.is_up()),
         );
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_cluster_owned_rooms Rooms whose lease this node holds.\n# TYPE roomcast_cluster_owned_rooms gauge\nroomcast_cluster_owned_rooms {owned}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP roomcast_cluster_dropped_total Cluster records dropped, by reason.\n# TYPE roomcast_cluster_dropped_total counter"
+        metrics::gauge(&mut out, "roomcast_cluster_owned_rooms", "Rooms whose lease this node holds.", owned);
+        metrics::header(
+            &mut out,
+            "roomcast_cluster_dropped_total",
+            "Cluster records dropped, by reason.",
+            "counter",
         );
         for (reason, counter) in [
             ("queue", &self.stats.dropped_queue),
@@ -476,11 +473,7 @@ impl Cluster {
                 &self.stats.discarded,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                counter.load(Relaxed)
-            );
+            metrics::counter(&mut out, name, help, counter.load(Relaxed));
         }
         out
     }
@@ -523,25 +516,22 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             let mut flushes = Vec::new();
+            // Per command: the room and record to hand back if nobody hears it.
             let mut unheard = Vec::new();
-            let mut count = 0;
             for write in batch.drain(..) {
                 match write {
                     Write::Cmd(cmd) => {
                         pipe.add_command(cmd);
                         unheard.push(None);
-                        count += 1;
                     }
                     Write::Publish { channel, data, unheard: room } => {
-                        let keep = room.map(|room| (room, data.clone()));
-                        pipe.cmd("PUBLISH").arg(channel).arg(data);
-                        unheard.push(keep);
-                        count += 1;
+                        pipe.cmd("PUBLISH").arg(channel).arg(&data);
+                        unheard.push(room.map(|room| (room, data)));
                     }
                     Write::Flush(done) => flushes.push(done),
                 }
             }
-            if count > 0 {
+            if !unheard.is_empty() {
                 let conn = if self.is_up() { self.conn.lock().expect("cluster lock").clone() } else { None };
                 let failed = match conn {
                     None => true,
@@ -572,7 +562,7 @@ impl Cluster {
                 if failed {
                     // Events for an owner go back to their room, which runs them itself
                     // once it is alone; everything else is lost and counted.
-                    let mut lost = count;
+                    let mut lost = unheard.len() as u64;
                     for (room, data) in unheard.into_iter().flatten() {
                         lost -= 1;
                         self.hand_back(&room, data);
@@ -595,7 +585,7 @@ impl Cluster {
             return;
         };
         let size = data.len();
-        if !entry.push_record(ClusterEvent::Unheard(data), size) {
+        if !entry.push_record(Record::Unheard(data), size) {
             self.stats.dropped_inbox.fetch_add(1, Relaxed);
         }
         self.check(entry);
@@ -610,31 +600,32 @@ impl Cluster {
         }
     }
 
-    /// Hand every subscription message to its room's inbox, until the connection ends.
+    /// Hand every subscription message to its room's record backlog, until the
+    /// connection ends. An owner hears its own deliveries on the `out` channel: they
+    /// were delivered here already and are skipped before decoding.
     async fn dispatch(self: Arc<Self>, mut stream: PubSubStream) {
         while let Some(message) = stream.next().await {
             let Some((room, direction)) = store::parse_channel(message.get_channel_name()) else {
                 continue;
             };
-            let event = match direction {
-                store::Direction::In => ToOwner::decode(message.get_payload_bytes()).map(ClusterEvent::In),
-                store::Direction::Out => {
-                    FromOwner::decode(message.get_payload_bytes()).map(ClusterEvent::Out)
-                }
+            let data = message.get_payload_bytes();
+            if direction == store::Direction::Out && wire::publisher(data) == Some(self.node.as_bytes()) {
+                continue;
+            }
+            let Some(entry) = self.entries.lock().expect("cluster lock").get(room).cloned() else {
+                continue;
             };
-            let event = match event {
-                Ok(event) => event,
-                Err(error) => {
-                    tracing::warn!(%room, %error, "undecodable cluster record ignored");
-                    continue;
-                }
+            let record = match direction {
+                store::Direction::In => ToOwner::decode(data).map(Record::In),
+                store::Direction::Out => FromOwner::decode(data).map(Record::Out),
             };
-            let entry = self.entries.lock().expect("cluster lock").get(room).cloned();
-            let size = message.get_payload_bytes().len();
-            if let Some(entry) = entry
-                && !entry.push_record(event, size)
-            {
-                self.stats.dropped_inbox.fetch_add(1, Relaxed);
+            match record {
+                Ok(record) => {
+                    if !entry.push_record(record, data.len()) {
+                        self.stats.dropped_inbox.fetch_add(1, Relaxed);
+                    }
+                }
+                Err(error) => tracing::warn!(%room, %error, "undecodable cluster record ignored"),
             }
         }
     }
@@ -678,8 +669,7 @@ impl Cluster {
             *self.conn.lock().expect("cluster lock") = Some(conn);
             *self.sink.lock().await = Some(sink);
             let mut dispatcher = tokio::spawn(self.clone().dispatch(stream));
-            let entries: Vec<Arc<Entry>> =
-                self.entries.lock().expect("cluster lock").values().cloned().collect();
+            let entries = self.entries();
             for entry in &entries {
                 entry.subscribed_in.store(false, Relaxed);
                 entry.resync.store(true, Relaxed);
@@ -707,11 +697,7 @@ impl Cluster {
                     }
                     _ = &mut dispatcher => Err("the subscription connection closed".to_owned()),
                     () = self.write_failed.notified() => Err("a write failed".to_owned()),
-                    _ = interval.tick() => {
-                        let entries: Vec<Arc<Entry>> =
-                            self.entries.lock().expect("cluster lock").values().cloned().collect();
-                        self.tick(&entries).await
-                    }
+                    _ = interval.tick() => self.tick(&self.entries()).await,
                     next = control.recv() => match next {
                         Some(first) => {
                             let mut rest = control_batch(&mut control);
@@ -734,8 +720,7 @@ impl Cluster {
     /// Every room serves its local members alone until Redis returns.
     fn go_solo(&self) {
         self.up.store(false, Relaxed);
-        let entries: Vec<Arc<Entry>> = self.entries.lock().expect("cluster lock").values().cloned().collect();
-        for entry in entries {
+        for entry in self.entries() {
             if entry.set_role(Role::Solo) != Role::Solo {
                 entry.push(RoleChange::Solo);
             }
@@ -913,7 +898,7 @@ impl Cluster {
                 "mine" | "vacant" => to_claim.push(entry),
                 "other" => {
                     let owner = fields.next().map(text).unwrap_or_default();
-                    self.follow(&entry, owner, resync).await?;
+                    self.follow(&entry, owner).await?;
                 }
                 other => return Err(format!("unexpected heartbeat reply `{other}`")),
             }
@@ -925,8 +910,8 @@ impl Cluster {
     }
 
     /// Another node owns the room.
-    async fn follow(&self, entry: &Arc<Entry>, owner: String, resync: bool) -> Result<(), String> {
-        entry.resync.store(false, Relaxed);
+    async fn follow(&self, entry: &Arc<Entry>, owner: String) -> Result<(), String> {
+        let resync = entry.resync.swap(false, Relaxed);
         if entry.subscribed_in.swap(false, Relaxed) {
             self.unsubscribe(vec![store::in_channel(&entry.name)]).await?;
         }
@@ -960,11 +945,7 @@ impl Cluster {
                 .arg(&self.node)
                 .arg(self.lease.as_millis() as u64);
             pipe.cmd("GET").arg(store::state_key(name));
-            pipe.cmd("EVAL")
-                .arg(store::MEMBERS)
-                .arg(1)
-                .arg(store::nodes_key(name))
-                .arg(store::members_prefix(name));
+            members_cmd(&mut pipe, name);
         }
         let replies: Vec<Value> = self.query(&pipe).await?;
         let mut replies = replies.into_iter();
@@ -977,8 +958,7 @@ impl Cluster {
             let status = fields.next().map(text).unwrap_or_default();
             if status == "other" {
                 let owner = fields.next().map(text).unwrap_or_default();
-                let resync = entry.resync.load(Relaxed);
-                self.follow(entry, owner, resync).await?;
+                self.follow(entry, owner).await?;
                 continue;
             }
             entry.resync.store(false, Relaxed);
@@ -1005,14 +985,20 @@ impl Cluster {
     /// Every live node's members of `room`.
     async fn members(&self, room: &str) -> Result<Vec<(String, MemberInfo)>, String> {
         let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
-            .arg(store::MEMBERS)
-            .arg(1)
-            .arg(store::nodes_key(room))
-            .arg(store::members_prefix(room));
+        members_cmd(&mut pipe, room);
         let mut replies: Vec<Value> = self.query(&pipe).await?;
         Ok(presence(replies.pop().unwrap_or(Value::Nil)))
     }
+
+    /// The rooms live on this node, at this moment.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.entries.lock().expect("cluster lock").values().cloned().collect()
+    }
+}
+
+/// Add a `MEMBERS` read of `room` (every live node's members) to `pipe`.
+fn members_cmd(pipe: &mut redis::Pipeline, room: &str) {
+    pipe.cmd("EVAL").arg(store::MEMBERS).arg(1).arg(store::nodes_key(room)).arg(store::members_prefix(room));
 }
 
 /// Drain further control messages that are already queued, to batch them.
@@ -1028,7 +1014,7 @@ fn control_batch(control: &mut mpsc::Receiver<Control>) -> Vec<Control> {
 }
 
 /// One live room as `/admin/rooms` shows it in cluster mode.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RoomOverview {
     pub name: String,
     pub owner: Option<String>,
@@ -1049,10 +1035,6 @@ pub struct RoomLink {
 impl RoomLink {
     pub fn node(&self) -> &str {
         &self.cluster.node
-    }
-
-    pub fn cluster(&self) -> &Arc<Cluster> {
-        &self.cluster
     }
 
     /// Ask the supervisor for this room's role and wait for it (events queue in the
@@ -1100,7 +1082,7 @@ impl RoomLink {
     }
 
     /// The records from Redis waiting for the actor, in arrival order.
-    pub fn take_records(&self) -> VecDeque<ClusterEvent> {
+    pub fn take_records(&self) -> VecDeque<Record> {
         if !self.entry.has_records.swap(false, Relaxed) {
             return VecDeque::new();
         }

@@ -5,7 +5,7 @@
 //! nothing else in the host needs serde for binary data, and the hot path (one
 //! message in, one delivery out) encodes a payload with one copy.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use crate::plugin::{MemberId, MemberInfo, Payload};
 
@@ -95,11 +95,11 @@ pub struct Snapshot {
     pub state: Option<Vec<u8>>,
 }
 
-struct Writer(BytesMut);
+struct Writer(Vec<u8>);
 
 impl Writer {
     fn new(tag: u8) -> Self {
-        let mut buf = BytesMut::with_capacity(64);
+        let mut buf = Vec::with_capacity(64);
         buf.put_u8(VERSION);
         buf.put_u8(tag);
         Self(buf)
@@ -131,7 +131,7 @@ impl Writer {
         }
     }
     fn finish(self) -> Vec<u8> {
-        self.0.to_vec()
+        self.0
     }
 }
 
@@ -227,6 +227,13 @@ fn get_member(r: &mut Reader<'_>) -> Result<MemberInfo, WireError> {
     let remote_addr = r.string()?;
     let protocol = if r.u8()? != 0 { Some(r.string()?) } else { None };
     Ok(MemberInfo { id, query, remote_addr, protocol })
+}
+
+/// The node that published a [`ToOwner`] or [`FromOwner`] record, read from its
+/// head without decoding the rest.
+pub fn publisher(data: &[u8]) -> Option<&[u8]> {
+    let (mut r, _) = Reader::open(data).ok()?;
+    r.bytes().ok()
 }
 
 impl ToOwner {
@@ -409,6 +416,7 @@ mod tests {
         ];
         for event in events {
             let record = ToOwner { node: "n1".into(), event };
+            assert_eq!(publisher(&record.encode()), Some(&b"n1"[..]));
             assert_eq!(ToOwner::decode(&record.encode()).unwrap(), record);
         }
     }
@@ -427,6 +435,8 @@ mod tests {
             },
         };
         assert_eq!(FromOwner::decode(&record.encode()).unwrap(), record);
+        assert_eq!(publisher(&record.encode()), Some(&b"owner"[..]));
+        assert_eq!(publisher(&[VERSION]), None);
         let released = FromOwner { node: "owner".into(), event: OutEvent::Released };
         assert_eq!(FromOwner::decode(&released.encode()).unwrap(), released);
     }
