@@ -161,26 +161,25 @@ async fn cluster_rooms(cluster: &crate::cluster::Cluster, rooms: &mut Vec<Value>
         }
         return;
     };
-    for room in rooms.iter_mut() {
+    let mut index = std::collections::HashMap::with_capacity(rooms.len());
+    for (i, room) in rooms.iter_mut().enumerate() {
         room["local_members"] = room["members"].clone();
+        index.insert(room["name"].as_str().unwrap_or_default().to_owned(), i);
     }
     for entry in overview {
         let total: usize = entry.members.iter().map(|(_, ids)| ids.len()).sum();
         let nodes: serde_json::Map<String, Value> =
             entry.members.into_iter().map(|(node, ids)| (node, json!(ids))).collect();
-        let existing = rooms.iter_mut().find(|r| r["name"] == entry.name.as_str());
-        let room = match existing {
-            Some(room) => room,
-            None => {
-                rooms.push(json!({
-                    "name": entry.name,
-                    // Its owner elsewhere runs the plugin.
-                    "plugin": Value::Null,
-                    "local_members": 0,
-                }));
-                rooms.last_mut().expect("just pushed")
-            }
-        };
+        let i = *index.entry(entry.name.clone()).or_insert_with(|| {
+            rooms.push(json!({
+                "name": entry.name,
+                // Its owner elsewhere runs the plugin.
+                "plugin": Value::Null,
+                "local_members": 0,
+            }));
+            rooms.len() - 1
+        });
+        let room = &mut rooms[i];
         room["members"] = json!(total);
         room["owner"] = json!(entry.owner);
         room["nodes"] = Value::Object(nodes);

@@ -256,7 +256,7 @@ async fn snapshot(shared: &Shared, rates: &mut Rates) -> Value {
                 .get(name)
                 .map(|room| room.members())
                 .into_iter()
-                .flat_map(|members| members.iter().take(MAX_MEMBERS).cloned().collect::<Vec<_>>())
+                .flat_map(|members| members.into_iter().take(MAX_MEMBERS))
                 .map(|peer| json!({ "id": peer.id, "name": query_name(&peer.query), "remote": peer.remote_addr }))
                 .collect();
             entry["member_count"] = entry["members"].take();

@@ -656,13 +656,7 @@ impl RoomActor {
 
     /// Every member (local or on another node) in join order.
     fn member_infos(&self) -> Vec<MemberInfo> {
-        self.ids
-            .iter()
-            .filter_map(|id| match self.peers.iter().find(|p| p.id == *id) {
-                Some(peer) => Some(peer.info()),
-                None => self.cluster.as_ref()?.remote.get(id).map(|r| r.info.clone()),
-            })
-            .collect()
+        self.ids.iter().filter_map(|id| self.member_info(*id)).collect()
     }
 
     /// Apply the timers a new instance set in `init` or `restore`.
@@ -902,18 +896,9 @@ impl RoomActor {
     fn apply(&mut self, actions: Vec<Action>, hops: u8) {
         for action in actions {
             match action {
-                Action::Send { to, payload } if self.staging => {
-                    if self.peers.iter().any(|p| p.id == to) {
-                        self.staged.push((encode(&payload), Target::One(to)));
-                    }
-                }
                 Action::Send { to, payload } => {
-                    if let Some(peer) = self.peers.iter().find(|p| p.id == to) {
-                        if peer.deliver(&encode(&payload), self.write_through) {
-                            self.metrics.messages_out.fetch_add(1, Relaxed);
-                        }
-                    } else if let Some(clustered) =
-                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&to))
+                    if !self.deliver_to(to, &payload)
+                        && let Some(clustered) = self.cluster.as_mut().filter(|c| c.remote.contains_key(&to))
                     {
                         clustered.outbox.push(Delivery::Send { to, payload });
                     }
@@ -923,7 +908,7 @@ impl RoomActor {
                 Action::Close { member, code, reason } => {
                     // What the member was sent before its close reaches it first.
                     self.flush_staged();
-                    if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
+                    if let Some(peer) = self.local(member) {
                         peer.end(Ending::new(CloseReason::Plugin, code, reason));
                     } else if let Some(clustered) =
                         self.cluster.as_mut().filter(|c| c.remote.contains_key(&member))
@@ -988,6 +973,24 @@ impl RoomActor {
         if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {
             clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except: except.to_vec() });
         }
+    }
+
+    /// This node's member `id`, if it is one.
+    fn local(&self, id: MemberId) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    /// Queue `payload` for this node's member `to`; `false` if `to` is not one. Never
+    /// awaits.
+    fn deliver_to(&mut self, to: MemberId, payload: &Payload) -> bool {
+        let Some(peer) = self.local(to) else { return false };
+        let frame = encode(payload);
+        if self.staging {
+            self.staged.push((frame, Target::One(to)));
+        } else if peer.deliver(&frame, self.write_through) {
+            self.metrics.messages_out.fetch_add(1, Relaxed);
+        }
+        true
     }
 
     /// Queue `frame` for every member except `except`. Never awaits.
@@ -1282,23 +1285,18 @@ impl RoomActor {
                 // The state's view first: the members it knows that are still here.
                 self.ids = members.iter().copied().filter(|id| present.contains(id)).collect();
                 tracing::info!(room = %self.room.name, plugin = plugin.name(), "took the room over from its stored snapshot");
+                // A restored state hears who left since; a fresh start (restore
+                // refused) has met `self.ids` as joins already.
                 if self.start(plugin, Some(state)) {
                     for gone in members.iter().filter(|id| !present.contains(id)) {
                         self.left(*gone, CloseReason::Reset);
                     }
-                    for id in present.iter().filter(|id| !members.contains(id)) {
-                        self.ids.push(*id);
-                        if let Some(info) = self.member_info(*id) {
-                            self.joined(&info);
-                        }
-                    }
-                } else {
-                    for id in present.iter().filter(|id| !self.ids.contains(id)).copied().collect::<Vec<_>>()
-                    {
-                        self.ids.push(id);
-                        if let Some(info) = self.member_info(id) {
-                            self.joined(&info);
-                        }
+                }
+                // The members the state does not know join.
+                for id in present.iter().filter(|id| !members.contains(id)) {
+                    self.ids.push(*id);
+                    if let Some(info) = self.member_info(*id) {
+                        self.joined(&info);
                     }
                 }
             }
@@ -1312,7 +1310,7 @@ impl RoomActor {
     }
 
     fn member_info(&self, id: MemberId) -> Option<MemberInfo> {
-        match self.peers.iter().find(|p| p.id == id) {
+        match self.local(id) {
             Some(peer) => Some(peer.info()),
             None => self.cluster.as_ref()?.remote.get(&id).map(|r| r.info.clone()),
         }
@@ -1336,7 +1334,7 @@ impl RoomActor {
             .into_values()
             .filter(|(_, info)| {
                 !clustered.remote.contains_key(&info.id)
-                    && !self.peers.iter().any(|p| p.id == info.id)
+                    && self.local(info.id).is_none()
                     && clustered.left.get(&info.id).is_none_or(|at| *at < asked)
             })
             .collect();
@@ -1440,26 +1438,16 @@ impl RoomActor {
                 for data in clustered.unheard.drain(..) {
                     clustered.link.republish(data);
                 }
-                let mut delivered = 0;
                 for item in items {
                     match item {
                         Delivery::Broadcast { payload, except } => {
-                            let frame = encode(&payload);
-                            for peer in &self.peers {
-                                if !except.contains(&peer.id) && peer.deliver(&frame, self.write_through) {
-                                    delivered += 1;
-                                }
-                            }
+                            self.deliver_except(&encode(&payload), &except)
                         }
                         Delivery::Send { to, payload } => {
-                            if let Some(peer) = self.peers.iter().find(|p| p.id == to)
-                                && peer.deliver(&encode(&payload), self.write_through)
-                            {
-                                delivered += 1;
-                            }
+                            self.deliver_to(to, &payload);
                         }
                         Delivery::Close { member, code, reason, failure } => {
-                            if let Some(peer) = self.peers.iter().find(|p| p.id == member) {
+                            if let Some(peer) = self.local(member) {
                                 let why =
                                     if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
                                 peer.end(Ending::new(why, code, reason));
@@ -1467,7 +1455,6 @@ impl RoomActor {
                         }
                     }
                 }
-                self.metrics.messages_out.fetch_add(delivered, Relaxed);
             }
         }
     }
