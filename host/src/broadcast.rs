@@ -23,16 +23,13 @@
 //! woken. A room thus costs no task wake-up per recipient; under load it hands each
 //! member its whole batch at once ([`Outbound::push_batch`], one `sendmsg(2)`).
 
+use crate::transport::send_frames;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-
-/// The most frames one write-through sends.
-const MAX_WRITE_THROUGH: usize = 64;
 
 /// The data queue would exceed its byte budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +85,7 @@ impl State {
         };
         // Refused, or a failed socket (the writer meets the error and ends the
         // session): everything is queued.
-        let mut sent = send(socket, frames).unwrap_or(0);
+        let mut sent = send_frames(socket, frames).unwrap_or(0);
         let mut left = frames;
         while let Some((first, others)) = left.split_first() {
             if sent < first.len() {
@@ -289,23 +286,6 @@ impl Outbound {
     pub fn queued_bytes(&self) -> usize {
         self.state.lock().expect("outbound lock").data_bytes
     }
-}
-
-/// One non-blocking `send(2)` of `frames` on `socket` (`sendmsg(2)` for several, up to
-/// [`MAX_WRITE_THROUGH`]), without consulting tokio's readiness (the kernel answers
-/// anyway). A refusal leaves that readiness as it was: the writer's next write then
-/// meets the refusal itself and waits for the kernel.
-fn send(socket: &TcpStream, frames: &[&Bytes]) -> io::Result<usize> {
-    let socket = socket2::SockRef::from(socket);
-    if let [frame] = frames {
-        return socket.send(frame);
-    }
-    let mut slices = [IoSlice::new(&[]); MAX_WRITE_THROUGH];
-    let count = frames.len().min(MAX_WRITE_THROUGH);
-    for (slice, frame) in slices.iter_mut().zip(frames) {
-        *slice = IoSlice::new(frame);
-    }
-    socket.send_vectored(&slices[..count])
 }
 
 #[cfg(test)]

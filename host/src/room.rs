@@ -364,9 +364,11 @@ struct RoomActor {
     rooms: Weak<Rooms>,
     metrics: Arc<Metrics>,
     plugins: Arc<LivePlugins>,
-    /// Members in join order, as this actor has been told of them (join and leave
-    /// events), so the plugin's view matches the order of its hooks.
+    /// This node's members in join order, as this actor has been told of them (join
+    /// and leave events).
     peers: Vec<Arc<Peer>>,
+    /// Every member the plugin sees, in join order, so its view matches the order of
+    /// its hooks: `peers`' ids, plus in cluster mode the members on other nodes.
     ids: Vec<MemberId>,
     logic: Logic,
     /// The plugin set generation `logic` was resolved against.

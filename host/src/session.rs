@@ -3,7 +3,8 @@
 //!
 //! The task runs two futures over the two halves of its [`Transport`]: the reader
 //! (decode frames, feed the room, answer pings, watch the heartbeat) and the writer
-//! (drain the member's outbound queue, one vectored write per batch). Whatever ends
+//! (drain what the member's outbound queue holds, up to 64 frames per system call;
+//! most frames never get here, written through by the room). Whatever ends
 //! the session — a close frame, a reap, an error, an overflow, a plugin, shutdown — the
 //! task leaves every room first, then sends its close frame if it has one, and drops
 //! the socket.
@@ -24,10 +25,8 @@ use crate::heartbeat::{Beat, Heartbeat};
 use crate::metrics::{CloseReason, Metrics};
 use crate::plugin::Payload;
 use crate::room::{Ending, Peer, Room, Rooms};
-use crate::transport::{Reader, Transport, Writer};
+use crate::transport::{MAX_FRAMES_PER_WRITE, Reader, Transport, Writer};
 
-/// Frames written per vectored write.
-const WRITE_BATCH: usize = 64;
 /// Bytes read per `read` call when no frame size is known yet.
 const READ_CHUNK: usize = 4096;
 /// How long a closing session keeps trying to deliver its close frame and wait for
@@ -207,7 +206,7 @@ async fn write_loop(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Error {
 async fn flush(writer: &mut Writer<'_>, outbound: &Outbound) -> io::Result<()> {
     let mut batch = Vec::new();
     loop {
-        outbound.drain(&mut batch, WRITE_BATCH);
+        outbound.drain(&mut batch, MAX_FRAMES_PER_WRITE);
         if batch.is_empty() {
             return writer.flush().await;
         }

@@ -1,8 +1,9 @@
 //! The byte stream under a WebSocket session: plain TCP or TLS, and the read and write
 //! halves a session drives at the same time.
 //!
-//! Plain TCP is the fast path: readiness plus `try_read_buf`, and `try_write_vectored`
-//! straight on the socket, with nothing in between. The stream is shared (`Arc`) so
+//! Plain TCP is the fast path: readiness plus `try_read_buf`, and [`send_frames`]
+//! (`send(2)` for one frame, `sendmsg(2)` for several) straight on the socket, with
+//! nothing in between. The stream is shared (`Arc`) so
 //! that the member's outbound queue can write through to it (see `broadcast`); every
 //! operation here takes `&TcpStream`. TLS runs rustls over the same socket; its halves
 //! come from `tokio::io::split`, which puts the stream behind a lock that each half
@@ -127,11 +128,13 @@ impl Writer<'_> {
     /// takes nothing; then [`Writer::ready`] waits for it. TLS waits inside.
     pub async fn write_some(&mut self, frames: &[Bytes]) -> io::Result<usize> {
         let written = match self {
-            Self::Plain(stream) => match frames {
-                [frame] => stream.try_io(Interest::WRITABLE, || SockRef::from(*stream).send(frame)),
-                _ => stream.try_write_vectored(&slices(frames)),
-            },
-            Self::Tls(half) => half.write_vectored(&slices(frames)).await,
+            Self::Plain(stream) => stream.try_io(Interest::WRITABLE, || send_frames(stream, frames)),
+            // On the heap: slices held across the await would grow every session's
+            // future, plain ones included.
+            Self::Tls(half) => {
+                let slices: Vec<IoSlice<'_>> = frames.iter().map(|frame| IoSlice::new(frame)).collect();
+                half.write_vectored(&slices).await
+            }
         };
         match written {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -165,6 +168,21 @@ impl Writer<'_> {
     }
 }
 
-fn slices(frames: &[Bytes]) -> Vec<IoSlice<'_>> {
-    frames.iter().map(|frame| IoSlice::new(frame)).collect()
+/// The most frames one write sends (the rest wait for the next).
+pub const MAX_FRAMES_PER_WRITE: usize = 64;
+
+/// One non-blocking `send(2)` of `frames` on `socket` (`sendmsg(2)` for several, up to
+/// [`MAX_FRAMES_PER_WRITE`]), without consulting tokio's readiness: the caller decides
+/// what a refusal means to it.
+pub fn send_frames(socket: &TcpStream, frames: &[impl AsRef<[u8]>]) -> io::Result<usize> {
+    let socket = SockRef::from(socket);
+    if let [frame] = frames {
+        return socket.send(frame.as_ref());
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_FRAMES_PER_WRITE];
+    let count = frames.len().min(MAX_FRAMES_PER_WRITE);
+    for (slice, frame) in slices.iter_mut().zip(frames) {
+        *slice = IoSlice::new(frame.as_ref());
+    }
+    socket.send_vectored(&slices[..count])
 }

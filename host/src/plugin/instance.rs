@@ -47,7 +47,7 @@ pub(crate) struct Code {
     pub(crate) setup_deadline: Duration,
     pub(crate) setup_ticks: u64,
     pub(crate) config_json: String,
-    /// Keeps the epoch ticker running while any plugin or instance exists.
+    /// Keeps the epoch ticker alive while any plugin or instance exists.
     pub(crate) shared: Arc<Shared>,
 }
 

@@ -71,7 +71,8 @@ impl std::fmt::Display for CheckReport {
 }
 
 /// What every plugin shares: the engine, the epoch ticker, the seed for guests'
-/// `wasi:random`. Plugins hold it too, so the ticker runs while any instance exists.
+/// `wasi:random`. Plugins hold it too, so the ticker lives while any instance exists
+/// (parked while no guest code runs).
 pub(crate) struct Shared {
     engine: Engine,
     /// Taken and stopped on drop, when the runtime and every plugin are gone.
