@@ -25,7 +25,7 @@
 
 use crate::transport::send_frames;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -134,43 +134,22 @@ impl Outbound {
         self.state.lock().expect("outbound lock").direct = None;
     }
 
-    /// Queue a data frame, or with `write_through` send it at once when nothing is
-    /// queued before it. Never blocks; fails when the budget would be exceeded or the
-    /// member is closing (a closing member silently receives nothing more).
+    /// One data frame: see [`Outbound::push_batch`].
     pub fn push_data(&self, frame: &Bytes, write_through: bool) -> Result<(), Overflow> {
+        self.push_batch(&[frame], write_through)
+    }
+
+    /// Data frames under one lock (a busy room's batch, or one frame). With
+    /// `write_through` and nothing queued before them, they are sent at once (one
+    /// `send(2)` or `sendmsg(2)`) and only what the kernel refuses is queued; otherwise
+    /// queued, with one wake-up of the writer. Never blocks. The budget bounds what is
+    /// queued: at the first frame that would queue past it, the member overflows and
+    /// its queue is freed. A closing member silently receives nothing more.
+    pub fn push_batch(&self, frames: &[&Bytes], write_through: bool) -> Result<(), Overflow> {
         let mut state = self.state.lock().expect("outbound lock");
         if state.closed {
             return Ok(());
         }
-        if state.data_bytes + frame.len() > self.max_bytes {
-            // Free what the member will never read.
-            state.closed = true;
-            state.clear_data();
-            return Err(Overflow);
-        }
-        self.push(state, std::slice::from_ref(&frame), write_through)
-    }
-
-    /// Several data frames under one lock (a busy room's batch): with `write_through`
-    /// and nothing queued before them, sent at once with one `sendmsg(2)`, the rest
-    /// queued; otherwise queued, with one wake-up of the writer. Fails like
-    /// [`Outbound::push_data`] at the first frame to queue past the budget.
-    pub fn push_batch(&self, frames: &[&Bytes], write_through: bool) -> Result<(), Overflow> {
-        let state = self.state.lock().expect("outbound lock");
-        if state.closed {
-            return Ok(());
-        }
-        self.push(state, frames, write_through)
-    }
-
-    /// Write through what the kernel takes (if asked), queue the rest, and wake the
-    /// writer if anything is left for it.
-    fn push(
-        &self,
-        mut state: MutexGuard<'_, State>,
-        frames: &[&Bytes],
-        write_through: bool,
-    ) -> Result<(), Overflow> {
         let left = if write_through { state.write_through(frames) } else { frames };
         if left.is_empty() && state.rest.is_none() {
             return Ok(());
