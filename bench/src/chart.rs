@@ -110,7 +110,7 @@ fn draw_panel<DB: DrawingBackend>(
     // One far-off bar (a disturbed peer) would flatten the others: bars above four
     // times the median are cut at that height and marked with their value and "↑".
     let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite()).collect();
-    let highest = finite.iter().copied().chain(panel.target.map(|(t, _)| t)).fold(0.0, f64::max);
+    let highest = finite.iter().copied().fold(0.0, f64::max);
     let clip = highest.min(4.0 * crate::stats::median(finite.iter().copied())).max(1e-9);
     let clip = clip.max(panel.target.map_or(0.0, |(t, _)| t));
     let top = clip * 1.18;

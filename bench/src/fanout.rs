@@ -79,7 +79,8 @@ pub struct FanoutResult {
     /// server; near `elapsed_s` means it, not the server, was the limit).
     pub client_cpu_s: f64,
     /// CPU other programs on the machine used over the same phase: a noisy neighbour
-    /// shows here (kernel threads are not counted).
+    /// shows here (kernel threads are not counted; without a server pid, the server's
+    /// own CPU is counted here too).
     pub other_cpu_s: f64,
 }
 
@@ -164,8 +165,8 @@ pub async fn run(
     let recipients = (clients - 1) as u64;
     let expected = total as u64 * recipients;
     let cpu_before = server_pid.map(procfs::cpu_secs).transpose()?;
-    let own_before = procfs::cpu_secs(std::process::id())?;
     let me = std::process::id();
+    let own_before = procfs::cpu_secs(me)?;
     let exclude = [me, server_pid.unwrap_or(me)];
     let others_before = procfs::others_cpu_secs(&exclude);
     let start = Instant::now();
@@ -195,7 +196,7 @@ pub async fn run(
         }
     }
     let cpu_after = server_pid.map(procfs::cpu_secs).transpose()?;
-    let own_after = procfs::cpu_secs(std::process::id())?;
+    let own_after = procfs::cpu_secs(me)?;
     let others_after = procfs::others_cpu_secs(&exclude);
     let _ = stop_tx.send(true);
     pump.abort();

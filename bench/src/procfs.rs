@@ -1,5 +1,6 @@
-//! What the load generator reads about the server process from `/proc`: CPU time
-//! (utime + stime of all its threads), resident memory and open file descriptors.
+//! What the load generator reads from `/proc`: a process's CPU time (utime + stime of
+//! all its threads), resident memory and open file descriptors, the CPU every other
+//! process used, and its own nice value and open-file limit.
 
 use std::sync::OnceLock;
 
@@ -7,10 +8,7 @@ use anyhow::Context as _;
 
 /// CPU seconds (user + system, all threads) the process has used so far.
 pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name may contain spaces: fields are counted after its `)`.
-    let after = stat.rsplit_once(')').context("malformed stat")?.1;
+    let after = stat_after_name(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
     let ticks = |i: usize| -> anyhow::Result<u64> {
@@ -50,10 +48,7 @@ pub fn others_cpu_secs(exclude: &[u32]) -> f64 {
         if exclude.contains(&pid) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, after)) = stat.rsplit_once(')') else {
+        let Some(after) = stat_after_name(pid) else {
             continue;
         };
         let fields: Vec<u64> = after.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
@@ -87,10 +82,14 @@ pub fn fd_count(pid: u32) -> anyhow::Result<usize> {
 
 /// This process's nice value (field 19 of `/proc/self/stat`).
 pub fn nice() -> i64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok())
-        .unwrap_or(0)
+    stat_after_name("self").and_then(|after| after.split_whitespace().nth(16)?.parse().ok()).unwrap_or(0)
+}
+
+/// The fields of `/proc/PID/stat` after the command name, the state first: the name
+/// may contain spaces, so they are counted after its `)`.
+fn stat_after_name(pid: impl std::fmt::Display) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.to_owned())
 }
 
 /// The soft limit on open files of this process.

@@ -37,7 +37,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The full run (about 15 minutes here) or a smoke run (about 2 minutes).
+    /// The full run (about 15 minutes here) or a smoke run (about 3 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
             clients,
@@ -361,8 +361,7 @@ fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> 
         "[config]\nbanned_words = [\"spam\", \"scam\", \"phishing\"]\nmax_length = 4096\n\
          rate_limit = { messages = 1000000, per_ms = 1000 }\nclose_after = 0\n",
     )?;
-    // An absolute path: with a relative one, Roomcast's watcher events do not match
-    // the folder and only its periodic rescan notices a replacement (bench/PROFILE.md).
+    // An absolute path, so the servers find it whatever their working directory.
     Ok(std::fs::canonicalize(&dir)?)
 }
 
