@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -60,6 +61,52 @@ impl IntoResponse for Denied {
                 .into_response(),
         }
     }
+}
+
+/// An authorised admin request. Extracting it checks the bearer token first, so a
+/// refused request's body is never read.
+#[derive(Debug)]
+pub(crate) struct Admin;
+
+impl FromRequestParts<Arc<Shared>> for Admin {
+    type Rejection = Denied;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, Denied> {
+        authorize(shared, &parts.headers).map(|()| Admin)
+    }
+}
+
+/// Why a request body was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyRefused {
+    /// Larger than the route allows, by its `Content-Length` or as it arrived (413).
+    TooLarge,
+    /// The body broke off (400).
+    Broken,
+}
+
+impl IntoResponse for BodyRefused {
+    fn into_response(self) -> Response {
+        match self {
+            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
+            Self::Broken => (StatusCode::BAD_REQUEST, "request body incomplete\n").into_response(),
+        }
+    }
+}
+
+/// Read a request body of at most `limit` bytes: a `Content-Length` over it is refused
+/// before a byte is read, and a body without one is cut off when it passes it. The
+/// connection's deadline (see [`crate::watchdog`]) bounds how long this can wait.
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyRefused> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(BodyRefused::TooLarge);
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large = std::error::Error::source(&error)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if too_large { BodyRefused::TooLarge } else { BodyRefused::Broken }
+    })
 }
 
 /// Whether the request carries the admin token.
@@ -126,17 +173,11 @@ fn local_rooms(shared: &Shared) -> Vec<Value> {
         .collect()
 }
 
-async fn plugins(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return denied.into_response();
-    }
+async fn plugins(_: Admin, State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(plugins_json(&shared)).into_response()
 }
 
-async fn rooms(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return denied.into_response();
-    }
+async fn rooms(_: Admin, State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(rooms_listing(&shared).await).into_response()
 }
 
@@ -190,20 +231,19 @@ async fn cluster_rooms(cluster: &crate::cluster::Cluster, rooms: &mut Vec<Value>
 /// `POST /admin/rooms/{room}/publish`: the body goes to every member of the room, as
 /// text for a UTF-8 body sent with `Content-Type: text/*`, as binary otherwise.
 async fn publish(
+    _: Admin,
     State(shared): State<Arc<Shared>>,
     Path(room): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return denied.into_response();
-    }
     if !valid_room_name(&room) {
         return (StatusCode::BAD_REQUEST, "invalid room name\n").into_response();
     }
-    if body.len() as u64 > shared.config.max_message_bytes {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "body larger than max_message_bytes\n").into_response();
-    }
+    let body = match read_body(&headers, body, shared.config.max_message_bytes as usize).await {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
     let is_text = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

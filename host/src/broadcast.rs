@@ -4,10 +4,15 @@
 //! Rooms push encoded frames (shared `Bytes`, encoded once per broadcast) and move on;
 //! the member's writer task drains the queue and writes each batch with one vectored
 //! write. A push that would take the queued data past its byte budget fails with
-//! [`Overflow`]: the caller then cuts the member off as a slow consumer. Pings and close
-//! frames go in a separate lane that the writer always empties first and that is not
-//! counted against the budget (it is bounded by the session, which queues at most one
-//! ping per heartbeat interval and one close).
+//! [`Overflow`]: the caller then cuts the member off as a slow consumer.
+//!
+//! **Control frames** go in three slots that the writer empties before data: one ping,
+//! one pong, one close. A newer ping or pong replaces one not yet sent (RFC 6455 5.5.3
+//! allows answering only the latest ping), so a ping flood cannot grow the queue. The
+//! pongs a client asks for count against the same budget until the writer gets bytes
+//! to the socket again: a client that floods pings and never reads owes more than
+//! `max_bytes` of pongs and is cut off as a slow consumer, like one that never reads
+//! its data.
 //!
 //! **Frame boundaries.** Whatever was not written stays here, never in a writer's
 //! locals: the writer takes a batch, makes one non-blocking write, and gives back what
@@ -49,7 +54,13 @@ struct State {
     /// The unwritten rest of a frame the kernel took part of: it goes out first, and
     /// nothing clears it.
     rest: Option<Bytes>,
-    control: VecDeque<Bytes>,
+    /// The control slots, sent in this order before any data.
+    ping: Option<Bytes>,
+    pong: Option<Bytes>,
+    close: Option<Bytes>,
+    /// Bytes of pongs asked for since the socket last took any bytes: counted against
+    /// the budget, though only the latest pong is kept.
+    pongs_owed: usize,
     data: VecDeque<Bytes>,
     /// Bytes in `rest` and `data`.
     data_bytes: usize,
@@ -62,7 +73,23 @@ struct State {
     writing: bool,
 }
 
+/// The control slots, in the order they are sent.
+#[derive(Clone, Copy)]
+enum Slot {
+    Ping,
+    Pong,
+    Close,
+}
+
 impl State {
+    fn slot(&mut self, slot: Slot) -> &mut Option<Bytes> {
+        match slot {
+            Slot::Ping => &mut self.ping,
+            Slot::Pong => &mut self.pong,
+            Slot::Close => &mut self.close,
+        }
+    }
+
     /// Drop the queued data, but not the rest of a frame already begun.
     fn clear_data(&mut self) {
         self.data.clear();
@@ -70,7 +97,18 @@ impl State {
     }
 
     fn is_empty(&self) -> bool {
-        self.rest.is_none() && self.control.is_empty() && self.data.is_empty()
+        self.rest.is_none()
+            && self.ping.is_none()
+            && self.pong.is_none()
+            && self.close.is_none()
+            && self.data.is_empty()
+    }
+
+    /// The socket took `bytes` bytes: a client that reads owes nothing.
+    fn progressed(&mut self, bytes: usize) {
+        if bytes > 0 {
+            self.pongs_owed = 0;
+        }
     }
 
     /// If nothing is queued and the writer holds no batch, send what the kernel takes
@@ -86,6 +124,7 @@ impl State {
         // Refused, or a failed socket (the writer meets the error and ends the
         // session): everything is queued.
         let mut sent = send_frames(socket, frames).unwrap_or(0);
+        self.progressed(sent);
         let mut left = frames;
         while let Some((first, others)) = left.split_first() {
             if sent < first.len() {
@@ -160,10 +199,32 @@ impl Outbound {
         Ok(())
     }
 
-    /// Queue a ping or pong; it goes out before any queued data.
-    pub fn push_control(&self, frame: Bytes) {
-        self.state.lock().expect("outbound lock").control.push_back(frame);
+    /// Queue a ping (replacing one not yet sent); it goes out before any queued data.
+    pub fn push_ping(&self, frame: Bytes) {
+        self.state.lock().expect("outbound lock").ping = Some(frame);
         self.wake.notify_one();
+    }
+
+    /// Queue a pong (replacing one not yet sent); it goes out before any queued data.
+    /// Fails with [`Overflow`] (and frees the queue) once the pongs asked for since the
+    /// socket last took bytes pass the budget.
+    pub fn push_pong(&self, frame: Bytes) -> Result<(), Overflow> {
+        {
+            let mut state = self.state.lock().expect("outbound lock");
+            if state.closed {
+                return Ok(());
+            }
+            state.pongs_owed += frame.len();
+            if state.pongs_owed + state.data_bytes > self.max_bytes {
+                state.closed = true;
+                state.clear_data();
+                state.pong = None;
+                return Err(Overflow);
+            }
+            state.pong = Some(frame);
+        }
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Queue a close frame after the data already queued (a plugin's last words reach
@@ -185,7 +246,7 @@ impl Outbound {
             let mut state = self.state.lock().expect("outbound lock");
             state.closed = true;
             state.clear_data();
-            state.control.push_back(frame);
+            state.close = Some(frame);
         }
         self.wake.notify_one();
     }
@@ -204,11 +265,12 @@ impl Outbound {
             state.data_bytes -= rest.len();
             batch.push(rest);
         }
-        while batch.len() < max_frames {
-            let Some(frame) = state.control.pop_front() else {
-                break;
-            };
-            batch.push(frame);
+        for slot in [Slot::Ping, Slot::Pong, Slot::Close] {
+            if batch.len() < max_frames
+                && let Some(frame) = state.slot(slot).take()
+            {
+                batch.push(frame);
+            }
         }
         while batch.len() < max_frames {
             let Some(frame) = state.data.pop_front() else {
@@ -218,11 +280,8 @@ impl Outbound {
             batch.push(frame);
         }
         state.writing = !batch.is_empty();
-        // An idle member keeps no queue memory: the control lane is used once per
-        // heartbeat, and a data queue that grew during a burst is given back.
-        if state.control.is_empty() && state.control.capacity() > 0 {
-            state.control = VecDeque::new();
-        }
+        // An idle member keeps no queue memory: a data queue that grew during a burst
+        // is given back.
         if state.data.is_empty() && state.data.capacity() > 64 {
             state.data = VecDeque::new();
         }
@@ -232,6 +291,7 @@ impl Outbound {
     /// bytes of which went out: it goes out first next time, in the same order. Empties
     /// `batch`.
     pub fn requeue(&self, batch: &mut Vec<Bytes>, mut written: usize) {
+        let progress = written;
         let mut first = batch.len();
         for (index, frame) in batch.iter().enumerate() {
             if written < frame.len() {
@@ -242,6 +302,7 @@ impl Outbound {
         }
         let mut state = self.state.lock().expect("outbound lock");
         state.writing = false;
+        state.progressed(progress);
         if first < batch.len() {
             // Nothing queued is older than the batch: it goes back in front, and its
             // first frame (begun or not) ahead even of control frames queued meanwhile.
@@ -291,7 +352,7 @@ mod tests {
         let out = Outbound::new(10);
         out.push_data(&Bytes::from_static(b"12345"), true).unwrap();
         out.push_data(&Bytes::from_static(b"6789"), true).unwrap();
-        out.push_control(Bytes::from_static(b"ping"));
+        out.push_ping(Bytes::from_static(b"ping"));
         let mut batch = Vec::new();
         out.drain(&mut batch, 2);
         assert_eq!(batch, [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]);
@@ -306,6 +367,30 @@ mod tests {
             "later pushes are dropped quietly"
         );
         assert_eq!(out.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn pongs_replace_each_other_and_count_until_the_socket_takes_bytes() {
+        let out = Outbound::new(10);
+        for n in 0..4u8 {
+            out.push_pong(Bytes::from(vec![n; 2])).unwrap();
+        }
+        out.push_ping(Bytes::from_static(b"pi"));
+        let mut batch = Vec::new();
+        out.drain(&mut batch, 64);
+        assert_eq!(batch, [Bytes::from_static(b"pi"), Bytes::from(vec![3u8; 2])], "only the latest pong");
+        // The socket took the ping and the pong: nothing is owed.
+        out.requeue(&mut batch, 4);
+        for n in 0..5u8 {
+            out.push_pong(Bytes::from(vec![n; 2])).unwrap();
+        }
+        // The socket takes nothing: the sixth pong owed passes the budget.
+        out.drain(&mut batch, 64);
+        out.requeue(&mut batch, 0);
+        assert_eq!(out.push_pong(Bytes::from_static(b"xx")), Err(Overflow));
+        assert!(out.is_closed());
+        out.drain(&mut batch, 64);
+        assert_eq!(batch, [Bytes::from(vec![4u8; 2])], "only the frame handed back stays");
     }
 
     /// A connected pair on loopback: the server side (attached to a queue) and the client.
@@ -351,7 +436,7 @@ mod tests {
         assert!(batch.is_empty());
         assert_eq!(out.queued_bytes(), 3 + 4, "the rest of \"three\" and \"four\"");
         // A control frame queued now still waits for the frame begun.
-        out.push_control(Bytes::from_static(b"ping"));
+        out.push_ping(Bytes::from_static(b"ping"));
         out.drain(&mut batch, 64);
         assert_eq!(
             batch,

@@ -93,6 +93,8 @@ pub struct Config {
     pub max_message_bytes: u64,
     pub max_queue_bytes: u64,
     pub max_connections: usize,
+    /// Connections not (yet) upgraded: HTTP requests and handshakes in progress.
+    pub max_http_connections: usize,
     pub allowed_origins: OriginPolicy,
     pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
@@ -123,6 +125,7 @@ impl fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_queue_bytes", &self.max_queue_bytes)
             .field("max_connections", &self.max_connections)
+            .field("max_http_connections", &self.max_http_connections)
             .field("allowed_origins", &self.allowed_origins)
             // Tokens never appear in logs.
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
@@ -153,6 +156,7 @@ impl Default for Config {
             max_message_bytes: 64 << 10,
             max_queue_bytes: 1 << 20,
             max_connections: 19_000,
+            max_http_connections: 512,
             allowed_origins: OriginPolicy::SameHost,
             admin_token: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -220,6 +224,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ),
     ("max_connections", "N", "Open WebSocket sessions allowed; more get 503 [default: 19000]"),
     (
+        "max_http_connections",
+        "N",
+        "Connections not yet upgraded (requests, handshakes); more are closed at accept [default: 512]",
+    ),
+    (
         "allowed_origins",
         "LIST",
         "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
@@ -285,6 +294,9 @@ impl Config {
             "max_queue_bytes" => self.max_queue_bytes = parse_positive_size(&text).map_err(bad)?,
             "max_connections" => {
                 self.max_connections = parse_count(&text, 1, 10_000_000).map_err(bad)? as usize
+            }
+            "max_http_connections" => {
+                self.max_http_connections = parse_count(&text, 1, 10_000_000).map_err(bad)? as usize
             }
             "allowed_origins" => self.allowed_origins = OriginPolicy::parse(&text).map_err(bad)?,
             "admin_token" => {

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
-use axum::extract::{Form, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +26,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::admin::{Denied, authorize, constant_time_eq, plugins_json, rooms_listing};
+use crate::admin::{Denied, authorize, constant_time_eq, plugins_json, read_body, rooms_listing};
 use crate::config::OriginPolicy;
 use crate::handshake::{origin_allowed, percent_decode};
 use crate::metrics::{CloseReason, RejectReason};
@@ -39,6 +40,8 @@ const COOKIE: &str = "roomcast_dashboard";
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most; past it, the one closest to expiry makes room.
 const MAX_SESSIONS: usize = 256;
+/// The sign-in form's body: a token and its field name, with room to spare.
+const LOGIN_BODY_LIMIT: usize = 4 << 10;
 /// How often the event stream pushes a snapshot.
 const PUSH_EVERY: Duration = Duration::from_secs(1);
 /// Rooms listed in a snapshot, and members listed per room (the totals are exact).
@@ -136,7 +139,8 @@ struct Login {
 }
 
 /// `POST /dashboard/login`: trade the admin token for a session cookie.
-async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    // Everything that can refuse the request does so before its body is read.
     let Some(token) = shared.config.admin_token.as_deref() else {
         return Denied::Off.into_response();
     };
@@ -147,6 +151,13 @@ async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, Form(form)
             return (StatusCode::FORBIDDEN, "cross-origin sign-in refused\n").into_response();
         }
     }
+    let body = match read_body(&headers, body, LOGIN_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
+    let Ok(form) = serde_urlencoded::from_bytes::<Login>(&body) else {
+        return (StatusCode::BAD_REQUEST, "expected a form with a `token` field\n").into_response();
+    };
     if !constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
         tracing::info!("dashboard sign-in refused: wrong token");
         let mut response = web::page(Asset::LoginFailed);
@@ -209,6 +220,8 @@ async fn events(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     });
     let mut response = Sse::new(stream).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The stream ends with the sign-in session or at shutdown, not at the HTTP deadline.
+    response.extensions_mut().insert(crate::watchdog::LongLived);
     response
 }
 

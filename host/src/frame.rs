@@ -68,8 +68,55 @@ impl DecodeError {
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
-    /// `(is_text, payload so far)` while a fragmented message is being received.
-    partial: Option<(bool, BytesMut)>,
+    /// The message being received in fragments, if any.
+    partial: Option<Partial>,
+}
+
+/// A fragmented message in progress.
+#[derive(Debug)]
+struct Partial {
+    text: bool,
+    payload: BytesMut,
+    /// For text: how many leading bytes of `payload` are known to be valid UTF-8. Each
+    /// fragment is checked as it arrives (RFC 6455 8.1: fail fast), so only an
+    /// unfinished character at the end (at most 3 bytes) is ever checked twice.
+    valid_up_to: usize,
+}
+
+impl Partial {
+    /// The first fragment of a message.
+    fn start(text: bool, payload: BytesMut) -> Result<Self, DecodeError> {
+        let mut partial = Self { text, payload, valid_up_to: 0 };
+        partial.check()?;
+        Ok(partial)
+    }
+
+    /// Append a fragment.
+    fn extend(&mut self, fragment: &[u8]) -> Result<(), DecodeError> {
+        self.payload.extend_from_slice(fragment);
+        self.check()
+    }
+
+    /// For text, fail as soon as the bytes so far cannot begin valid UTF-8 (an
+    /// unfinished character at the end is not yet an error).
+    fn check(&mut self) -> Result<(), DecodeError> {
+        if self.text {
+            match std::str::from_utf8(&self.payload[self.valid_up_to..]) {
+                Ok(_) => self.valid_up_to = self.payload.len(),
+                Err(e) if e.error_len().is_none() => self.valid_up_to += e.valid_up_to(),
+                Err(_) => return Err(DecodeError::InvalidUtf8),
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole message, once its last fragment arrived.
+    fn finish(self) -> Result<Event, DecodeError> {
+        if self.text && self.valid_up_to != self.payload.len() {
+            return Err(DecodeError::InvalidUtf8); // ends inside a character
+        }
+        Ok(Event::Message { text: self.text, payload: self.payload.freeze() })
+    }
 }
 
 impl Decoder {
@@ -86,7 +133,7 @@ impl Decoder {
             };
             let is_control = header.opcode >= 0x8;
             if !is_control {
-                let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
+                let so_far = self.partial.as_ref().map_or(0, |p| p.payload.len());
                 if so_far as u64 + header.len > self.max_message as u64 {
                     return Err(DecodeError::TooBig(self.max_message));
                 }
@@ -109,17 +156,17 @@ impl Decoder {
                     if header.fin {
                         return finish(text, payload.freeze()).map(Some);
                     }
-                    self.partial = Some((text, payload));
+                    self.partial = Some(Partial::start(text, payload)?);
                 }
                 OP_CONTINUATION => {
-                    let Some((text, mut so_far)) = self.partial.take() else {
+                    let Some(mut partial) = self.partial.take() else {
                         return Err(DecodeError::Protocol("continuation without a message in progress"));
                     };
-                    so_far.extend_from_slice(&payload);
+                    partial.extend(&payload)?;
                     if header.fin {
-                        return finish(text, so_far.freeze()).map(Some);
+                        return partial.finish().map(Some);
                     }
-                    self.partial = Some((text, so_far));
+                    self.partial = Some(partial);
                 }
                 OP_PING => return Ok(Some(Event::Ping(payload.freeze()))),
                 OP_PONG => return Ok(Some(Event::Pong(payload.freeze()))),
@@ -359,6 +406,34 @@ mod tests {
                 Event::Message { text: true, payload: Bytes::from_static(b"hello") }
             ]
         );
+    }
+
+    /// RFC 6455 8.1: a text message fails at the fragment that makes it invalid, not at
+    /// its end; a character split across fragments is fine.
+    #[test]
+    fn invalid_utf8_fails_at_its_fragment() {
+        let euro = "€".as_bytes(); // three bytes
+        let mut decoder = Decoder::new(1024);
+        let mut buf = BytesMut::new();
+        buf.extend(encode_client(false, OP_TEXT, &euro[..1], MASK));
+        buf.extend(encode_client(false, OP_CONTINUATION, &euro[1..], MASK));
+        buf.extend(encode_client(true, OP_CONTINUATION, b"!", MASK));
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Some(Event::Message { text: true, payload: Bytes::from("€!") }))
+        );
+
+        // The second fragment breaks the text; no final fragment ever comes.
+        buf.extend(encode_client(false, OP_TEXT, b"ok ", MASK));
+        buf.extend(encode_client(false, OP_CONTINUATION, &[0xce, 0xba, 0xff], MASK));
+        assert_eq!(decoder.decode(&mut buf), Err(DecodeError::InvalidUtf8));
+
+        // A message that ends inside a character fails at its end.
+        let mut decoder = Decoder::new(1024);
+        buf.clear();
+        buf.extend(encode_client(false, OP_TEXT, b"a", MASK));
+        buf.extend(encode_client(true, OP_CONTINUATION, &euro[..2], MASK));
+        assert_eq!(decoder.decode(&mut buf), Err(DecodeError::InvalidUtf8));
     }
 
     #[test]

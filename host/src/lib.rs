@@ -22,4 +22,5 @@ pub mod shutdown;
 pub mod tls;
 pub mod transport;
 pub mod units;
+pub mod watchdog;
 pub mod web;

@@ -32,6 +32,31 @@ fn tune_allocator() {
     }
 }
 
+/// How often, at most, an idle worker thread asks the allocator to return what it freed.
+const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Called when a runtime worker runs out of work: at most every [`COLLECT_EVERY`] per
+/// thread, let mimalloc purge the pages this thread freed. Its delayed purges otherwise
+/// run only when the thread next allocates, so a server that went quiet after a burst
+/// (a header flood, a reconnect storm) kept that memory resident for as long as it
+/// stayed quiet.
+fn collect_when_idle() {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    if LAST.get().is_some_and(|last| now.duration_since(last) < COLLECT_EVERY) {
+        return;
+    }
+    LAST.set(Some(now));
+    // SAFETY: `mi_collect` only works on the calling thread's own heap and the
+    // allocator's shared structures under its own locks; it is safe at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(false);
+    }
+}
+
 fn cli() -> Command {
     let mut serve = Command::new("serve").about("Run the server").arg(
         Arg::new("config").long("config").value_name("FILE").help("TOML config file; flags override it"),
@@ -127,6 +152,7 @@ fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(collect_when_idle)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::broadcast::{Outbound, Overflow};
@@ -160,6 +160,9 @@ pub enum RoomEvent {
         member: MemberId,
         reason: CloseReason,
         last: bool,
+        /// Dropped once the room has handled the leave, and so every event the member
+        /// sent before it: its session waits for that before it sends a close frame.
+        handled: Option<oneshot::Sender<()>>,
     },
     Message {
         from: MemberId,
@@ -304,7 +307,14 @@ impl Rooms {
     }
 
     /// Remove `member` from `room`; the step that empties a room also removes it.
-    pub async fn leave(&self, room: &Arc<Room>, member: MemberId, reason: CloseReason) {
+    /// `handled` is dropped once the room's actor has handled the leave.
+    pub async fn leave(
+        &self,
+        room: &Arc<Room>,
+        member: MemberId,
+        reason: CloseReason,
+        handled: Option<oneshot::Sender<()>>,
+    ) {
         let last = {
             let mut map = self.map.lock().expect("rooms lock");
             let mut members = room.members.lock().expect("room lock");
@@ -320,7 +330,7 @@ impl Rooms {
             }
             last
         };
-        let _ = room.tx.send(RoomEvent::Leave { member, reason, last }).await;
+        let _ = room.tx.send(RoomEvent::Leave { member, reason, last, handled }).await;
     }
 
     /// The live room called `name`, if any.
@@ -499,7 +509,7 @@ impl RoomActor {
                     self.announce(&peer);
                     self.join(peer)
                 }
-                RoomEvent::Leave { member, reason, last } => {
+                RoomEvent::Leave { member, reason, last, handled: _ } => {
                     self.unannounce(member);
                     self.leave(member, reason);
                     if last {
@@ -1123,7 +1133,7 @@ impl RoomActor {
                 self.ids.push(peer.id);
                 self.peers.push(peer);
             }
-            RoomEvent::Leave { member, reason, last } => {
+            RoomEvent::Leave { member, reason, last, handled: _ } => {
                 clustered.link.absent(member);
                 clustered.link.to_owner(InEvent::Leave { member, reason: reason.label().to_owned() });
                 self.ids.retain(|id| *id != member);

@@ -4,8 +4,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -32,6 +32,15 @@ use crate::room::{Peer, Rooms};
 use crate::session::{self, Session};
 use crate::tls::TlsError;
 use crate::transport::Transport;
+use crate::watchdog::{Admitted, Overstay, Pending, Tracked, Watch, watchdog};
+
+/// The most a request head may take (request line and headers): what production
+/// servers allow; more gets 431 before the request is handled.
+pub const MAX_HEAD_BYTES: usize = 16 << 10;
+/// The most one header line (or the request target) may take; more gets 431 (414).
+pub const MAX_HEADER_LINE: usize = 8 << 10;
+/// hyper's read buffer per connection before the upgrade (its minimum is 8 KiB).
+const MAX_HTTP_BUFFER: usize = 32 << 10;
 
 /// A startup failure.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +76,10 @@ pub(crate) struct Shared {
     pub rooms: Arc<Rooms>,
     /// One permit per open WebSocket session (`--max-connections`).
     sessions: Arc<Semaphore>,
+    /// The connections that have not upgraded (`--max-http-connections`); at the cap
+    /// the oldest makes room. With the watchdog's deadlines, what a client without a
+    /// token can hold.
+    pending: Arc<Pending>,
     /// Session and room tasks; `run` waits for them on shutdown.
     tracker: TaskTracker,
     /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
@@ -116,6 +129,7 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
+            pending: Pending::new(config.max_http_connections),
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
             metrics,
             tracker,
@@ -202,7 +216,8 @@ async fn accept_until(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(shared.clone(), router.clone(), stream, remote));
+                    let admitted = shared.pending.admit();
+                    tokio::spawn(serve_connection(shared.clone(), router.clone(), stream, remote, admitted));
                 }
                 Err(error) => {
                     // Out of file descriptors or similar: back off instead of spinning.
@@ -273,7 +288,7 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    info.watch.upgraded.store(true, Relaxed);
+    info.watch.upgraded();
 
     let id = shared.next_member.fetch_add(1, Relaxed);
     let peer = Arc::new(Peer::new(
@@ -388,6 +403,14 @@ fn validate(
 ) -> Result<(handshake::Valid, tokio::sync::OwnedSemaphorePermit), Rejection> {
     let valid =
         handshake::validate(req.method(), req.uri().path(), req.headers(), &shared.config.allowed_origins)?;
+    if req.version() != axum::http::Version::HTTP_11 {
+        // RFC 6455 4.1: the opening handshake is an HTTP/1.1 request.
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            RejectReason::BadRequest,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
+    }
     if shared.draining.load(Relaxed) {
         return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -405,32 +428,42 @@ fn validate(
     Ok((valid, permit))
 }
 
-/// What the watchdog knows about a connection's requests.
-#[derive(Debug, Default)]
-struct Watch {
-    state: Mutex<WatchState>,
-    /// Set once an upgrade is accepted: the session owns the socket's time from then on.
-    upgraded: AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct WatchState {
-    in_flight: u32,
-    /// When the last request finished; `None` while no request has been completed.
-    last_done: Option<Instant>,
+/// Checks every request passes before it is routed: an over-long header line or
+/// request target (431, 414) and a request with more than one `Host` (400, which an
+/// origin check could otherwise read two ways).
+fn refuse_head<B>(req: &hyper::Request<B>) -> Option<(StatusCode, &'static str)> {
+    if req.uri().to_string().len() > MAX_HEADER_LINE {
+        return Some((StatusCode::URI_TOO_LONG, "request target too long\n"));
+    }
+    if req.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > MAX_HEADER_LINE) {
+        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long\n"));
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Some((StatusCode::BAD_REQUEST, "more than one Host header\n"));
+    }
+    None
 }
 
 /// Serve one accepted TCP connection: complete the TLS handshake first when TLS is on,
 /// then serve HTTP on it. The handshake timeout runs from accept, so a client that
 /// opens TCP and never finishes TLS is closed after it and counted as `timeout`.
-async fn serve_connection(shared: Arc<Shared>, router: Router, stream: TcpStream, remote: SocketAddr) {
+async fn serve_connection(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    admitted: Admitted,
+) {
     let accepted = Instant::now();
+    let evicted = admitted.evicted.clone();
     match shared.tls.clone() {
-        None => serve_http(shared, router, stream, remote, accepted).await,
+        None => serve_http(shared, router, stream, remote, accepted, evicted).await,
         // Boxed: the TLS states are several KiB, and inline they would make every
         // plain connection's task that large too.
-        Some(tls) => Box::pin(serve_tls(shared, router, stream, remote, accepted, tls)).await,
+        Some(tls) => Box::pin(serve_tls(shared, router, stream, remote, accepted, tls, evicted)).await,
     }
+    // After an upgrade the session holds its own slot (`max_connections`).
+    drop(admitted);
 }
 
 async fn serve_tls(
@@ -440,14 +473,19 @@ async fn serve_tls(
     remote: SocketAddr,
     accepted: Instant,
     tls: Arc<rustls::ServerConfig>,
+    evicted: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::select! {
         done = tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(stream)) => done,
         () = shared.shutdown.cancelled() => return,
+        () = evicted.cancelled() => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            return;
+        }
     };
     match handshake {
-        Ok(Ok(stream)) => serve_http(shared, router, stream, remote, accepted).await,
+        Ok(Ok(stream)) => serve_http(shared, router, stream, remote, accepted, evicted).await,
         Ok(Err(error)) => {
             shared.metrics.rejected(RejectReason::BadRequest);
             tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -461,28 +499,42 @@ async fn serve_tls(
 
 /// Serve HTTP on one connection until it upgrades, closes, idles out or the server
 /// shuts down.
-async fn serve_http<S>(shared: Arc<Shared>, router: Router, stream: S, remote: SocketAddr, accepted: Instant)
-where
+async fn serve_http<S>(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: S,
+    remote: SocketAddr,
+    accepted: Instant,
+    evicted: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let watch = Arc::new(Watch::default());
     let service_watch = watch.clone();
+    let metrics = shared.metrics.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        service_watch.state.lock().expect("watch lock").in_flight += 1;
+        let exchange = service_watch.begin();
         req.extensions_mut().insert(ConnInfo { remote, watch: service_watch.clone() });
-        let watch = service_watch.clone();
         let mut router = router.clone();
+        let metrics = metrics.clone();
         async move {
-            let response = router.call(req).await;
-            let mut state = watch.state.lock().expect("watch lock");
-            state.in_flight -= 1;
-            state.last_done = Some(Instant::now());
-            response
+            let response = match refuse_head(&req) {
+                Some(refused) => {
+                    if req.uri().path().starts_with("/ws") {
+                        metrics.rejected(RejectReason::BadRequest);
+                    }
+                    refused.into_response()
+                }
+                None => router.call(req).await.unwrap_or_else(|never| match never {}),
+            };
+            Ok::<_, std::convert::Infallible>(Tracked::response(response, exchange))
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HTTP_BUFFER)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -490,39 +542,28 @@ where
     let timeout = shared.config.handshake_timeout;
     tokio::select! {
         _ = &mut connection => {}
-        never_completed = watchdog(&watch, accepted, timeout) => {
-            if never_completed {
+        overstay = watchdog(&watch, accepted, timeout) => {
+            if overstay == Overstay::NeverCompleted {
                 shared.metrics.rejected(RejectReason::Timeout);
-                tracing::debug!(%remote, "handshake timeout");
             }
+            tracing::debug!(%remote, ?overstay, "HTTP connection closed by the watchdog");
+        }
+        () = evicted.cancelled() => {
+            if watch.is_upgraded() {
+                // Too late to make room with it: the upgrade is being handed over.
+                let _ = connection.as_mut().await;
+                return;
+            }
+            // The oldest of `max_http_connections`, closed to let a new one in; one
+            // that never completed a request counts as a handshake timeout.
+            if !watch.completed_any() {
+                shared.metrics.rejected(RejectReason::Timeout);
+            }
+            tracing::debug!(%remote, "HTTP connection closed to make room for a newer one");
         }
         () = shared.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
-        }
-    }
-}
-
-/// Resolve when the connection has overstayed: no complete request within `timeout`
-/// of accept (returns `true`: a handshake timeout) or idle for `timeout` after its last
-/// response (returns `false`). Never resolves once the connection upgraded.
-async fn watchdog(watch: &Watch, accepted: Instant, timeout: Duration) -> bool {
-    let mut deadline = accepted + timeout;
-    loop {
-        tokio::time::sleep_until(deadline).await;
-        if watch.upgraded.load(Relaxed) {
-            std::future::pending::<()>().await;
-        }
-        let state = watch.state.lock().expect("watch lock");
-        let now = Instant::now();
-        if state.in_flight > 0 {
-            deadline = now + timeout;
-            continue;
-        }
-        match state.last_done {
-            None => return true,
-            Some(done) if now >= done + timeout => return false,
-            Some(done) => deadline = done + timeout,
         }
     }
 }

@@ -81,9 +81,25 @@ impl Session {
             }
         };
 
-        // Leave every room before anything else, so no broadcast touches us again.
+        // Leave every room before anything else, so no broadcast touches us again. When
+        // the client ended the session (a close frame, or a frame that broke the
+        // protocol), what it sent before still gets its answers first: wait, within
+        // the close grace, until the rooms have handled everything up to the leave.
+        let answers_due =
+            matches!(ending.reason, CloseReason::Client | CloseReason::Protocol | CloseReason::TooBig);
+        let mut handled = Vec::new();
         for room in &member_rooms {
-            rooms.leave(room, peer.id, ending.reason).await;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rooms.leave(room, peer.id, ending.reason, answers_due.then_some(tx)).await;
+            handled.push(rx);
+        }
+        if answers_due {
+            let all = Box::pin(async move {
+                for rx in handled {
+                    let _ = rx.await;
+                }
+            });
+            let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
         }
         metrics.closed(ending.reason);
         metrics.connections.fetch_sub(1, Relaxed);
@@ -142,7 +158,10 @@ async fn read_loop(
                     }
                 }
                 Ok(Some(Event::Ping(payload))) => {
-                    peer.outbound.push_control(frame::encode(frame::OP_PONG, &payload))
+                    // A client that asks for more pongs than it reads is a slow consumer.
+                    if peer.outbound.push_pong(frame::encode(frame::OP_PONG, &payload)).is_err() {
+                        return Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer");
+                    }
                 }
                 Ok(Some(Event::Pong(_))) => {}
                 Ok(Some(Event::Close { code, .. })) => {
@@ -174,7 +193,7 @@ async fn read_loop(
             () = &mut sleep => {
                 match heartbeat.poll(Instant::now()) {
                     Beat::Reap => return Ending { reason: CloseReason::Heartbeat, close: None },
-                    Beat::Ping => peer.outbound.push_control(frame::encode(frame::OP_PING, b"")),
+                    Beat::Ping => peer.outbound.push_ping(frame::encode(frame::OP_PING, b"")),
                     Beat::Idle => {}
                 }
                 sleep.as_mut().reset(heartbeat.next_wake());

@@ -1,0 +1,315 @@
+//! The HTTP connection watchdog: every wait on a connection that has not upgraded has
+//! a deadline.
+//!
+//! A connection must send a complete request head within the handshake timeout of
+//! accept; each request must then be read, handled and its response written within the
+//! same time from the moment its head arrived (a body that never arrives, or a client
+//! that never reads its response, is cut off); between requests a keep-alive connection
+//! may idle for that long. Two kinds of connection are left to themselves: one that
+//! upgraded (its session owns the socket and its heartbeat) and one whose response is
+//! [`LongLived`] (the dashboard's event stream, which ends with its sign-in session or
+//! at shutdown).
+//!
+//! The server wraps each request in an [`Exchange`] guard and each response body in a
+//! [`Tracked`] body that holds the guard until hyper has written the body or dropped
+//! it; the [`watchdog`] future reads the shared [`Watch`].
+//!
+//! [`Pending`] caps how many such connections exist at once: at the cap, the oldest
+//! makes room for the newest. An attacker who opens connections and stalls them can
+//! then only churn its own slots; `/healthz` and new clients still get in, and the
+//! descriptors held stay bounded.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A response extension: this response streams for as long as its own session lasts,
+/// so the watchdog gives it no deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct LongLived;
+
+/// What the watchdog knows of one connection.
+#[derive(Debug, Default)]
+pub struct Watch {
+    state: Mutex<State>,
+    /// Set once an upgrade is accepted: the session owns the socket's time from then on.
+    upgraded: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// When the request now being served arrived; `None` between requests.
+    busy_since: Option<Instant>,
+    /// Responses being streamed without a deadline.
+    long_lived: u32,
+    /// When the last exchange finished; `None` while none has.
+    last_done: Option<Instant>,
+}
+
+/// Why the watchdog ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overstay {
+    /// No request was completed within the timeout of accept: a handshake timeout.
+    NeverCompleted,
+    /// A request (its body, its handling or its response) took longer than the timeout.
+    Stalled,
+    /// Idle between requests for the timeout.
+    Idle,
+}
+
+impl Watch {
+    /// A request head arrived: the exchange runs until the guard (or the [`Tracked`]
+    /// body it moves into) is dropped.
+    pub fn begin(self: &Arc<Self>) -> Exchange {
+        self.lock().busy_since = Some(Instant::now());
+        Exchange { watch: self.clone(), long_lived: false }
+    }
+
+    /// The connection upgraded: the watchdog steps aside.
+    pub fn upgraded(&self) {
+        self.upgraded.store(true, Relaxed);
+    }
+
+    /// Whether the connection upgraded.
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Relaxed)
+    }
+
+    /// Whether a request has been served completely on this connection.
+    pub fn completed_any(&self) -> bool {
+        self.lock().last_done.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One request and its response; finished when dropped.
+#[derive(Debug)]
+pub struct Exchange {
+    watch: Arc<Watch>,
+    long_lived: bool,
+}
+
+impl Exchange {
+    /// The response streams for its session's life: no deadline from now on.
+    fn make_long_lived(&mut self) {
+        let mut state = self.watch.lock();
+        state.busy_since = None;
+        state.long_lived += 1;
+        self.long_lived = true;
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let mut state = self.watch.lock();
+        if self.long_lived {
+            state.long_lived -= 1;
+        } else {
+            state.busy_since = None;
+        }
+        state.last_done = Some(Instant::now());
+    }
+}
+
+/// A response body that keeps its [`Exchange`] open until hyper is done with it.
+#[derive(Debug)]
+pub struct Tracked {
+    body: Body,
+    _exchange: Exchange,
+}
+
+impl Tracked {
+    /// Wrap `response`'s body; a [`LongLived`] response takes its exchange off the clock.
+    pub fn response(
+        response: axum::response::Response,
+        mut exchange: Exchange,
+    ) -> axum::http::Response<Tracked> {
+        if response.extensions().get::<LongLived>().is_some() {
+            exchange.make_long_lived();
+        }
+        response.map(|body| Tracked { body, _exchange: exchange })
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connections that have not upgraded, oldest first.
+#[derive(Debug)]
+pub struct Pending {
+    max: usize,
+    next: AtomicU64,
+    /// Admission number → the token that closes that connection.
+    live: Mutex<BTreeMap<u64, CancellationToken>>,
+}
+
+/// A connection's place in [`Pending`]; dropping it gives the place back.
+#[derive(Debug)]
+pub struct Admitted {
+    id: u64,
+    pending: Arc<Pending>,
+    /// Cancelled when a newer connection needs the place.
+    pub evicted: CancellationToken,
+}
+
+impl Pending {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { max: max.max(1), next: AtomicU64::new(0), live: Mutex::new(BTreeMap::new()) })
+    }
+
+    /// Admit a new connection; at the cap, the oldest is told to close first.
+    pub fn admit(self: &Arc<Self>) -> Admitted {
+        let id = self.next.fetch_add(1, Relaxed);
+        let evicted = CancellationToken::new();
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        while live.len() >= self.max {
+            if let Some((_, oldest)) = live.pop_first() {
+                oldest.cancel();
+            }
+        }
+        live.insert(id, evicted.clone());
+        Admitted { id, pending: self.clone(), evicted }
+    }
+
+    /// Connections admitted and not yet gone.
+    pub fn count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.pending.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
+/// Resolve when the connection has overstayed (see [`Overstay`]). Never resolves once
+/// it upgraded, nor while a [`LongLived`] response streams.
+pub async fn watchdog(watch: &Watch, accepted: Instant, timeout: Duration) -> Overstay {
+    let mut deadline = accepted + timeout;
+    loop {
+        tokio::time::sleep_until(deadline).await;
+        if watch.upgraded.load(Relaxed) {
+            std::future::pending::<()>().await;
+        }
+        let state = watch.lock();
+        let now = Instant::now();
+        if state.long_lived > 0 {
+            deadline = now + timeout;
+            continue;
+        }
+        let (since, overstay) = match (state.busy_since, state.last_done) {
+            (Some(since), None) => (since, Overstay::NeverCompleted),
+            (Some(since), Some(_)) => (since, Overstay::Stalled),
+            (None, None) => (accepted, Overstay::NeverCompleted),
+            (None, Some(done)) => (done, Overstay::Idle),
+        };
+        if now >= since + timeout {
+            return overstay;
+        }
+        deadline = since + timeout;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_oldest_pending_connection_makes_room() {
+        let pending = Pending::new(2);
+        let first = pending.admit();
+        let second = pending.admit();
+        assert_eq!(pending.count(), 2);
+        let third = pending.admit();
+        assert!(first.evicted.is_cancelled(), "the oldest was told to close");
+        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
+        assert_eq!(pending.count(), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(pending.count(), 1);
+        let _fourth = pending.admit();
+        assert!(!third.evicted.is_cancelled(), "room was left by one that went away");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_request_is_a_handshake_timeout() {
+        let watch = Arc::new(Watch::default());
+        let start = Instant::now();
+        assert_eq!(watchdog(&watch, start, T).await, Overstay::NeverCompleted);
+        assert_eq!(Instant::now(), start + T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_finishes_is_cut_off() {
+        let watch = Arc::new(Watch::default());
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let _exchange = watch.begin(); // head arrived; the body never does
+        assert_eq!(watchdog(&watch, start, T).await, Overstay::NeverCompleted);
+        assert_eq!(Instant::now(), start + Duration::from_secs(16));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_after_a_response_then_stalled_in_the_next() {
+        let watch = Arc::new(Watch::default());
+        let start = Instant::now();
+        drop(watch.begin());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let exchange = watch.begin();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(exchange);
+        assert_eq!(watchdog(&watch, start, T).await, Overstay::Idle);
+        assert_eq!(Instant::now(), start + Duration::from_secs(15));
+
+        let _stalled = watch.begin();
+        let at = Instant::now();
+        assert_eq!(watchdog(&watch, at, T).await, Overstay::Stalled);
+        assert_eq!(Instant::now(), at + T);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_lived_response_has_no_deadline_until_it_ends() {
+        let watch = Arc::new(Watch::default());
+        let start = Instant::now();
+        let mut response = axum::response::Response::new(Body::empty());
+        response.extensions_mut().insert(LongLived);
+        let body = Tracked::response(response, watch.begin());
+        let dog = watchdog(&watch, start, T);
+        tokio::pin!(dog);
+        assert!(tokio::time::timeout(Duration::from_secs(3600), &mut dog).await.is_err(), "no deadline");
+        drop(body);
+        let ended = Instant::now();
+        assert_eq!(dog.await, Overstay::Idle);
+        assert!(Instant::now() <= ended + T + T, "idle after the stream ended");
+    }
+}
