@@ -36,10 +36,14 @@ fn tune_allocator() {
 const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Called when a runtime worker runs out of work: at most every [`COLLECT_EVERY`] per
-/// thread, let mimalloc purge the pages this thread freed. Its delayed purges otherwise
-/// run only when the thread next allocates, so a server that went quiet after a burst
-/// (a header flood, a reconnect storm) kept that memory resident for as long as it
-/// stayed quiet.
+/// thread, make mimalloc return the pages this thread freed. Its delayed purges
+/// otherwise run only when the thread next allocates, so a server that went quiet
+/// after a burst kept that memory resident for as long as it stayed quiet: after 3,000
+/// connections that each got 800 KB closed at once, a debug server stayed at 51 MB
+/// (29 MB before the burst) without this, and fell to 29 MB within a second with it.
+/// A non-forced collect was not enough (it leaves pages whose purge delay has not
+/// passed, and the worker then sleeps). Forcing costs a walk over this thread's
+/// pages, at most once a second and only when the worker has nothing else to do.
 fn collect_when_idle() {
     thread_local! {
         static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
@@ -53,7 +57,7 @@ fn collect_when_idle() {
     // allocator's shared structures under its own locks; it is safe at any time.
     #[allow(unsafe_code)]
     unsafe {
-        libmimalloc_sys::mi_collect(false);
+        libmimalloc_sys::mi_collect(true);
     }
 }
 

@@ -77,8 +77,8 @@ pub(crate) struct Shared {
     /// One permit per open WebSocket session (`--max-connections`).
     sessions: Arc<Semaphore>,
     /// The connections that have not upgraded (`--max-http-connections`); at the cap
-    /// the oldest makes room. With the watchdog's deadlines, what a client without a
-    /// token can hold.
+    /// no more are accepted until one leaves or a stalled one makes room. With the
+    /// watchdog's deadlines, what a client without a token can hold.
     pending: Arc<Pending>,
     /// Session and room tasks; `run` waits for them on shutdown.
     tracker: TaskTracker,
@@ -211,6 +211,12 @@ async fn accept_until(
 ) {
     tokio::pin!(until);
     loop {
+        // At `max_http_connections`, accept nothing more (new connections wait in the
+        // listen backlog) until a place frees up or a stalled connection makes room.
+        tokio::select! {
+            () = &mut until => return,
+            () = shared.pending.room() => {}
+        }
         tokio::select! {
             () = &mut until => return,
             accepted = listener.accept() => match accepted {
@@ -554,8 +560,8 @@ async fn serve_http<S>(
                 let _ = connection.as_mut().await;
                 return;
             }
-            // The oldest of `max_http_connections`, closed to let a new one in; one
-            // that never completed a request counts as a handshake timeout.
+            // Waited too long while new connections queue behind `max_http_connections`;
+            // one that never completed a request counts as a handshake timeout.
             if !watch.completed_any() {
                 shared.metrics.rejected(RejectReason::Timeout);
             }

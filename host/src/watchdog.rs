@@ -14,10 +14,12 @@
 //! [`Tracked`] body that holds the guard until hyper has written the body or dropped
 //! it; the [`watchdog`] future reads the shared [`Watch`].
 //!
-//! [`Pending`] caps how many such connections exist at once: at the cap, the oldest
-//! makes room for the newest. An attacker who opens connections and stalls them can
-//! then only churn its own slots; `/healthz` and new clients still get in, and the
-//! descriptors held stay bounded.
+//! [`Pending`] caps how many such connections exist at once. At the cap the server
+//! accepts no more (new connections wait in the kernel's listen backlog) until a place
+//! frees up, or until the oldest connection has been waiting for [`EVICT_AFTER`], which
+//! is then closed to make room. An honest handshake takes milliseconds, so a reconnect
+//! storm only queues; connections that stall (slowloris) are the ones closed, and
+//! `/healthz` and new clients still get in while the descriptors held stay bounded.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -27,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -161,13 +164,19 @@ impl HttpBody for Tracked {
     }
 }
 
+/// How long a connection that has not upgraded is safe from being closed to make
+/// room for a new one.
+pub const EVICT_AFTER: Duration = Duration::from_secs(2);
+
 /// The connections that have not upgraded, oldest first.
 #[derive(Debug)]
 pub struct Pending {
     max: usize,
     next: AtomicU64,
-    /// Admission number → the token that closes that connection.
-    live: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// Admission number → when it was admitted and the token that closes it.
+    live: Mutex<BTreeMap<u64, (Instant, CancellationToken)>>,
+    /// Woken when a connection leaves.
+    freed: Notify,
 }
 
 /// A connection's place in [`Pending`]; dropping it gives the place back.
@@ -175,38 +184,72 @@ pub struct Pending {
 pub struct Admitted {
     id: u64,
     pending: Arc<Pending>,
-    /// Cancelled when a newer connection needs the place.
+    /// Cancelled when the connection must close to make room.
     pub evicted: CancellationToken,
 }
 
 impl Pending {
     pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { max: max.max(1), next: AtomicU64::new(0), live: Mutex::new(BTreeMap::new()) })
+        Arc::new(Self {
+            max: max.max(1),
+            next: AtomicU64::new(0),
+            live: Mutex::new(BTreeMap::new()),
+            freed: Notify::new(),
+        })
     }
 
-    /// Admit a new connection; at the cap, the oldest is told to close first.
+    /// Wait until there is room for one more connection: below the cap, or once the
+    /// oldest has waited [`EVICT_AFTER`] (it is then told to close and loses its place).
+    pub async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            let wait = {
+                let mut live = self.lock();
+                if live.len() < self.max {
+                    return;
+                }
+                let Some((&oldest, &(since, _))) = live.first_key_value() else {
+                    return;
+                };
+                let now = Instant::now();
+                if now >= since + EVICT_AFTER {
+                    if let Some((_, token)) = live.remove(&oldest) {
+                        token.cancel();
+                    }
+                    return;
+                }
+                since + EVICT_AFTER - now
+            };
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Admit a new connection (after [`Pending::room`]).
     pub fn admit(self: &Arc<Self>) -> Admitted {
         let id = self.next.fetch_add(1, Relaxed);
         let evicted = CancellationToken::new();
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        while live.len() >= self.max {
-            if let Some((_, oldest)) = live.pop_first() {
-                oldest.cancel();
-            }
-        }
-        live.insert(id, evicted.clone());
+        self.lock().insert(id, (Instant::now(), evicted.clone()));
         Admitted { id, pending: self.clone(), evicted }
     }
 
-    /// Connections admitted and not yet gone.
+    /// Connections admitted that still hold a place.
     pub fn count(&self) -> usize {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Instant, CancellationToken)>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.pending.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        if self.pending.lock().remove(&self.id).is_some() {
+            self.pending.freed.notify_one();
+        }
     }
 }
 
@@ -244,21 +287,35 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
-    #[test]
-    fn the_oldest_pending_connection_makes_room() {
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_wait_for_a_place_or_evict_the_oldest_once_it_is_old_enough() {
         let pending = Pending::new(2);
+        pending.room().await;
         let first = pending.admit();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pending.room().await;
         let second = pending.admit();
         assert_eq!(pending.count(), 2);
-        let third = pending.admit();
-        assert!(first.evicted.is_cancelled(), "the oldest was told to close");
-        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
-        assert_eq!(pending.count(), 2);
-        drop(first);
+
+        // Full: a place that frees up is taken at once.
+        let start = Instant::now();
+        let room = pending.room();
+        tokio::pin!(room);
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut room).await.is_err(), "waits");
         drop(second);
+        room.await;
+        assert!(Instant::now() < start + Duration::from_millis(200));
+        assert!(!first.evicted.is_cancelled());
+        let third = pending.admit();
+
+        // Full again: the oldest is evicted once it has waited EVICT_AFTER.
+        pending.room().await;
+        assert!(first.evicted.is_cancelled(), "the oldest was told to close");
+        assert_eq!(Instant::now(), start - Duration::from_millis(500) + EVICT_AFTER);
+        assert!(!third.evicted.is_cancelled());
+        assert_eq!(pending.count(), 1, "the evicted one lost its place at once");
+        drop(first);
         assert_eq!(pending.count(), 1);
-        let _fourth = pending.admit();
-        assert!(!third.evicted.is_cancelled(), "room was left by one that went away");
     }
 
     #[tokio::test(start_paused = true)]
