@@ -80,6 +80,11 @@ pub(crate) struct Shared {
     /// no more are accepted until one leaves or a stalled one makes room. With the
     /// watchdog's deadlines, what a client without a token can hold.
     pending: Arc<Pending>,
+    /// Plugin handshake calls running at once. Each holds an instance of up to its
+    /// plugin's memory cap, and clients without a token can ask for them; more than the
+    /// machine has cores only wait for a CPU, so the rest wait here, within their
+    /// request's deadline.
+    handshake_calls: Semaphore,
     /// Session and room tasks; `run` waits for them on shutdown.
     tracker: TaskTracker,
     /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
@@ -130,6 +135,7 @@ impl Server {
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             pending: Pending::new(config.max_http_connections),
+            handshake_calls: Semaphore::new(handshake_concurrency()),
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
             metrics,
             tracker,
@@ -357,6 +363,9 @@ async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<O
     };
     let room = request.room.clone();
     let calls = shared.metrics.plugin_calls(plugin.name());
+    let Ok(_turn) = shared.handshake_calls.acquire().await else {
+        return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Capacity, "shutting down"));
+    };
     let decided = tokio::task::spawn_blocking(move || plugin.handshake(&request)).await;
     let failed = |detail: String| {
         tracing::warn!(%room, %detail, "handshake refused: plugin failed");
@@ -378,6 +387,11 @@ async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<O
         }
         Err(join) => Err(failed(join.to_string())),
     }
+}
+
+/// How many plugin handshake calls may run at once: twice the cores, at least 4.
+fn handshake_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).max(4)
 }
 
 /// What a plugin's handshake hook sees of an upgrade request.
