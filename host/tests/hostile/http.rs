@@ -193,3 +193,48 @@ fn the_event_stream_outlives_the_http_deadline_and_ends_at_shutdown() {
     let status = server.terminate(Duration::from_secs(15)).expect("exits after SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+/// Peak resident memory of process `pid` (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Upgrade requests to a plugin's room each cost a handshake call on an instance of up
+/// to the plugin's memory cap: clients without a token asking for 64 at once get a few
+/// running at a time, so the server's peak memory is a few caps, not 64.
+#[test]
+fn plugin_handshakes_run_a_few_at_a_time() {
+    let plugins = crate::support::TempDir::new("chaos");
+    std::fs::copy(crate::build::built_plugins().join("chaos.wasm"), plugins.path().join("chaos.wasm"))
+        .unwrap();
+    std::fs::write(plugins.path().join("chaos.toml"), "[limits]\nmemory = \"32MiB\"\n").unwrap();
+    let server = Server::start(&["--plugins", plugins.path().to_str().unwrap()]);
+    let before = peak_rss_kib(server.child.id());
+    let addr = server.addr;
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let upgrade = format!(
+                    "GET /ws/chaos?hog HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                );
+                request(addr, upgrade.as_bytes()).as_deref().and_then(status_of)
+            })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().unwrap(), Some(500), "the plugin failed its handshake");
+    }
+    let grown = peak_rss_kib(server.child.id()).saturating_sub(before);
+    // Four calls at once on this machine's two cores, 32 MiB each, plus slack.
+    eprintln!("peak grew {grown} KiB");
+    assert!(grown < 320 << 10, "64 handshakes that each fill 32 MiB raised the peak by {grown} KiB");
+    assert_eq!(server.healthz(), Some(200));
+}

@@ -25,6 +25,11 @@
 //!
 //! Commands are dropped.
 //!
+//! # Handshakes
+//!
+//! An upgrade whose query string is `hog` allocates 1 MiB blocks forever in the
+//! handshake hook (the host's memory cap must stop it); any other is accepted.
+//!
 //! # Configuration
 //!
 //! `{"panic_in_init": true}` makes `init` panic (a trap); `{"fail_init": true}` makes
@@ -33,7 +38,9 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
-use roomcast_guest::{Config, MemberId, Message, Origin, Plugin, Room, TimerId, Verdict};
+use roomcast_guest::{
+    Config, HandshakeDecision, HandshakeRequest, MemberId, Message, Origin, Plugin, Room, TimerId, Verdict,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -48,7 +55,23 @@ struct Chaos {
     timers: BTreeMap<TimerId, MemberId>,
 }
 
+/// Allocate 1 MiB blocks until the host's memory cap stops the call.
+fn hog() -> ! {
+    let mut blocks = Vec::new();
+    loop {
+        blocks.push(black_box(vec![0xA5u8; 1 << 20]));
+        black_box(&blocks);
+    }
+}
+
 impl Plugin for Chaos {
+    fn handshake(&self, request: &HandshakeRequest) -> HandshakeDecision {
+        if request.query == "hog" {
+            hog();
+        }
+        HandshakeDecision::accept()
+    }
+
     fn init(config: Config) -> Result<Self, String> {
         let settings: Settings = config.parse()?;
         if settings.panic_in_init {
@@ -71,13 +94,7 @@ impl Plugin for Chaos {
                     n = black_box(n.wrapping_add(1));
                 }
             }
-            "hog" => {
-                let mut blocks = Vec::new();
-                loop {
-                    blocks.push(black_box(vec![0xA5u8; 1 << 20]));
-                    black_box(&blocks);
-                }
-            }
+            "hog" => hog(),
             "panic" => panic!("chaos panic"),
             "burst" => {
                 for _ in 0..1_000_000 {
