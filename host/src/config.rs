@@ -73,6 +73,11 @@ impl OriginPolicy {
     }
 }
 
+/// The largest config file read (a config is a few KiB; anything near this is a mistake).
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+/// The largest admin token file read.
+const MAX_TOKEN_FILE: u64 = 64 << 10;
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -307,7 +312,7 @@ impl Config {
             }
             "admin_token_file" => {
                 let file = PathBuf::from(&text);
-                let token = std::fs::read_to_string(&file)
+                let token = crate::files::read_regular_text(&file, MAX_TOKEN_FILE)
                     .map_err(|e| SetError::TokenFile(file.clone(), e.to_string()))?;
                 if token.trim().is_empty() {
                     return Err(SetError::TokenFile(file, "the file is empty".into()));
@@ -357,7 +362,7 @@ impl Config {
 
     /// Read a TOML config file over the current values.
     pub fn apply_file(&mut self, file: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(file)
+        let text = crate::files::read_regular_text(file, MAX_CONFIG_FILE)
             .map_err(|e| ConfigError::Unreadable { file: file.to_owned(), reason: e.to_string() })?;
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             file: file.to_owned(),

@@ -8,6 +8,7 @@ pub mod broadcast;
 pub mod cluster;
 pub mod config;
 pub mod dashboard;
+pub mod files;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;

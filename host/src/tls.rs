@@ -124,10 +124,13 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// The largest certificate chain or key file read (a long chain is a few dozen KiB).
+const MAX_PEM_FILE: u64 = 1 << 20;
+
 /// Read a PEM certificate chain and private key and check that they belong together.
 fn load_pair(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let read = |what, file: &Path| {
-        std::fs::read(file).map_err(|e| TlsError::Unreadable {
+        crate::files::read_regular(file, MAX_PEM_FILE).map_err(|e| TlsError::Unreadable {
             what,
             file: file.to_owned(),
             reason: e.to_string(),
