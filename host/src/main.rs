@@ -144,7 +144,11 @@ fn load_config(matches: &ArgMatches) -> anyhow::Result<Config> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOMCAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only for a person at a terminal: not in files, pipes or journald, and
+    // never when NO_COLOR is set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -161,8 +165,9 @@ fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = roomcast::shutdown::signal().context("cannot install signal handlers")?;
+        // The port first: a port in use fails at once, before plugins are compiled.
+        let listener = roomcast::server::bind(config.listen, config.listen_backlog)?;
         let server = roomcast::server::Server::new(config)?;
-        let listener = roomcast::server::bind(server.config().listen, server.config().listen_backlog)?;
         server.run(listener, shutdown).await?;
         anyhow::Ok(())
     })

@@ -608,7 +608,21 @@ impl RoomActor {
                 self.logic = Logic::Default;
             }
             Some(plugin) => {
-                tracing::info!(room = %self.room.name, plugin = plugin.name(), version = %plugin.info().version, sha256 = plugin.sha256(), "room switches plugin");
+                match &current {
+                    // A reload (or a new plugin claiming the room) changed what serves it.
+                    Some(old) => tracing::info!(
+                        room = %self.room.name,
+                        plugin = plugin.name(),
+                        from = %format!("{} {}", old.name(), old.info().version),
+                        to = %format!("{} {}", plugin.name(), plugin.info().version),
+                        sha256 = plugin.sha256(),
+                        "room switches plugin"
+                    ),
+                    // A new room starting on its plugin: routine.
+                    None => {
+                        tracing::debug!(room = %self.room.name, plugin = plugin.name(), "room starts its plugin")
+                    }
+                }
                 self.start(plugin, state);
             }
         }

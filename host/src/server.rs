@@ -45,8 +45,14 @@ const MAX_HTTP_BUFFER: usize = 32 << 10;
 /// A startup failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        /// A next step for the common causes.
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Plugins(#[from] PluginsError),
     #[error(transparent)]
@@ -65,7 +71,16 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> 
         socket.bind(addr)?;
         socket.listen(backlog)
     };
-    socket.and_then(bind).map_err(|source| ServerError::Bind { addr, source })
+    socket.and_then(bind).map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => " (another server holds the port; pick another with --listen)",
+            std::io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need privileges; try --listen 127.0.0.1:8080)"
+            }
+            _ => "",
+        };
+        ServerError::Bind { addr, hint, source }
+    })
 }
 
 /// State shared by every connection.
@@ -181,7 +196,7 @@ impl Server {
             shared.next_member.store(cluster.start().await, Relaxed);
         }
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "listening");
+            log_start(&shared, addr);
         }
 
         accept_until(&shared, &router, &listener, shutdown).await;
@@ -206,6 +221,25 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The start-up line: where to connect, which plugins folder, whether the admin API
+/// and the dashboard are on.
+fn log_start(shared: &Shared, addr: SocketAddr) {
+    let scheme = if shared.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}");
+    let plugins = shared.rooms.plugins();
+    let plugins = match plugins.dir() {
+        Some(dir) => format!("{} ({} loaded)", dir.display(), plugins.current().len()),
+        None => "none (every room broadcasts)".to_owned(),
+    };
+    let admin = if shared.config.admin_token.is_some() {
+        format!("on: {url}/admin/…, dashboard at {url}/dashboard")
+    } else {
+        "off (set --admin-token to turn on the admin API and the dashboard)".to_owned()
+    };
+    let cluster = if shared.rooms.cluster().is_some() { "on (Redis)" } else { "off" };
+    tracing::info!(%url, demo = %format!("{url}/"), %plugins, %admin, %cluster, "listening");
 }
 
 /// Accept connections until `until` resolves.

@@ -43,10 +43,52 @@ fn config_errors_name_the_key_and_the_file() {
 }
 
 #[test]
-fn a_port_in_use_is_one_clear_line() {
+fn a_port_in_use_is_one_clear_line_before_any_plugin_loads() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    fails_with(&["serve", "--listen", &addr], &["cannot listen on", &addr]);
+    fails_with(
+        &["serve", "--listen", &addr],
+        &["cannot listen on", &addr, "Address already in use", "--listen"],
+    );
+    // The cause is said once, and the port is tried before plugins are compiled.
+    let plugins = std::env::temp_dir().join(format!("roomcast-cli-port-{}", std::process::id()));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(build::built_plugins().join("echo.wasm"), plugins.join("echo.wasm")).unwrap();
+    let output = roomcast().args(["serve", "--listen", &addr, "--plugins"]).arg(&plugins).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("plugin loaded"), "plugins were loaded before the port was tried:\n{stdout}");
+    let _ = std::fs::remove_dir_all(&plugins);
+}
+
+/// The first line a person sees says where to connect, which plugins folder serves,
+/// and whether the admin API and the dashboard are on; a log that is not a terminal
+/// has no colour codes.
+#[test]
+fn the_start_up_line_says_where_and_what_without_colour_codes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let plugins = std::env::temp_dir().join(format!("roomcast-cli-start-{}", std::process::id()));
+    std::fs::create_dir_all(&plugins).unwrap();
+    let mut child = roomcast()
+        .env_remove("NO_COLOR")
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--plugins"])
+        .arg(&plugins)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("listening"))).unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&plugins);
+    assert!(!line.contains('\u{1b}'), "colour codes in a log that is not a terminal: {line:?}");
+    for needle in
+        [format!("http://127.0.0.1:{port}"), plugins.display().to_string(), "admin".into(), "off".into()]
+    {
+        assert!(line.contains(&needle), "`{needle}` missing from the start-up line: {line}");
+    }
 }
 
 #[test]
