@@ -99,6 +99,37 @@
 //! State lives in the plugin value itself: the SDK keeps it for the instance between
 //! hooks. The handshake hook runs on an instance that holds no room state, so
 //! [`Plugin::handshake`] should decide from the configuration and the request alone.
+//!
+//! # Instances and their life
+//!
+//! - **One instance per live room**, created with the room's first member (`init`,
+//!   then a `join` per member) and dropped when the room empties.
+//! - **The handshake instance.** Upgrade requests are answered by separate instances
+//!   that never see a room: `init` runs there too (with the same configuration), but
+//!   [`Room`] calls return [`RoomError::Unavailable`], so a timer `init` tries to set
+//!   there is refused. Keep `init` free of side effects that need a room, or ignore
+//!   that error.
+//! - **A failed call** (trap, panic, deadline, memory cap) discards what the call sent
+//!   and the instance; the room continues on a fresh one, which gets `init` and a
+//!   `join` for every current member.
+//! - **A reload** (a new file in the plugins folder) calls the old version's
+//!   [`snapshot`](Plugin::snapshot), then the new version's `init` and
+//!   [`restore`](Plugin::restore). After a successful `restore` the joins are **not**
+//!   replayed: whatever `join` built must be in the snapshot, or be rebuilt from
+//!   [`Room::members`] at the next hook. Without a snapshot, or when `restore` returns
+//!   `Err`, the new version gets a `join` per current member instead. Timers do not
+//!   carry over.
+//! - **The version** a plugin reports (in the server's log and `/admin/plugins`'
+//!   `describe`) is its crate's `CARGO_PKG_NAME` and `CARGO_PKG_VERSION`, which
+//!   [`export!`] reads.
+//!
+//! # Installing a new version
+//!
+//! Copy the `.wasm` over the old file, or (safer) write it to a name the server ignores
+//! and rename it into place: names that start with `.` or `#`, end with `~`, or do not
+//! end in `.wasm` or `.toml` (`chat.wasm.part`, `.chat.wasm`) are never loaded. Any
+//! other `NAME.wasm` is a plugin of its own: `chat-new.wasm` briefly serves the rooms
+//! `chat-new` and `chat-new:*` while it exists.
 
 #![warn(missing_docs)]
 

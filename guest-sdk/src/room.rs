@@ -40,6 +40,16 @@ impl Room {
         self.broadcast(Message::to_json(value))
     }
 
+    /// Sends `value` as a JSON text message to every member of this room except those
+    /// listed.
+    pub fn broadcast_json_except<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        except: &[MemberId],
+    ) -> Result<(), RoomError> {
+        self.broadcast_except(Message::to_json(value), except)
+    }
+
     /// Sends a message to every member of this room except those listed.
     pub fn broadcast_except(
         &self,

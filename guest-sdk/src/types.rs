@@ -200,6 +200,31 @@ pub enum LeaveReason {
     PluginFailure,
 }
 
+impl LeaveReason {
+    /// The reason's name, as the server's metrics and logs spell it: `client`,
+    /// `heartbeat`, `slow_consumer`, `too_big`, `protocol`, `reset`, `shutdown`,
+    /// `plugin`, `plugin_failure`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Heartbeat => "heartbeat",
+            Self::SlowConsumer => "slow_consumer",
+            Self::TooBig => "too_big",
+            Self::Protocol => "protocol",
+            Self::Reset => "reset",
+            Self::Shutdown => "shutdown",
+            Self::ClosedByPlugin => "plugin",
+            Self::PluginFailure => "plugin_failure",
+        }
+    }
+}
+
+impl std::fmt::Display for LeaveReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What happens to the message a [`Plugin::message`](crate::Plugin::message) call was
 /// given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -324,6 +349,38 @@ fn hex_pair(high: u8, low: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leave_reasons_have_the_servers_names() {
+        use LeaveReason::*;
+        let all = [
+            Client,
+            Heartbeat,
+            SlowConsumer,
+            TooBig,
+            Protocol,
+            Reset,
+            Shutdown,
+            ClosedByPlugin,
+            PluginFailure,
+        ];
+        let names: Vec<&str> = all.iter().map(|r| r.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "client",
+                "heartbeat",
+                "slow_consumer",
+                "too_big",
+                "protocol",
+                "reset",
+                "shutdown",
+                "plugin",
+                "plugin_failure"
+            ]
+        );
+        assert_eq!(SlowConsumer.to_string(), "slow_consumer");
+    }
 
     #[test]
     fn query_params_are_percent_decoded() {
