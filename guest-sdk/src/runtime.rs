@@ -129,6 +129,7 @@ impl<P: Plugin + Describe> bindings::Guest for Export<P> {
     fn message(sender: wit::Origin, message: wit::Payload) -> wit::Verdict {
         let origin = match sender {
             wit::Origin::Member(id) => Origin::Member(id),
+            wit::Origin::Room(name) if name.is_empty() => Origin::Server,
             wit::Origin::Room(name) => Origin::Room(name),
         };
         match with_state(|plugin: &mut P| plugin.message(&Room, origin, message.into())) {

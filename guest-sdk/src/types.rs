@@ -89,6 +89,10 @@ pub enum Origin {
     Member(MemberId),
     /// Another room's plugin forwarded it here; the string is that room's name.
     Room(String),
+    /// The server: a backend published it to the room through the admin API
+    /// (`POST /admin/rooms/{room}/publish`). [`Verdict::Pass`] delivers it to every
+    /// member unchanged; a plugin whose members expect a format of its own wraps it.
+    Server,
 }
 
 impl Origin {
@@ -96,7 +100,7 @@ impl Origin {
     pub fn member(&self) -> Option<MemberId> {
         match self {
             Origin::Member(id) => Some(*id),
-            Origin::Room(_) => None,
+            Origin::Room(_) | Origin::Server => None,
         }
     }
 }

@@ -524,7 +524,8 @@ impl RoomActor {
                 RoomEvent::Forward { from_room, payload, hops } => {
                     self.message(Origin::Room(from_room.to_string()), payload, hops)
                 }
-                RoomEvent::Publish(payload) => self.deliver_all(&payload, None),
+                // The room's plugin decides what a backend's publish becomes.
+                RoomEvent::Publish(payload) => self.message(Origin::Server, payload, 0),
                 RoomEvent::PluginsChanged | RoomEvent::ClusterWake => {}
             }
             self.after_event();
@@ -746,7 +747,7 @@ impl RoomActor {
     fn message(&mut self, origin: Origin, payload: Payload, hops: u8) {
         let sender = match origin {
             Origin::Member(id) => Some(id),
-            Origin::Room(_) => None,
+            Origin::Room(_) | Origin::Server => None,
         };
         let result = self.with_instance(|instance, view| instance.message(view, origin, &payload));
         match result {
@@ -1433,7 +1434,7 @@ impl RoomActor {
             InEvent::Forward { from_room, payload, hops } => {
                 self.message(Origin::Room(from_room), payload, hops)
             }
-            InEvent::Publish(payload) => self.deliver_all(&payload, None),
+            InEvent::Publish(payload) => self.message(Origin::Server, payload, 0),
         }
     }
 

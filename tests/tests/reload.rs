@@ -337,6 +337,15 @@ async fn admin_api_needs_the_token_and_publishes() {
     assert_eq!(recv(&mut member).await, Message::text("breaking news"));
     assert_eq!(status_of(&publish("application/octet-stream", b"\x01\x02").await), Some(202));
     assert_eq!(recv(&mut member).await, Message::binary(vec![1u8, 2]));
+
+    // A room's plugin decides what a publish becomes: chat speaks JSON to its members.
+    let mut ann = server.connect("chat:lobby?name=ann").await;
+    assert_eq!(recv_json(&mut ann).await["type"], "welcome");
+    let request = format!(
+        "POST /admin/rooms/chat:lobby/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: text/plain\r\nContent-Length: 9\r\nConnection: close\r\n\r\nhello all"
+    );
+    assert_eq!(status_of(&raw_request(server.addr, request.as_bytes()).await.unwrap()), Some(202));
+    assert_eq!(recv_json(&mut ann).await, serde_json::json!({"type": "announcement", "text": "hello all"}));
     server.stop().await;
 }
 

@@ -146,6 +146,7 @@ impl Exports {
         let origin = match origin {
             Origin::Member(id) => wit::Origin::Member(*id),
             Origin::Room(room) => wit::Origin::Room(room),
+            Origin::Server => wit::Origin::Room(""),
         };
         // A text payload is valid UTF-8 by construction; checking costs a scan but no
         // copy, and keeps this file free of `unsafe`. Should a caller break the

@@ -119,6 +119,9 @@ pub enum Origin {
     Member(MemberId),
     /// Another room's plugin forwarded it here; the string is that room's name.
     Room(String),
+    /// The server itself: a backend published it through the admin API. Plugins see
+    /// it as a forward from a room with an empty name (no room has one).
+    Server,
 }
 
 /// An upgrade request, before any upgrade has happened.

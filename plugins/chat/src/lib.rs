@@ -28,6 +28,7 @@
 //! | `{"to":99,"say":"psst"}` with no member 99 here | the sender | `{"type":"error","error":"unknown member 99"}` |
 //! | anything else (bad JSON, no string `say`, binary) | the sender | `{"type":"error","error":"expected {\"say\":\"...\"} or {\"to\":<id>,\"say\":\"...\"}"}` |
 //! | a message forwarded from room `lobby` (e.g. by the lobby plugin) | everyone | `{"type":"say","from_room":"lobby","text":"hi"}`: the text is the `say` string of a JSON body, else the raw text |
+//! | a backend publishes to the room (`POST /admin/rooms/chat:lobby/publish`) | everyone | `{"type":"announcement","text":"hi"}`, the text taken as for a forward |
 //!
 //! Nicknames survive a hot reload (snapshot/restore).
 
@@ -75,6 +76,9 @@ enum Outgoing<'a> {
     #[serde(rename = "say")]
     SayFromRoom {
         from_room: &'a str,
+        text: &'a str,
+    },
+    Announcement {
         text: &'a str,
     },
     Direct {
@@ -162,15 +166,11 @@ impl Plugin for Chat {
         match from {
             Origin::Member(id) => self.member_message(room, id, &message),
             Origin::Room(from_room) => {
-                #[derive(Deserialize)]
-                struct Say {
-                    say: String,
-                }
-                let text = match message.json::<Say>() {
-                    Ok(Say { say }) => say,
-                    Err(_) => String::from_utf8_lossy(message.as_bytes()).into_owned(),
-                };
+                let text = say_or_raw(&message);
                 let _ = room.broadcast_json(&Outgoing::SayFromRoom { from_room: &from_room, text: &text });
+            }
+            Origin::Server => {
+                let _ = room.broadcast_json(&Outgoing::Announcement { text: &say_or_raw(&message) });
             }
         }
         Verdict::Drop
@@ -183,6 +183,18 @@ impl Plugin for Chat {
     fn restore(&mut self, state: Vec<u8>) -> Result<(), String> {
         self.names = roomcast_guest::serde_json::from_slice(&state).map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// The `say` string of a JSON body, else the message as text.
+fn say_or_raw(message: &Message) -> String {
+    #[derive(Deserialize)]
+    struct Say {
+        say: String,
+    }
+    match message.json::<Say>() {
+        Ok(Say { say }) => say,
+        Err(_) => String::from_utf8_lossy(message.as_bytes()).into_owned(),
     }
 }
 
