@@ -189,7 +189,7 @@ impl Server {
     ) -> Result<(), ServerError> {
         let shared = self.shared;
         let router = router(shared.clone());
-        // Stopped (and joined) when `run` returns.
+        // Told to stop when `run` returns (never waited for: it may be compiling).
         let _watcher = Watcher::start(shared.rooms.plugins().clone());
         if let Some(cluster) = shared.rooms.cluster() {
             // Member ids must be unique across the cluster: each node gets its own range.
@@ -393,6 +393,14 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
 /// subprotocol the plugin chose.
 async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
     let Some(plugin) = shared.rooms.plugins().for_room(&request.room) else {
+        if let Some(failed) = shared.rooms.plugins().failed_for(&request.room) {
+            // Fail closed: the room's plugin exists but could not be loaded.
+            return Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RejectReason::Plugin,
+                format!("the room's plugin `{failed}` failed to load"),
+            ));
+        }
         return Ok(None);
     };
     let room = request.room.clone();

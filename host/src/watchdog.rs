@@ -199,30 +199,39 @@ impl Pending {
     }
 
     /// Wait until there is room for one more connection: below the cap, or once the
-    /// oldest has waited [`EVICT_AFTER`] (it is then told to close and loses its place).
+    /// oldest has waited [`EVICT_AFTER`] (it is then told to close, and its place is
+    /// free once it has closed, so the descriptors held never pass the cap).
     pub async fn room(&self) {
         loop {
             let freed = self.freed.notified();
             let wait = {
-                let mut live = self.lock();
+                let live = self.lock();
                 if live.len() < self.max {
                     return;
                 }
-                let Some((&oldest, &(since, _))) = live.first_key_value() else {
-                    return;
-                };
                 let now = Instant::now();
-                if now >= since + EVICT_AFTER {
-                    if let Some((_, token)) = live.remove(&oldest) {
+                // The oldest connection not already told to close.
+                match live.values().find(|(_, token)| !token.is_cancelled()) {
+                    Some((since, token)) if now >= *since + EVICT_AFTER => {
                         token.cancel();
+                        None
                     }
-                    return;
+                    Some((since, _)) => Some(*since + EVICT_AFTER - now),
+                    None => None,
                 }
-                since + EVICT_AFTER - now
             };
-            tokio::select! {
-                () = freed => {}
-                () = tokio::time::sleep(wait) => {}
+            match wait {
+                Some(wait) => {
+                    tokio::select! {
+                        () = freed => {}
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                // Closing: its place frees up when it is gone (bounded, in case a
+                // wake-up was missed).
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+                }
             }
         }
     }
@@ -308,13 +317,18 @@ mod tests {
         assert!(!first.evicted.is_cancelled());
         let third = pending.admit();
 
-        // Full again: the oldest is evicted once it has waited EVICT_AFTER.
-        pending.room().await;
+        // Full again: the oldest is told to close once it has waited EVICT_AFTER, and
+        // its place is free once it has closed.
+        let room = pending.room();
+        tokio::pin!(room);
+        let early = Duration::from_millis(1700); // past the oldest's 2 s, before the third's
+        assert!(tokio::time::timeout(early, &mut room).await.is_err(), "waits for the close");
         assert!(first.evicted.is_cancelled(), "the oldest was told to close");
-        assert_eq!(Instant::now(), start - Duration::from_millis(500) + EVICT_AFTER);
+        assert!(Instant::now() >= start - Duration::from_millis(500) + EVICT_AFTER);
         assert!(!third.evicted.is_cancelled());
-        assert_eq!(pending.count(), 1, "the evicted one lost its place at once");
+        assert_eq!(pending.count(), 2, "it holds its place until it is gone");
         drop(first);
+        room.await;
         assert_eq!(pending.count(), 1);
     }
 

@@ -9,6 +9,8 @@
 //! - `bindings.rs`: the WIT world, the host side of the `room` interface, conversions;
 //! - `runtime.rs`: the engine (epoch interruption, single-threaded compiles), the epoch
 //!   ticker, compiling and linking a plugin file, `roomcast plugin check`;
+//! - `source.rs`: reading a plugin's `NAME.wasm` and `NAME.toml`, once, regular files
+//!   only and bounded in size;
 //! - `manifest.rs`: the optional `NAME.toml` beside a plugin;
 //! - `instance.rs`: a loaded [`Plugin`], the per-room [`RoomInstance`], the store data
 //!   that records a call's actions and enforces the per-call limits;
@@ -47,9 +49,10 @@ mod instance;
 mod manifest;
 mod runtime;
 mod set;
+mod source;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +63,7 @@ pub use error::{FailureKind, PluginError};
 pub use instance::{Plugin, RoomInstance};
 pub use runtime::{CheckReport, PluginRuntime, WIT_PACKAGE};
 pub use set::{PluginSet, RoomPattern};
+pub use source::{MAX_MANIFEST_BYTES, MAX_PLUGIN_BYTES, PluginSource, SourceError};
 
 /// A member of a room. The host assigns it; it is unique for the life of the host.
 pub type MemberId = u64;

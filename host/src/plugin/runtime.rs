@@ -19,6 +19,7 @@ use super::bindings::{self, Linked};
 use super::instance::{Code, HostState, Plugin, Sandbox};
 use super::manifest::{self, Manifest};
 use super::set::RoomPattern;
+use super::source::PluginSource;
 use super::{HostCaps, PluginError, PluginInfo, is_valid_room_name};
 
 /// The WIT package this host speaks.
@@ -266,12 +267,21 @@ impl PluginRuntime {
         self.caps
     }
 
-    /// Compile and link a plugin file (reading `NAME.toml` beside it if present),
-    /// create its handshake instance, call `init` and `describe` on it.
+    /// Read a plugin file (and `NAME.toml` beside it if present), then
+    /// [`load_source`](PluginRuntime::load_source).
     ///
     /// Synchronous and CPU-heavy (tens of milliseconds): run it off the async workers.
     pub fn load(&self, wasm_path: &Path) -> Result<Arc<Plugin>, PluginError> {
-        Ok(Arc::new(self.prepare(wasm_path)?.plugin))
+        self.load_source(&read_source(wasm_path)?)
+    }
+
+    /// Compile and link the plugin `source` holds, create its handshake instance, call
+    /// `init` and `describe` on it. The reload reads the files once, hashes them, and
+    /// hands the same bytes here.
+    ///
+    /// Synchronous and CPU-heavy (tens of milliseconds): run it off the async workers.
+    pub fn load_source(&self, source: &PluginSource) -> Result<Arc<Plugin>, PluginError> {
+        Ok(Arc::new(self.prepare(source)?.plugin))
     }
 
     /// For `roomcast plugin check FILE.wasm`: load the plugin as [`load`] would and
@@ -279,7 +289,7 @@ impl PluginRuntime {
     ///
     /// [`load`]: PluginRuntime::load
     pub fn check(&self, wasm_path: &Path) -> Result<CheckReport, PluginError> {
-        let prepared = self.prepare(wasm_path)?;
+        let prepared = self.prepare(&read_source(wasm_path)?)?;
         let plugin = prepared.plugin;
         Ok(CheckReport {
             name: plugin.name().to_owned(),
@@ -292,26 +302,22 @@ impl PluginRuntime {
         })
     }
 
-    fn prepare(&self, wasm_path: &Path) -> Result<Prepared, PluginError> {
+    fn prepare(&self, source: &PluginSource) -> Result<Prepared, PluginError> {
+        let wasm_path = source.wasm_path();
         let name = plugin_name(wasm_path)?;
         let load_error = |detail: String| PluginError::load(&name, detail);
-        let bytes = std::fs::read(wasm_path)
-            .map_err(|error| load_error(format!("cannot read {}: {error}", wasm_path.display())))?;
-        let manifest_path = wasm_path.with_extension("toml");
-        let manifest = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => manifest::parse(&text, &manifest_path, &self.caps).map_err(load_error)?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Manifest::defaults(&self.caps),
-            Err(error) => {
-                return Err(load_error(format!("cannot read {}: {error}", manifest_path.display())));
-            }
+        let bytes = source.wasm();
+        let manifest = match source.manifest() {
+            Some(text) => manifest::parse(text, &source.manifest_path(), &self.caps).map_err(load_error)?,
+            None => Manifest::defaults(&self.caps),
         };
         let patterns = match manifest.rooms {
             Some(patterns) => patterns,
             None => RoomPattern::defaults_for(&name),
         };
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = hex(&Sha256::digest(bytes));
 
-        let component = self.compile(wasm_path, &bytes).map_err(load_error)?;
+        let component = self.compile(wasm_path, bytes).map_err(load_error)?;
         let engine = &self.shared.engine;
         let component_type = component.component_type();
         let mut imports = Vec::new();
@@ -482,6 +488,19 @@ struct Prepared {
     hooks: Vec<String>,
     wit_package: String,
     imports: Vec<String>,
+}
+
+/// The files of the plugin at `wasm_path`, read once (see [`PluginSource::read`]); a
+/// missing file is an error here.
+fn read_source(wasm_path: &Path) -> Result<PluginSource, PluginError> {
+    let name = plugin_name(wasm_path)?;
+    match PluginSource::read(wasm_path) {
+        Ok(Some(source)) => Ok(source),
+        Ok(None) => {
+            Err(PluginError::load(name, format!("cannot read {}: no such file", wasm_path.display())))
+        }
+        Err(error) => Err(PluginError::load(name, error.to_string())),
+    }
 }
 
 /// The plugin's name: the file stem, which must be a valid room name (it is the

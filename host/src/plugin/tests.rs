@@ -38,8 +38,8 @@ fn build_plugins() -> &'static Result<(), String> {
     })
 }
 
-/// The built `NAME.wasm`.
-fn plugin_file(name: &str) -> PathBuf {
+/// The built `NAME.wasm` (also used by the reload's tests).
+pub(crate) fn plugin_file(name: &str) -> PathBuf {
     let built = build_plugins();
     let file = plugins_dir().join(format!("target/wasm32-wasip2/release/{name}.wasm"));
     if !file.is_file() {
@@ -244,6 +244,12 @@ fn garbage_and_missing_files_are_refused_clearly() {
 
     let error = runtime.load(&scratch.0.join("absent.wasm")).expect_err("missing file");
     assert!(error.to_string().contains("cannot read"), "{error}");
+
+    // `roomcast plugin check` on a FIFO: refused at once, never waited on.
+    let fifo = scratch.0.join("fifo.wasm");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let error = runtime.check(&fifo).expect_err("a FIFO");
+    assert!(error.to_string().contains("fifo.wasm: not a regular file"), "{error}");
 
     let file = scratch.file("bad name.wasm", b"");
     let error = runtime.load(&file).expect_err("bad name");

@@ -9,4 +9,5 @@ mod support;
 mod build;
 mod files;
 mod http;
+mod plugins;
 mod ws;
