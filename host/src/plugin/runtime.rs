@@ -55,19 +55,26 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "{}: {} {} (sha256 {})", self.name, self.info.name, self.info.version, self.sha256)?;
         writeln!(f, "  world:   {} room-plugin", self.wit_package)?;
         writeln!(f, "  hooks:   {}", self.hooks.join(", "))?;
+        writeln!(
+            f,
+            "           (the guest SDK exports every hook; those a plugin does not write run its defaults)"
+        )?;
         writeln!(f, "  rooms:   {}", self.rooms.join(", "))?;
-        let imports: Vec<String> = self
+        let (answered, trapping): (Vec<&String>, Vec<&String>) = self
             .imports
             .iter()
-            .map(|import| {
-                if import.starts_with("roomcast:") || import.starts_with("wasi:random/") {
-                    import.clone()
-                } else {
-                    format!("{import} (traps)")
-                }
-            })
-            .collect();
-        write!(f, "  imports: {}", imports.join(", "))
+            .partition(|import| import.starts_with("roomcast:") || import.starts_with("wasi:random/"));
+        let list = |imports: &[&String]| imports.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ");
+        write!(f, "  imports: {}", list(&answered))?;
+        if !trapping.is_empty() {
+            write!(
+                f,
+                "\n  trapping: {}\n           (Rust's std declares these in every wasip2 build; the host links them, \
+                 but a call traps: log with the `log` import, not println!, and use Room::now, not std::time)",
+                list(&trapping)
+            )?;
+        }
+        Ok(())
     }
 }
 
