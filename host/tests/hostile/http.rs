@@ -194,16 +194,9 @@ fn the_event_stream_outlives_the_http_deadline_and_ends_at_shutdown() {
     assert!(status.success(), "{status}");
 }
 
-/// Peak resident memory of process `pid` (VmHWM), in KiB.
+/// Peak resident memory of process `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    crate::support::status_kib(pid, "VmHWM:")
 }
 
 /// Upgrade requests to a plugin's room each cost a handshake call on an instance of up

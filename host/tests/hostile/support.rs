@@ -115,11 +115,16 @@ impl Drop for Server {
 
 /// Resident memory of process `pid`, in KiB.
 pub fn rss_kib_of(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// One `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:` for the peak), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
