@@ -209,7 +209,7 @@ fn check_reports_a_good_plugin() {
     assert!(report.imports.iter().any(|import| import.starts_with("wasi:cli/")));
     let text = report.to_string();
     assert!(text.contains("world:   roomcast:plugin@0.1.0 room-plugin"), "{text}");
-    assert!(text.contains("(traps)"), "{text}");
+    assert!(text.contains("trapping: wasi:") && text.contains("a call traps"), "{text}");
     eprintln!("{text}");
 }
 
