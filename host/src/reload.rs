@@ -346,10 +346,13 @@ impl LivePlugins {
                     r.content = content;
                     r.failed = None;
                 });
+                // `version` is what the plugin says it is (its crate's version); `load`
+                // counts the versions of this name loaded since start-up (the admin
+                // API's `version` field).
                 tracing::info!(
                     plugin = name,
-                    version,
-                    describe = %format!("{} {}", plugin.info().name, plugin.info().version),
+                    version = %plugin.info().version,
+                    load = version,
                     sha256 = plugin.sha256(),
                     rooms = ?plugin.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>(),
                     took = ?started.elapsed(),
