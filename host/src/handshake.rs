@@ -93,7 +93,7 @@ pub fn validate(
         )
     })?;
 
-    let Some(upgrade) = headers.get(header::UPGRADE) else {
+    let Some(_) = headers.get(header::UPGRADE) else {
         return Err(Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
             R::BadRequest,
@@ -101,7 +101,7 @@ pub fn validate(
         )
         .with_header(header::UPGRADE, "websocket"));
     };
-    if !has_token(upgrade, "websocket") {
+    if !headers.get_all(header::UPGRADE).iter().any(|v| has_token(v, "websocket")) {
         return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
             R::BadRequest,
@@ -115,7 +115,11 @@ pub fn validate(
             "Connection header must include `upgrade`",
         ));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    // RFC 6455 11.3.1 and 11.3.5: the key and the version appear exactly once.
+    let version = headers.get_all(header::SEC_WEBSOCKET_VERSION);
+    if version.iter().count() != 1
+        || headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13")
+    {
         return Err(Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
             R::Version,
@@ -125,6 +129,7 @@ pub fn validate(
     }
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() == 1)
         .filter(|key| {
             base64::engine::general_purpose::STANDARD
                 .decode(key.as_bytes())
@@ -194,7 +199,9 @@ pub(crate) fn percent_decode(text: &str) -> Option<String> {
 fn normalize_origin(origin: &str) -> Option<(String, String)> {
     let origin = origin.trim().to_ascii_lowercase();
     let (scheme, authority) = origin.split_once("://")?;
-    if authority.is_empty() || authority.contains('/') {
+    // A host name or address and an optional port: nothing a URL could hide behind.
+    let host_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'*');
+    if authority.is_empty() || !authority.bytes().all(host_byte) {
         return None;
     }
     let authority = strip_default_port(scheme, authority);
@@ -281,6 +288,10 @@ mod tests {
         assert!(!origin_allowed(&list, "https://example.org", "x"));
         assert!(!origin_allowed(&list, "https://badexample.org", "x"));
         assert!(!origin_allowed(&list, "http://app.example.com", "x"));
+        // An origin is a host and a port, nothing a wildcard could be fooled by.
+        assert!(!origin_allowed(&list, "https://evil.com?.example.org", "x"));
+        assert!(!origin_allowed(&list, "https://evil.com#.example.org", "x"));
+        assert!(!origin_allowed(&list, "https://user@evil.com.example.org", "x"));
         assert!(origin_allowed(&OriginPolicy::Any, "http://anything", "x"));
     }
 }
