@@ -204,3 +204,115 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
     fails_with(&["plugin", "new", "Bad-Name"], &["not a plugin name"]);
     let _ = std::fs::remove_dir_all(&parent);
 }
+
+/// A minimal WebSocket client for the tutorial test: upgrade, send text, read text.
+struct Ws(std::net::TcpStream);
+
+impl Ws {
+    fn connect(addr: &str, room: &str) -> Ws {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "GET /ws/{room} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        Ws(stream)
+    }
+
+    /// Send `text` and return the text that comes back (short messages only).
+    fn round_trip(&mut self, text: &str) -> String {
+        use std::io::{Read as _, Write as _};
+        self.0.write_all(&roomcast::frame::encode_client(true, 0x1, text.as_bytes(), [7, 7, 7, 7])).unwrap();
+        let mut head = [0u8; 2];
+        self.0.read_exact(&mut head).unwrap();
+        assert_eq!(head[0] & 0x0F, 0x1, "a text frame");
+        let mut payload = vec![0u8; usize::from(head[1] & 0x7F)];
+        self.0.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap()
+    }
+}
+
+/// The README's "Write your first plugin", step by step: `plugin new`, build, drop the
+/// file into a running server's folder, connect; then the README's upper-casing
+/// `message` hook, rebuild, copy over: the same connection gets capitals.
+#[test]
+fn the_readme_tutorial_works_on_a_running_server() {
+    const README: &str = include_str!("../../README.md");
+    let snippet = README
+        .split("Change the\nhook to answer in capitals:\n\n```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's tutorial snippet");
+    let parent = std::env::temp_dir().join(format!("roomcast-tutorial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    let plugins = parent.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    assert!(roomcast().args(["plugin", "new", "tutorial", "--dir"]).arg(&parent).status().unwrap().success());
+    let krate = parent.join("tutorial");
+    let target = build::plugins_workspace().join("target");
+    let build_and_install = || {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet"])
+            .current_dir(&krate)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Copied under a hidden name, then renamed into place.
+        let temp = plugins.join(".tutorial.wasm.part");
+        std::fs::copy(target.join("wasm32-wasip2/release/tutorial.wasm"), &temp).unwrap();
+        std::fs::rename(&temp, plugins.join("tutorial.wasm")).unwrap();
+    };
+    build_and_install();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = roomcast()
+        .args(["serve", "--listen", &addr, "--plugin-cache", "off", "--plugins"])
+        .arg(&plugins)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ws = Ws::connect(&addr, "tutorial");
+    assert_eq!(ws.round_trip("hello"), "hello", "the template echoes");
+
+    let lib = krate.join("src/lib.rs");
+    let source = std::fs::read_to_string(&lib).unwrap();
+    let start = source.find("    fn message(").expect("the template's message hook");
+    let end = start + source[start..].find("\n    }\n").expect("its end") + "\n    }\n".len();
+    let indented: String =
+        snippet.lines().map(|l| if l.is_empty() { "\n".into() } else { format!("    {l}\n") }).collect();
+    std::fs::write(&lib, format!("{}{indented}{}", &source[..start], &source[end..])).unwrap();
+    build_and_install();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = ws.round_trip("hello");
+        if reply == "HELLO" {
+            break;
+        }
+        assert_eq!(reply, "hello");
+        assert!(Instant::now() < deadline, "the new version never took over the live room");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&parent);
+}
