@@ -37,7 +37,7 @@
             row.append(el("td", room.name));
             // In cluster mode a room owned by another node runs its plugin there.
             const elsewhere = s.cluster && room.owner && room.owner !== s.cluster.node;
-            const plugin = room.plugin ? `${room.plugin} v${room.version}` : elsewhere ? `on node ${room.owner}` : "none (relay)";
+            const plugin = room.plugin ? `${room.plugin} (load ${room.version})` : elsewhere ? `on node ${room.owner}` : "none (relay)";
             row.append(el("td", plugin));
             const names = room.members.map((m) => (m.name ? `${m.name} (#${m.id})` : `#${m.id}`));
             const local = room.local_members ?? room.member_count;
@@ -57,7 +57,7 @@
             name.append(el("strong", p.name));
             if (p.describe) name.append(el("small", p.describe));
             row.append(name);
-            row.append(el("td", p.version ? `v${p.version} of ${p.versions}` : "not loaded", { class: "nowrap" }));
+            row.append(el("td", p.version ? `load ${p.version} of ${p.versions}` : "not loaded", { class: "nowrap" }));
             row.append(el("td", time(p.loaded_at), { class: "nowrap" }));
             row.append(el("td", p.rooms.length ? p.rooms.join(", ") : "–"));
             row.append(el("td", p.last_error ? `${time(p.last_error_at)}: ${p.last_error}` : "–", { class: p.last_error ? "error" : "" }));
@@ -71,7 +71,7 @@
         ? s.reloads.map((e) => {
             const item = el("li", undefined, { "data-plugin": e.plugin, "data-kind": e.kind, "data-version": e.version ?? "", class: e.kind });
             item.append(el("time", time(e.at), { datetime: e.at }), " ");
-            const what = e.kind === "loaded" ? `loaded v${e.version}` : e.kind === "failed" ? `failed: ${e.error}` : "removed";
+            const what = e.kind === "loaded" ? `loaded (load ${e.version})` : e.kind === "failed" ? `failed: ${e.error}` : "removed";
             item.append(el("strong", e.plugin), ` ${what}`);
             return item;
           })

@@ -176,7 +176,7 @@ async fn a_plugin_swap_shows_on_the_dashboard() -> anyhow::Result<()> {
     let rooms = "return document.querySelector(\"#rooms tr[data-room='chat:lobby']\")?.textContent ?? ''";
     let row = browser.wait_for("chat:lobby's members", rooms, json!([]), WAIT).await?;
     let row = row.as_str().unwrap_or_default();
-    assert!(row.contains("grace") && row.contains("linus") && row.contains("chat v1"), "{row}");
+    assert!(row.contains("grace") && row.contains("linus") && row.contains("chat (load 1)"), "{row}");
     let connections = "return document.getElementById('connections').textContent === '3'";
     browser.wait_for("three open connections", connections, json!([]), WAIT).await?;
 
