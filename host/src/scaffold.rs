@@ -1,10 +1,11 @@
-//! `roomcast plugin new NAME`: write a plugin crate from the `echo` example that builds
-//! as it stands.
+//! `roomcast plugin new NAME`: write a plugin crate that builds as it stands, from the
+//! host's own template (`host/templates/plugin.rs`, the same code as the `echo`
+//! example; a test keeps the two in step).
 
 use std::path::{Path, PathBuf};
 
-/// The echo plugin's source: the template every new plugin starts from.
-const ECHO_SOURCE: &str = include_str!("../../plugins/echo/src/lib.rs");
+/// The source every new plugin starts from; `{{name}}` and `{{Type}}` are filled in.
+const TEMPLATE: &str = include_str!("../templates/plugin.rs");
 
 /// Why a plugin crate could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +45,7 @@ pub fn new_plugin(name: &str, parent: &Path, sdk: &Path) -> Result<PathBuf, Scaf
             chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect::<String>()
         })
         .collect();
-    let source = ECHO_SOURCE
-        .replace("cd plugins && cargo build --release", "cargo build --release")
-        .replace("echo.wasm", &format!("{name}.wasm"))
-        .replace("/ws/echo", &format!("/ws/{name}"))
-        .replace("Echo: sends", &format!("{type_name}: starts as a copy of the echo example; sends"))
-        .replace("Echo", &type_name);
+    let source = TEMPLATE.replace("{{name}}", name).replace("{{Type}}", &type_name);
     let manifest = format!(
         r#"[package]
 name = "{name}"

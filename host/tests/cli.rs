@@ -316,3 +316,21 @@ fn the_readme_tutorial_works_on_a_running_server() {
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&parent);
 }
+
+/// `plugin new echo` writes the `echo` example's code: the host's template and the
+/// example stay alike (their doc comments may differ).
+#[test]
+fn the_plugin_template_is_the_echo_example() {
+    let parent = std::env::temp_dir().join(format!("roomcast-template-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    assert!(roomcast().args(["plugin", "new", "echo", "--dir"]).arg(&parent).status().unwrap().success());
+    let code = |text: &str| -> String {
+        text.lines().filter(|l| !l.starts_with("//!")).collect::<Vec<_>>().join("\n").trim().to_owned()
+    };
+    let written = std::fs::read_to_string(parent.join("echo/src/lib.rs")).unwrap();
+    let example = std::fs::read_to_string(build::plugins_workspace().join("echo/src/lib.rs")).unwrap();
+    assert_eq!(code(&written), code(&example), "host/templates/plugin.rs and plugins/echo have drifted");
+    assert!(written.contains("ws://127.0.0.1:8080/ws/echo") && !written.contains("{{"), "{written}");
+    let _ = std::fs::remove_dir_all(&parent);
+}
