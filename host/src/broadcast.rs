@@ -73,21 +73,14 @@ struct State {
     writing: bool,
 }
 
-/// The control slots, in the order they are sent.
-#[derive(Clone, Copy)]
-enum Slot {
-    Ping,
-    Pong,
-    Close,
-}
-
 impl State {
-    fn slot(&mut self, slot: Slot) -> &mut Option<Bytes> {
-        match slot {
-            Slot::Ping => &mut self.ping,
-            Slot::Pong => &mut self.pong,
-            Slot::Close => &mut self.close,
-        }
+    /// The member overflowed its budget: it is closing, and its queue (a begun frame
+    /// aside) and unsent pong are freed, since it will never read them.
+    fn overflow(&mut self) -> Overflow {
+        self.closed = true;
+        self.clear_data();
+        self.pong = None;
+        Overflow
     }
 
     /// Drop the queued data, but not the rest of a frame already begun.
@@ -146,9 +139,7 @@ impl State {
     fn queue(&mut self, frames: &[&Bytes], max_bytes: usize) -> Result<(), Overflow> {
         for frame in frames {
             if self.data_bytes + frame.len() > max_bytes {
-                self.closed = true;
-                self.clear_data();
-                return Err(Overflow);
+                return Err(self.overflow());
             }
             self.data_bytes += frame.len();
             self.data.push_back((*frame).clone());
@@ -216,10 +207,7 @@ impl Outbound {
             }
             state.pongs_owed += frame.len();
             if state.pongs_owed + state.data_bytes > self.max_bytes {
-                state.closed = true;
-                state.clear_data();
-                state.pong = None;
-                return Err(Overflow);
+                return Err(state.overflow());
             }
             state.pong = Some(frame);
         }
@@ -265,9 +253,10 @@ impl Outbound {
             state.data_bytes -= rest.len();
             batch.push(rest);
         }
-        for slot in [Slot::Ping, Slot::Pong, Slot::Close] {
+        let State { ping, pong, close, .. } = &mut *state;
+        for slot in [ping, pong, close] {
             if batch.len() < max_frames
-                && let Some(frame) = state.slot(slot).take()
+                && let Some(frame) = slot.take()
             {
                 batch.push(frame);
             }

@@ -2,12 +2,13 @@
 //! produces.
 //!
 //! Checks run in a fixed order and the first failure wins: method (405), path (404 /
-//! 400 for a bad room name), `Upgrade`/`Connection` (426 for plain HTTP, 400 otherwise),
-//! version (426), key (400), origin (403). Capacity (503) and the plugin's decision come
+//! 400 for a bad room name), `Upgrade`/`Connection` (426 for plain HTTP, 400 otherwise,
+//! 400 for an HTTP/1.0 upgrade), version (426; also when repeated), key (400; also when
+//! repeated), origin (403). Capacity (503) and the plugin's decision come
 //! after, in the server. Every rejection is a [`Rejection`]: a status, a metrics reason
 //! and a one-line body.
 
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -65,6 +66,7 @@ pub fn valid_room_name(name: &str) -> bool {
 /// Run the protocol checks on an upgrade request.
 pub fn validate(
     method: &Method,
+    version: Version,
     path: &str,
     headers: &HeaderMap,
     origins: &OriginPolicy,
@@ -93,14 +95,22 @@ pub fn validate(
         )
     })?;
 
-    let Some(_) = headers.get(header::UPGRADE) else {
+    if !headers.contains_key(header::UPGRADE) {
         return Err(Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
             R::BadRequest,
             "this endpoint needs a WebSocket upgrade",
         )
         .with_header(header::UPGRADE, "websocket"));
-    };
+    }
+    if version != Version::HTTP_11 {
+        // RFC 6455 4.1: the opening handshake is an HTTP/1.1 request.
+        return Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            R::BadRequest,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
+    }
     if !headers.get_all(header::UPGRADE).iter().any(|v| has_token(v, "websocket")) {
         return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
@@ -116,10 +126,7 @@ pub fn validate(
         ));
     }
     // RFC 6455 11.3.1 and 11.3.5: the key and the version appear exactly once.
-    let version = headers.get_all(header::SEC_WEBSOCKET_VERSION);
-    if version.iter().count() != 1
-        || headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13")
-    {
+    if single(headers, header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return Err(Rejection::new(
             StatusCode::UPGRADE_REQUIRED,
             R::Version,
@@ -127,9 +134,7 @@ pub fn validate(
         )
         .with_header(header::SEC_WEBSOCKET_VERSION, "13"));
     }
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .filter(|_| headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() == 1)
+    let key = single(headers, header::SEC_WEBSOCKET_KEY)
         .filter(|key| {
             base64::engine::general_purpose::STANDARD
                 .decode(key.as_bytes())
@@ -170,6 +175,12 @@ pub fn accept_key(key: &[u8]) -> String {
     sha.update(key);
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// The value of a header that must appear once: `None` when it is missing or repeated.
+fn single(headers: &HeaderMap, name: header::HeaderName) -> Option<&HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    values.next().filter(|_| values.next().is_none())
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {

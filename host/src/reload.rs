@@ -249,8 +249,8 @@ impl LivePlugins {
 
     fn log_event(&self, plugin: &str, kind: ReloadKind, version: Option<u64>, error: Option<String>) {
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        // The same failure again (the watcher retries a broken file on each event) is
-        // not news; `last_error_at` in the plugin's record says when it last happened.
+        // A rewritten file that fails the same way is not news for the dashboard's log;
+        // `last_error_at` in the plugin's record says when it last happened.
         let previous = events.iter().rev().find(|e| e.plugin == plugin);
         if kind == ReloadKind::Failed && previous.is_some_and(|e| e.kind == kind && e.error == error) {
             return;

@@ -67,6 +67,11 @@ impl Ending {
     pub fn new(reason: CloseReason, code: u16, text: impl Into<String>) -> Self {
         Self { reason, close: Some((code, text.into())) }
     }
+
+    /// A member that does not read what it is sent (1008 `slow consumer`).
+    pub fn slow_consumer() -> Self {
+        Self::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer")
+    }
 }
 
 impl Peer {
@@ -134,7 +139,7 @@ impl Peer {
     /// Whether a push went through; an overflow cuts the member off as a slow consumer.
     fn taken(&self, pushed: Result<(), Overflow>) -> bool {
         if pushed.is_err() {
-            self.end(Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer"));
+            self.end(Ending::slow_consumer());
         }
         pushed.is_ok()
     }

@@ -463,16 +463,13 @@ fn validate(
     shared: &Shared,
     req: &Request,
 ) -> Result<(handshake::Valid, tokio::sync::OwnedSemaphorePermit), Rejection> {
-    let valid =
-        handshake::validate(req.method(), req.uri().path(), req.headers(), &shared.config.allowed_origins)?;
-    if req.version() != axum::http::Version::HTTP_11 {
-        // RFC 6455 4.1: the opening handshake is an HTTP/1.1 request.
-        return Err(Rejection::new(
-            StatusCode::BAD_REQUEST,
-            RejectReason::BadRequest,
-            "a WebSocket upgrade needs HTTP/1.1",
-        ));
-    }
+    let valid = handshake::validate(
+        req.method(),
+        req.version(),
+        req.uri().path(),
+        req.headers(),
+        &shared.config.allowed_origins,
+    )?;
     if shared.draining.load(Relaxed) {
         return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -493,15 +490,17 @@ fn validate(
 /// Checks every request passes before it is routed: an over-long header line or
 /// request target (431, 414) and a request with more than one `Host` (400, which an
 /// origin check could otherwise read two ways).
-fn refuse_head<B>(req: &hyper::Request<B>) -> Option<(StatusCode, &'static str)> {
-    if req.uri().to_string().len() > MAX_HEADER_LINE {
-        return Some((StatusCode::URI_TOO_LONG, "request target too long\n"));
+fn refuse_head<B>(req: &hyper::Request<B>) -> Option<Rejection> {
+    let refuse = |status, message| Some(Rejection::new(status, RejectReason::BadRequest, message));
+    let target = req.uri().path_and_query().map_or(0, |target| target.as_str().len());
+    if target > MAX_HEADER_LINE {
+        return refuse(StatusCode::URI_TOO_LONG, "request target too long");
     }
     if req.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > MAX_HEADER_LINE) {
-        return Some((StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long\n"));
+        return refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long");
     }
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        return Some((StatusCode::BAD_REQUEST, "more than one Host header\n"));
+        return refuse(StatusCode::BAD_REQUEST, "more than one Host header");
     }
     None
 }
@@ -583,7 +582,7 @@ async fn serve_http<S>(
             let response = match refuse_head(&req) {
                 Some(refused) => {
                     if req.uri().path().starts_with("/ws") {
-                        metrics.rejected(RejectReason::BadRequest);
+                        metrics.rejected(refused.reason);
                     }
                     refused.into_response()
                 }

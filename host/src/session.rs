@@ -89,11 +89,14 @@ impl Session {
             matches!(ending.reason, CloseReason::Client | CloseReason::Protocol | CloseReason::TooBig);
         let mut handled = Vec::new();
         for room in &member_rooms {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            rooms.leave(room, peer.id, ending.reason, answers_due.then_some(tx)).await;
-            handled.push(rx);
+            let ack = answers_due.then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                handled.push(rx);
+                tx
+            });
+            rooms.leave(room, peer.id, ending.reason, ack).await;
         }
-        if answers_due {
+        if !handled.is_empty() {
             let all = Box::pin(async move {
                 for rx in handled {
                     let _ = rx.await;
@@ -160,7 +163,7 @@ async fn read_loop(
                 Ok(Some(Event::Ping(payload))) => {
                     // A client that asks for more pongs than it reads is a slow consumer.
                     if peer.outbound.push_pong(frame::encode(frame::OP_PONG, &payload)).is_err() {
-                        return Ending::new(CloseReason::SlowConsumer, close_code::POLICY, "slow consumer");
+                        return Ending::slow_consumer();
                     }
                 }
                 Ok(Some(Event::Pong(_))) => {}

@@ -176,6 +176,20 @@ fn plugin_check_reports_hooks_or_a_clear_error() {
     fails_with(&["plugin", "check", garbage.to_str().unwrap()], &["not a WebAssembly file"]);
 }
 
+/// Build a plugin crate written by `plugin new` as a newcomer would, into `target`
+/// (the example plugins' target folder, so the SDK's dependencies compile once).
+fn build_crate(krate: &std::path::Path, target: &std::path::Path) -> bool {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet"])
+        .current_dir(krate)
+        .env("CARGO_TARGET_DIR", target)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .unwrap()
+        .success()
+}
+
 #[test]
 fn plugin_new_writes_a_crate_that_builds_and_loads() {
     let parent = std::env::temp_dir().join(format!("roomcast-new-{}", std::process::id()));
@@ -187,15 +201,7 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
     // Build it as a newcomer would, sharing the example plugins' target folder so the
     // SDK's dependencies are compiled once.
     let target = build::plugins_workspace().join("target");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet"])
-        .current_dir(&krate)
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .status()
-        .unwrap();
-    assert!(status.success(), "the new crate builds as it stands");
+    assert!(build_crate(&krate, &target), "the new crate builds as it stands");
     let wasm = target.join("wasm32-wasip2/release/hello_room.wasm");
     let output = roomcast().args(["plugin", "check"]).arg(&wasm).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -261,15 +267,7 @@ fn the_readme_tutorial_works_on_a_running_server() {
     let krate = parent.join("tutorial");
     let target = build::plugins_workspace().join("target");
     let build_and_install = || {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--quiet"])
-            .current_dir(&krate)
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("RUSTFLAGS")
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(build_crate(&krate, &target));
         // Copied under a hidden name, then renamed into place.
         let temp = plugins.join(".tutorial.wasm.part");
         std::fs::copy(target.join("wasm32-wasip2/release/tutorial.wasm"), &temp).unwrap();

@@ -1041,7 +1041,13 @@ impl Request {
     }
 
     fn validate(&self) -> Result<Valid, Rejection> {
-        handshake::validate(&self.method, &self.path, &self.header_map(), &self.policy)
+        handshake::validate(
+            &self.method,
+            axum::http::Version::HTTP_11,
+            &self.path,
+            &self.header_map(),
+            &self.policy,
+        )
     }
 
     fn without(&mut self, name: &HeaderName) {
