@@ -1,0 +1,331 @@
+//! The room actor: its state, its event loop, and what members' events do.
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::clustered::Clustered;
+use super::delivery::Target;
+use super::timers::Timers;
+use super::{Peer, Room, RoomEvent, Rooms};
+use crate::metrics::{CloseReason, Metrics, PluginCalls};
+use crate::plugin::{
+    LeaveReason, MemberId, MemberInfo, Origin, Payload, Plugin, RoomExists, RoomInstance, Verdict,
+};
+use crate::reload::LivePlugins;
+
+/// The most member messages a room takes from its inbox at once (see
+/// `RoomActor::message_batch`).
+const MESSAGE_BATCH: usize = 64;
+
+/// The sequential owner of a room's behaviour: the default broadcast, or the room's
+/// plugin instance.
+pub(super) struct RoomActor {
+    pub(super) room: Arc<Room>,
+    /// For forwarding into other rooms; weak so a room never keeps the registry alive.
+    pub(super) rooms: Weak<Rooms>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) plugins: Arc<LivePlugins>,
+    /// This node's members in join order, as this actor has been told of them (join
+    /// and leave events).
+    pub(super) peers: Vec<Arc<Peer>>,
+    /// Every member the plugin sees, in join order, so its view matches the order of
+    /// its hooks: `peers`' ids, plus in cluster mode the members on other nodes.
+    pub(super) ids: Vec<MemberId>,
+    pub(super) logic: Logic,
+    /// The plugin set generation `logic` was resolved against.
+    pub(super) generation: u64,
+    /// Pending plugin timers.
+    pub(super) timers: Timers,
+    pub(super) room_exists: RoomExists,
+    /// Cluster mode: the room's role and what it knows beyond this node.
+    pub(super) cluster: Option<Clustered>,
+    /// Nothing else waited in the inbox when the current event was taken: its
+    /// deliveries write through to idle members' sockets. (Under a backlog, messages
+    /// are handled in batches, or queued in cluster mode.)
+    pub(super) write_through: bool,
+    /// An event taken from the inbox while gathering a batch, handled next.
+    pub(super) pending: Option<RoomEvent>,
+    /// While a batch of messages is handled: deliveries wait here, in order, and go
+    /// out member by member at the end of the batch (or before a close).
+    pub(super) staging: bool,
+    pub(super) staged: Vec<(Bytes, Target)>,
+}
+
+/// What decides where a room's messages go.
+// One per room, never moved after it is set: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Logic {
+    /// No plugin serves the room: every message goes to every other member.
+    Default,
+    Plugin {
+        instance: RoomInstance,
+        calls: Arc<PluginCalls>,
+    },
+    /// The room's plugin could not start an instance; members are refused with 1011
+    /// until the plugin set changes or a new member's join starts one.
+    Failed {
+        plugin: Arc<Plugin>,
+    },
+}
+
+impl RoomActor {
+    pub(super) fn new(room: Arc<Room>, rooms: &Arc<Rooms>) -> Self {
+        let weak = Arc::downgrade(rooms);
+        let exists = weak.clone();
+        Self {
+            room,
+            rooms: weak,
+            metrics: rooms.metrics.clone(),
+            plugins: rooms.plugins.clone(),
+            peers: Vec::new(),
+            ids: Vec::new(),
+            logic: Logic::Default,
+            generation: u64::MAX,
+            timers: Timers::default(),
+            room_exists: Arc::new(move |name: &str| {
+                exists.upgrade().is_some_and(|rooms| {
+                    rooms.get(name).is_some() || rooms.cluster.as_ref().is_some_and(|c| c.room_known(name))
+                })
+            }),
+            cluster: None,
+            write_through: false,
+            pending: None,
+            staging: false,
+            staged: Vec::new(),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<RoomEvent>) {
+        if let Some(clustered) = &mut self.cluster {
+            // The members already in the registry are this node's presence in the
+            // room's first heartbeat, before their joins reach the actor.
+            for peer in self.room.members() {
+                clustered.link.track(&peer.info());
+            }
+            // Events wait in the inbox until the cluster says who runs the room.
+            let role = clustered.link.first_role().await;
+            self.role_change(role);
+        } else {
+            self.refresh_plugin();
+        }
+        loop {
+            if let Some(clustered) = &self.cluster {
+                // Backpressure from Redis: take no event the write queue cannot absorb.
+                clustered.link.writable().await;
+            }
+            let next_timer = self.timers.next();
+            let save_at = self.cluster.as_ref().and_then(|c| c.save_at);
+            let event = if let Some(event) = self.pending.take() {
+                Some(event)
+            } else {
+                tokio::select! {
+                    event = rx.recv() => event,
+                    () = sleep_until_opt(next_timer) => {
+                        self.write_through = rx.is_empty();
+                        self.fire_due_timers();
+                        self.after_event();
+                        continue;
+                    }
+                    () = sleep_until_opt(save_at) => {
+                        self.save_snapshot();
+                        continue;
+                    }
+                    // Role changes or records from Redis wait in the room's link.
+                    () = cluster_woken(self.cluster.as_ref()) => {
+                        self.write_through = rx.is_empty();
+                        self.role_changes();
+                        self.refresh_plugin();
+                        if !self.follows() {
+                            self.after_event();
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event else { break };
+            self.write_through = rx.is_empty();
+            self.role_changes();
+            self.refresh_plugin();
+            if self.follows() {
+                if self.follow(event) {
+                    break;
+                }
+                continue;
+            }
+            match event {
+                RoomEvent::Join(peer) => {
+                    self.announce(&peer);
+                    self.join(peer)
+                }
+                RoomEvent::Leave { member, reason, last, handled: _ } => {
+                    self.unannounce(member);
+                    self.leave(member, reason);
+                    if last {
+                        self.after_event();
+                        break;
+                    }
+                }
+                RoomEvent::Message { from, payload } if self.batches() => {
+                    self.message_batch(from, payload, &mut rx)
+                }
+                RoomEvent::Message { from, payload } => self.message(Origin::Member(from), payload, 0),
+                RoomEvent::Forward { from_room, payload, hops } => {
+                    self.message(Origin::Room(from_room.to_string()), payload, hops)
+                }
+                // The room's plugin decides what a backend's publish becomes.
+                RoomEvent::Publish(payload) => self.message(Origin::Server, payload, 0),
+                RoomEvent::PluginsChanged => {}
+            }
+            self.after_event();
+        }
+        self.finish().await;
+        tracing::debug!(room = %self.room.name, "room closed");
+    }
+
+    /// Every member (local or on another node) in join order.
+    pub(super) fn member_infos(&self) -> Vec<MemberInfo> {
+        self.ids.iter().filter_map(|id| self.member_info(*id)).collect()
+    }
+
+    pub(super) fn join(&mut self, peer: Arc<Peer>) {
+        self.ids.push(peer.id);
+        self.peers.push(peer.clone());
+        self.joined(&peer.info());
+    }
+
+    /// Tell the logic about a member already added to `ids`.
+    pub(super) fn joined(&mut self, info: &MemberInfo) {
+        if let Logic::Failed { plugin } = &self.logic {
+            // A new member gives the plugin another chance to start.
+            let plugin = plugin.clone();
+            self.start(plugin, None);
+            return; // `start` presented every member, the new one included
+        }
+        self.call_join(info);
+    }
+
+    /// Call the plugin's `join` for `info`; `false` if the instance failed.
+    pub(super) fn call_join(&mut self, info: &MemberInfo) -> bool {
+        let result = self.with_instance(|instance, view| instance.join(view, info));
+        match result {
+            None => true,
+            Some(Ok(actions)) => {
+                self.apply(actions, 0);
+                true
+            }
+            Some(Err(error)) => {
+                self.recover(&error);
+                false
+            }
+        }
+    }
+
+    pub(super) fn leave(&mut self, member: MemberId, reason: CloseReason) {
+        self.ids.retain(|id| *id != member);
+        self.peers.retain(|p| p.id != member);
+        self.left(member, reason);
+    }
+
+    /// Tell the logic about a member already removed from `ids`.
+    pub(super) fn left(&mut self, member: MemberId, reason: CloseReason) {
+        let reason = leave_reason(reason);
+        if let Some(result) = self.with_instance(|instance, view| instance.leave(view, member, reason)) {
+            match result {
+                Ok(actions) => self.apply(actions, 0),
+                Err(error) => self.recover(&error),
+            }
+        }
+    }
+
+    pub(super) fn message(&mut self, origin: Origin, payload: Payload, hops: u8) {
+        let sender = match origin {
+            Origin::Member(id) => Some(id),
+            Origin::Room(_) | Origin::Server => None,
+        };
+        let result = self.with_instance(|instance, view| instance.message(view, origin, &payload));
+        match result {
+            None => self.deliver_all(&payload, sender),
+            Some(Ok((verdict, actions))) => {
+                self.apply(actions, hops);
+                if verdict == Verdict::Pass {
+                    self.deliver_all(&payload, sender);
+                }
+            }
+            // The message that made the plugin fail is dropped.
+            Some(Err(error)) => self.recover(&error),
+        }
+    }
+
+    /// Whether member messages may be handled in batches: no other node to publish to,
+    /// and a working room logic.
+    pub(super) fn batches(&self) -> bool {
+        self.cluster.is_none() && !matches!(self.logic, Logic::Failed { .. })
+    }
+
+    /// Messages under load: take the member messages already waiting in the inbox (up
+    /// to [`MESSAGE_BATCH`], and only while the plugin set is unchanged, so a reload
+    /// still takes over between two messages) and handle them one by one as usual,
+    /// plugin calls included, but stage their deliveries; then give each member all
+    /// the frames it is due with one push: one `sendmsg(2)` when nothing is queued for
+    /// it, else queued with one wake-up of its writer. A lone message goes the usual
+    /// way, written through when the inbox is empty.
+    pub(super) fn message_batch(
+        &mut self,
+        from: MemberId,
+        payload: Payload,
+        rx: &mut mpsc::Receiver<RoomEvent>,
+    ) {
+        let mut more = Vec::new();
+        while more.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
+            match rx.try_recv() {
+                Ok(RoomEvent::Message { from, payload }) => more.push((from, payload)),
+                Ok(other) => {
+                    self.pending = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if more.is_empty() {
+            return self.message(Origin::Member(from), payload, 0);
+        }
+        self.staging = true;
+        self.message(Origin::Member(from), payload, 0);
+        for (from, payload) in more {
+            self.message(Origin::Member(from), payload, 0);
+        }
+        self.staging = false;
+        self.flush_staged();
+    }
+}
+
+async fn cluster_woken(cluster: Option<&Clustered>) {
+    match cluster {
+        Some(clustered) => clustered.link.woken().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn leave_reason(reason: CloseReason) -> LeaveReason {
+    match reason {
+        CloseReason::Client => LeaveReason::Client,
+        CloseReason::Heartbeat => LeaveReason::Heartbeat,
+        CloseReason::SlowConsumer => LeaveReason::SlowConsumer,
+        CloseReason::TooBig => LeaveReason::TooBig,
+        CloseReason::Protocol => LeaveReason::Protocol,
+        CloseReason::Reset => LeaveReason::Reset,
+        CloseReason::Shutdown => LeaveReason::Shutdown,
+        CloseReason::Plugin => LeaveReason::ClosedByPlugin,
+        CloseReason::PluginFailure => LeaveReason::PluginFailure,
+    }
+}

@@ -1,0 +1,547 @@
+//! Cluster mode: what a room's actor does as owner, follower or alone. The actor
+//! holds the room's [`RoomLink`]; the cluster wakes it through that link and never
+//! holds the room.
+
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
+use super::actor::{Logic, RoomActor};
+use super::{Ending, Peer, RoomEvent, encode};
+use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
+use crate::cluster::{Record, Role, RoleChange, RoomLink};
+use crate::metrics::CloseReason;
+use crate::plugin::{MemberId, MemberInfo, Origin};
+
+/// How long an owner lets its room's state change before it stores a snapshot: what
+/// a crash of the owner can lose, against one `snapshot` call and one Redis write per
+/// interval for a busy room.
+pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The most records a room keeps while it has no owner to give them to.
+const CLUSTER_BACKLOG: usize = 1024;
+
+/// What a room actor knows in cluster mode beyond this node.
+pub(super) struct Clustered {
+    pub(super) link: RoomLink,
+    pub(super) role: Role,
+    /// Members on other nodes (owner only), by id.
+    pub(super) remote: HashMap<MemberId, Remote>,
+    /// Remote members that left, and when (owner), so that a presence read older than
+    /// their leave does not bring them back. Pruned as it grows.
+    pub(super) left: HashMap<MemberId, Instant>,
+    /// Deliveries for other nodes produced by the current event (owner).
+    pub(super) outbox: Vec<Delivery>,
+    /// This node's records that reached no owner, in order (follower).
+    pub(super) unheard: std::collections::VecDeque<Vec<u8>>,
+    /// Records for the owner received while a claim is being decided (follower).
+    pub(super) early: std::collections::VecDeque<ToOwner>,
+    /// The last delivery batch seen: its owner and number (follower).
+    pub(super) last_seq: Option<(String, u64)>,
+    /// When the next snapshot is due (owner, state changed since the last one).
+    pub(super) save_at: Option<Instant>,
+    pub(super) last_save: Option<Instant>,
+}
+
+/// A member on another node, as the owner knows it.
+pub(super) struct Remote {
+    pub(super) node: String,
+    pub(super) info: MemberInfo,
+    pub(super) joined: Instant,
+}
+
+impl Clustered {
+    pub(super) fn new(link: RoomLink) -> Self {
+        Self {
+            link,
+            role: Role::Pending,
+            remote: HashMap::new(),
+            left: HashMap::new(),
+            outbox: Vec::new(),
+            unheard: Default::default(),
+            early: Default::default(),
+            last_seq: None,
+            save_at: None,
+            last_save: None,
+        }
+    }
+}
+
+/// Cluster mode: what the actor does as owner, follower or alone.
+impl RoomActor {
+    /// Whether another node runs this room (events go there).
+    pub(super) fn follows(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| matches!(c.role, Role::Follower | Role::Pending))
+    }
+
+    /// Whether this node runs the room for other nodes too.
+    pub(super) fn owns(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.role == Role::Owner)
+    }
+
+    /// Announce a local member in the cluster's presence.
+    /// Announce a local member in the cluster's presence (alone, only note it: the
+    /// resynchronisation after Redis returns announces it).
+    pub(super) fn announce(&self, peer: &Peer) {
+        match &self.cluster {
+            Some(clustered) if clustered.role == Role::Solo => clustered.link.track(&peer.info()),
+            Some(clustered) => clustered.link.present(&peer.info()),
+            None => {}
+        }
+    }
+
+    pub(super) fn unannounce(&self, member: MemberId) {
+        match &self.cluster {
+            Some(clustered) if clustered.role == Role::Solo => clustered.link.untrack(member),
+            Some(clustered) => clustered.link.absent(member),
+            None => {}
+        }
+    }
+
+    /// A follower's event: local bookkeeping, then the owner decides. Returns whether
+    /// the actor ends (its last local member left).
+    pub(super) fn follow(&mut self, event: RoomEvent) -> bool {
+        let Some(clustered) = self.cluster.as_mut() else { return false };
+        match event {
+            RoomEvent::Join(peer) => {
+                let info = peer.info();
+                clustered.link.present(&info);
+                clustered.link.to_owner(InEvent::Join(info));
+                self.ids.push(peer.id);
+                self.peers.push(peer);
+            }
+            RoomEvent::Leave { member, reason, last, handled: _ } => {
+                clustered.link.absent(member);
+                clustered.link.to_owner(InEvent::Leave { member, reason: reason.label().to_owned() });
+                self.ids.retain(|id| *id != member);
+                self.peers.retain(|p| p.id != member);
+                return last;
+            }
+            RoomEvent::Message { from, payload } => {
+                clustered.link.to_owner(InEvent::Message { from, payload })
+            }
+            RoomEvent::Forward { from_room, payload, hops } => {
+                clustered.link.to_owner(InEvent::Forward { from_room: from_room.to_string(), payload, hops })
+            }
+            RoomEvent::Publish(payload) => clustered.link.to_owner(InEvent::Publish(payload)),
+            RoomEvent::PluginsChanged => {}
+        }
+        false
+    }
+
+    /// Apply the role changes the supervisor queued, then the records from Redis.
+    pub(super) fn role_changes(&mut self) {
+        while let Some(change) = self.cluster.as_ref().and_then(|c| c.link.next_change()) {
+            self.role_change(change);
+        }
+        let records = self.cluster.as_ref().map(|c| c.link.take_records()).unwrap_or_default();
+        for record in records {
+            match record {
+                Record::In(record) => self.inbound(record),
+                Record::Out(record) => self.outbound(record),
+                Record::Unheard(data) => self.unheard(data),
+            }
+            // Deliveries of inbound records go out per record, as for local events.
+            self.after_event();
+        }
+    }
+
+    pub(super) fn role_change(&mut self, change: RoleChange) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let before = clustered.role;
+        match change {
+            RoleChange::Solo => {
+                clustered.role = Role::Solo;
+                clustered.outbox.clear();
+                match before {
+                    Role::Pending | Role::Follower => {
+                        // Serve the local members on a local instance until Redis returns.
+                        self.generation = u64::MAX;
+                        self.refresh_plugin();
+                    }
+                    Role::Owner => {
+                        let remote: Vec<MemberId> = clustered.remote.keys().copied().collect();
+                        for member in remote {
+                            self.remote_leave(member, CloseReason::Reset);
+                        }
+                    }
+                    Role::Solo => {}
+                }
+                let unheard: Vec<Vec<u8>> =
+                    self.cluster.as_mut().map(|c| c.unheard.drain(..).collect()).unwrap_or_default();
+                for data in unheard {
+                    self.unheard(data);
+                }
+            }
+            RoleChange::Follower { owner } => {
+                clustered.role = Role::Follower;
+                clustered.early.clear();
+                clustered.save_at = None;
+                if matches!(before, Role::Owner | Role::Solo) {
+                    if !matches!(self.logic, Logic::Default) {
+                        tracing::info!(room = %self.room.name, %owner, "another node holds the room's lease: discarding the local instance");
+                        clustered.link.discarded();
+                    }
+                    clustered.remote.clear();
+                    clustered.outbox.clear();
+                    self.logic = Logic::Default;
+                    self.timers.clear();
+                    self.ids = self.peers.iter().map(|p| p.id).collect();
+                }
+                if before != Role::Pending {
+                    // Announce the local members to the owner again (it ignores the ones
+                    // it knows).
+                    let clustered = self.cluster.as_ref().expect("clustered");
+                    for peer in &self.peers {
+                        clustered.link.to_owner(InEvent::Join(peer.info()));
+                    }
+                }
+                self.show_logic();
+            }
+            RoleChange::Owner { snapshot, presence, asked } => {
+                clustered.role = Role::Owner;
+                if matches!(before, Role::Pending | Role::Follower) {
+                    self.take_over(snapshot, presence, asked);
+                } else {
+                    self.reconcile(presence, asked);
+                }
+                let clustered = self.cluster.as_mut().expect("clustered");
+                let early: Vec<ToOwner> = clustered.early.drain(..).collect();
+                let unheard: Vec<Vec<u8>> = clustered.unheard.drain(..).collect();
+                for record in early {
+                    self.inbound(record);
+                }
+                for data in unheard {
+                    self.unheard(data);
+                }
+                self.dirty();
+                self.flush_outbox();
+            }
+            RoleChange::Nodes(nodes) => {
+                if before != Role::Owner {
+                    return;
+                }
+                let mut counts: HashMap<&str, u64> = HashMap::new();
+                for remote in clustered.remote.values() {
+                    *counts.entry(remote.node.as_str()).or_default() += 1;
+                }
+                let me = clustered.link.node();
+                let theirs: HashMap<&str, u64> =
+                    nodes.iter().filter(|(n, _)| n != me).map(|(n, c)| (n.as_str(), *c)).collect();
+                if counts != theirs {
+                    clustered.link.reconcile();
+                }
+                let horizon = Instant::now() - std::time::Duration::from_secs(60);
+                clustered.left.retain(|_, at| *at > horizon);
+            }
+            RoleChange::Reconcile { presence, asked } => {
+                if before == Role::Owner {
+                    self.reconcile(presence, asked);
+                    self.flush_outbox();
+                }
+            }
+        }
+    }
+
+    /// Become the owner of a room this node did not run: restore the stored state (if
+    /// the same plugin made it) and bring it up to date with who is present now, or
+    /// start fresh with every present member.
+    pub(super) fn take_over(
+        &mut self,
+        snapshot: Option<Snapshot>,
+        presence: Vec<(String, MemberInfo)>,
+        asked: Instant,
+    ) {
+        let clustered = self.cluster.as_mut().expect("clustered");
+        let me = clustered.link.node().to_owned();
+        let local: Vec<MemberId> = self.peers.iter().map(|p| p.id).collect();
+        clustered.remote.clear();
+        let mut remote_order = Vec::new();
+        for (node, info) in presence {
+            if node != me && !local.contains(&info.id) && !clustered.remote.contains_key(&info.id) {
+                remote_order.push(info.id);
+                clustered.remote.insert(info.id, Remote { node, info, joined: asked });
+            }
+        }
+        let present: Vec<MemberId> = local.iter().chain(remote_order.iter()).copied().collect();
+        self.generation = self.plugins.generation();
+        self.timers.clear();
+        let wanted = self.plugins.for_room(&self.room.name);
+        let Some(plugin) = wanted else {
+            self.logic = Logic::Default;
+            self.ids = present;
+            self.show_logic();
+            return;
+        };
+        let stored = snapshot.filter(|s| s.plugin == plugin.name()).and_then(|s| Some((s.members, s.state?)));
+        match stored {
+            Some((members, state)) => {
+                // The state's view first: the members it knows that are still here.
+                self.ids = members.iter().copied().filter(|id| present.contains(id)).collect();
+                tracing::info!(room = %self.room.name, plugin = plugin.name(), "took the room over from its stored snapshot");
+                // A restored state hears who left since; a fresh start (restore
+                // refused) has met `self.ids` as joins already.
+                if self.start(plugin, Some(state)) {
+                    for gone in members.iter().filter(|id| !present.contains(id)) {
+                        self.left(*gone, CloseReason::Reset);
+                    }
+                }
+                // The members the state does not know join.
+                for id in present.iter().filter(|id| !members.contains(id)) {
+                    self.ids.push(*id);
+                    if let Some(info) = self.member_info(*id) {
+                        self.joined(&info);
+                    }
+                }
+            }
+            None => {
+                self.ids = present;
+                tracing::info!(room = %self.room.name, plugin = plugin.name(), "took the room over with a fresh instance");
+                self.start(plugin, None);
+            }
+        }
+        self.show_logic();
+    }
+
+    pub(super) fn member_info(&self, id: MemberId) -> Option<MemberInfo> {
+        match self.local(id) {
+            Some(peer) => Some(peer.info()),
+            None => self.cluster.as_ref()?.remote.get(&id).map(|r| r.info.clone()),
+        }
+    }
+
+    /// Bring the remote members up to date with a presence read made at `asked`:
+    /// members gone from it leave (unless they joined after the read), members new in
+    /// it join (unless they left after the read).
+    pub(super) fn reconcile(&mut self, presence: Vec<(String, MemberInfo)>, asked: Instant) {
+        let Some(clustered) = self.cluster.as_ref() else { return };
+        let me = clustered.link.node().to_owned();
+        let present: HashMap<MemberId, (String, MemberInfo)> =
+            presence.into_iter().filter(|(node, _)| *node != me).map(|(n, i)| (i.id, (n, i))).collect();
+        let gone: Vec<MemberId> = clustered
+            .remote
+            .iter()
+            .filter(|(id, r)| !present.contains_key(id) && r.joined < asked)
+            .map(|(id, _)| *id)
+            .collect();
+        let new: Vec<(String, MemberInfo)> = present
+            .into_values()
+            .filter(|(_, info)| {
+                !clustered.remote.contains_key(&info.id)
+                    && self.local(info.id).is_none()
+                    && clustered.left.get(&info.id).is_none_or(|at| *at < asked)
+            })
+            .collect();
+        for member in gone {
+            self.remote_leave(member, CloseReason::Reset);
+        }
+        for (node, info) in new {
+            self.remote_join(node, info);
+        }
+    }
+
+    pub(super) fn remote_join(&mut self, node: String, info: MemberInfo) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        if self.ids.contains(&info.id) {
+            return;
+        }
+        clustered.left.remove(&info.id);
+        clustered.remote.insert(info.id, Remote { node, info: info.clone(), joined: Instant::now() });
+        self.ids.push(info.id);
+        self.joined(&info);
+    }
+
+    pub(super) fn remote_leave(&mut self, member: MemberId, reason: CloseReason) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        if clustered.remote.remove(&member).is_none() {
+            return;
+        }
+        clustered.left.insert(member, Instant::now());
+        self.ids.retain(|id| *id != member);
+        self.left(member, reason);
+    }
+
+    /// An event for the owner, from another node (or handed back from this one).
+    pub(super) fn inbound(&mut self, record: ToOwner) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let mine = record.node == clustered.link.node();
+        match clustered.role {
+            Role::Owner => {}
+            // A claim is being decided: keep it for when it is.
+            Role::Pending | Role::Follower => {
+                if clustered.early.len() >= CLUSTER_BACKLOG {
+                    clustered.early.pop_front();
+                    clustered.link.dropped_unheard();
+                }
+                clustered.early.push_back(record);
+                return;
+            }
+            // Alone, only this node's own records are ours to run.
+            Role::Solo if mine => {}
+            Role::Solo => return,
+        }
+        match record.event {
+            InEvent::Join(info) => {
+                if !mine {
+                    self.remote_join(record.node, info);
+                }
+            }
+            InEvent::Leave { member, reason } => {
+                let reason =
+                    CloseReason::ALL.into_iter().find(|r| r.label() == reason).unwrap_or(CloseReason::Reset);
+                self.remote_leave(member, reason);
+            }
+            InEvent::Message { from, payload } => {
+                if self.ids.contains(&from) {
+                    self.message(Origin::Member(from), payload, 0);
+                } else {
+                    tracing::debug!(room = %self.room.name, member = from, "message from an unknown member dropped");
+                }
+            }
+            InEvent::Forward { from_room, payload, hops } => {
+                self.message(Origin::Room(from_room), payload, hops)
+            }
+            InEvent::Publish(payload) => self.message(Origin::Server, payload, 0),
+        }
+    }
+
+    /// Deliveries from another node, the owner, for this node's members (a node's
+    /// own never reach it: see `Cluster::dispatch`).
+    pub(super) fn outbound(&mut self, record: FromOwner) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        match record.event {
+            OutEvent::Released => {
+                if clustered.role == Role::Follower {
+                    clustered.link.check();
+                }
+            }
+            OutEvent::Deliveries { seq, items } => {
+                if clustered.role != Role::Follower {
+                    return;
+                }
+                if let Some((owner, last)) = &clustered.last_seq
+                    && *owner == record.node
+                    && seq > last + 1
+                {
+                    let missed = seq - last - 1;
+                    tracing::warn!(room = %self.room.name, missed, "missed deliveries from the room's owner");
+                    clustered.link.gap(missed);
+                }
+                clustered.last_seq = Some((record.node, seq));
+                // The owner is alive and listening: give it what it did not hear.
+                for data in clustered.unheard.drain(..) {
+                    clustered.link.republish(data);
+                }
+                for item in items {
+                    match item {
+                        Delivery::Broadcast { payload, except } => {
+                            self.deliver_except(&encode(&payload), &except)
+                        }
+                        Delivery::Send { to, payload } => {
+                            self.deliver_to(to, &payload);
+                        }
+                        Delivery::Close { member, code, reason, failure } => {
+                            if let Some(peer) = self.local(member) {
+                                let why =
+                                    if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
+                                peer.end(Ending::new(why, code, reason));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One of this node's records reached no owner.
+    pub(super) fn unheard(&mut self, data: Vec<u8>) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        match clustered.role {
+            Role::Pending | Role::Follower => {
+                if clustered.unheard.len() >= CLUSTER_BACKLOG {
+                    clustered.unheard.pop_front();
+                    clustered.link.dropped_unheard();
+                }
+                clustered.unheard.push_back(data);
+            }
+            Role::Owner | Role::Solo => match ToOwner::decode(&data) {
+                Ok(record) => self.inbound(record),
+                Err(error) => tracing::warn!(%error, "unreadable record dropped"),
+            },
+        }
+    }
+
+    /// After each event: publish the remote deliveries it produced, and schedule a
+    /// snapshot if the owner's plugin state may have changed.
+    pub(super) fn after_event(&mut self) {
+        if self.owns() {
+            self.dirty();
+            self.flush_outbox();
+        }
+    }
+
+    pub(super) fn flush_outbox(&mut self) {
+        if let Some(clustered) = self.cluster.as_mut()
+            && !clustered.outbox.is_empty()
+        {
+            let items = std::mem::take(&mut clustered.outbox);
+            if clustered.role == Role::Owner {
+                clustered.link.deliver(items);
+            }
+        }
+    }
+
+    /// The state may have changed: store a snapshot within [`SNAPSHOT_EVERY`].
+    pub(super) fn dirty(&mut self) {
+        if !matches!(self.logic, Logic::Plugin { .. }) {
+            return;
+        }
+        if let Some(clustered) = self.cluster.as_mut()
+            && clustered.save_at.is_none()
+        {
+            let now = Instant::now();
+            let due = clustered.last_save.map_or(now, |at| (at + SNAPSHOT_EVERY).max(now));
+            clustered.save_at = Some(due);
+        }
+    }
+
+    /// Store the owner's plugin state for a successor.
+    pub(super) fn save_snapshot(&mut self) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        clustered.save_at = None;
+        clustered.last_save = Some(Instant::now());
+        if clustered.role != Role::Owner {
+            return;
+        }
+        let Logic::Plugin { instance, calls } = &mut self.logic else { return };
+        let plugin = instance.plugin().name().to_owned();
+        match instance.snapshot() {
+            Ok(state) => {
+                calls.ok();
+                clustered.link.save(&Snapshot { plugin, members: self.ids.clone(), state });
+            }
+            Err(error) => {
+                calls.count(error.kind.outcome());
+                self.recover(&error);
+            }
+        }
+    }
+
+    /// The room's last local member left: an owner hands the room over (or, when
+    /// nobody is left anywhere, deletes its state); then the room leaves the cluster.
+    pub(super) async fn finish(&mut self) {
+        let owns = self.owns();
+        let empty = self.cluster.as_ref().is_some_and(|c| c.remote.is_empty());
+        if owns && !empty {
+            self.save_snapshot();
+        }
+        let Some(clustered) = self.cluster.take() else { return };
+        // Stop hearing the room's events first, so that those sent after the release
+        // are handed back to their senders instead of being lost here.
+        let link = clustered.link;
+        link.detach_and_wait().await;
+        if owns {
+            link.release(!empty);
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Rooms: the registry of live rooms, membership kept both ways, and one sequential
+//! actor per room that decides where each message goes.
+//!
+//! Architecture invariant: membership changes only under the registry lock, so the
+//! room → members side (here) and the member → rooms side (the session's list of
+//! [`Room`]s) change in the same step, and a room with no members is removed from the
+//! registry in the step that empties it. The actor never awaits a member: delivery is a
+//! push onto each member's bounded [`Outbound`](crate::broadcast::Outbound) queue.
+//!
+//! Files, one concern each: this one holds the registry ([`Rooms`]) and the shared
+//! [`Room`]; `peer.rs` the member as rooms see it; `actor.rs` the actor's event loop
+//! and member events; `logic.rs` the plugin's lifecycle (start, switch, recover) and
+//! the actions a call returns; `delivery.rs` delivery and staging; `timers.rs` plugin
+//! timers; `clustered.rs` what the actor does as owner, follower or alone in cluster
+//! mode (it uses [`crate::cluster`]; the cluster never names a room).
+
+mod actor;
+mod clustered;
+mod delivery;
+mod logic;
+mod peer;
+mod timers;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Cluster;
+use crate::metrics::{CloseReason, Metrics};
+use crate::plugin::Payload;
+use crate::reload::LivePlugins;
+use actor::RoomActor;
+use clustered::Clustered;
+
+pub use crate::plugin::MemberId;
+pub use clustered::SNAPSHOT_EVERY;
+pub use peer::{Ending, Peer, encode};
+
+/// How many events a room's inbox holds. A member whose message does not fit waits
+/// (its reader stops reading its socket) until the room catches up: backpressure on
+/// the sender, never on the other members.
+pub const ROOM_INBOX: usize = 1024;
+
+/// Forwarding between rooms stops after this many hops.
+pub const MAX_FORWARD_HOPS: u8 = 4;
+
+/// What a room's actor is told, in the order it happened.
+#[derive(Debug)]
+pub enum RoomEvent {
+    Join(Arc<Peer>),
+    /// `last` is set when this leave emptied the room: the actor stops after it.
+    Leave {
+        member: MemberId,
+        reason: CloseReason,
+        last: bool,
+        /// Dropped once the room has handled the leave, and so every event the member
+        /// sent before it: its session waits for that before it sends a close frame.
+        handled: Option<oneshot::Sender<()>>,
+    },
+    Message {
+        from: MemberId,
+        payload: Payload,
+    },
+    /// A message another room's plugin forwarded here, `hops` rooms away from the
+    /// member who sent it.
+    Forward {
+        from_room: Arc<str>,
+        payload: Payload,
+        hops: u8,
+    },
+    /// The plugin set changed: re-resolve this room's plugin now, not at the next event.
+    PluginsChanged,
+    /// A backend publishes to the room (admin API): every member gets it, as if the
+    /// room had broadcast it.
+    Publish(Payload),
+}
+
+/// A live room. Sessions hold it for as long as they are members.
+#[derive(Debug)]
+pub struct Room {
+    name: Arc<str>,
+    /// Members in join order: the registry's side of membership (counts, the admin
+    /// API, cluster presence). The actor delivers from its own list, kept from the
+    /// join and leave events, so no lock is taken on the message path.
+    members: Mutex<Vec<Arc<Peer>>>,
+    /// The actor's inbox. The actor ends after the `Leave` that empties the room.
+    tx: mpsc::Sender<RoomEvent>,
+    /// The plugin and version serving the room, as the actor last set it (admin API).
+    plugin: Mutex<Option<(String, u64)>>,
+}
+
+impl Room {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin name and version serving the room (`None`: default behaviour).
+    pub fn plugin(&self) -> Option<(String, u64)> {
+        self.plugin.lock().expect("room lock").clone()
+    }
+
+    /// A copy of the member list, in join order.
+    pub fn members(&self) -> Vec<Arc<Peer>> {
+        self.members.lock().expect("room lock").clone()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members.lock().expect("room lock").len()
+    }
+
+    /// Hand a member's message to the room, in arrival order; waits while the inbox is
+    /// full.
+    pub async fn send(&self, from: MemberId, payload: Payload) {
+        // The actor only stops after the last member left, so this cannot fail while
+        // the sender is a member.
+        // Reserve, then send: `Sender::send` would keep a whole `RoomEvent` in this
+        // future, and this future sits in every session's.
+        if let Ok(permit) = self.tx.reserve().await {
+            permit.send(RoomEvent::Message { from, payload });
+        }
+    }
+
+    /// Queue an event without waiting; `false` if the inbox is full or closed.
+    pub fn try_send(&self, event: RoomEvent) -> bool {
+        self.tx.try_send(event).is_ok()
+    }
+}
+
+/// What the admin API shows of a room.
+#[derive(Debug, Clone)]
+pub struct RoomSummary {
+    pub name: String,
+    pub members: usize,
+    /// The plugin name and version serving it (`None`: default behaviour).
+    pub plugin: Option<(String, u64)>,
+}
+
+/// Every live room on this host.
+#[derive(Debug)]
+pub struct Rooms {
+    map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    metrics: Arc<Metrics>,
+    plugins: Arc<LivePlugins>,
+    /// Room actors are tracked so shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Cluster mode (`--redis`): rooms are shared with other nodes through it.
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Rooms {
+    pub fn new(metrics: Arc<Metrics>, plugins: Arc<LivePlugins>, tracker: TaskTracker) -> Self {
+        Self { map: Mutex::new(HashMap::new()), metrics, plugins, tracker, cluster: None }
+    }
+
+    /// Share rooms with other nodes through `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    pub fn plugins(&self) -> &Arc<LivePlugins> {
+        &self.plugins
+    }
+
+    /// Tell every live room that the plugin set changed. A room whose inbox is full
+    /// notices at its next event anyway.
+    pub fn plugins_changed(&self) {
+        let map = self.map.lock().expect("rooms lock");
+        for room in map.values() {
+            room.try_send(RoomEvent::PluginsChanged);
+        }
+    }
+
+    /// Add `peer` to room `name`, creating the room (and its actor) if it is not live.
+    pub async fn join(self: &Arc<Self>, name: &str, peer: &Arc<Peer>) -> Arc<Room> {
+        let room = {
+            let mut map = self.map.lock().expect("rooms lock");
+            let room = match map.get(name) {
+                Some(room) => room.clone(),
+                None => {
+                    let room = self.spawn_room(name);
+                    map.insert(room.name.clone(), room.clone());
+                    self.metrics.rooms.fetch_add(1, Relaxed);
+                    room
+                }
+            };
+            room.members.lock().expect("room lock").push(peer.clone());
+            self.metrics.room_members.fetch_add(1, Relaxed);
+            room
+        };
+        let _ = room.tx.send(RoomEvent::Join(peer.clone())).await;
+        room
+    }
+
+    /// Remove `member` from `room`; the step that empties a room also removes it.
+    /// `handled` is dropped once the room's actor has handled the leave.
+    pub async fn leave(
+        &self,
+        room: &Arc<Room>,
+        member: MemberId,
+        reason: CloseReason,
+        handled: Option<oneshot::Sender<()>>,
+    ) {
+        let last = {
+            let mut map = self.map.lock().expect("rooms lock");
+            let mut members = room.members.lock().expect("room lock");
+            let Some(at) = members.iter().position(|p| p.id == member) else {
+                return; // not a member (already left)
+            };
+            members.remove(at);
+            let last = members.is_empty();
+            self.metrics.room_members.fetch_sub(1, Relaxed);
+            if last && map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
+                map.remove(&room.name);
+                self.metrics.rooms.fetch_sub(1, Relaxed);
+            }
+            last
+        };
+        let _ = room.tx.send(RoomEvent::Leave { member, reason, last, handled }).await;
+    }
+
+    /// The live room called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<Arc<Room>> {
+        self.map.lock().expect("rooms lock").get(name).cloned()
+    }
+
+    /// Name, member count and plugin (name, version) of every live room, sorted.
+    pub fn list_with_plugins(&self) -> Vec<RoomSummary> {
+        let map = self.map.lock().expect("rooms lock");
+        let mut rooms: Vec<_> = map
+            .values()
+            .map(|r| RoomSummary { name: r.name.to_string(), members: r.member_count(), plugin: r.plugin() })
+            .collect();
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        rooms
+    }
+
+    fn spawn_room(self: &Arc<Self>, name: &str) -> Arc<Room> {
+        let (tx, rx) = mpsc::channel(ROOM_INBOX);
+        let room = Arc::new(Room {
+            name: Arc::from(name),
+            members: Mutex::new(Vec::new()),
+            plugin: Mutex::new(None),
+            tx,
+        });
+        let mut actor = RoomActor::new(room.clone(), self);
+        if let Some(cluster) = &self.cluster {
+            actor.cluster = Some(Clustered::new(cluster.link(name)));
+        }
+        self.tracker.spawn(actor.run(rx));
+        room
+    }
+}
