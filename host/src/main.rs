@@ -164,7 +164,7 @@ fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shutdown = roomcast::shutdown::signal().context("cannot install signal handlers")?;
+        let shutdown = roomcast::server::shutdown::signal().context("cannot install signal handlers")?;
         // The port first: a port in use fails at once, before plugins are compiled.
         let listener = roomcast::server::bind(config.listen, config.listen_backlog)?;
         let server = roomcast::server::Server::new(config)?;

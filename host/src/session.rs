@@ -19,13 +19,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broadcast::Outbound;
-use crate::frame::{self, DecodeError, Decoder, Event, close_code};
-use crate::heartbeat::{Beat, Heartbeat};
 use crate::metrics::{CloseReason, Metrics};
 use crate::plugin::Payload;
 use crate::room::{Ending, Peer, Room, Rooms};
-use crate::transport::{MAX_FRAMES_PER_WRITE, Reader, Transport, Writer};
+use crate::ws::frame::{self, DecodeError, Decoder, Event, close_code};
+use crate::ws::heartbeat::{Beat, Heartbeat};
+use crate::ws::outbound::Outbound;
+use crate::ws::transport::{MAX_FRAMES_PER_WRITE, Reader, Transport, Writer};
 
 /// Bytes read per `read` call when no frame size is known yet.
 const READ_CHUNK: usize = 4096;
@@ -261,7 +261,7 @@ impl Drop for Attempt<'_> {
 mod tests {
     use super::*;
     use crate::plugin::HostCaps;
-    use crate::reload::LivePlugins;
+    use crate::plugin::reload::LivePlugins;
     use tokio::net::{TcpListener, TcpStream};
     use tokio_util::task::TaskTracker;
 

@@ -47,6 +47,7 @@ mod bindings;
 mod error;
 mod instance;
 mod manifest;
+pub mod reload;
 mod runtime;
 mod set;
 mod source;

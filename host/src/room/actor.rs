@@ -11,10 +11,10 @@ use super::delivery::Target;
 use super::timers::Timers;
 use super::{Peer, Room, RoomEvent, Rooms};
 use crate::metrics::{CloseReason, Metrics, PluginCalls};
+use crate::plugin::reload::LivePlugins;
 use crate::plugin::{
     LeaveReason, MemberId, MemberInfo, Origin, Payload, Plugin, RoomExists, RoomInstance, Verdict,
 };
-use crate::reload::LivePlugins;
 
 /// The most member messages a room takes from its inbox at once (see
 /// `RoomActor::message_batch`).

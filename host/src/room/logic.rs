@@ -9,9 +9,9 @@ use super::actor::{Logic, RoomActor};
 use super::{Ending, MAX_FORWARD_HOPS, RoomEvent};
 use crate::cluster::Role;
 use crate::cluster::wire::{Delivery, InEvent};
-use crate::frame::close_code;
 use crate::metrics::CloseReason;
 use crate::plugin::{Action, Payload, Plugin, PluginError, RoomInstance, RoomView};
+use crate::ws::frame::close_code;
 
 impl RoomActor {
     /// Record which plugin and version serve the room, for the admin API.

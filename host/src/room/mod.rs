@@ -5,7 +5,7 @@
 //! room → members side (here) and the member → rooms side (the session's list of
 //! [`Room`]s) change in the same step, and a room with no members is removed from the
 //! registry in the step that empties it. The actor never awaits a member: delivery is a
-//! push onto each member's bounded [`Outbound`](crate::broadcast::Outbound) queue.
+//! push onto each member's bounded [`Outbound`](crate::ws::outbound::Outbound) queue.
 //!
 //! Files, one concern each: this one holds the registry ([`Rooms`]) and the shared
 //! [`Room`]; `peer.rs` the member as rooms see it; `actor.rs` the actor's event loop
@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::Cluster;
 use crate::metrics::{CloseReason, Metrics};
 use crate::plugin::Payload;
-use crate::reload::LivePlugins;
+use crate::plugin::reload::LivePlugins;
 use actor::RoomActor;
 use clustered::Clustered;
 

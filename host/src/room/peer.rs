@@ -4,10 +4,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use crate::broadcast::{Outbound, Overflow};
-use crate::frame::{self, close_code};
 use crate::metrics::CloseReason;
 use crate::plugin::{MemberId, MemberInfo, Payload};
+use crate::ws::frame::{self, close_code};
+use crate::ws::outbound::{Outbound, Overflow};
 
 /// A connection as rooms see it: shared by its session and every room it is in.
 #[derive(Debug)]

@@ -26,13 +26,14 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::admin::{Denied, authorize, constant_time_eq, plugins_json, read_body, rooms_listing};
+use super::Shared;
+use super::assets::{self, Asset};
+use super::auth::{Denied, authorize, constant_time_eq, read_body};
+use super::views::{plugins_json, rooms_listing};
 use crate::config::OriginPolicy;
-use crate::handshake::{origin_allowed, percent_decode};
 use crate::metrics::{CloseReason, RejectReason};
-use crate::reload::rfc3339;
-use crate::server::Shared;
-use crate::web::{self, Asset};
+use crate::plugin::reload::rfc3339;
+use crate::ws::handshake::{origin_allowed, percent_decode};
 
 /// The session cookie's name.
 const COOKIE: &str = "roomcast_dashboard";
@@ -127,9 +128,9 @@ fn access(shared: &Shared, headers: &HeaderMap) -> Result<(), Denied> {
 /// `GET /dashboard`: the dashboard for a signed-in browser, else the token form.
 async fn page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     match access(&shared, &headers) {
-        Ok(()) => web::page(Asset::Dashboard),
+        Ok(()) => assets::page(Asset::Dashboard),
         Err(Denied::Off) => Denied::Off.into_response(),
-        Err(Denied::Unauthorized) => web::page(Asset::Login),
+        Err(Denied::Unauthorized) => assets::page(Asset::Login),
     }
 }
 
@@ -160,7 +161,7 @@ async fn login(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     };
     if !constant_time_eq(form.token.trim().as_bytes(), token.as_bytes()) {
         tracing::info!("dashboard sign-in refused: wrong token");
-        let mut response = web::page(Asset::LoginFailed);
+        let mut response = assets::page(Asset::LoginFailed);
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return response;
     }
@@ -221,7 +222,7 @@ async fn events(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     let mut response = Sse::new(stream).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // The stream ends with the sign-in session or at shutdown, not at the HTTP deadline.
-    response.extensions_mut().insert(crate::watchdog::LongLived);
+    response.extensions_mut().insert(super::LongLived);
     response
 }
 

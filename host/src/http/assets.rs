@@ -11,14 +11,14 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::server::Shared;
+use super::Shared;
 
-const DEMO_HTML: &str = include_str!("../web/demo.html");
-const DEMO_JS: &str = include_str!("../web/demo.js");
-const LOGIN_HTML: &str = include_str!("../web/login.html");
-const DASHBOARD_HTML: &str = include_str!("../web/dashboard.html");
-const DASHBOARD_JS: &str = include_str!("../web/dashboard.js");
-const STYLE_CSS: &str = include_str!("../web/style.css");
+const DEMO_HTML: &str = include_str!("../../web/demo.html");
+const DEMO_JS: &str = include_str!("../../web/demo.js");
+const LOGIN_HTML: &str = include_str!("../../web/login.html");
+const DASHBOARD_HTML: &str = include_str!("../../web/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../../web/dashboard.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 /// Scripts and styles only from this server, WebSockets and event streams only to it,
 /// no framing by other sites.
@@ -41,7 +41,6 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/assets/demo.js", get(|| async { file("text/javascript; charset=utf-8", DEMO_JS) }))
         .route("/assets/dashboard.js", get(|| async { file("text/javascript; charset=utf-8", DASHBOARD_JS) }))
         .route("/assets/style.css", get(|| async { file("text/css; charset=utf-8", STYLE_CSS) }))
-        .merge(crate::dashboard::routes())
 }
 
 /// An HTML page with the security headers; never cached (the dashboard's pages depend

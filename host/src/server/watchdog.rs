@@ -21,6 +21,7 @@
 //! storm only queues; connections that stall (slowloris) are the ones closed, and
 //! `/healthz` and new clients still get in while the descriptors held stay bounded.
 
+use crate::http::LongLived;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -32,11 +33,6 @@ use axum::body::{Body, Bytes, HttpBody};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// A response extension: this response streams for as long as its own session lasts,
-/// so the watchdog gives it no deadline.
-#[derive(Clone, Copy, Debug)]
-pub struct LongLived;
 
 /// What the watchdog knows of one connection.
 #[derive(Debug, Default)]

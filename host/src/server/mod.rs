@@ -2,6 +2,10 @@
 //! with a handshake watchdog, the router (`/ws/{room}`, `/healthz`, `/metrics`), and
 //! [`run`], which returns only when every session and room has drained.
 
+pub mod shutdown;
+pub mod tls;
+pub mod watchdog;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,11 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -24,15 +25,15 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 
 use crate::config::Config;
-use crate::handshake::{self, Rejection};
+use crate::http::upgrade::{ConnInfo, handshake_concurrency};
+use crate::http::{Shared, router};
 use crate::metrics::{Metrics, RejectReason};
-use crate::plugin::{HandshakeDecision, HandshakeRequest, HostCaps};
-use crate::reload::{LivePlugins, PluginsError, Watcher};
-use crate::room::{Peer, Rooms};
-use crate::session::{self, Session};
-use crate::tls::TlsError;
-use crate::transport::Transport;
-use crate::watchdog::{Admitted, Overstay, Pending, Tracked, Watch, watchdog};
+use crate::plugin::HostCaps;
+use crate::plugin::reload::{LivePlugins, PluginsError, Watcher};
+use crate::room::Rooms;
+use crate::ws::handshake::Rejection;
+use tls::TlsError;
+use watchdog::{Admitted, Overstay, Pending, Tracked, Watch, watchdog};
 
 /// The most a request head may take (request line and headers): what production
 /// servers allow; more gets 431 before the request is handled.
@@ -83,37 +84,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> 
     })
 }
 
-/// State shared by every connection.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub rooms: Arc<Rooms>,
-    /// One permit per open WebSocket session (`--max-connections`).
-    sessions: Arc<Semaphore>,
-    /// The connections that have not upgraded (`--max-http-connections`); at the cap
-    /// no more are accepted until one leaves or a stalled one makes room. With the
-    /// watchdog's deadlines, what a client without a token can hold.
-    pending: Arc<Pending>,
-    /// Plugin handshake calls running at once. Each holds an instance of up to its
-    /// plugin's memory cap, and clients without a token can ask for them; more than the
-    /// machine has cores only wait for a CPU, so the rest wait here, within their
-    /// request's deadline.
-    handshake_calls: Semaphore,
-    /// Session and room tasks; `run` waits for them on shutdown.
-    tracker: TaskTracker,
-    /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.
-    pub shutdown: CancellationToken,
-    /// Set first on shutdown, so `/healthz` turns 503 before sessions are closed.
-    pub draining: AtomicBool,
-    next_member: AtomicU64,
-    /// Set when `--tls-cert`/`--tls-key` are: every connection starts with a TLS
-    /// handshake, under the same watchdog as the HTTP request.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Signed-in dashboard browsers.
-    pub dashboard: crate::dashboard::Sessions,
-}
-
 /// Serve on `listener` until `shutdown` resolves; see [`Server::run`].
 pub async fn run(
     listener: TcpListener,
@@ -127,12 +97,16 @@ pub async fn run(
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
+    /// The connections that have not upgraded (`--max-http-connections`); at the cap
+    /// no more are accepted until one leaves or a stalled one makes room. With the
+    /// watchdog's deadlines, what a client without a token can hold.
+    pending: Arc<Pending>,
 }
 
 impl Server {
     /// Set up the server: start the plugin runtime and load the plugins folder.
     pub fn new(config: Config) -> Result<Self, ServerError> {
-        let tls = crate::tls::server_config(&config)?;
+        let tls = tls::server_config(&config)?;
         let metrics = Arc::new(Metrics::default());
         let tracker = TaskTracker::new();
         let caps =
@@ -149,7 +123,6 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            pending: Pending::new(config.max_http_connections),
             handshake_calls: Semaphore::new(handshake_concurrency()),
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
             metrics,
@@ -168,7 +141,8 @@ impl Server {
                 rooms.plugins_changed();
             }
         });
-        Ok(Self { shared })
+        let pending = Pending::new(shared.config.max_http_connections);
+        Ok(Self { shared, pending })
     }
 
     pub fn config(&self) -> &Config {
@@ -199,13 +173,20 @@ impl Server {
             log_start(&shared, addr);
         }
 
-        accept_until(&shared, &router, &listener, shutdown).await;
+        accept_until(&shared, &self.pending, &router, &listener, shutdown).await;
         // Drain: health checks fail and upgrades are refused first, so load balancers
         // stop sending, then the listener closes and sessions get 1001.
         shared.draining.store(true, Relaxed);
         if !shared.config.drain_delay.is_zero() {
             tracing::info!(delay = ?shared.config.drain_delay, "draining: /healthz answers 503");
-            accept_until(&shared, &router, &listener, tokio::time::sleep(shared.config.drain_delay)).await;
+            accept_until(
+                &shared,
+                &self.pending,
+                &router,
+                &listener,
+                tokio::time::sleep(shared.config.drain_delay),
+            )
+            .await;
         }
         tracing::info!("shutting down: closing sessions");
         drop(listener);
@@ -245,6 +226,7 @@ fn log_start(shared: &Shared, addr: SocketAddr) {
 /// Accept connections until `until` resolves.
 async fn accept_until(
     shared: &Arc<Shared>,
+    pending: &Arc<Pending>,
     router: &Router,
     listener: &TcpListener,
     until: impl Future<Output = ()>,
@@ -255,14 +237,14 @@ async fn accept_until(
         // listen backlog) until a place frees up or a stalled connection makes room.
         tokio::select! {
             () = &mut until => return,
-            () = shared.pending.room() => {}
+            () = pending.room() => {}
         }
         tokio::select! {
             () = &mut until => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    let admitted = shared.pending.admit();
+                    let admitted = pending.admit();
                     tokio::spawn(serve_connection(shared.clone(), router.clone(), stream, remote, admitted));
                 }
                 Err(error) => {
@@ -273,218 +255,6 @@ async fn accept_until(
             },
         }
     }
-}
-
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .merge(crate::admin::routes())
-        .merge(crate::web::routes())
-        .fallback(upgrade)
-        .with_state(shared)
-}
-
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.draining.load(Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else {
-        (StatusCode::OK, "ok\n").into_response()
-    }
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let mut text = shared.metrics.render();
-    if let Some(cluster) = shared.rooms.cluster() {
-        text.push_str(&cluster.render_metrics());
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
-}
-
-/// Per-connection facts the handshake handler needs.
-#[derive(Clone, Debug)]
-struct ConnInfo {
-    remote: SocketAddr,
-    watch: Arc<Watch>,
-}
-
-/// `GET /ws/{room}`: validate, reserve a session slot, answer 101 and hand the socket to
-/// a session task.
-async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Response {
-    let result = validate(&shared, &req);
-    let (valid, permit) = match result {
-        Ok(ok) => ok,
-        Err(rejection) => {
-            if rejection.status != StatusCode::NOT_FOUND {
-                shared.metrics.rejected(rejection.reason);
-            }
-            return rejection.into_response();
-        }
-    };
-    let Some(info) = req.extensions().get::<ConnInfo>().cloned() else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let request = handshake_request(&req, &valid, &query, info.remote);
-    let protocol = match plugin_decision(&shared, request).await {
-        Ok(protocol) => protocol,
-        Err(rejection) => {
-            shared.metrics.rejected(rejection.reason);
-            return rejection.into_response();
-        }
-    };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    info.watch.upgraded();
-
-    let id = shared.next_member.fetch_add(1, Relaxed);
-    let peer = Arc::new(Peer::new(
-        id,
-        shared.config.max_queue_bytes as usize,
-        query,
-        info.remote.to_string(),
-        protocol.clone(),
-    ));
-    let task_shared = shared.clone();
-    shared.tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(error) => {
-                tracing::debug!(%error, "upgrade failed");
-                return;
-            }
-        };
-        let Ok((transport, read_ahead)) = Transport::from_upgraded(upgraded) else {
-            tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-            return;
-        };
-        let config = &task_shared.config;
-        Session {
-            transport,
-            read_ahead,
-            peer,
-            room: valid.room,
-            rooms: task_shared.rooms.clone(),
-            metrics: task_shared.metrics.clone(),
-            limits: session::Limits {
-                heartbeat_interval: config.heartbeat_interval,
-                pong_timeout: config.pong_timeout,
-                max_message_bytes: config.max_message_bytes as usize,
-            },
-            shutdown: task_shared.shutdown.clone(),
-            permit,
-        }
-        .run()
-        .await;
-    });
-
-    let mut response = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, valid.accept);
-    if let Some(protocol) = protocol {
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
-    }
-    response.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// Ask the room's plugin, if it has one, whether to accept the upgrade. Runs on a
-/// blocking thread: the call may take up to the plugin's deadline. `Ok` carries the
-/// subprotocol the plugin chose.
-async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
-    let Some(plugin) = shared.rooms.plugins().for_room(&request.room) else {
-        if let Some(failed) = shared.rooms.plugins().failed_for(&request.room) {
-            // Fail closed: the room's plugin exists but could not be loaded.
-            return Err(Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                RejectReason::Plugin,
-                format!("the room's plugin `{failed}` failed to load"),
-            ));
-        }
-        return Ok(None);
-    };
-    let room = request.room.clone();
-    let calls = shared.metrics.plugin_calls(plugin.name());
-    let Ok(_turn) = shared.handshake_calls.acquire().await else {
-        return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Capacity, "shutting down"));
-    };
-    let decided = tokio::task::spawn_blocking(move || plugin.handshake(&request)).await;
-    let failed = |detail: String| {
-        tracing::warn!(%room, %detail, "handshake refused: plugin failed");
-        Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, RejectReason::Plugin, "the room's plugin failed")
-    };
-    match decided {
-        Ok(Ok(HandshakeDecision::Accept { protocol })) => {
-            calls.ok();
-            Ok(protocol)
-        }
-        Ok(Ok(HandshakeDecision::Reject { status, reason })) => {
-            calls.ok();
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-            Err(Rejection::new(status, RejectReason::Plugin, reason))
-        }
-        Ok(Err(error)) => {
-            calls.count(error.kind.outcome());
-            Err(failed(error.to_string()))
-        }
-        Err(join) => Err(failed(join.to_string())),
-    }
-}
-
-/// How many plugin handshake calls may run at once: twice the cores, at least 4.
-fn handshake_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).max(4)
-}
-
-/// What a plugin's handshake hook sees of an upgrade request.
-fn handshake_request(
-    req: &Request,
-    valid: &handshake::Valid,
-    query: &str,
-    remote: SocketAddr,
-) -> HandshakeRequest {
-    HandshakeRequest {
-        room: valid.room.clone(),
-        path: req.uri().path().to_owned(),
-        query: query.to_owned(),
-        headers: req
-            .headers()
-            .iter()
-            .map(|(name, value)| {
-                (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned())
-            })
-            .collect(),
-        remote_addr: remote.to_string(),
-        protocols: valid.protocols.clone(),
-    }
-}
-
-fn validate(
-    shared: &Shared,
-    req: &Request,
-) -> Result<(handshake::Valid, tokio::sync::OwnedSemaphorePermit), Rejection> {
-    let valid = handshake::validate(
-        req.method(),
-        req.version(),
-        req.uri().path(),
-        req.headers(),
-        &shared.config.allowed_origins,
-    )?;
-    if shared.draining.load(Relaxed) {
-        return Err(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            RejectReason::Capacity,
-            "server is shutting down",
-        ));
-    }
-    let permit = shared.sessions.clone().try_acquire_owned().map_err(|_| {
-        Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            RejectReason::Capacity,
-            "server is at its connection limit",
-        )
-    })?;
-    Ok((valid, permit))
 }
 
 /// Checks every request passes before it is routed: an over-long header line or
@@ -575,9 +345,10 @@ async fn serve_http<S>(
     let metrics = shared.metrics.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let exchange = service_watch.begin();
-        req.extensions_mut().insert(ConnInfo { remote, watch: service_watch.clone() });
+        req.extensions_mut().insert(ConnInfo { remote });
         let mut router = router.clone();
         let metrics = metrics.clone();
+        let watch = service_watch.clone();
         async move {
             let response = match refuse_head(&req) {
                 Some(refused) => {
@@ -588,6 +359,10 @@ async fn serve_http<S>(
                 }
                 None => router.call(req).await.unwrap_or_else(|never| match never {}),
             };
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The session owns the socket's time from here on.
+                watch.upgraded();
+            }
             Ok::<_, std::convert::Infallible>(Tracked::response(response, exchange))
         }
     });

@@ -28,7 +28,7 @@
 //! woken. A room thus costs no task wake-up per recipient; under load it hands each
 //! member its whole batch at once ([`Outbound::push_batch`], one `sendmsg(2)`).
 
-use crate::transport::send_frames;
+use crate::ws::transport::send_frames;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
