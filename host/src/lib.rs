@@ -13,5 +13,6 @@ pub mod room;
 pub mod scaffold;
 pub mod server;
 pub mod session;
+pub mod types;
 pub mod units;
 pub mod ws;

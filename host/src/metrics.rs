@@ -3,62 +3,11 @@
 //! Every labelled series exists from start-up (at 0), so dashboards and alerts never
 //! see a series appear out of nowhere.
 
+use crate::types::CloseReason;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-
-/// Why a WebSocket session ended: the `reason` label of
-/// `roomcast_connections_closed_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client sent a close frame.
-    Client,
-    /// No sign of life within heartbeat interval + pong timeout.
-    Heartbeat,
-    /// The member's outbound queue overflowed (close 1008).
-    SlowConsumer,
-    /// A message over `max_message_bytes` (close 1009).
-    TooBig,
-    /// A protocol or UTF-8 error (close 1002 / 1007).
-    Protocol,
-    /// TCP error, or end of file without a close frame.
-    Reset,
-    /// The server is shutting down (close 1001).
-    Shutdown,
-    /// A plugin closed the member.
-    Plugin,
-    /// The room's plugin failed and the room could not continue (close 1011).
-    PluginFailure,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
-        Self::Client,
-        Self::Heartbeat,
-        Self::SlowConsumer,
-        Self::TooBig,
-        Self::Protocol,
-        Self::Reset,
-        Self::Shutdown,
-        Self::Plugin,
-        Self::PluginFailure,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Heartbeat => "heartbeat",
-            Self::SlowConsumer => "slow_consumer",
-            Self::TooBig => "too_big",
-            Self::Protocol => "protocol",
-            Self::Reset => "reset",
-            Self::Shutdown => "shutdown",
-            Self::Plugin => "plugin",
-            Self::PluginFailure => "plugin_failure",
-        }
-    }
-}
 
 /// Why an upgrade was refused: the `reason` label of
 /// `roomcast_handshakes_rejected_total`.

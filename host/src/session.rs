@@ -19,9 +19,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::Metrics;
 use crate::plugin::Payload;
 use crate::room::{Ending, Peer, Room, Rooms};
+use crate::types::CloseReason;
 use crate::ws::frame::{self, DecodeError, Decoder, Event, close_code};
 use crate::ws::heartbeat::{Beat, Heartbeat};
 use crate::ws::outbound::Outbound;

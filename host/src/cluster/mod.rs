@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::plugin::{MemberId, MemberInfo, Payload};
-use supervisor::{array, text};
+use supervisor::{RedisFailure, array, text};
 use wire::{FromOwner, InEvent, Snapshot, ToOwner};
 
 /// How many writes (publishes, presence updates, snapshots) wait for Redis. Past it a
@@ -417,12 +417,11 @@ impl Cluster {
         self.client.get_multiplexed_async_connection_with_config(&config).await
     }
 
-    async fn connect(&self) -> Result<(MultiplexedConnection, PubSubSink, PubSubStream), String> {
-        let conn = self.connect_commands().await.map_err(|e| e.to_string())?;
+    async fn connect(&self) -> Result<(MultiplexedConnection, PubSubSink, PubSubStream), RedisFailure> {
+        let conn = self.connect_commands().await?;
         let pubsub = tokio::time::timeout(self.op_timeout(), self.client.get_async_pubsub())
             .await
-            .map_err(|_| "timed out connecting".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| RedisFailure::Timeout("connecting"))??;
         let (sink, stream) = pubsub.split();
         Ok((conn, sink, stream))
     }

@@ -15,6 +15,24 @@ use tokio::time::Instant;
 use super::*;
 use crate::plugin::MemberInfo;
 
+/// Why the supervisor gave up on its connection to Redis (it reconnects and
+/// resynchronises).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RedisFailure {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("the subscription connection closed")]
+    SubscriptionClosed,
+    #[error("a write failed")]
+    WriteFailed,
+    #[error("not connected")]
+    NotConnected,
+    #[error("unexpected heartbeat reply `{0}`")]
+    Reply(String),
+}
+
 impl Cluster {
     /// The writer: drain the queue in pipelines, in order, over one connection.
     pub(super) async fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Write>) {
@@ -205,8 +223,8 @@ impl Cluster {
                         dispatcher.abort();
                         return;
                     }
-                    _ = &mut dispatcher => Err("the subscription connection closed".to_owned()),
-                    () = self.write_failed.notified() => Err("a write failed".to_owned()),
+                    _ = &mut dispatcher => Err(RedisFailure::SubscriptionClosed),
+                    () = self.write_failed.notified() => Err(RedisFailure::WriteFailed),
                     _ = interval.tick() => self.tick(&self.entries()).await,
                     next = control.recv() => match next {
                         Some(first) => {
@@ -217,7 +235,7 @@ impl Cluster {
                     },
                 };
             }
-            let error = result.err().unwrap_or_default();
+            let Err(error) = result else { continue };
             tracing::warn!(%error, "lost the connection to Redis; reconnecting and resynchronising");
             outage = Some(Instant::now());
             dispatcher.abort();
@@ -267,7 +285,7 @@ impl Cluster {
         }
     }
 
-    async fn control(&self, first: Control, rest: &mut Vec<Control>) -> Result<(), String> {
+    async fn control(&self, first: Control, rest: &mut Vec<Control>) -> Result<(), RedisFailure> {
         let mut attach = Vec::new();
         let mut check = Vec::new();
         for control in std::iter::once(first).chain(rest.drain(..)) {
@@ -307,7 +325,7 @@ impl Cluster {
         Ok(())
     }
 
-    async fn subscribe_out(&self, entries: &[Arc<Entry>]) -> Result<(), String> {
+    async fn subscribe_out(&self, entries: &[Arc<Entry>]) -> Result<(), RedisFailure> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -315,40 +333,39 @@ impl Cluster {
         self.subscribe(channels).await
     }
 
-    async fn subscribe(&self, channels: Vec<String>) -> Result<(), String> {
+    async fn subscribe(&self, channels: Vec<String>) -> Result<(), RedisFailure> {
         let mut sink = self.sink.lock().await;
-        let Some(sink) = sink.as_mut() else { return Err("not connected".into()) };
+        let Some(sink) = sink.as_mut() else { return Err(RedisFailure::NotConnected) };
         for chunk in channels.chunks(1024) {
             tokio::time::timeout(self.op_timeout(), sink.subscribe(chunk))
                 .await
-                .map_err(|_| "SUBSCRIBE timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| RedisFailure::Timeout("SUBSCRIBE"))??;
         }
         Ok(())
     }
 
-    async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), String> {
+    async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), RedisFailure> {
         let mut sink = self.sink.lock().await;
-        let Some(sink) = sink.as_mut() else { return Err("not connected".into()) };
+        let Some(sink) = sink.as_mut() else { return Err(RedisFailure::NotConnected) };
         tokio::time::timeout(self.op_timeout(), sink.unsubscribe(channels))
             .await
-            .map_err(|_| "UNSUBSCRIBE timed out".to_owned())?
-            .map_err(|e| e.to_string())
+            .map_err(|_| RedisFailure::Timeout("UNSUBSCRIBE"))?
+            .map_err(RedisFailure::from)
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, String> {
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, RedisFailure> {
         let conn = self.conn.lock().expect("cluster lock").clone();
-        let Some(mut conn) = conn else { return Err("not connected".into()) };
+        let Some(mut conn) = conn else { return Err(RedisFailure::NotConnected) };
         tokio::time::timeout(self.op_timeout(), pipe.query_async::<T>(&mut conn))
             .await
-            .map_err(|_| "Redis timed out".to_owned())?
-            .map_err(|e| e.to_string())
+            .map_err(|_| RedisFailure::Timeout("a command"))?
+            .map_err(RedisFailure::from)
     }
 
     /// One heartbeat for `entries`: refresh presence (in full where Redis may have lost
     /// it), renew or inspect each lease, claim vacant ones, and tell rooms whose role
     /// changed.
-    async fn tick(&self, entries: &[Arc<Entry>]) -> Result<(), String> {
+    async fn tick(&self, entries: &[Arc<Entry>]) -> Result<(), RedisFailure> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(store::node_key(&self.node)).arg(1).arg("PX").arg(self.presence_ms()).ignore();
         let mut ticked = Vec::with_capacity(entries.len());
@@ -412,7 +429,7 @@ impl Cluster {
                     let owner = fields.next().map(text).unwrap_or_default();
                     self.follow(&entry, owner).await?;
                 }
-                other => return Err(format!("unexpected heartbeat reply `{other}`")),
+                other => return Err(RedisFailure::Reply(other.to_owned())),
             }
         }
         if !to_claim.is_empty() {
@@ -422,7 +439,7 @@ impl Cluster {
     }
 
     /// Another node owns the room.
-    async fn follow(&self, entry: &Arc<Entry>, owner: String) -> Result<(), String> {
+    async fn follow(&self, entry: &Arc<Entry>, owner: String) -> Result<(), RedisFailure> {
         let resync = entry.resync.swap(false, Relaxed);
         if entry.subscribed_in.swap(false, Relaxed) {
             self.unsubscribe(vec![store::in_channel(&entry.name)]).await?;
@@ -437,7 +454,7 @@ impl Cluster {
     /// Take the leases of `entries` (vacant, or ours while the room does not know):
     /// subscribe to their `in` channels first, then claim, read the stored snapshot and
     /// every node's members.
-    async fn claim(&self, entries: &[Arc<Entry>]) -> Result<(), String> {
+    async fn claim(&self, entries: &[Arc<Entry>]) -> Result<(), RedisFailure> {
         let channels: Vec<String> = entries
             .iter()
             .filter(|e| !e.subscribed_in.swap(true, Relaxed))
@@ -464,7 +481,7 @@ impl Cluster {
         for entry in entries {
             let (Some(claim), Some(state), Some(members)) = (replies.next(), replies.next(), replies.next())
             else {
-                return Err("short reply to a claim".into());
+                return Err(RedisFailure::Reply("a short reply to a claim".to_owned()));
             };
             let mut fields = array(claim).into_iter();
             let status = fields.next().map(text).unwrap_or_default();
@@ -495,7 +512,7 @@ impl Cluster {
     }
 
     /// Every live node's members of `room`.
-    async fn members(&self, room: &str) -> Result<Vec<(String, MemberInfo)>, String> {
+    async fn members(&self, room: &str) -> Result<Vec<(String, MemberInfo)>, RedisFailure> {
         let mut pipe = redis::pipe();
         members_cmd(&mut pipe, room);
         let mut replies: Vec<Value> = self.query(&pipe).await?;

@@ -5,6 +5,7 @@
 //! nothing else in the host needs serde for binary data, and the hot path (one
 //! message in, one delivery out) encodes a payload with one copy.
 
+use crate::types::CloseReason;
 use bytes::{BufMut, Bytes};
 
 use crate::plugin::{MemberId, MemberInfo, Payload};
@@ -23,6 +24,8 @@ pub enum WireError {
     Tag(u8),
     #[error("text is not UTF-8")]
     Utf8,
+    #[error("unknown close reason")]
+    Reason,
 }
 
 /// An event for a room's owner, published on the room's `in` channel by the node
@@ -37,10 +40,10 @@ pub struct ToOwner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InEvent {
     Join(MemberInfo),
-    /// `reason` is a [`crate::metrics::CloseReason`] label.
+    /// `reason` is a [`crate::types::CloseReason`] label.
     Leave {
         member: MemberId,
-        reason: String,
+        reason: CloseReason,
     },
     Message {
         from: MemberId,
@@ -251,7 +254,7 @@ impl ToOwner {
             InEvent::Join(member) => put_member(&mut w, member),
             InEvent::Leave { member, reason } => {
                 w.u64(*member);
-                w.str(reason);
+                w.u8(reason.index());
             }
             InEvent::Message { from, payload } => {
                 w.u64(*from);
@@ -272,7 +275,10 @@ impl ToOwner {
         let node = r.string()?;
         let event = match tag {
             IN_JOIN => InEvent::Join(get_member(&mut r)?),
-            IN_LEAVE => InEvent::Leave { member: r.u64()?, reason: r.string()? },
+            IN_LEAVE => InEvent::Leave {
+                member: r.u64()?,
+                reason: CloseReason::from_index(r.u8()?).ok_or(WireError::Reason)?,
+            },
             IN_MESSAGE => InEvent::Message { from: r.u64()?, payload: r.payload()? },
             IN_FORWARD => InEvent::Forward { from_room: r.string()?, payload: r.payload()?, hops: r.u8()? },
             IN_PUBLISH => InEvent::Publish(r.payload()?),
@@ -408,7 +414,7 @@ mod tests {
         let events = [
             InEvent::Join(member(7)),
             InEvent::Join(MemberInfo { protocol: None, ..member(8) }),
-            InEvent::Leave { member: 7, reason: "client".into() },
+            InEvent::Leave { member: 7, reason: CloseReason::Client },
             InEvent::Message { from: 7, payload: Payload::text("héllo") },
             InEvent::Message { from: 7, payload: Payload::binary(vec![0, 255]) },
             InEvent::Forward { from_room: "a:b".into(), payload: Payload::text("x"), hops: 3 },

@@ -20,7 +20,7 @@ use super::auth::{Admin, read_body};
 use super::views::{plugins_json, rooms_listing};
 use crate::plugin::Payload;
 use crate::room::RoomEvent;
-use crate::ws::handshake::valid_room_name;
+use crate::types::valid_room_name;
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()

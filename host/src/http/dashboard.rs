@@ -31,8 +31,9 @@ use super::assets::{self, Asset};
 use super::auth::{Denied, authorize, constant_time_eq, read_body};
 use super::views::{plugins_json, rooms_listing};
 use crate::config::OriginPolicy;
-use crate::metrics::{CloseReason, RejectReason};
+use crate::metrics::RejectReason;
 use crate::plugin::reload::rfc3339;
+use crate::types::CloseReason;
 use crate::ws::handshake::{origin_allowed, percent_decode};
 
 /// The session cookie's name.

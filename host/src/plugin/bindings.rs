@@ -6,9 +6,9 @@ use wasmtime::{AsContextMut, Engine, Result, Store};
 
 use super::instance::{HostState, LogLevel, Refusal};
 use super::{
-    HandshakeDecision, HandshakeRequest, LeaveReason, MemberId, MemberInfo, Origin, Payload, PluginInfo,
-    Verdict,
+    HandshakeDecision, HandshakeRequest, MemberId, MemberInfo, Origin, Payload, PluginInfo, Verdict,
 };
+use crate::types::CloseReason;
 
 #[allow(
     unsafe_code,
@@ -121,18 +121,18 @@ impl Exports {
         &self,
         store: impl AsContextMut<Data = HostState>,
         member: MemberId,
-        reason: LeaveReason,
+        reason: CloseReason,
     ) -> Result<()> {
         let reason = match reason {
-            LeaveReason::Client => wit::LeaveReason::Client,
-            LeaveReason::Heartbeat => wit::LeaveReason::Heartbeat,
-            LeaveReason::SlowConsumer => wit::LeaveReason::SlowConsumer,
-            LeaveReason::TooBig => wit::LeaveReason::TooBig,
-            LeaveReason::Protocol => wit::LeaveReason::Protocol,
-            LeaveReason::Reset => wit::LeaveReason::Reset,
-            LeaveReason::Shutdown => wit::LeaveReason::Shutdown,
-            LeaveReason::ClosedByPlugin => wit::LeaveReason::ClosedByPlugin,
-            LeaveReason::PluginFailure => wit::LeaveReason::PluginFailure,
+            CloseReason::Client => wit::LeaveReason::Client,
+            CloseReason::Heartbeat => wit::LeaveReason::Heartbeat,
+            CloseReason::SlowConsumer => wit::LeaveReason::SlowConsumer,
+            CloseReason::TooBig => wit::LeaveReason::TooBig,
+            CloseReason::Protocol => wit::LeaveReason::Protocol,
+            CloseReason::Reset => wit::LeaveReason::Reset,
+            CloseReason::Shutdown => wit::LeaveReason::Shutdown,
+            CloseReason::Plugin => wit::LeaveReason::ClosedByPlugin,
+            CloseReason::PluginFailure => wit::LeaveReason::PluginFailure,
         };
         self.0.call_leave(store, member, reason)
     }

@@ -14,10 +14,11 @@ use super::bindings::{Exports, Linked};
 use super::runtime::{Shared, TICK};
 use super::set::RoomPattern;
 use super::{
-    Action, FailureKind, HandshakeDecision, HandshakeRequest, LeaveReason, Limits, MAX_ACTION_BYTES_PER_CALL,
+    Action, FailureKind, HandshakeDecision, HandshakeRequest, Limits, MAX_ACTION_BYTES_PER_CALL,
     MAX_ACTIONS_PER_CALL, MAX_CLOSE_REASON_BYTES, MAX_TIMERS_PER_ROOM, MemberId, MemberInfo, Origin, Payload,
-    PluginError, PluginInfo, RoomExists, RoomView, Verdict, is_valid_room_name,
+    PluginError, PluginInfo, RoomExists, RoomView, Verdict,
 };
+use crate::types::CloseReason;
 
 /// Log lines one call may write; the rest are counted and reported in one line.
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
@@ -255,7 +256,7 @@ impl RoomInstance {
         &mut self,
         view: &RoomView,
         member: MemberId,
-        reason: LeaveReason,
+        reason: CloseReason,
     ) -> Result<Vec<Action>, PluginError> {
         self.call(Scope::Hook(view), "leave", |exports, store| exports.leave(store, member, reason))
             .map(|((), actions)| actions)
@@ -846,7 +847,7 @@ impl HostState {
 
     pub(crate) fn forward(&mut self, room: String, payload: Payload) -> Result<(), Refusal> {
         self.require_room()?;
-        let live = is_valid_room_name(&room)
+        let live = crate::types::valid_room_name(&room)
             && self.room_exists.as_ref().is_some_and(|room_exists| room_exists(&room));
         if !live {
             return Err(Refusal::UnknownRoom);

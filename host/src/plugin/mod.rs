@@ -58,16 +58,12 @@ pub(crate) mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
+pub use crate::types::{MemberId, Payload};
 pub use error::{FailureKind, PluginError};
 pub use instance::{Plugin, RoomInstance};
 pub use runtime::{CheckReport, PluginRuntime, WIT_PACKAGE};
 pub use set::{PluginSet, RoomPattern};
 pub use source::{MAX_MANIFEST_BYTES, MAX_PLUGIN_BYTES, PluginSource, SourceError};
-
-/// A member of a room. The host assigns it; it is unique for the life of the host.
-pub type MemberId = u64;
 
 /// The most actions (sends, broadcasts, forwards, closes, timer changes) one hook call
 /// may produce. Past it the `room` imports answer `too-many-actions`.
@@ -79,43 +75,6 @@ pub const MAX_TIMERS_PER_ROOM: usize = 256;
 /// The longest close reason a plugin may give (a close frame's payload is at most 125
 /// bytes, two of which are the code). Longer reasons are truncated on a char boundary.
 pub const MAX_CLOSE_REASON_BYTES: usize = 123;
-
-/// A WebSocket data message. The opcode is kept: text stays text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Payload {
-    /// A text message. The bytes are valid UTF-8: whoever builds one guarantees it.
-    Text(Bytes),
-    Binary(Bytes),
-}
-
-impl Payload {
-    /// A text payload from a string (no copy for an owned `String`).
-    pub fn text(text: impl Into<String>) -> Self {
-        Payload::Text(Bytes::from(text.into()))
-    }
-
-    /// A binary payload.
-    pub fn binary(data: impl Into<Bytes>) -> Self {
-        Payload::Binary(data.into())
-    }
-
-    /// The payload's bytes, whatever its kind.
-    pub fn as_bytes(&self) -> &Bytes {
-        match self {
-            Payload::Text(bytes) | Payload::Binary(bytes) => bytes,
-        }
-    }
-
-    /// The payload's length in bytes.
-    pub fn len(&self) -> usize {
-        self.as_bytes().len()
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.as_bytes().is_empty()
-    }
-}
 
 /// Where a message handed to [`RoomInstance::message`] comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,20 +124,6 @@ pub struct MemberInfo {
     pub remote_addr: String,
     /// The subprotocol agreed at the handshake, if any.
     pub protocol: Option<String>,
-}
-
-/// Why a member left the room.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LeaveReason {
-    Client,
-    Heartbeat,
-    SlowConsumer,
-    TooBig,
-    Protocol,
-    Reset,
-    Shutdown,
-    ClosedByPlugin,
-    PluginFailure,
 }
 
 /// What happens to the message a `message` call was given.
@@ -301,13 +246,4 @@ impl HostCaps {
             memory: limits.memory.min(self.max_memory),
         }
     }
-}
-
-/// Whether `name` is a valid room name: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
-pub fn is_valid_room_name(name: &str) -> bool {
-    (1..=128).contains(&name.len()) && name.bytes().all(is_room_byte)
-}
-
-fn is_room_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'-')
 }

@@ -20,7 +20,7 @@ use super::instance::{Code, HostState, Plugin, Sandbox};
 use super::manifest::{self, Manifest};
 use super::set::RoomPattern;
 use super::source::PluginSource;
-use super::{HostCaps, PluginError, PluginInfo, is_valid_room_name};
+use super::{HostCaps, PluginError, PluginInfo};
 
 /// The WIT package this host speaks.
 pub const WIT_PACKAGE: &str = "roomcast:plugin@0.1.0";
@@ -514,7 +514,7 @@ fn read_source(wasm_path: &Path) -> Result<PluginSource, PluginError> {
 /// default room and a metrics label).
 fn plugin_name(path: &Path) -> Result<String, PluginError> {
     let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default();
-    if !is_valid_room_name(stem) {
+    if !crate::types::valid_room_name(stem) {
         return Err(PluginError::load(
             path.display().to_string(),
             format!(

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::instance::Plugin;
-use super::{FailureKind, PluginError, PluginRuntime, is_room_byte};
+use super::{FailureKind, PluginError, PluginRuntime};
+use crate::types::is_room_byte;
 
 /// A room pattern from `rooms` in `NAME.toml`: a room name in which `*` stands for any
 /// run of room-name characters (including none). Without `*` it is an exact name.

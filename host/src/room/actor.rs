@@ -10,11 +10,10 @@ use super::clustered::Clustered;
 use super::delivery::Target;
 use super::timers::Timers;
 use super::{Peer, Room, RoomEvent, Rooms};
-use crate::metrics::{CloseReason, Metrics, PluginCalls};
+use crate::metrics::{Metrics, PluginCalls};
 use crate::plugin::reload::LivePlugins;
-use crate::plugin::{
-    LeaveReason, MemberId, MemberInfo, Origin, Payload, Plugin, RoomExists, RoomInstance, Verdict,
-};
+use crate::plugin::{MemberId, MemberInfo, Origin, Payload, Plugin, RoomExists, RoomInstance, Verdict};
+use crate::types::CloseReason;
 
 /// The most member messages a room takes from its inbox at once (see
 /// `RoomActor::message_batch`).
@@ -231,7 +230,6 @@ impl RoomActor {
 
     /// Tell the logic about a member already removed from `ids`.
     pub(super) fn left(&mut self, member: MemberId, reason: CloseReason) {
-        let reason = leave_reason(reason);
         if let Some(result) = self.with_instance(|instance, view| instance.leave(view, member, reason)) {
             match result {
                 Ok(actions) => self.apply(actions, 0),
@@ -313,19 +311,5 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-fn leave_reason(reason: CloseReason) -> LeaveReason {
-    match reason {
-        CloseReason::Client => LeaveReason::Client,
-        CloseReason::Heartbeat => LeaveReason::Heartbeat,
-        CloseReason::SlowConsumer => LeaveReason::SlowConsumer,
-        CloseReason::TooBig => LeaveReason::TooBig,
-        CloseReason::Protocol => LeaveReason::Protocol,
-        CloseReason::Reset => LeaveReason::Reset,
-        CloseReason::Shutdown => LeaveReason::Shutdown,
-        CloseReason::Plugin => LeaveReason::ClosedByPlugin,
-        CloseReason::PluginFailure => LeaveReason::PluginFailure,
     }
 }

@@ -10,8 +10,8 @@ use super::actor::{Logic, RoomActor};
 use super::{Ending, Peer, RoomEvent, encode};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 use crate::cluster::{Record, Role, RoleChange, RoomLink};
-use crate::metrics::CloseReason;
 use crate::plugin::{MemberId, MemberInfo, Origin};
+use crate::types::CloseReason;
 
 /// How long an owner lets its room's state change before it stores a snapshot: what
 /// a crash of the owner can lose, against one `snapshot` call and one Redis write per
@@ -112,7 +112,7 @@ impl RoomActor {
             }
             RoomEvent::Leave { member, reason, last, handled: _ } => {
                 clustered.link.absent(member);
-                clustered.link.to_owner(InEvent::Leave { member, reason: reason.label().to_owned() });
+                clustered.link.to_owner(InEvent::Leave { member, reason });
                 self.ids.retain(|id| *id != member);
                 self.peers.retain(|p| p.id != member);
                 return last;
@@ -387,8 +387,6 @@ impl RoomActor {
                 }
             }
             InEvent::Leave { member, reason } => {
-                let reason =
-                    CloseReason::ALL.into_iter().find(|r| r.label() == reason).unwrap_or(CloseReason::Reset);
                 self.remote_leave(member, reason);
             }
             InEvent::Message { from, payload } => {

@@ -9,8 +9,8 @@ use super::actor::{Logic, RoomActor};
 use super::{Ending, MAX_FORWARD_HOPS, RoomEvent};
 use crate::cluster::Role;
 use crate::cluster::wire::{Delivery, InEvent};
-use crate::metrics::CloseReason;
 use crate::plugin::{Action, Payload, Plugin, PluginError, RoomInstance, RoomView};
+use crate::types::CloseReason;
 use crate::ws::frame::close_code;
 
 impl RoomActor {

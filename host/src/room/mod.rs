@@ -29,9 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::Metrics;
 use crate::plugin::Payload;
 use crate::plugin::reload::LivePlugins;
+use crate::types::CloseReason;
 use actor::RoomActor;
 use clustered::Clustered;
 

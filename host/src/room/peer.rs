@@ -4,8 +4,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use crate::metrics::CloseReason;
 use crate::plugin::{MemberId, MemberInfo, Payload};
+use crate::types::CloseReason;
 use crate::ws::frame::{self, close_code};
 use crate::ws::outbound::{Outbound, Overflow};
 

@@ -8,6 +8,7 @@
 //! after, in the server. Every rejection is a [`Rejection`]: a status, a metrics reason
 //! and a one-line body.
 
+use crate::types::valid_room_name;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -55,12 +56,6 @@ pub struct Valid {
     /// The `Sec-WebSocket-Accept` value for the response.
     pub accept: String,
     pub protocols: Vec<String>,
-}
-
-/// Whether `name` is a valid room name: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
-pub fn valid_room_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Run the protocol checks on an upgrade request.
