@@ -4,7 +4,7 @@
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{AsContextMut, Engine, Result, Store};
 
-use super::instance::{HostState, LogLevel, Refusal};
+use super::state::{HostState, LogLevel, Refusal};
 use super::{
     HandshakeDecision, HandshakeRequest, MemberId, MemberInfo, Origin, Payload, PluginInfo, Verdict,
 };

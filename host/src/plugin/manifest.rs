@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::units::{parse_duration, parse_size};
 
-use super::instance::{format_duration, format_size};
+use super::sandbox::{format_duration, format_size};
 use super::set::RoomPattern;
 use super::{HostCaps, Limits};
 

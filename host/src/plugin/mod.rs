@@ -49,8 +49,10 @@ mod instance;
 mod manifest;
 pub mod reload;
 mod runtime;
+mod sandbox;
 mod set;
 mod source;
+mod state;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -16,10 +16,12 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, StoreContextMut, WasmBacktraceDetails};
 
 use super::bindings::{self, Linked};
-use super::instance::{Code, HostState, Plugin, Sandbox};
+use super::instance::{Code, Plugin};
 use super::manifest::{self, Manifest};
+use super::sandbox::Sandbox;
 use super::set::RoomPattern;
 use super::source::PluginSource;
+use super::state::HostState;
 use super::{HostCaps, PluginError, PluginInfo};
 
 /// The WIT package this host speaks.

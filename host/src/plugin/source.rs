@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::instance::format_size;
+use super::sandbox::format_size;
 use crate::files::{self, FileError};
 
 /// The largest `NAME.wasm` the host reads (real plugins weigh tens to hundreds of KiB).
