@@ -238,7 +238,9 @@ impl Ws {
     /// Send `text` and return the text that comes back (short messages only).
     fn round_trip(&mut self, text: &str) -> String {
         use std::io::{Read as _, Write as _};
-        self.0.write_all(&roomcast::frame::encode_client(true, 0x1, text.as_bytes(), [7, 7, 7, 7])).unwrap();
+        self.0
+            .write_all(&roomcast::ws::frame::encode_client(true, 0x1, text.as_bytes(), [7, 7, 7, 7]))
+            .unwrap();
         let mut head = [0u8; 2];
         self.0.read_exact(&mut head).unwrap();
         assert_eq!(head[0] & 0x0F, 0x1, "a text frame");

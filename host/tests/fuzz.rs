@@ -1,5 +1,5 @@
 //! Property-based fuzzing of the two parsers that face the network: the RFC 6455 frame
-//! decoder (`roomcast::frame`) and the upgrade-request checks (`roomcast::handshake`).
+//! decoder (`roomcast::ws::frame`) and the upgrade-request checks (`roomcast::ws::handshake`).
 //!
 //! It runs on stable with `proptest`. Every property is checked against an independent
 //! reading of the RFC written here (a reference frame decoder, a percent decoder, the
@@ -35,8 +35,8 @@ use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestCaseResult, TestRunner};
 use roomcast::config::OriginPolicy;
-use roomcast::frame::{self, DecodeError, Decoder, Event};
-use roomcast::handshake::{self, Rejection, Valid};
+use roomcast::ws::frame::{self, DecodeError, Decoder, Event};
+use roomcast::ws::handshake::{self, Rejection, Valid};
 use sha1::{Digest, Sha1};
 
 // ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ struct Expected {
 }
 
 /// A reference decoder for client frames, written from RFC 6455 sections 5 and 8 and
-/// independent of `roomcast::frame`: strict (reserved bits, opcodes, masking, minimal
+/// independent of `roomcast::ws::frame`: strict (reserved bits, opcodes, masking, minimal
 /// lengths, control frame rules, close codes), messages over `max` bytes are refused
 /// from the header that makes them too big, and a text message fails at the first
 /// fragment after which it can no longer be valid UTF-8 (section 8.1, "fail fast").
@@ -1071,7 +1071,7 @@ fn check_answer(request: &Request, answer: &Result<Valid, Rejection>) -> TestCas
             let decoded = percent_decoded(raw.unwrap());
             prop_assert_eq!(decoded.as_deref(), Some(valid.room.as_str()));
             prop_assert!(room_name_ok(&valid.room), "accepted room {:?}", valid.room);
-            prop_assert!(handshake::valid_room_name(&valid.room));
+            prop_assert!(roomcast::types::valid_room_name(&valid.room));
             prop_assert!(headers.get_all(header::UPGRADE).iter().any(|v| lists(v, "websocket")));
             prop_assert!(headers.get_all(header::CONNECTION).iter().any(|v| lists(v, "upgrade")));
             prop_assert_eq!(

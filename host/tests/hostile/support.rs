@@ -245,7 +245,7 @@ impl RawWs {
 
     /// Send one masked client frame.
     pub fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(&roomcast::frame::encode_client(fin, opcode, payload, [1, 2, 3, 4]))
+        self.stream.write_all(&roomcast::ws::frame::encode_client(fin, opcode, payload, [1, 2, 3, 4]))
     }
 
     /// Read one server frame: `(opcode, payload)`.

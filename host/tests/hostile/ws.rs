@@ -50,7 +50,7 @@ fn answers_to_a_message_precede_the_close_for_a_protocol_error() {
     for round in 0..20 {
         let mut client = RawWs::connect(server.addr, "echo");
         let mut wire =
-            roomcast::frame::encode_client(true, OP_TEXT, format!("hello {round}").as_bytes(), [9; 4]);
+            roomcast::ws::frame::encode_client(true, OP_TEXT, format!("hello {round}").as_bytes(), [9; 4]);
         // Reserved bits without an extension: a protocol error.
         wire.extend([0xF1, 0x80, 0, 0, 0, 0]);
         std::io::Write::write_all(&mut client.stream, &wire).unwrap();
