@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures_util::SinkExt as _;
 use roomcast::config::Config;
-use roomcast::frame::{OP_BINARY, OP_TEXT, encode_client};
-use roomcast::metrics::CloseReason;
+use roomcast::types::CloseReason;
+use roomcast::ws::frame::{OP_BINARY, OP_TEXT, encode_client};
 use roomcast_tests::*;
 use tokio::io::AsyncWriteExt as _;
 use tokio_tungstenite::tungstenite::Message;

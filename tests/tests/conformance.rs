@@ -2,7 +2,7 @@
 //! fragmentation, control frames inside fragmented messages, reserved bits, unknown
 //! opcodes, close codes, and the limits (size, UTF-8, masking, control frame rules).
 
-use roomcast::frame::{OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, encode_client};
+use roomcast::ws::frame::{OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, encode_client};
 use roomcast_tests::*;
 use tokio::io::AsyncWriteExt as _;
 use tokio_tungstenite::tungstenite::Message;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use roomcast::config::Config;
-use roomcast::metrics::{CloseReason, RejectReason};
+use roomcast::metrics::RejectReason;
+use roomcast::types::CloseReason;
 use roomcast_tests::tls::{TestCa, peer_certificate};
 use roomcast_tests::*;
 use tokio::io::AsyncReadExt as _;
