@@ -1,5 +1,9 @@
 //! Tidy: every Rust source file opens with a `//!` line saying what it owns, and the
-//! repository speaks of the product alone.
+//! design's rules stay true: only the plugin module names wasmtime or the generated
+//! bindings; the host reads nothing under `plugins/`; the guest SDK and the plugins
+//! never depend on the host; no import cycle between the host's top-level modules;
+//! `unsafe` only where it is allowed by name. (Test code, in `tests.rs` files and
+//! after a file's `#[cfg(test)]`, is exempt from the host rules.)
 
 use std::path::{Path, PathBuf};
 
@@ -35,4 +39,166 @@ fn every_rust_file_says_what_it_owns() {
         .map(|path| path.strip_prefix(&root).unwrap_or(path).display().to_string())
         .collect();
     assert!(missing.is_empty(), "files without a `//!` opening line: {missing:#?}");
+}
+
+/// The host's source files with their text, comments and test code left out, keyed
+/// by their path under `host/src`.
+fn host_code() -> Vec<(PathBuf, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files
+        .into_iter()
+        .filter(|path| path.file_name().is_none_or(|name| name != "tests.rs"))
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code: Vec<&str> =
+                text.lines().map(|line| line.split("//").next().unwrap_or_default()).collect();
+            (path.strip_prefix(&src).unwrap_or(&path).to_path_buf(), code.join("\n"))
+        })
+        .collect()
+}
+
+/// The top-level module a file under `host/src` belongs to.
+fn top_module(path: &Path) -> String {
+    let first = path.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    first.unwrap_or_default().trim_end_matches(".rs").to_owned()
+}
+
+/// The crate's top-level modules that `code` names (`crate::name`, also inside a
+/// `use crate::{a::…, b}` group).
+fn crate_refs(code: &str) -> Vec<String> {
+    let ident =
+        |s: &str| -> String { s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
+    let mut refs = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // Names at the group's first level: after `{` and after each `,` at depth 0.
+            let mut depth = 0;
+            let mut start = true;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => start = true,
+                    c if start && !c.is_whitespace() => {
+                        refs.push(ident(&group[i..]));
+                        start = false;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            refs.push(ident(rest));
+        }
+    }
+    refs
+}
+
+#[test]
+fn only_the_plugin_module_names_wasmtime() {
+    let offenders: Vec<String> = host_code()
+        .into_iter()
+        .filter(|(path, code)| {
+            top_module(path) != "plugin" && (code.contains("wasmtime") || code.contains("bindings::"))
+        })
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "wasmtime or the generated bindings named outside plugin/: {offenders:?}");
+}
+
+#[test]
+fn the_host_reads_nothing_under_plugins() {
+    let offenders: Vec<String> = host_code()
+        .into_iter()
+        .filter(|(_, code)| {
+            code.contains("plugins/") && (code.contains("include_") || code.contains("\"../"))
+        })
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "host code that reads the example plugins: {offenders:?}");
+}
+
+#[test]
+fn guest_sdk_and_plugins_never_depend_on_the_host() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut manifests = vec![root.join("guest-sdk/Cargo.toml"), root.join("plugins/Cargo.toml")];
+    for entry in std::fs::read_dir(root.join("plugins")).expect("plugins folder").flatten() {
+        let manifest = entry.path().join("Cargo.toml");
+        if manifest.is_file() {
+            manifests.push(manifest);
+        }
+    }
+    assert!(manifests.len() > 3, "found only {manifests:?}");
+    for manifest in manifests {
+        let text = std::fs::read_to_string(&manifest).unwrap_or_default();
+        for line in text.lines() {
+            let line = line.trim();
+            let depends = line.starts_with("roomcast ") || line.starts_with("roomcast=");
+            assert!(
+                !depends && !line.contains("/host\"") && !line.contains("\"../host"),
+                "{} depends on the host: {line}",
+                manifest.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn no_import_cycle_between_the_hosts_top_level_modules() {
+    let mut edges: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (path, code) in host_code() {
+        let from = top_module(&path);
+        let to = edges.entry(from.clone()).or_default();
+        for name in crate_refs(&code) {
+            if name != from && !name.is_empty() {
+                to.insert(name);
+            }
+        }
+    }
+    assert!(edges.len() > 10, "found only {:?}", edges.keys());
+    // A depth-first search that reports the first cycle it closes.
+    fn visit(
+        node: &str,
+        edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if !done.insert(node.to_owned()) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in edges.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, edges, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = Default::default();
+    for node in edges.keys() {
+        if let Some(cycle) = visit(node, &edges, &mut Vec::new(), &mut done) {
+            panic!("import cycle between top-level modules: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn unsafe_code_is_allowed_in_named_places_only() {
+    let allowed = ["main.rs", "plugin/runtime.rs", "plugin/bindings.rs"];
+    for (path, code) in host_code() {
+        if code.contains("unsafe_code") || code.contains("unsafe {") {
+            assert!(allowed.iter().any(|a| path == Path::new(a)), "unsafe code in {}", path.display());
+        }
+    }
 }
