@@ -2,17 +2,21 @@
 //!
 //! [`server::run`] serves on a bound listener until a shutdown future resolves; the
 //! `roomcast` binary wires [`config::Config`] to it. See `ARCHITECTURE.md` for the map.
+//!
+//! Public are the modules the binary and the tests use (configuration, the server,
+//! the plugin runtime for `plugin check`, the scaffold, the wire-level WebSocket
+//! pieces, the shared types and metric labels); the rest is the crate's own.
 
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
-pub mod files;
-pub mod http;
+pub(crate) mod files;
+pub(crate) mod http;
 pub mod metrics;
 pub mod plugin;
-pub mod room;
+pub(crate) mod room;
 pub mod scaffold;
 pub mod server;
-pub mod session;
+pub(crate) mod session;
 pub mod types;
-pub mod units;
+pub(crate) mod units;
 pub mod ws;

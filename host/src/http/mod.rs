@@ -19,8 +19,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-pub use auth::constant_time_eq;
-pub use dashboard::Sessions;
 pub(crate) use state::Shared;
 
 /// Marks a response whose body may stream for as long as its sign-in session lasts

@@ -159,9 +159,12 @@ impl RoomActor {
                     self.announce(&peer);
                     self.join(peer)
                 }
-                RoomEvent::Leave { member, reason, last, handled: _ } => {
+                RoomEvent::Leave { member, reason, last, handled } => {
                     self.unannounce(member);
                     self.leave(member, reason);
+                    // Every event the member sent before is handled: its session may
+                    // send its close frame now.
+                    drop(handled);
                     if last {
                         self.after_event();
                         break;

@@ -110,11 +110,12 @@ impl RoomActor {
                 self.ids.push(peer.id);
                 self.peers.push(peer);
             }
-            RoomEvent::Leave { member, reason, last, handled: _ } => {
+            RoomEvent::Leave { member, reason, last, handled } => {
                 clustered.link.absent(member);
                 clustered.link.to_owner(InEvent::Leave { member, reason });
                 self.ids.retain(|id| *id != member);
                 self.peers.retain(|p| p.id != member);
+                drop(handled);
                 return last;
             }
             RoomEvent::Message { from, payload } => {

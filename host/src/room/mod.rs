@@ -37,7 +37,6 @@ use actor::RoomActor;
 use clustered::Clustered;
 
 pub use crate::plugin::MemberId;
-pub use clustered::SNAPSHOT_EVERY;
 pub use peer::{Ending, Peer, encode};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
@@ -94,10 +93,6 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The plugin name and version serving the room (`None`: default behaviour).
     pub fn plugin(&self) -> Option<(String, u64)> {
         self.plugin.lock().expect("room lock").clone()
