@@ -311,28 +311,13 @@ impl RoomActor {
         }
     }
 
-    /// Bring the remote members up to date with a presence read made at `asked`:
-    /// members gone from it leave (unless they joined after the read), members new in
-    /// it join (unless they left after the read).
+    /// Bring the remote members up to date with a presence read made at `asked` (see
+    /// [`presence_diff`]).
     pub(super) fn reconcile(&mut self, presence: Vec<(String, MemberInfo)>, asked: Instant) {
         let Some(clustered) = self.cluster.as_ref() else { return };
-        let me = clustered.link.node().to_owned();
-        let present: HashMap<MemberId, (String, MemberInfo)> =
-            presence.into_iter().filter(|(node, _)| *node != me).map(|(n, i)| (i.id, (n, i))).collect();
-        let gone: Vec<MemberId> = clustered
-            .remote
-            .iter()
-            .filter(|(id, r)| !present.contains_key(id) && r.joined < asked)
-            .map(|(id, _)| *id)
-            .collect();
-        let new: Vec<(String, MemberInfo)> = present
-            .into_values()
-            .filter(|(_, info)| {
-                !clustered.remote.contains_key(&info.id)
-                    && self.local(info.id).is_none()
-                    && clustered.left.get(&info.id).is_none_or(|at| *at < asked)
-            })
-            .collect();
+        let me = clustered.link.node();
+        let local = |id: MemberId| self.local(id).is_some();
+        let (gone, new) = presence_diff(&clustered.remote, &clustered.left, local, presence, me, asked);
         for member in gone {
             self.remote_leave(member, CloseReason::Reset);
         }
@@ -542,5 +527,83 @@ impl RoomActor {
         if owns {
             link.release(!empty);
         }
+    }
+}
+
+/// What a presence read made at `asked` changes among an owner's remote members:
+/// those gone from it leave (unless they joined after the read); those new in it join
+/// (unless they are local, or left after the read). Entries of node `me` are ignored.
+fn presence_diff(
+    remote: &HashMap<MemberId, Remote>,
+    left: &HashMap<MemberId, Instant>,
+    is_local: impl Fn(MemberId) -> bool,
+    presence: Vec<(String, MemberInfo)>,
+    me: &str,
+    asked: Instant,
+) -> (Vec<MemberId>, Vec<(String, MemberInfo)>) {
+    let present: HashMap<MemberId, (String, MemberInfo)> =
+        presence.into_iter().filter(|(node, _)| node != me).map(|(n, i)| (i.id, (n, i))).collect();
+    let mut gone: Vec<MemberId> = remote
+        .iter()
+        .filter(|(id, r)| !present.contains_key(id) && r.joined < asked)
+        .map(|(id, _)| *id)
+        .collect();
+    gone.sort_unstable();
+    let mut new: Vec<(String, MemberInfo)> = present
+        .into_values()
+        .filter(|(_, info)| {
+            !remote.contains_key(&info.id)
+                && !is_local(info.id)
+                && left.get(&info.id).is_none_or(|at| *at < asked)
+        })
+        .collect();
+    new.sort_unstable_by_key(|(_, info)| info.id);
+    (gone, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn info(id: MemberId) -> MemberInfo {
+        MemberInfo { id, query: String::new(), remote_addr: "127.0.0.1:1".into(), protocol: None }
+    }
+
+    fn remote(node: &str, id: MemberId, joined: Instant) -> (MemberId, Remote) {
+        (id, Remote { node: node.into(), info: info(id), joined })
+    }
+
+    #[test]
+    fn a_presence_read_removes_the_absent_and_adds_the_new() {
+        let t0 = Instant::now();
+        let asked = t0 + Duration::from_secs(1);
+        let later = asked + Duration::from_secs(1);
+        // 1 joined before the read and is absent from it: gone. 2 joined after: kept.
+        let remote: HashMap<_, _> = [remote("b", 1, t0), remote("b", 2, later), remote("b", 3, t0)].into();
+        // 4 left after the read (stale entry): not brought back. 5 left before: back.
+        let left: HashMap<_, _> = [(4, later), (5, t0)].into();
+        let presence = vec![
+            ("b".to_owned(), info(3)),
+            ("b".to_owned(), info(4)),
+            ("b".to_owned(), info(5)),
+            ("c".to_owned(), info(6)),
+            ("c".to_owned(), info(7)),  // local here: never a remote member
+            ("me".to_owned(), info(8)), // this node's own entry
+        ];
+        let (gone, new) = presence_diff(&remote, &left, |id| id == 7, presence, "me", asked);
+        assert_eq!(gone, [1]);
+        let new: Vec<(String, MemberId)> = new.into_iter().map(|(node, info)| (node, info.id)).collect();
+        assert_eq!(new, [("b".to_owned(), 5), ("c".to_owned(), 6)]);
+    }
+
+    #[test]
+    fn an_unchanged_presence_changes_nothing() {
+        let t0 = Instant::now();
+        let remote: HashMap<_, _> = [remote("b", 1, t0), remote("c", 2, t0)].into();
+        let presence = vec![("b".to_owned(), info(1)), ("c".to_owned(), info(2))];
+        let (gone, new) = presence_diff(&remote, &HashMap::new(), |_| false, presence, "me", t0);
+        assert!(gone.is_empty() && new.is_empty(), "{gone:?} {new:?}");
     }
 }

@@ -21,6 +21,9 @@ mod logic;
 mod peer;
 mod timers;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,99 @@
+//! Tests of a room's actor against real wasmtime and the real `chaos` plugin: the
+//! failure recovery that end-to-end tests otherwise reach only through a socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+use crate::plugin::HostCaps;
+use crate::plugin::tests::plugin_file;
+
+/// A plugins folder holding the built `chaos.wasm`, removed when dropped.
+struct Folder(PathBuf);
+
+impl Folder {
+    fn with_chaos(label: &str) -> Folder {
+        let dir = std::env::temp_dir().join(format!("roomcast-room-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        std::fs::copy(plugin_file("chaos"), dir.join("chaos.wasm")).expect("copy chaos.wasm");
+        Folder(dir)
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rooms(folder: &Folder) -> Arc<Rooms> {
+    let metrics = Arc::new(Metrics::default());
+    let plugins =
+        LivePlugins::load(Some(&folder.0), HostCaps::default(), None, metrics.clone()).expect("load");
+    Arc::new(Rooms::new(metrics, Arc::new(plugins), TaskTracker::new()))
+}
+
+fn peer(id: MemberId) -> Arc<Peer> {
+    Arc::new(Peer::new(id, 1 << 20, String::new(), "127.0.0.1:1".into(), None))
+}
+
+/// The payload of the next data frame queued for `peer` (a server frame: no mask),
+/// waiting up to 10 s for it.
+async fn next_text(peer: &Peer) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut batch: Vec<Bytes> = Vec::new();
+        peer.outbound.drain(&mut batch, 1);
+        if let Some(frame) = batch.pop() {
+            let (len, at) = match frame[1] & 0x7f {
+                126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
+                len => (usize::from(len), 2),
+            };
+            return String::from_utf8(frame[at..at + len].to_vec()).expect("text frame");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no frame for member {} within 10 s", peer.id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_costs_the_instance_and_the_room_goes_on_with_every_member() {
+    let folder = Folder::with_chaos("trap");
+    let rooms = rooms(&folder);
+    let (ada, bob) = (peer(1), peer(2));
+    let room = rooms.join("chaos", &ada).await;
+    rooms.join("chaos", &bob).await;
+
+    room.send(ada.id, Payload::text("panic")).await;
+    // The fresh instance was told about both members: it lists them.
+    room.send(ada.id, Payload::text("members")).await;
+    let members: Vec<MemberId> = serde_json::from_str(&next_text(&ada).await).expect("a JSON list");
+    assert_eq!(members, [1, 2]);
+    assert_eq!((ada.ending(), bob.ending()), (None, None), "nobody is closed by a recovered failure");
+    // And it serves as before: a plain message passes to the other member.
+    room.send(ada.id, Payload::text("hello")).await;
+    assert_eq!(next_text(&bob).await, "hello");
+    assert_eq!(room.plugin().map(|(name, _)| name), Some("chaos".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_call_is_stopped_and_its_timers_are_gone_with_its_instance() {
+    let folder = Folder::with_chaos("spin");
+    let rooms = rooms(&folder);
+    let ada = peer(1);
+    let room = rooms.join("chaos", &ada).await;
+    // A timer set by the instance that is about to fail must not fire on the next one.
+    room.send(ada.id, Payload::text("timer:200")).await;
+    room.send(ada.id, Payload::text("spin")).await;
+    room.send(ada.id, Payload::text("timer:50")).await;
+    assert_eq!(next_text(&ada).await, "timer fired");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut batch = Vec::new();
+    ada.outbound.drain(&mut batch, 8);
+    assert!(batch.is_empty(), "the failed instance's timer fired: {batch:?}");
+    assert_eq!(ada.ending(), None);
+}
