@@ -6,6 +6,8 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use roomcast_plugin_build::{build_crate, built_plugins, plugins_workspace};
+
 fn roomcast() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
     command.env_remove("ROOMCAST_ADMIN_TOKEN").env("NO_COLOR", "1");
@@ -53,7 +55,7 @@ fn a_port_in_use_is_one_clear_line_before_any_plugin_loads() {
     // The cause is said once, and the port is tried before plugins are compiled.
     let plugins = std::env::temp_dir().join(format!("roomcast-cli-port-{}", std::process::id()));
     std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(build::built_plugins().join("echo.wasm"), plugins.join("echo.wasm")).unwrap();
+    std::fs::copy(built_plugins().join("echo.wasm"), plugins.join("echo.wasm")).unwrap();
     let output = roomcast().args(["serve", "--listen", &addr, "--plugins"]).arg(&plugins).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
@@ -152,12 +154,9 @@ fn sigterm_drains_and_exits_zero() {
     assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:?}");
 }
 
-#[path = "../../tests/src/build.rs"]
-mod build;
-
 #[test]
 fn plugin_check_reports_hooks_or_a_clear_error() {
-    let built = build::built_plugins();
+    let built = built_plugins();
     let output = roomcast().args(["plugin", "check"]).arg(built.join("chat.wasm")).output().unwrap();
     assert!(output.status.success());
     let report = String::from_utf8_lossy(&output.stdout);
@@ -176,20 +175,6 @@ fn plugin_check_reports_hooks_or_a_clear_error() {
     fails_with(&["plugin", "check", garbage.to_str().unwrap()], &["not a WebAssembly file"]);
 }
 
-/// Build a plugin crate written by `plugin new` as a newcomer would, into `target`
-/// (the example plugins' target folder, so the SDK's dependencies compile once).
-fn build_crate(krate: &std::path::Path, target: &std::path::Path) -> bool {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet"])
-        .current_dir(krate)
-        .env("CARGO_TARGET_DIR", target)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .status()
-        .unwrap()
-        .success()
-}
-
 #[test]
 fn plugin_new_writes_a_crate_that_builds_and_loads() {
     let parent = std::env::temp_dir().join(format!("roomcast-new-{}", std::process::id()));
@@ -200,9 +185,8 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
     let krate = parent.join("hello_room");
     // Build it as a newcomer would, sharing the example plugins' target folder so the
     // SDK's dependencies are compiled once.
-    let target = build::plugins_workspace().join("target");
-    assert!(build_crate(&krate, &target), "the new crate builds as it stands");
-    let wasm = target.join("wasm32-wasip2/release/hello_room.wasm");
+    let wasm =
+        build_crate(&krate).unwrap_or_else(|output| panic!("the new crate builds as it stands: {output}"));
     let output = roomcast().args(["plugin", "check"]).arg(&wasm).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("hello_room 0.1.0"));
@@ -267,12 +251,11 @@ fn the_readme_tutorial_works_on_a_running_server() {
     std::fs::create_dir_all(&plugins).unwrap();
     assert!(roomcast().args(["plugin", "new", "tutorial", "--dir"]).arg(&parent).status().unwrap().success());
     let krate = parent.join("tutorial");
-    let target = build::plugins_workspace().join("target");
     let build_and_install = || {
-        assert!(build_crate(&krate, &target));
+        let wasm = build_crate(&krate).unwrap_or_else(|output| panic!("{output}"));
         // Copied under a hidden name, then renamed into place.
         let temp = plugins.join(".tutorial.wasm.part");
-        std::fs::copy(target.join("wasm32-wasip2/release/tutorial.wasm"), &temp).unwrap();
+        std::fs::copy(wasm, &temp).unwrap();
         std::fs::rename(&temp, plugins.join("tutorial.wasm")).unwrap();
     };
     build_and_install();
@@ -329,7 +312,7 @@ fn the_plugin_template_is_the_echo_example() {
         text.lines().filter(|l| !l.starts_with("//!")).collect::<Vec<_>>().join("\n").trim().to_owned()
     };
     let written = std::fs::read_to_string(parent.join("echo/src/lib.rs")).unwrap();
-    let example = std::fs::read_to_string(build::plugins_workspace().join("echo/src/lib.rs")).unwrap();
+    let example = std::fs::read_to_string(plugins_workspace().join("echo/src/lib.rs")).unwrap();
     assert_eq!(code(&written), code(&example), "host/templates/plugin.rs and plugins/echo have drifted");
     assert!(written.contains("ws://127.0.0.1:8080/ws/echo") && !written.contains("{{"), "{written}");
     let _ = std::fs::remove_dir_all(&parent);

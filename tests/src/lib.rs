@@ -501,8 +501,7 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-mod build;
-pub use build::{built_plugins, plugins_workspace};
+pub use roomcast_plugin_build::{built_plugins, plugins_workspace};
 pub mod browser;
 pub mod tls;
 

@@ -3,7 +3,8 @@
 //! bindings; the host reads nothing under `plugins/`; the guest SDK and the plugins
 //! never depend on the host; no import cycle between the host's top-level modules;
 //! `unsafe` only where it is allowed by name. (Test code, in `tests.rs` files and
-//! after a file's `#[cfg(test)]`, is exempt from the host rules.)
+//! after a file's `#[cfg(test)]`, is exempt from the host rules.) And one helper builds
+//! plugins for every test.
 
 use std::path::{Path, PathBuf};
 
@@ -201,4 +202,29 @@ fn unsafe_code_is_allowed_in_named_places_only() {
             assert!(allowed.iter().any(|a| path == Path::new(a)), "unsafe code in {}", path.display());
         }
     }
+}
+
+/// Tests build plugins through one helper, `tests/plugin-build`: no other file runs a
+/// nested cargo.
+#[test]
+fn one_helper_builds_plugins_for_the_tests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let helper = Path::new("tests/plugin-build/src/lib.rs");
+    let this = Path::new("tests/tests/tidy.rs");
+    let mut files = Vec::new();
+    for dir in ["host", "guest-sdk", "tests", "bench"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let runs_cargo = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains("var(\"CARGO\")") || text.contains("Command::new(\"cargo\")")
+    };
+    assert!(runs_cargo(&root.join(helper)), "{} no longer runs cargo", helper.display());
+    let others: Vec<String> = files
+        .iter()
+        .map(|path| path.strip_prefix(&root).unwrap_or(path))
+        .filter(|path| *path != helper && *path != this && runs_cargo(&root.join(path)))
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(others.is_empty(), "build plugins through {} instead: {others:#?}", helper.display());
 }

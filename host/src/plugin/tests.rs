@@ -1,55 +1,17 @@
 //! Tests of the plugin runtime against real wasmtime and the real plugin components of
-//! `plugins/` (built once per test run by [`plugin_file`]).
+//! `plugins/` (built once per test run, see [`plugin_file`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
 
-/// The plugins workspace, beside the host crate.
-fn plugins_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins")
-}
-
-/// Build the plugins workspace once (`cargo build --release`, in its own target
-/// folder: sharing the host's would deadlock on cargo's lock). The host's rustflags
-/// and target folder must not leak into the wasm build. `--keep-going` so that one
-/// broken plugin does not hide the others; a test that needs a missing plugin fails
-/// in [`plugin_file`], showing the build output.
-fn build_plugins() -> &'static Result<(), String> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--keep-going"])
-            .current_dir(plugins_dir())
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("CARGO_BUILD_TARGET_DIR")
-            .output()
-            .map_err(|error| format!("cannot run cargo in {}: {error}", plugins_dir().display()))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
-        }
-    })
-}
-
-/// The built `NAME.wasm` (also used by the reload's tests).
+/// The built `NAME.wasm` (also used by the reload's tests), from the one helper that
+/// builds plugins for tests.
 pub(crate) fn plugin_file(name: &str) -> PathBuf {
-    let built = build_plugins();
-    let file = plugins_dir().join(format!("target/wasm32-wasip2/release/{name}.wasm"));
-    if !file.is_file() {
-        panic!(
-            "plugin {name} was not built ({}); build output:\n{}",
-            file.display(),
-            built.as_ref().err().map(String::as_str).unwrap_or("")
-        );
-    }
-    file
+    roomcast_plugin_build::plugin_file(name)
 }
 
 #[test]

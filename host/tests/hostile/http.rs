@@ -205,8 +205,11 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn plugin_handshakes_run_a_few_at_a_time() {
     let plugins = crate::support::TempDir::new("chaos");
-    std::fs::copy(crate::build::built_plugins().join("chaos.wasm"), plugins.path().join("chaos.wasm"))
-        .unwrap();
+    std::fs::copy(
+        roomcast_plugin_build::built_plugins().join("chaos.wasm"),
+        plugins.path().join("chaos.wasm"),
+    )
+    .unwrap();
     std::fs::write(plugins.path().join("chaos.toml"), "[limits]\nmemory = \"32MiB\"\n").unwrap();
     let server = Server::start(&["--plugins", plugins.path().to_str().unwrap()]);
     let before = peak_rss_kib(server.child.id());

@@ -5,8 +5,6 @@
 
 mod support;
 
-#[path = "../../../tests/src/build.rs"]
-mod build;
 mod files;
 mod http;
 mod plugins;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::build::built_plugins;
 use crate::support::{Server, TempDir, eventually, request, status_of};
+use roomcast_plugin_build::built_plugins;
 
 const TOKEN: &str = "hostile-plugins-token";
 /// How long a plugin may take to load: a debug build compiles it slowly.

@@ -45,7 +45,8 @@ fn a_ping_flood_that_never_reads_is_a_slow_consumer() {
 #[test]
 fn answers_to_a_message_precede_the_close_for_a_protocol_error() {
     let plugins = TempDir::new("echo");
-    std::fs::copy(crate::build::built_plugins().join("echo.wasm"), plugins.path().join("echo.wasm")).unwrap();
+    std::fs::copy(roomcast_plugin_build::built_plugins().join("echo.wasm"), plugins.path().join("echo.wasm"))
+        .unwrap();
     let server = Server::start(&["--plugins", plugins.path().to_str().unwrap()]);
     for round in 0..20 {
         let mut client = RawWs::connect(server.addr, "echo");
