@@ -5,16 +5,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::TempDir;
+use crate::support::{TempDir, roomcast};
 
 /// Run `roomcast serve ARGS` and expect it to fail within 20 s with one line naming
 /// `needle`.
 fn fails_at_once(args: &[&str], needle: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+    let mut child = roomcast()
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
-        .env_remove("ROOMCAST_ADMIN_TOKEN")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

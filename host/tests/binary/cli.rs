@@ -8,11 +8,7 @@ use std::time::{Duration, Instant};
 
 use roomcast_plugin_build::{build_crate, built_plugins, plugins_workspace};
 
-fn roomcast() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
-    command.env_remove("ROOMCAST_ADMIN_TOKEN").env("NO_COLOR", "1");
-    command
-}
+use crate::support::{RawWs, roomcast};
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("roomcast-cli-{}", std::process::id()));
@@ -195,43 +191,12 @@ fn plugin_new_writes_a_crate_that_builds_and_loads() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
-/// A minimal WebSocket client for the tutorial test: upgrade, send text, read text.
-struct Ws(std::net::TcpStream);
-
-impl Ws {
-    fn connect(addr: &str, room: &str) -> Ws {
-        use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "GET /ws/{room} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        Ws(stream)
-    }
-
-    /// Send `text` and return the text that comes back (short messages only).
-    fn round_trip(&mut self, text: &str) -> String {
-        use std::io::{Read as _, Write as _};
-        self.0
-            .write_all(&roomcast::ws::frame::encode_client(true, 0x1, text.as_bytes(), [7, 7, 7, 7]))
-            .unwrap();
-        let mut head = [0u8; 2];
-        self.0.read_exact(&mut head).unwrap();
-        assert_eq!(head[0] & 0x0F, 0x1, "a text frame");
-        let mut payload = vec![0u8; usize::from(head[1] & 0x7F)];
-        self.0.read_exact(&mut payload).unwrap();
-        String::from_utf8(payload).unwrap()
-    }
+/// Send `text` on `ws` and return the text that comes back.
+fn round_trip(ws: &mut RawWs, text: &str) -> String {
+    ws.send(true, 0x1, text.as_bytes()).unwrap();
+    let (opcode, payload) = ws.read().unwrap();
+    assert_eq!(opcode, 0x1, "a text frame");
+    String::from_utf8(payload).unwrap()
 }
 
 /// The README's "Write your first plugin", step by step: `plugin new`, build, drop the
@@ -239,7 +204,7 @@ impl Ws {
 /// `message` hook, rebuild, copy over: the same connection gets capitals.
 #[test]
 fn the_readme_tutorial_works_on_a_running_server() {
-    const README: &str = include_str!("../../README.md");
+    const README: &str = include_str!("../../../README.md");
     let snippet = README
         .split("Change the\nhook to answer in capitals:\n\n```rust\n")
         .nth(1)
@@ -274,8 +239,8 @@ fn the_readme_tutorial_works_on_a_running_server() {
         assert!(Instant::now() < deadline, "the server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut ws = Ws::connect(&addr, "tutorial");
-    assert_eq!(ws.round_trip("hello"), "hello", "the template echoes");
+    let mut ws = RawWs::connect(addr.parse().unwrap(), "tutorial");
+    assert_eq!(round_trip(&mut ws, "hello"), "hello", "the template echoes");
 
     let lib = krate.join("src/lib.rs");
     let source = std::fs::read_to_string(&lib).unwrap();
@@ -287,7 +252,7 @@ fn the_readme_tutorial_works_on_a_running_server() {
     build_and_install();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let reply = ws.round_trip("hello");
+        let reply = round_trip(&mut ws, "hello");
         if reply == "HELLO" {
             break;
         }

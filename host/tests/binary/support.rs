@@ -1,11 +1,19 @@
-//! The real `roomcast` binary as a hostile client meets it: spawn it on a free port,
-//! read its resident memory, ask `/healthz`, stop it with SIGTERM.
+//! What the tests of the real `roomcast` binary share: run it, serve on a free port,
+//! read its resident memory, ask `/healthz`, stop it with SIGTERM; raw clients.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The `roomcast` executable this package built, without an admin token from the
+/// environment and without colour codes.
+pub fn roomcast() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
+    command.env_remove("ROOMCAST_ADMIN_TOKEN").env("NO_COLOR", "1");
+    command
+}
 
 /// A `roomcast serve` process on a free loopback port, killed when dropped.
 pub struct Server {
@@ -27,12 +35,10 @@ impl Server {
     pub fn try_start(args: &[&str]) -> Result<Self, (String, String)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        let mut child = roomcast()
             .arg("serve")
             .args(["--listen", &addr.to_string()])
             .args(args)
-            .env_remove("ROOMCAST_ADMIN_TOKEN")
-            .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
