@@ -489,6 +489,42 @@ pub async fn send_text(client: &mut Client, text: &str) {
     client.send(Message::text(text)).await.expect("send");
 }
 
+/// Whether to run the calling test's body here. For a test that measures the whole
+/// process (its resident memory): the tests of a binary share its process and run in
+/// parallel, so such a test runs again alone in a child process of the same binary
+/// (`--exact` its own name, which libtest gives the test's thread). In that child this
+/// returns `true`; in the parent it waits for the child, fails if the child's run of
+/// the test failed, passes on what the child printed, and returns `false`.
+pub fn alone_in_a_process() -> bool {
+    const ALONE: &str = "ROOMCAST_TEST_ALONE";
+    let name = std::thread::current()
+        .name()
+        .filter(|name| *name != "main")
+        .expect("called on a test's own thread, which libtest names after the test")
+        .to_owned();
+    if std::env::var(ALONE).is_ok_and(|alone| alone == name) {
+        return true;
+    }
+    let output = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE, &name)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the test binary again");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name}, alone in a process: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Not its summary line, which a script totalling results would count twice.
+    for line in stdout.lines().filter(|line| !line.is_empty() && !line.starts_with("test result:")) {
+        println!("  {line}");
+    }
+    false
+}
+
 /// Read the process's resident set size in KiB (Linux).
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

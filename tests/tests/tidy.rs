@@ -3,8 +3,12 @@
 //! bindings; the host reads nothing under `plugins/`; the guest SDK and the plugins
 //! never depend on the host; no import cycle between the host's top-level modules;
 //! `unsafe` only where it is allowed by name. (Test code, in `tests.rs` files and
-//! after a file's `#[cfg(test)]`, is exempt from the host rules.) And one helper builds
-//! plugins for every test.
+//! after a file's `#[cfg(test)]`, is exempt from the host rules.) And the tests keep
+//! their shape: one helper builds plugins, few test binaries.
+//!
+//! A test binary of its own, beside the end-to-end binary (`tests/e2e/`): it reads the
+//! source tree and starts nothing, so it links neither the host nor wasmtime and
+//! `cargo test -p roomcast-tests --test tidy` answers in a second.
 
 use std::path::{Path, PathBuf};
 
@@ -227,4 +231,28 @@ fn one_helper_builds_plugins_for_the_tests() {
         .map(|path| path.display().to_string())
         .collect();
     assert!(others.is_empty(), "build plugins through {} instead: {others:#?}", helper.display());
+}
+
+/// Few test binaries, since each one that runs a server links wasmtime: the end-to-end
+/// tests are modules of `tests/tests/e2e/`, the tests of the `roomcast` executable
+/// modules of `host/tests/binary/`.
+#[test]
+fn end_to_end_tests_are_modules_of_few_binaries() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (dir, allowed) in [
+        ("tests/tests", &["e2e", "tidy.rs"][..]),
+        ("host/tests", &["binary", "fuzz.rs", "fuzz.proptest-regressions"][..]),
+    ] {
+        let mut entries: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        entries.sort();
+        let extra: Vec<&String> = entries.iter().filter(|name| !allowed.contains(&name.as_str())).collect();
+        assert!(
+            extra.is_empty(),
+            "{dir}: {extra:?} would be test binaries of their own; add modules to {allowed:?}"
+        );
+    }
 }
