@@ -205,13 +205,9 @@ struct SuiteArgs {
     heartbeat: Duration,
 }
 
+/// `20s`, `500ms`, `1.5s`, `2m` (humantime's grammar).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("`{text}`: write a duration like 20s or 500ms");
-    if let Some(ms) = text.strip_suffix("ms") {
-        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
-    }
-    let secs: f64 = text.strip_suffix('s').ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+    humantime::parse_duration(text).map_err(|error| format!("`{text}`: {error}; write e.g. 20s or 500ms"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,50 +1,60 @@
 //! Parsing of the human-friendly values used in configuration: durations (`30s`,
 //! `500ms`) and byte sizes (`65536`, `64KiB`, `1MiB`).
+//!
+//! The grammar is the crates': `humantime` for durations (`30s`, `500ms`, `2m`, `1h`,
+//! `1h 30m`, `1.5s`, and the long unit names), `bytesize` for sizes (a byte count, or a
+//! number with a unit: `KiB`, `MiB`, `GiB`, … and the decimal `KB`, `MB`, `GB`, …,
+//! any case, a space allowed). Each is wrapped where it would accept what the host
+//! must not:
+//!
+//! - humantime goes down to nanoseconds and up to `u64::MAX` seconds. The host's
+//!   timers and plugin deadlines count whole milliseconds (a `1ns` heartbeat would
+//!   pass the "longer than zero" check and ping in a loop; a `500us` deadline would
+//!   silently be one epoch tick, 1ms), and `Instant + Duration` panics past about
+//!   292 billion years, so a duration must be a whole number of milliseconds that
+//!   fits in a `u64` of them, as it had to be before the crate.
+//! - bytesize saturates instead of failing (`99999999999GiB` is `u64::MAX`, which as a
+//!   limit means none), and refuses surrounding whitespace that TOML strings and
+//!   shells leave in. Saturation is refused as "too large"; the text is trimmed.
+//!
+//! Printing (in `plugin::sandbox`): `format_duration` is humantime's, but
+//! `format_size` is our own, because bytesize prints one rounded decimal (`976.6 KiB`
+//! for 1,000,000 bytes) and a limit in an error message must be shown exactly.
 
 use std::time::Duration;
 
-/// Parse a duration written as a whole number followed by a unit: `ms`, `s`, `m` or `h`.
+/// Parse a duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, or their long
+/// names), several of them summed (`1m 30s`), a fraction allowed (`1.5s`). The result
+/// is a whole number of milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit; write e.g. `30s` or `500ms`"))?;
-    let (number, unit) = text.split_at(split);
-    let value: u64 =
-        number.parse().map_err(|_| format!("`{text}` is not a duration; write e.g. `30s` or `500ms`"))?;
-    let millis = match unit.trim() {
-        "ms" => Some(value),
-        "s" => value.checked_mul(1_000),
-        "m" => value.checked_mul(60_000),
-        "h" => value.checked_mul(3_600_000),
-        other => {
-            return Err(format!("`{other}` is not a duration unit in `{text}`; use ms, s, m or h"));
-        }
-    };
-    millis.map(Duration::from_millis).ok_or_else(|| format!("`{text}` is too long a duration"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|error| format!("`{text}` is not a duration ({error}); write e.g. `30s` or `500ms`"))?;
+    if !duration.subsec_nanos().is_multiple_of(1_000_000) {
+        return Err(format!("`{text}` is finer than a millisecond; durations count whole milliseconds"));
+    }
+    if duration.as_millis() > u128::from(u64::MAX) {
+        return Err(format!("`{text}` is too long a duration"));
+    }
+    Ok(duration)
 }
 
 /// Parse a byte size: a plain count (`65536`) or a count with a unit (`B`, `KiB`,
-/// `MiB`, `GiB`, and the decimal `KB`, `MB`, `GB`).
+/// `MiB`, `GiB`, and the decimal `KB`, `MB`, `GB`; a fraction allowed: `1.5MiB`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 =
-        number.parse().map_err(|_| format!("`{text}` is not a size; write e.g. `65536` or `64KiB`"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!("`{other}` is not a size unit in `{text}`; use B, KiB, MiB or GiB"));
-        }
-    };
-    value.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
+    // bytesize's own message (`Failed to parse unit "app..."`) says less than ours.
+    let size: bytesize::ByteSize = text.parse().map_err(|_| {
+        format!(
+            "`{text}` is not a size; write a byte count or a number with a unit \
+             (B, KiB, MiB, GiB, KB, MB, GB), e.g. `65536` or `64KiB`"
+        )
+    })?;
+    // bytesize saturates: `u64::MAX` means the number did not fit.
+    if size.as_u64() == u64::MAX {
+        return Err(format!("`{text}` is too large"));
+    }
+    Ok(size.as_u64())
 }
 
 #[cfg(test)]
@@ -57,9 +67,54 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["30", "s", "", "1.5s", "10 parsecs", "-1s"] {
+        for bad in ["30", "s", "", "10 parsecs", "-1s", "1ns", "500us", "1.5ms"] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    /// Every way a duration is written in DESIGN.md, README.md, `--help`, the tests and
+    /// the plugins' `NAME.toml` files, plus what the crate adds.
+    #[test]
+    fn documented_durations() {
+        let ms = Duration::from_millis;
+        for (text, expected) in [
+            ("0s", ms(0)),
+            ("1ms", ms(1)),
+            ("5ms", ms(5)),
+            ("10ms", ms(10)),
+            ("50ms", ms(50)),
+            ("300ms", ms(300)),
+            ("500ms", ms(500)),
+            ("1s", ms(1_000)),
+            ("2s", ms(2_000)),
+            ("5s", ms(5_000)),
+            ("7s", ms(7_000)),
+            ("10s", ms(10_000)),
+            ("20s", ms(20_000)),
+            ("30s", ms(30_000)),
+            ("2m", ms(120_000)),
+            ("1h", ms(3_600_000)),
+            (" 30s ", ms(30_000)),
+            ("30 s", ms(30_000)),
+            ("1m 30s", ms(90_000)),
+            ("1.5s", ms(1_500)),
+            ("2sec", ms(2_000)),
+            ("1000us", ms(1)),
+            ("0", ms(0)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_that_do_not_fit() {
+        assert_eq!(parse_duration("18446744073709551s"), Ok(Duration::from_secs(18_446_744_073_709_551)));
+        let text = parse_duration("18446744073709552s").unwrap_err();
+        assert!(text.contains("too long"), "{text}");
+        let text = parse_duration("99999999999999999999s").unwrap_err();
+        assert!(text.contains("99999999999999999999s"), "{text}");
+        let text = parse_duration("soon").unwrap_err();
+        assert!(text.contains("`soon`") && text.contains("30s"), "{text}");
     }
 
     #[test]
@@ -69,8 +124,49 @@ mod tests {
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
         assert_eq!(parse_size("10KB"), Ok(10_000));
-        for bad in ["", "KiB", "1.5MiB", "12 apples", "-4"] {
+        for bad in ["", "KiB", "12 apples", "-4", "1e3", "."] {
             assert!(parse_size(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    /// Every way a size is written in DESIGN.md, README.md, `--help`, the tests and the
+    /// plugins' `NAME.toml` files, plus what the crate adds.
+    #[test]
+    fn documented_sizes() {
+        for (text, expected) in [
+            ("0", 0),
+            ("1000", 1000),
+            ("65536", 65536),
+            ("64KiB", 64 << 10),
+            ("64 KiB", 64 << 10),
+            ("1MiB", 1 << 20),
+            ("4MiB", 4 << 20),
+            ("16MiB", 16 << 20),
+            ("32MiB", 32 << 20),
+            ("64MiB", 64 << 20),
+            ("256MiB", 256 << 20),
+            ("3GiB", 3 << 30),
+            ("100B", 100),
+            ("10KB", 10_000),
+            ("10kB", 10_000),
+            ("2MB", 2_000_000),
+            ("1GB", 1_000_000_000),
+            (" 64KiB ", 64 << 10),
+            ("64kib", 64 << 10),
+            ("1.5MiB", 3 << 19),
+            ("18446744073709551614", u64::MAX - 1),
+        ] {
+            assert_eq!(parse_size(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn sizes_that_do_not_fit() {
+        for text in ["99999999999GiB", "17EiB", "18446744073709551615", "99999999999999999999.5EiB"] {
+            let error = parse_size(text).unwrap_err();
+            assert!(error.contains("too large") || error.contains("not a size"), "{text}: {error}");
+        }
+        let error = parse_size("lots").unwrap_err();
+        assert!(error.contains("`lots`") && error.contains("64KiB"), "{error}");
     }
 }

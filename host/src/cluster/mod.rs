@@ -40,9 +40,14 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -50,7 +55,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
 use crate::plugin::{MemberId, MemberInfo, Payload};
 use supervisor::{RedisFailure, array, text};
 use wire::{FromOwner, InEvent, Snapshot, ToOwner};
@@ -162,6 +166,58 @@ struct Stats {
     gaps: AtomicU64,
     takeovers: AtomicU64,
     discarded: AtomicU64,
+}
+
+/// The cluster's series in `/metrics`: gauges computed and counters read when scraped.
+/// Counter names without `_total`, which the encoder appends.
+#[derive(Debug)]
+struct ClusterMetrics(Weak<Cluster>);
+
+impl Collector for ClusterMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(cluster) = self.0.upgrade() else { return Ok(()) };
+        let stats = &cluster.stats;
+        let entries = cluster.entries.lock().expect("cluster lock");
+        let owned = entries.values().filter(|e| e.role() == Role::Owner).count() as i64;
+        drop(entries);
+        let up = i64::from(cluster.is_up());
+        for (name, help, value) in [
+            ("roomcast_cluster_up", "Whether Redis is reachable (cluster mode).", up),
+            ("roomcast_cluster_owned_rooms", "Rooms whose lease this node holds.", owned),
+        ] {
+            let series = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(series)?;
+        }
+        let help = "Cluster records dropped, by reason.";
+        let mut dropped =
+            encoder.encode_descriptor("roomcast_cluster_dropped", help, None, MetricType::Counter)?;
+        for (reason, counter) in [
+            ("queue", &stats.dropped_queue),
+            ("redis", &stats.dropped_redis),
+            ("inbox", &stats.dropped_inbox),
+            ("unheard", &stats.dropped_unheard),
+        ] {
+            ConstCounter::new(counter.load(Relaxed)).encode(dropped.encode_family(&[("reason", reason)])?)?;
+        }
+        for (name, help, counter) in [
+            (
+                "roomcast_cluster_resyncs",
+                "Resynchronisations after Redis or the subscription connection came back.",
+                &stats.resyncs,
+            ),
+            ("roomcast_cluster_gaps", "Delivery batches a follower noticed it missed.", &stats.gaps),
+            ("roomcast_cluster_takeovers", "Leases this node took.", &stats.takeovers),
+            (
+                "roomcast_cluster_discarded_instances",
+                "Local instances discarded because another node held the lease.",
+                &stats.discarded,
+            ),
+        ] {
+            let series = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(counter.load(Relaxed)).encode(series)?;
+        }
+        Ok(())
+    }
 }
 
 /// The node's cluster membership: connections, tasks and the rooms it has.
@@ -345,58 +401,9 @@ impl Cluster {
         Some(rooms)
     }
 
-    /// The cluster's series for `/metrics`.
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let owned =
-            self.entries.lock().expect("cluster lock").values().filter(|e| e.role() == Role::Owner).count();
-        metrics::gauge(
-            &mut out,
-            "roomcast_cluster_up",
-            "Whether Redis is reachable (cluster mode).",
-            u8::from(self.is_up()),
-        );
-        metrics::gauge(&mut out, "roomcast_cluster_owned_rooms", "Rooms whose lease this node holds.", owned);
-        metrics::header(
-            &mut out,
-            "roomcast_cluster_dropped_total",
-            "Cluster records dropped, by reason.",
-            "counter",
-        );
-        for (reason, counter) in [
-            ("queue", &self.stats.dropped_queue),
-            ("redis", &self.stats.dropped_redis),
-            ("inbox", &self.stats.dropped_inbox),
-            ("unheard", &self.stats.dropped_unheard),
-        ] {
-            let _ = writeln!(
-                out,
-                "roomcast_cluster_dropped_total{{reason=\"{reason}\"}} {}",
-                counter.load(Relaxed)
-            );
-        }
-        for (name, help, counter) in [
-            (
-                "roomcast_cluster_resyncs_total",
-                "Resynchronisations after Redis or the subscription connection came back.",
-                &self.stats.resyncs,
-            ),
-            (
-                "roomcast_cluster_gaps_total",
-                "Delivery batches a follower noticed it missed.",
-                &self.stats.gaps,
-            ),
-            ("roomcast_cluster_takeovers_total", "Leases this node took.", &self.stats.takeovers),
-            (
-                "roomcast_cluster_discarded_instances_total",
-                "Local instances discarded because another node held the lease.",
-                &self.stats.discarded,
-            ),
-        ] {
-            metrics::counter(&mut out, name, help, counter.load(Relaxed));
-        }
-        out
+    /// The cluster's series for `/metrics`, read when scraped.
+    pub fn metrics_collector(self: &Arc<Self>) -> Box<dyn Collector> {
+        Box::new(ClusterMetrics(Arc::downgrade(self)))
     }
 
     /// Queue a write; `false` (counted) if the queue is full.
@@ -445,4 +452,40 @@ fn random_u64() -> u64 {
     );
     hasher.write_u32(std::process::id());
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// The series the cluster adds to `/metrics`, from a node that never reached Redis;
+    /// gone with the cluster.
+    #[test]
+    fn series_in_metrics() {
+        let cluster = Cluster::new("redis://127.0.0.1:1/", Duration::from_secs(5)).unwrap();
+        let metrics = Metrics::default();
+        metrics.register_collector(cluster.metrics_collector());
+        cluster.stats.dropped_inbox.fetch_add(2, Relaxed);
+        cluster.stats.takeovers.fetch_add(1, Relaxed);
+        let text = metrics.render();
+        for line in [
+            "# TYPE roomcast_cluster_up gauge",
+            "roomcast_cluster_up 0",
+            "roomcast_cluster_owned_rooms 0",
+            "# TYPE roomcast_cluster_dropped_total counter",
+            "roomcast_cluster_dropped_total{reason=\"queue\"} 0",
+            "roomcast_cluster_dropped_total{reason=\"inbox\"} 2",
+            "roomcast_cluster_resyncs_total 0",
+            "roomcast_cluster_gaps_total 0",
+            "# HELP roomcast_cluster_takeovers_total Leases this node took.",
+            "roomcast_cluster_takeovers_total 1",
+            "roomcast_cluster_discarded_instances_total 0",
+            "roomcast_connections 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        drop(cluster);
+        assert!(!metrics.render().contains("roomcast_cluster"));
+    }
 }

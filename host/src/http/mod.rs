@@ -46,9 +46,5 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let mut text = shared.metrics.render();
-    if let Some(cluster) = shared.rooms.cluster() {
-        text.push_str(&cluster.render_metrics());
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], shared.metrics.render()).into_response()
 }

@@ -161,19 +161,14 @@ pub(super) fn trap_message(error: &wasmtime::Error) -> String {
     if parts.is_empty() { "unknown error".to_owned() } else { one_line(&parts.join(": "), 1024) }
 }
 
-/// `10ms`, `2s`.
+/// `10ms`, `2s`, `1s 500ms`: humantime's, which `units::parse_duration` reads back.
 pub(crate) fn format_duration(duration: Duration) -> String {
-    let millis = duration.as_millis();
-    if millis >= 1000 && millis.is_multiple_of(1000) {
-        format!("{}s", millis / 1000)
-    } else if duration.subsec_nanos().is_multiple_of(1_000_000) {
-        format!("{millis}ms")
-    } else {
-        format!("{duration:?}")
-    }
+    humantime::format_duration(duration).to_string()
 }
 
-/// `32MiB`, `1536KiB`, `1000`.
+/// `32MiB`, `1536KiB`, `1000 bytes`. Our own rather than bytesize's display, which
+/// rounds to one decimal (`976.6 KiB`, `256.0 MiB` for one byte more): a limit in an
+/// error message is shown exactly, in the units `NAME.toml` is written in.
 pub(crate) fn format_size(bytes: u64) -> String {
     if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{}GiB", bytes >> 30)

@@ -541,6 +541,8 @@ mod tests {
     pub(super) fn formats() {
         assert_eq!(format_duration(Duration::from_millis(10)), "10ms");
         assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
+        assert_eq!(crate::units::parse_duration("1s 500ms"), Ok(Duration::from_millis(1500)));
         assert_eq!(format_size(32 << 20), "32MiB");
         assert_eq!(format_size(3 << 30), "3GiB");
         assert_eq!(format_size(1000), "1000 bytes");

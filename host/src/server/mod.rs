@@ -121,6 +121,9 @@ impl Server {
             Some(url) => Some(crate::cluster::Cluster::new(url, config.cluster_lease)?),
             None => None,
         };
+        if let Some(cluster) = &cluster {
+            metrics.register_collector(cluster.metrics_collector());
+        }
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             handshake_calls: Semaphore::new(handshake_concurrency()),
