@@ -25,9 +25,18 @@ use std::time::Duration;
 
 /// Parse a duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`, or their long
 /// names), several of them summed (`1m 30s`), a fraction allowed (`1.5s`). The result
-/// is a whole number of milliseconds.
+/// is a whole number of milliseconds; months and years are refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    // humantime reads `M` as months beside `m` for minutes: a one-key typo that makes a
+    // timeout thirty thousand times longer. Calendar units have no place in a server's
+    // timings, so they are refused.
+    let calendar = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| matches!(unit, "M" | "month" | "months" | "y" | "year" | "years"));
+    if calendar {
+        return Err(format!("`{text}` uses a calendar unit (months or years); write e.g. `5m` for minutes"));
+    }
     let duration = humantime::parse_duration(text)
         .map_err(|error| format!("`{text}` is not a duration ({error}); write e.g. `30s` or `500ms`"))?;
     if !duration.subsec_nanos().is_multiple_of(1_000_000) {
@@ -67,7 +76,9 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["30", "s", "", "10 parsecs", "-1s", "1ns", "500us", "1.5ms"] {
+        for bad in
+            ["30", "s", "", "10 parsecs", "-1s", "1ns", "500us", "1.5ms", "5M", "1month", "2y", "1year"]
+        {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
     }
