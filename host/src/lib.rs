@@ -5,7 +5,8 @@
 //!
 //! Public are the modules the binary and the tests use (configuration, the server,
 //! the plugin runtime for `plugin check`, the scaffold, the wire-level WebSocket
-//! pieces, the shared types and metric labels); the rest is the crate's own.
+//! pieces and the room protocol's codec, the shared types and metric labels); the
+//! rest is the crate's own.
 
 pub(crate) mod cluster;
 pub mod config;
@@ -13,6 +14,7 @@ pub(crate) mod files;
 pub(crate) mod http;
 pub mod metrics;
 pub mod plugin;
+pub mod protocol;
 pub(crate) mod room;
 pub mod scaffold;
 pub mod server;

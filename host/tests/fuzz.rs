@@ -1,5 +1,6 @@
-//! Property-based fuzzing of the two parsers that face the network: the RFC 6455 frame
-//! decoder (`roomcast::ws::frame`) and the upgrade-request checks (`roomcast::ws::handshake`).
+//! Property-based fuzzing of the parsers that face the network: the RFC 6455 frame
+//! decoder (`roomcast::ws::frame`), the upgrade-request checks
+//! (`roomcast::ws::handshake`) and the room protocol's codec (`roomcast::protocol`).
 //!
 //! It runs on stable with `proptest`. Every property is checked against an independent
 //! reading of the RFC written here (a reference frame decoder, a percent decoder, the
@@ -1670,4 +1671,118 @@ fn repeated_key_or_version_is_refused() {
             Ok(())
         },
     );
+}
+
+// ---------------------------------------------------------------------------------
+// The room protocol's codec (`roomcast::protocol`).
+// ---------------------------------------------------------------------------------
+
+/// A room name as `roomcast::types::valid_room_name` reads the rule (1 to 128 of
+/// `A-Z a-z 0-9 . _ : -`), drawn independently of it.
+fn room_name() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9._:-]{1,128}"
+}
+
+/// Any text, JSON's awkward characters included (quotes, backslashes, controls,
+/// surrogate-pair code points).
+fn json_awkward_text() -> impl Strategy<Value = String> {
+    prop_oneof![any::<String>(), "[\"\\\\\\x00-\\x1f a-z\u{e9}\u{1F600}]{0,40}"]
+}
+
+/// Whatever a client sends, parsing decides (an operation, a refusal, or a 1002) and
+/// never panics; what it accepts is within the rules.
+#[test]
+fn protocol_parse_survives_any_text() {
+    let text = prop_oneof![
+        any::<String>(),
+        // Objects that name an operation, with fields of any shape.
+        (
+            select(vec!["join", "leave", "send"]),
+            json_awkward_text(),
+            json_awkward_text(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(op, room, text, reference)| {
+                serde_json::json!({ op: room, "text": text, "ref": reference }).to_string()
+            }),
+    ];
+    fuzz("protocol_parse_survives_any_text", text, |text| {
+        if let Ok(Ok(request)) = roomcast::protocol::parse(&text) {
+            let room = match &request {
+                roomcast::protocol::Request::Join { room, .. }
+                | roomcast::protocol::Request::Leave { room, .. }
+                | roomcast::protocol::Request::Send { room, .. } => room,
+            };
+            prop_assert!(roomcast::types::valid_room_name(room), "accepted room {room:?}");
+        }
+        Ok(())
+    });
+}
+
+/// A send the codec parses gives back exactly the room, text and ref a client
+/// encoded with any JSON encoder (here serde_json's).
+#[test]
+fn protocol_send_round_trips() {
+    fuzz(
+        "protocol_send_round_trips",
+        (room_name(), json_awkward_text(), any::<Option<u64>>()),
+        |(room, text, reference)| {
+            let frame = serde_json::json!({ "send": room, "text": text, "ref": reference }).to_string();
+            match roomcast::protocol::parse(&frame) {
+                Ok(Ok(roomcast::protocol::Request::Send { room: r, text: t, reference: n })) => {
+                    prop_assert_eq!((r.as_ref(), t.as_ref(), n), (room.as_str(), text.as_str(), reference));
+                }
+                other => prop_assert!(false, "{frame} parsed as {other:?}"),
+            }
+            Ok(())
+        },
+    );
+}
+
+/// A delivery the server encodes decodes, with any JSON decoder, to the room and text
+/// it was given; a binary delivery splits back into its room and payload.
+#[test]
+fn protocol_deliveries_round_trip() {
+    let payload = proptest::collection::vec(any::<u8>(), 0..300);
+    fuzz(
+        "protocol_deliveries_round_trip",
+        (room_name(), json_awkward_text(), any::<Option<u64>>(), payload),
+        |(room, text, offset, payload)| {
+            let frame = roomcast::protocol::text_delivery(&room, &text, offset);
+            let Some(body) = reference_server_payload(&frame) else {
+                return Err(TestCaseError::fail("not one unmasked text frame"));
+            };
+            let json: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(json["room"].as_str(), Some(room.as_str()));
+            prop_assert_eq!(json["text"].as_str(), Some(text.as_str()));
+            prop_assert_eq!(json["offset"].as_u64(), offset);
+            let frame =
+                roomcast::protocol::binary_delivery(&room, &payload).expect("a room name fits the prefix");
+            let body = reference_server_payload(&frame).expect("one unmasked binary frame");
+            prop_assert_eq!(
+                roomcast::protocol::parse_binary(&body),
+                Ok(Ok((room.as_str(), payload.as_slice())))
+            );
+            Ok(())
+        },
+    );
+}
+
+/// The payload of one whole unmasked server frame, read by RFC 6455 section 5.2.
+fn reference_server_payload(frame: &[u8]) -> Option<Vec<u8>> {
+    let (&first, rest) = frame.split_first()?;
+    if first & 0x80 == 0 || first & 0x70 != 0 {
+        return None;
+    }
+    let (&second, rest) = rest.split_first()?;
+    if second & 0x80 != 0 {
+        return None;
+    }
+    let (len, rest) = match second & 0x7f {
+        126 => (usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)), &rest[2..]),
+        127 => (usize::try_from(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?)).ok()?, &rest[8..]),
+        len => (usize::from(len), rest),
+    };
+    (rest.len() == len).then(|| rest.to_vec())
 }
