@@ -17,7 +17,7 @@
 //!   limit means none), and refuses surrounding whitespace that TOML strings and
 //!   shells leave in. Saturation is refused as "too large"; the text is trimmed.
 //!
-//! Printing (in `plugin::sandbox`): `format_duration` is humantime's, but
+//! Printing: `format_duration` is humantime's, but
 //! `format_size` is our own, because bytesize prints one rounded decimal (`976.6 KiB`
 //! for 1,000,000 bytes) and a limit in an error message must be shown exactly.
 
@@ -66,9 +66,41 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
+/// `10ms`, `2s`, `1s 500ms`: humantime's, which `units::parse_duration` reads back.
+pub fn format_duration(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// `32MiB`, `1536KiB`, `1000 bytes`. Our own rather than bytesize's display, which
+/// rounds to one decimal (`976.6 KiB`, `256.0 MiB` for one byte more): a limit in an
+/// error message is shown exactly, in the units `NAME.toml` is written in.
+pub fn format_size(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{}GiB", bytes >> 30)
+    } else if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{}MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
+        format!("{}KiB", bytes >> 10)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_values_are_exact_and_read_back() {
+        assert_eq!(format_duration(Duration::from_millis(10)), "10ms");
+        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
+        assert_eq!(parse_duration("1s 500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(format_size(32 << 20), "32MiB");
+        assert_eq!(format_size(3 << 30), "3GiB");
+        assert_eq!(format_size(1000), "1000 bytes");
+        assert_eq!(parse_size(&format_size(1536 << 10)), Ok(1536 << 10));
+    }
 
     #[test]
     fn durations() {

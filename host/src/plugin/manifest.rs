@@ -6,9 +6,9 @@ use std::path::Path;
 
 use crate::units::{parse_duration, parse_size};
 
-use super::sandbox::{format_duration, format_size};
 use super::set::RoomPattern;
 use super::{HostCaps, Limits};
+use crate::units::{format_duration, format_size};
 
 /// What a `NAME.toml` says, with the defaults filled in.
 #[derive(Clone, Debug, PartialEq)]

@@ -11,6 +11,7 @@ use super::bindings::Exports;
 use super::instance::*;
 use super::state::*;
 use super::{Action, FailureKind, PluginError, PluginInfo};
+use crate::units::{format_duration, format_size};
 
 /// A store and the instance in it. The unit of isolation: dropping it frees the
 /// instance's memory.
@@ -159,26 +160,6 @@ pub(super) fn trap_message(error: &wasmtime::Error) -> String {
         }
     }
     if parts.is_empty() { "unknown error".to_owned() } else { one_line(&parts.join(": "), 1024) }
-}
-
-/// `10ms`, `2s`, `1s 500ms`: humantime's, which `units::parse_duration` reads back.
-pub(crate) fn format_duration(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
-}
-
-/// `32MiB`, `1536KiB`, `1000 bytes`. Our own rather than bytesize's display, which
-/// rounds to one decimal (`976.6 KiB`, `256.0 MiB` for one byte more): a limit in an
-/// error message is shown exactly, in the units `NAME.toml` is written in.
-pub(crate) fn format_size(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
-        format!("{}GiB", bytes >> 30)
-    } else if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
-        format!("{}MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
-        format!("{}KiB", bytes >> 10)
-    } else {
-        format!("{bytes} bytes")
-    }
 }
 
 /// `text` on one line (its lines joined with spaces), cut to at most `max` bytes on a

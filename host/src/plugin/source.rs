@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::sandbox::format_size;
 use crate::files::{self, FileError};
+use crate::units::format_size;
 
 /// The largest `NAME.wasm` the host reads (real plugins weigh tens to hundreds of KiB).
 pub const MAX_PLUGIN_BYTES: u64 = 64 << 20;

@@ -538,14 +538,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn formats() {
-        assert_eq!(format_duration(Duration::from_millis(10)), "10ms");
-        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
-        assert_eq!(crate::units::parse_duration("1s 500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(format_size(32 << 20), "32MiB");
-        assert_eq!(format_size(3 << 30), "3GiB");
-        assert_eq!(format_size(1000), "1000 bytes");
+    fn one_line_and_truncate_cut_on_char_boundaries() {
         assert_eq!(one_line("a\n  b\r\n\nc", 10), "a b c");
         assert_eq!(one_line("abc\ndef", 5), "abc d");
         assert_eq!(truncate("aé", 2), "a");
