@@ -100,6 +100,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Connections not (yet) upgraded: HTTP requests and handshakes in progress.
     pub max_http_connections: usize,
+    /// Rooms one connection in room-protocol mode may be in at once.
+    pub max_rooms_per_connection: usize,
     pub allowed_origins: OriginPolicy,
     pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
@@ -131,6 +133,7 @@ impl fmt::Debug for Config {
             .field("max_queue_bytes", &self.max_queue_bytes)
             .field("max_connections", &self.max_connections)
             .field("max_http_connections", &self.max_http_connections)
+            .field("max_rooms_per_connection", &self.max_rooms_per_connection)
             .field("allowed_origins", &self.allowed_origins)
             // Tokens never appear in logs.
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
@@ -162,6 +165,7 @@ impl Default for Config {
             max_queue_bytes: 1 << 20,
             max_connections: 19_000,
             max_http_connections: 512,
+            max_rooms_per_connection: 100,
             allowed_origins: OriginPolicy::SameHost,
             admin_token: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -234,6 +238,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Connections not yet upgraded (requests, handshakes); more are closed at accept [default: 512]",
     ),
     (
+        "max_rooms_per_connection",
+        "N",
+        "Rooms one connection speaking the room protocol (roomcast.v1) may be in [default: 100]",
+    ),
+    (
         "allowed_origins",
         "LIST",
         "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
@@ -302,6 +311,9 @@ impl Config {
             }
             "max_http_connections" => {
                 self.max_http_connections = parse_count(&text, 1, 10_000_000).map_err(bad)? as usize
+            }
+            "max_rooms_per_connection" => {
+                self.max_rooms_per_connection = parse_count(&text, 1, 100_000).map_err(bad)? as usize
             }
             "allowed_origins" => self.allowed_origins = OriginPolicy::parse(&text).map_err(bad)?,
             "admin_token" => {

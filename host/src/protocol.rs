@@ -24,7 +24,7 @@ use crate::types::valid_room_name;
 use crate::ws::frame::{self, OP_BINARY, OP_TEXT};
 
 /// The subprotocol a client offers to speak the room protocol.
-pub const SUBPROTOCOL: &str = "roomcast.v1";
+pub const SUBPROTOCOL: &str = crate::ws::handshake::ROOM_PROTOCOL;
 
 /// The longest room name a binary message's one-byte prefix can carry.
 pub const MAX_PREFIXED_ROOM: usize = u8::MAX as usize;

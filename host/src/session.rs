@@ -9,19 +9,23 @@
 //! task leaves every room first, then sends its close frame if it has one, and drops
 //! the socket.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::plugin::HandshakeRequest;
 use crate::plugin::Payload;
-use crate::room::{Ending, Peer, Room, Rooms};
+use crate::protocol;
+use crate::room::{Ending, Gate, Peer, Room, Rooms};
 use crate::types::CloseReason;
 use crate::ws::frame::{self, DecodeError, Decoder, Event, close_code};
 use crate::ws::heartbeat::{Beat, Heartbeat};
@@ -42,16 +46,31 @@ pub struct Limits {
     pub max_message_bytes: usize,
 }
 
+/// What a connection in room-protocol mode needs for its joins (boxed in [`Session`]:
+/// a raw connection carries one pointer for it).
+#[derive(Debug)]
+pub struct RoomProtocol {
+    /// The upgrade request, for asking each room's plugin about a join.
+    pub upgrade: HandshakeRequest,
+    pub gate: Arc<Gate>,
+    /// Rooms the connection may be in at once.
+    pub max_rooms: usize,
+}
+
 /// Everything a session task owns.
 pub struct Session {
     pub transport: Transport,
     /// Bytes the HTTP layer read past the upgrade request (a client's first frames).
     pub read_ahead: Bytes,
     pub peer: Arc<Peer>,
-    pub room: String,
+    /// The room in the upgrade's path, joined first (`None`: `GET /ws`).
+    pub room: Option<String>,
+    /// Room-protocol mode (`None`: raw mode).
+    pub rooms_mode: Option<Box<RoomProtocol>>,
     pub rooms: Arc<Rooms>,
     pub metrics: Arc<Metrics>,
-    pub limits: Limits,
+    /// Shared by every session (one pointer in each task).
+    pub limits: Arc<Limits>,
     /// Cancelled when the server shuts down.
     pub shutdown: CancellationToken,
     /// The session's slot under `--max-connections`; released when the task ends.
@@ -60,21 +79,54 @@ pub struct Session {
 
 impl Session {
     pub async fn run(self) {
-        let Session { mut transport, read_ahead, peer, room, rooms, metrics, limits, shutdown, permit } =
-            self;
+        let Session {
+            mut transport,
+            read_ahead,
+            peer,
+            room,
+            rooms_mode,
+            rooms,
+            metrics,
+            limits,
+            shutdown,
+            permit,
+        } = self;
         metrics.connections.fetch_add(1, Relaxed);
         if let Some(socket) = transport.direct() {
             peer.outbound.attach(socket);
         }
-        let joined = rooms.join(&room, &peer).await;
-        let member_rooms: Vec<Arc<Room>> = vec![joined];
+        let mut member_rooms: Vec<Arc<Room>> = Vec::new();
+        if let Some(room) = room {
+            if peer.tagged {
+                // As if the client had sent a join with `ref` 0; the gate already ran.
+                peer.deliver(&protocol::joined(&room, Some(0), None, None), false);
+            }
+            member_rooms.push(rooms.join(&room, &peer).await);
+        }
 
         let (mut reader, mut writer) = transport.split();
         let ending = {
             // Copy what the HTTP layer read ahead (usually nothing) and release its buffer.
             let buf = BytesMut::from(&read_ahead[..]);
             drop(read_ahead);
-            let reader = read_loop(&mut reader, buf, &peer, &member_rooms, &metrics, &limits, &shutdown);
+            // Boxed in room-protocol mode: a raw connection's task keeps only the raw
+            // loop's size.
+            let reader = if let Some(mode) = rooms_mode.as_deref() {
+                let membership = Membership { rooms: &rooms, mode };
+                let messages = Tagged { member_rooms: &mut member_rooms, membership };
+                Either::Right(Box::pin(read_loop(
+                    &mut reader,
+                    buf,
+                    &peer,
+                    messages,
+                    &metrics,
+                    &limits,
+                    &shutdown,
+                )))
+            } else {
+                let messages = Raw { room: &member_rooms[0] };
+                Either::Left(read_loop(&mut reader, buf, &peer, messages, &metrics, &limits, &shutdown))
+            };
             let writer = write_loop(&mut writer, &peer.outbound);
             tokio::select! {
                 ending = reader => ending,
@@ -134,12 +186,108 @@ impl Session {
     }
 }
 
+/// What a session does with a complete message, in raw mode ([`Raw`]: the one room
+/// gets it) or room-protocol mode ([`Tagged`]: the envelope says).
+trait Messages {
+    /// The one room every message goes to, unchanged (raw mode).
+    fn room(&self) -> Option<&Room>;
+
+    /// Hand `payload` on when there is no one room; `Some` ends the session.
+    fn message(
+        &mut self,
+        peer: &Arc<Peer>,
+        text: bool,
+        payload: Bytes,
+    ) -> impl Future<Output = Option<Ending>>;
+
+    /// The session was woken without an ending: a room ended a membership.
+    fn departures(&mut self, peer: &Arc<Peer>) -> impl Future<Output = ()>;
+}
+
+/// Raw mode: every message goes to the connection's one room, unchanged.
+struct Raw<'a> {
+    room: &'a Room,
+}
+
+impl Messages for Raw<'_> {
+    fn room(&self) -> Option<&Room> {
+        Some(self.room)
+    }
+
+    /// Never called ([`Self::room`] answers); a future with no state, so the raw
+    /// loop's task stays as small as it was before room-protocol mode.
+    fn message(&mut self, _: &Arc<Peer>, _: bool, _: Bytes) -> impl Future<Output = Option<Ending>> {
+        std::future::ready(None)
+    }
+
+    fn departures(&mut self, _: &Arc<Peer>) -> impl Future<Output = ()> {
+        std::future::ready(())
+    }
+}
+
+/// Room-protocol mode: operations and messages in the `roomcast.v1` envelope.
+struct Tagged<'a> {
+    member_rooms: &'a mut Vec<Arc<Room>>,
+    membership: Membership<'a>,
+}
+
+impl Messages for Tagged<'_> {
+    fn room(&self) -> Option<&Room> {
+        None
+    }
+
+    async fn message(&mut self, peer: &Arc<Peer>, text: bool, payload: Bytes) -> Option<Ending> {
+        let (at, payload) = match route(text, payload, self.member_rooms) {
+            Route::Send(at, payload) => (at, payload),
+            Route::Reply(frame) => {
+                peer.deliver(&frame, false);
+                return None;
+            }
+            Route::Join(room, reference) => {
+                self.membership.join(peer, self.member_rooms, room, reference).await;
+                return None;
+            }
+            Route::Leave(room, reference) => {
+                self.membership.leave(peer, self.member_rooms, &room, reference).await;
+                return None;
+            }
+            Route::Close => {
+                return Some(Ending::new(
+                    CloseReason::Protocol,
+                    close_code::PROTOCOL,
+                    "not a room-protocol operation",
+                ));
+            }
+        };
+        let room = &self.member_rooms[at];
+        // A membership ending elsewhere wakes this select too: the message is sent
+        // once the wake-up is passed on.
+        let retry = payload.clone();
+        tokio::select! {
+            biased;
+            () = peer.killed() => {
+                if let Some(ending) = peer.ending() {
+                    return Some(ending);
+                }
+                peer.rewake();
+                room.send(peer.id, retry).await;
+            }
+            () = room.send(peer.id, payload) => {}
+        }
+        None
+    }
+
+    async fn departures(&mut self, peer: &Arc<Peer>) {
+        self.membership.evicted(peer, self.member_rooms).await;
+    }
+}
+
 /// Read frames until the session must end; says why.
 async fn read_loop(
     reader: &mut Reader<'_>,
     mut buf: BytesMut,
     peer: &Arc<Peer>,
-    member_rooms: &[Arc<Room>],
+    mut messages: impl Messages,
     metrics: &Metrics,
     limits: &Limits,
     shutdown: &CancellationToken,
@@ -148,17 +296,22 @@ async fn read_loop(
     let mut heartbeat = Heartbeat::new(limits.heartbeat_interval, limits.pong_timeout, Instant::now());
     let sleep = tokio::time::sleep_until(heartbeat.next_wake());
     tokio::pin!(sleep);
-    let room = &member_rooms[0];
 
     loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(Event::Message { text, payload })) => {
                     metrics.messages_in.fetch_add(1, Relaxed);
-                    tokio::select! {
-                        biased;
-                        () = peer.killed() => return peer.ending().expect("killed with a reason"),
-                        () = room.send(peer.id, if text { Payload::Text(payload) } else { Payload::Binary(payload) }) => {}
+                    let ending = match messages.room() {
+                        Some(room) => tokio::select! {
+                            biased;
+                            () = peer.killed() => peer.ending(),
+                            () = room.send(peer.id, if text { Payload::Text(payload) } else { Payload::Binary(payload) }) => None,
+                        },
+                        None => messages.message(peer, text, payload).await,
+                    };
+                    if let Some(ending) = ending {
+                        return ending;
                     }
                 }
                 Ok(Some(Event::Ping(payload))) => {
@@ -193,7 +346,10 @@ async fn read_loop(
             () = shutdown.cancelled() => {
                 return Ending::new(CloseReason::Shutdown, close_code::GOING_AWAY, "server shutting down");
             }
-            () = peer.killed() => return peer.ending().expect("killed with a reason"),
+            () = peer.killed() => match peer.ending() {
+                Some(ending) => return ending,
+                None => messages.departures(peer).await,
+            },
             () = &mut sleep => {
                 match heartbeat.poll(Instant::now()) {
                     Beat::Reap => return Ending { reason: CloseReason::Heartbeat, close: None },
@@ -207,6 +363,122 @@ async fn read_loop(
                 Ok(_) => heartbeat.seen(Instant::now()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return Ending { reason: CloseReason::Reset, close: None },
+            }
+        }
+    }
+}
+
+/// What a room-protocol frame asks of the session.
+enum Route {
+    /// A message for the member room at this index.
+    Send(usize, Payload),
+    Join(String, Option<u64>),
+    Leave(String, Option<u64>),
+    /// An answer for the client (a refusal); the connection stays up.
+    Reply(Bytes),
+    /// Not a room-protocol operation: the connection closes with 1002.
+    Close,
+}
+
+/// Read a room-protocol message. A send's text is not copied: it is a slice of the
+/// frame, unless the client escaped characters in it.
+fn route(text: bool, payload: Bytes, member_rooms: &[Arc<Room>]) -> Route {
+    let member = |room: &str, reference| match member_rooms.iter().position(|r| r.name() == room) {
+        Some(at) => Ok(at),
+        None => Err(Route::Reply(protocol::error("not in room", 404, reference))),
+    };
+    if !text {
+        return match protocol::parse_binary(&payload) {
+            Ok(Ok((room, data))) => match member(room, None) {
+                Ok(at) => Route::Send(at, Payload::Binary(payload.slice_ref(data))),
+                Err(reply) => reply,
+            },
+            Ok(Err(refusal)) => Route::Reply(refusal.frame()),
+            Err(_) => Route::Close,
+        };
+    }
+    let Ok(json) = std::str::from_utf8(&payload) else { return Route::Close };
+    match protocol::parse(json) {
+        Ok(Ok(protocol::Request::Send { room, text, reference })) => match member(&room, reference) {
+            Ok(at) => {
+                let bytes = match text {
+                    Cow::Borrowed(text) => payload.slice_ref(text.as_bytes()),
+                    Cow::Owned(text) => Bytes::from(text.into_bytes()),
+                };
+                Route::Send(at, Payload::Text(bytes))
+            }
+            Err(reply) => reply,
+        },
+        Ok(Ok(protocol::Request::Join { room, reference, .. })) => Route::Join(room.into_owned(), reference),
+        Ok(Ok(protocol::Request::Leave { room, reference })) => Route::Leave(room.into_owned(), reference),
+        Ok(Err(refusal)) => Route::Reply(refusal.frame()),
+        Err(_) => Route::Close,
+    }
+}
+
+/// Joining and leaving rooms in room-protocol mode.
+struct Membership<'a> {
+    rooms: &'a Arc<Rooms>,
+    mode: &'a RoomProtocol,
+}
+
+impl Membership<'_> {
+    /// Join `room` if the limit and its plugin allow: `joined`, then its messages; or
+    /// an `error` reply.
+    async fn join(
+        &self,
+        peer: &Arc<Peer>,
+        member_rooms: &mut Vec<Arc<Room>>,
+        room: String,
+        reference: Option<u64>,
+    ) {
+        let refuse = |status, reason: &str| peer.deliver(&protocol::error(reason, status, reference), false);
+        if member_rooms.iter().any(|r| r.name() == room) {
+            refuse(409, "already in room");
+            return;
+        }
+        if member_rooms.len() >= self.mode.max_rooms {
+            refuse(429, "too many rooms");
+            return;
+        }
+        let mut request = self.mode.upgrade.clone();
+        request.path = format!("/ws/{room}");
+        request.room.clone_from(&room);
+        if let Err(rejection) = self.mode.gate.decide(request).await {
+            refuse(rejection.status.as_u16(), &rejection.message);
+            return;
+        }
+        // Before the join, so it reaches the client ahead of the room's messages.
+        peer.deliver(&protocol::joined(&room, reference, None, None), false);
+        member_rooms.push(self.rooms.join(&room, peer).await);
+    }
+
+    /// Leave `room`: once the room has handled everything the client sent it before,
+    /// `left` with the leave's `ref`.
+    async fn leave(
+        &self,
+        peer: &Arc<Peer>,
+        member_rooms: &mut Vec<Arc<Room>>,
+        room: &str,
+        reference: Option<u64>,
+    ) {
+        let Some(at) = member_rooms.iter().position(|r| r.name() == room) else {
+            peer.deliver(&protocol::error("not in room", 404, reference), false);
+            return;
+        };
+        let left = member_rooms.swap_remove(at);
+        let (handled, done) = tokio::sync::oneshot::channel();
+        self.rooms.leave(&left, peer.id, CloseReason::Client, Some(handled)).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, done).await;
+        peer.deliver(&protocol::left(room, close_code::NORMAL, "", reference), false);
+    }
+
+    /// Leave the rooms that ended the membership (they told the client already).
+    async fn evicted(&self, peer: &Arc<Peer>, member_rooms: &mut Vec<Arc<Room>>) {
+        for (room, why) in peer.take_evictions() {
+            if let Some(at) = member_rooms.iter().position(|r| r.name() == &*room) {
+                let left = member_rooms.swap_remove(at);
+                self.rooms.leave(&left, peer.id, why, None).await;
             }
         }
     }
@@ -280,14 +552,15 @@ mod tests {
             transport: Transport::Plain(Arc::new(stream)),
             read_ahead: Bytes::new(),
             peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None)),
-            room: "room".to_owned(),
+            room: Some("room".to_owned()),
+            rooms_mode: None,
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, TaskTracker::new())),
             metrics,
-            limits: Limits {
+            limits: Arc::new(Limits {
                 heartbeat_interval: Duration::from_secs(30),
                 pong_timeout: Duration::from_secs(10),
                 max_message_bytes: 1 << 20,
-            },
+            }),
             shutdown: CancellationToken::new(),
             permit: Arc::new(tokio::sync::Semaphore::new(1)).acquire_owned().await.unwrap(),
         };

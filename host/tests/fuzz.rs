@@ -1067,12 +1067,21 @@ fn check_answer(request: &Request, answer: &Result<Valid, Rejection>) -> TestCas
     match answer {
         Ok(valid) => {
             prop_assert_eq!(&request.method, &Method::GET);
-            let raw = request.path.strip_prefix("/ws/");
-            prop_assert!(raw.is_some(), "accepted path {:?}", request.path);
-            let decoded = percent_decoded(raw.unwrap());
-            prop_assert_eq!(decoded.as_deref(), Some(valid.room.as_str()));
-            prop_assert!(room_name_ok(&valid.room), "accepted room {:?}", valid.room);
-            prop_assert!(roomcast::types::valid_room_name(&valid.room));
+            match request.path.strip_prefix("/ws/") {
+                Some(raw) => {
+                    let decoded = percent_decoded(raw);
+                    let room = valid.room.as_deref().unwrap_or_default();
+                    prop_assert_eq!(decoded.as_deref(), Some(room));
+                    prop_assert!(room_name_ok(room), "accepted room {:?}", valid.room);
+                    prop_assert!(roomcast::types::valid_room_name(room));
+                }
+                // `GET /ws` joins no room: only for a client offering the room protocol.
+                None => {
+                    prop_assert_eq!(request.path.as_str(), "/ws");
+                    prop_assert!(valid.room.is_none());
+                    prop_assert!(valid.protocols.iter().any(|p| p == "roomcast.v1"), "{:?}", valid.protocols);
+                }
+            }
             prop_assert!(headers.get_all(header::UPGRADE).iter().any(|v| lists(v, "websocket")));
             prop_assert!(headers.get_all(header::CONNECTION).iter().any(|v| lists(v, "upgrade")));
             prop_assert_eq!(
@@ -1346,7 +1355,7 @@ fn valid_upgrades_are_accepted() {
         let answer = u.request.validate();
         check_answer(&u.request, &answer)?;
         let valid = answer.map_err(|r| TestCaseError::fail(format!("rejected: {r}")))?;
-        prop_assert_eq!(&valid.room, &u.room);
+        prop_assert_eq!(valid.room.as_deref(), Some(u.room.as_str()));
         prop_assert_eq!(&valid.accept, &rfc_accept(u.key.as_bytes()));
         prop_assert_eq!(&valid.protocols, &u.protocols);
         Ok(())

@@ -15,15 +15,14 @@ use crate::room::Rooms;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    /// What every session is held to (from `config`), shared.
+    pub(crate) session_limits: Arc<crate::session::Limits>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rooms: Arc<Rooms>,
     /// One permit per open WebSocket session (`--max-connections`).
     pub(crate) sessions: Arc<Semaphore>,
-    /// Plugin handshake calls running at once. Each holds an instance of up to its
-    /// plugin's memory cap, and clients without a token can ask for them; more than the
-    /// machine has cores only wait for a CPU, so the rest wait here, within their
-    /// request's deadline.
-    pub(crate) handshake_calls: Semaphore,
+    /// The rooms' plugins' verdicts on upgrades and joins.
+    pub(crate) gate: Arc<crate::room::Gate>,
     /// Session and room tasks; `run` waits for them on shutdown.
     pub(crate) tracker: TaskTracker,
     /// Cancelled when shutdown begins: sessions send 1001, HTTP connections close.

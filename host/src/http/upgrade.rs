@@ -1,5 +1,6 @@
-//! `GET /ws/{room}`: the upgrade. Validation (RFC 6455, origin, limits), the room's
-//! plugin's handshake decision, the 101, and the session task that takes the socket.
+//! `GET /ws/{room}` and `GET /ws`: the upgrade. Validation (RFC 6455, origin, limits),
+//! the room's plugin's decision ([`crate::room::Gate`]), the 101, and the session task
+//! that takes the socket.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::Shared;
 use crate::metrics::RejectReason;
-use crate::plugin::{HandshakeDecision, HandshakeRequest};
+use crate::plugin::HandshakeRequest;
+use crate::protocol;
 use crate::room::Peer;
 use crate::session::{self, Session};
 use crate::ws::handshake::{self, Rejection};
@@ -42,7 +44,16 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
     };
     let query = req.uri().query().unwrap_or("").to_owned();
     let request = handshake_request(&req, &valid, &query, info.remote);
-    let protocol = match plugin_decision(&shared, request).await {
+    // Room-protocol mode: the host speaks the subprotocol, and the upgrade request is
+    // kept to ask each later room's plugin about a join.
+    let rooms_mode = valid.protocols.iter().any(|p| p == protocol::SUBPROTOCOL);
+    let upgrade_request = rooms_mode.then(|| request.clone());
+    let decided = match valid.room {
+        Some(_) => shared.gate.decide(request).await,
+        None => Ok(None),
+    };
+    let protocol = match decided {
+        Ok(_) if rooms_mode => Some(protocol::SUBPROTOCOL.to_owned()),
         Ok(protocol) => protocol,
         Err(rejection) => {
             shared.metrics.rejected(rejection.reason);
@@ -72,19 +83,21 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
             return;
         };
-        let config = &task_shared.config;
         Session {
             transport,
             read_ahead,
             peer,
             room: valid.room,
+            rooms_mode: upgrade_request.map(|upgrade| {
+                Box::new(session::RoomProtocol {
+                    upgrade,
+                    gate: task_shared.gate.clone(),
+                    max_rooms: task_shared.config.max_rooms_per_connection,
+                })
+            }),
             rooms: task_shared.rooms.clone(),
             metrics: task_shared.metrics.clone(),
-            limits: session::Limits {
-                heartbeat_interval: config.heartbeat_interval,
-                pong_timeout: config.pong_timeout,
-                max_message_bytes: config.max_message_bytes as usize,
-            },
+            limits: task_shared.session_limits.clone(),
             shutdown: task_shared.shutdown.clone(),
             permit,
         }
@@ -103,54 +116,6 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
     response.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// Ask the room's plugin, if it has one, whether to accept the upgrade. Runs on a
-/// blocking thread: the call may take up to the plugin's deadline. `Ok` carries the
-/// subprotocol the plugin chose.
-async fn plugin_decision(shared: &Shared, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
-    let Some(plugin) = shared.rooms.plugins().for_room(&request.room) else {
-        if let Some(failed) = shared.rooms.plugins().failed_for(&request.room) {
-            // Fail closed: the room's plugin exists but could not be loaded.
-            return Err(Rejection::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                RejectReason::Plugin,
-                format!("the room's plugin `{failed}` failed to load"),
-            ));
-        }
-        return Ok(None);
-    };
-    let room = request.room.clone();
-    let calls = shared.metrics.plugin_calls(plugin.name());
-    let Ok(_turn) = shared.handshake_calls.acquire().await else {
-        return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, RejectReason::Capacity, "shutting down"));
-    };
-    let decided = tokio::task::spawn_blocking(move || plugin.handshake(&request)).await;
-    let failed = |detail: String| {
-        tracing::warn!(%room, %detail, "handshake refused: plugin failed");
-        Rejection::new(StatusCode::INTERNAL_SERVER_ERROR, RejectReason::Plugin, "the room's plugin failed")
-    };
-    match decided {
-        Ok(Ok(HandshakeDecision::Accept { protocol })) => {
-            calls.ok();
-            Ok(protocol)
-        }
-        Ok(Ok(HandshakeDecision::Reject { status, reason })) => {
-            calls.ok();
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-            Err(Rejection::new(status, RejectReason::Plugin, reason))
-        }
-        Ok(Err(error)) => {
-            calls.count(error.kind.outcome());
-            Err(failed(error.to_string()))
-        }
-        Err(join) => Err(failed(join.to_string())),
-    }
-}
-
-/// How many plugin handshake calls may run at once: twice the cores, at least 4.
-pub(crate) fn handshake_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get() * 2).max(4)
-}
-
 /// What a plugin's handshake hook sees of an upgrade request.
 fn handshake_request(
     req: &Request,
@@ -159,7 +124,7 @@ fn handshake_request(
     remote: SocketAddr,
 ) -> HandshakeRequest {
     HandshakeRequest {
-        room: valid.room.clone(),
+        room: valid.room.clone().unwrap_or_default(),
         path: req.uri().path().to_owned(),
         query: query.to_owned(),
         headers: req

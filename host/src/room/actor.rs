@@ -2,7 +2,6 @@
 
 use std::sync::{Arc, Weak};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -50,7 +49,7 @@ pub(super) struct RoomActor {
     /// While a batch of messages is handled: deliveries wait here, in order, and go
     /// out member by member at the end of the batch (or before a close).
     pub(super) staging: bool,
-    pub(super) staged: Vec<(Bytes, Target)>,
+    pub(super) staged: Vec<(Payload, Target)>,
 }
 
 /// What decides where a room's messages go.

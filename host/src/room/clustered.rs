@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use super::actor::{Logic, RoomActor};
-use super::{Ending, Peer, RoomEvent, encode};
+use super::{Peer, RoomEvent};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 use crate::cluster::{Record, Role, RoleChange, RoomLink};
 use crate::plugin::{MemberId, MemberInfo, Origin};
@@ -418,18 +418,13 @@ impl RoomActor {
                 }
                 for item in items {
                     match item {
-                        Delivery::Broadcast { payload, except } => {
-                            self.deliver_except(&encode(&payload), &except)
-                        }
+                        Delivery::Broadcast { payload, except } => self.deliver_except(&payload, &except),
                         Delivery::Send { to, payload } => {
                             self.deliver_to(to, &payload);
                         }
                         Delivery::Close { member, code, reason, failure } => {
-                            if let Some(peer) = self.local(member) {
-                                let why =
-                                    if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
-                                peer.end(Ending::new(why, code, reason));
-                            }
+                            let why = if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
+                            self.close_member(member, why, code, &reason);
                         }
                     }
                 }

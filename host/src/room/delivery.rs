@@ -7,9 +7,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use bytes::Bytes;
 
 use super::actor::RoomActor;
-use super::{Peer, encode};
+use super::peer::{Frames, encode_tagged};
+use super::{Ending, Peer, encode};
 use crate::cluster::wire::Delivery;
 use crate::plugin::{MemberId, Payload};
+use crate::types::CloseReason;
 
 /// Who a staged frame is for.
 pub(super) enum Target {
@@ -34,12 +36,28 @@ impl RoomActor {
         if self.staged.is_empty() {
             return;
         }
+        // Each staged payload encoded once per kind of member present.
+        let raw = self.peers.iter().any(|p| !p.tagged);
+        let tagged = self.peers.iter().any(|p| p.tagged);
+        let encoded: Vec<(Option<Bytes>, Option<Bytes>)> = self
+            .staged
+            .iter()
+            .map(|(payload, _)| {
+                (raw.then(|| encode(payload)), tagged.then(|| encode_tagged(&self.room.name, payload)))
+            })
+            .collect();
         let mut frames = Vec::with_capacity(self.staged.len());
         let mut delivered = 0;
         for peer in &self.peers {
             frames.clear();
             frames.extend(
-                self.staged.iter().filter(|(_, target)| target.includes(peer.id)).map(|(frame, _)| frame),
+                self.staged
+                    .iter()
+                    .zip(&encoded)
+                    .filter(|((_, target), _)| target.includes(peer.id))
+                    .filter_map(
+                        |(_, (raw, tagged))| if peer.tagged { tagged.as_ref() } else { raw.as_ref() },
+                    ),
             );
             if !frames.is_empty() {
                 delivered += peer.deliver_batch(&frames);
@@ -61,10 +79,27 @@ impl RoomActor {
 
     /// Every member except `except`, here and (as the owner) on the other nodes.
     pub(super) fn broadcast(&mut self, payload: &Payload, except: &[MemberId]) {
-        self.deliver_except(&encode(payload), except);
+        self.deliver_except(payload, except);
         if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {
             clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except: except.to_vec() });
         }
+    }
+
+    /// End a local member's membership on a plugin's word (or its failure). A member in
+    /// room-protocol mode leaves this room only: it is told (`left`), gets nothing more
+    /// from the room, and its session leaves the room; a raw member's session ends.
+    pub(super) fn close_member(&mut self, member: MemberId, why: CloseReason, code: u16, reason: &str) {
+        let Some(at) = self.peers.iter().position(|p| p.id == member) else { return };
+        let peer = &self.peers[at];
+        if !peer.tagged {
+            peer.end(Ending::new(why, code, reason.to_owned()));
+            return;
+        }
+        let left = crate::protocol::left(&self.room.name, code, reason, None);
+        peer.deliver(&left, self.write_through);
+        peer.evict(self.room.name.clone(), why);
+        // Its plugin still counts it a member until the leave arrives.
+        self.peers.remove(at);
     }
 
     /// This node's member `id`, if it is one.
@@ -76,24 +111,25 @@ impl RoomActor {
     /// awaits.
     pub(super) fn deliver_to(&mut self, to: MemberId, payload: &Payload) -> bool {
         let Some(peer) = self.local(to) else { return false };
-        let frame = encode(payload);
         if self.staging {
-            self.staged.push((frame, Target::One(to)));
-        } else if peer.deliver(&frame, self.write_through) {
+            self.staged.push((payload.clone(), Target::One(to)));
+        } else if peer.deliver(Frames::new(&self.room.name, payload).for_peer(peer), self.write_through) {
             self.metrics.messages_out.fetch_add(1, Relaxed);
         }
         true
     }
 
-    /// Queue `frame` for every member except `except`. Never awaits.
-    pub(super) fn deliver_except(&mut self, frame: &Bytes, except: &[MemberId]) {
+    /// Queue `payload` for every member except `except`, each kind of frame encoded
+    /// once. Never awaits.
+    pub(super) fn deliver_except(&mut self, payload: &Payload, except: &[MemberId]) {
         if self.staging {
-            self.staged.push((frame.clone(), Target::Except(except.to_vec())));
+            self.staged.push((payload.clone(), Target::Except(except.to_vec())));
             return;
         }
+        let mut frames = Frames::new(&self.room.name, payload);
         let mut delivered = 0;
         for peer in &self.peers {
-            if !except.contains(&peer.id) && peer.deliver(frame, self.write_through) {
+            if !except.contains(&peer.id) && peer.deliver(frames.for_peer(peer), self.write_through) {
                 delivered += 1;
             }
         }

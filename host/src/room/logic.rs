@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::actor::{Logic, RoomActor};
-use super::{Ending, MAX_FORWARD_HOPS, RoomEvent};
+use super::{MAX_FORWARD_HOPS, RoomEvent};
 use crate::cluster::Role;
 use crate::cluster::wire::{Delivery, InEvent};
-use crate::plugin::{Action, Payload, Plugin, PluginError, RoomInstance, RoomView};
+use crate::plugin::{Action, MemberId, Payload, Plugin, PluginError, RoomInstance, RoomView};
 use crate::types::CloseReason;
 use crate::ws::frame::close_code;
 
@@ -234,8 +234,9 @@ impl RoomActor {
     }
 
     pub(super) fn close_all_failed(&mut self) {
-        for peer in &self.peers {
-            peer.end(Ending::new(CloseReason::PluginFailure, close_code::INTERNAL, "plugin failure"));
+        let local: Vec<MemberId> = self.peers.iter().map(|p| p.id).collect();
+        for member in local {
+            self.close_member(member, CloseReason::PluginFailure, close_code::INTERNAL, "plugin failure");
         }
         if let Some(clustered) = &mut self.cluster {
             for &member in clustered.remote.keys() {
@@ -265,8 +266,8 @@ impl RoomActor {
                 Action::Close { member, code, reason } => {
                     // What the member was sent before its close reaches it first.
                     self.flush_staged();
-                    if let Some(peer) = self.local(member) {
-                        peer.end(Ending::new(CloseReason::Plugin, code, reason));
+                    if self.local(member).is_some() {
+                        self.close_member(member, CloseReason::Plugin, code, &reason);
                     } else if let Some(clustered) =
                         self.cluster.as_mut().filter(|c| c.remote.contains_key(&member))
                     {

@@ -17,6 +17,7 @@
 mod actor;
 mod clustered;
 mod delivery;
+mod gate;
 mod logic;
 mod peer;
 mod timers;
@@ -40,6 +41,7 @@ use actor::RoomActor;
 use clustered::Clustered;
 
 pub use crate::plugin::MemberId;
+pub use gate::Gate;
 pub use peer::{Ending, Peer, encode};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
@@ -96,6 +98,10 @@ pub struct Room {
 }
 
 impl Room {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The plugin name and version serving the room (`None`: default behaviour).
     pub fn plugin(&self) -> Option<(String, u64)> {
         self.plugin.lock().expect("room lock").clone()

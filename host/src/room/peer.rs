@@ -1,6 +1,6 @@
 //! A member as rooms see it, and why its session ends.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -18,11 +18,23 @@ pub struct Peer {
     pub query: String,
     pub remote_addr: String,
     pub protocol: Option<String>,
+    /// Room-protocol mode (`roomcast.v1`): deliveries are tagged with their room, and a
+    /// plugin's close ends one membership, not the session.
+    pub tagged: bool,
     /// Notified when something other than the session itself ends the session (slow
-    /// consumer, a plugin's close); the session task owns the teardown.
+    /// consumer, a plugin's close) or one of its memberships; the session task owns
+    /// the teardown.
     kill: tokio::sync::Notify,
+    departures: Mutex<Departures>,
+}
+
+/// What others decided about a member, for its session to carry out.
+#[derive(Debug, Default)]
+struct Departures {
     /// Why the session was ended from outside; the first reason wins.
-    ending: Mutex<Option<Ending>>,
+    ending: Option<Ending>,
+    /// Rooms that ended the membership (room-protocol mode), with why.
+    evicted: Vec<(Arc<str>, CloseReason)>,
 }
 
 /// Why a session ends, and the close frame it sends (if any).
@@ -57,30 +69,48 @@ impl Peer {
             outbound: Outbound::new(max_queue_bytes),
             query,
             remote_addr,
+            tagged: protocol.as_deref() == Some(crate::protocol::SUBPROTOCOL),
             protocol,
             kill: tokio::sync::Notify::new(),
-            ending: Mutex::new(None),
+            departures: Mutex::new(Departures::default()),
         }
     }
 
     /// End the session from outside. The first call decides the reason.
     pub fn end(&self, ending: Ending) {
-        let mut slot = self.ending.lock().expect("peer lock");
-        if slot.is_none() {
-            *slot = Some(ending);
+        let mut departures = self.departures.lock().expect("peer lock");
+        if departures.ending.is_none() {
+            departures.ending = Some(ending);
             // `notify_one` keeps a permit if the session is not waiting right now.
             self.kill.notify_one();
         }
     }
 
-    /// Resolves once [`Peer::end`] was called (at once if it already was). Only the
-    /// session task waits on it.
+    /// End the membership in `room` (room-protocol mode): the room has told the member
+    /// (`left`) and stopped delivering to it; its session leaves the room.
+    pub fn evict(&self, room: Arc<str>, why: CloseReason) {
+        self.departures.lock().expect("peer lock").evicted.push((room, why));
+        self.kill.notify_one();
+    }
+
+    /// Wake the session again (it took a wake-up it could not act on yet).
+    pub fn rewake(&self) {
+        self.kill.notify_one();
+    }
+
+    /// The memberships rooms ended since the last call.
+    pub fn take_evictions(&self) -> Vec<(Arc<str>, CloseReason)> {
+        std::mem::take(&mut self.departures.lock().expect("peer lock").evicted)
+    }
+
+    /// Resolves once [`Peer::end`] or [`Peer::evict`] was called (at once if it
+    /// already was). Only the session task waits on it.
     pub async fn killed(&self) {
         self.kill.notified().await;
     }
 
     pub fn ending(&self) -> Option<Ending> {
-        self.ending.lock().expect("peer lock").clone()
+        self.departures.lock().expect("peer lock").ending.clone()
     }
 
     /// What a plugin's `join` hook is told about this member.
@@ -120,5 +150,43 @@ pub fn encode(payload: &Payload) -> Bytes {
     match payload {
         Payload::Text(bytes) => frame::encode(frame::OP_TEXT, bytes),
         Payload::Binary(bytes) => frame::encode(frame::OP_BINARY, bytes),
+    }
+}
+
+/// The frame for a data payload as room-protocol members get it: tagged with `room`
+/// (`{"room": …, "text": …}`, or a binary message behind the room prefix).
+pub fn encode_tagged(room: &str, payload: &Payload) -> Bytes {
+    match payload {
+        // A text payload is UTF-8: whoever built it guaranteed it.
+        Payload::Text(bytes) => crate::protocol::text_delivery(room, &String::from_utf8_lossy(bytes), None),
+        // Room names are at most 128 bytes: the prefix always fits.
+        Payload::Binary(bytes) => {
+            crate::protocol::binary_delivery(room, bytes).unwrap_or_else(|| encode(payload))
+        }
+    }
+}
+
+/// A payload's frames, each encoded at most once per delivery: as raw members get it
+/// and, when a member in room-protocol mode is among the recipients, tagged.
+#[derive(Debug)]
+pub struct Frames<'a> {
+    room: &'a str,
+    payload: &'a Payload,
+    raw: Option<Bytes>,
+    tagged: Option<Bytes>,
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(room: &'a str, payload: &'a Payload) -> Self {
+        Self { room, payload, raw: None, tagged: None }
+    }
+
+    /// The frame for `peer`.
+    pub fn for_peer(&mut self, peer: &Peer) -> &Bytes {
+        if peer.tagged {
+            self.tagged.get_or_insert_with(|| encode_tagged(self.room, self.payload))
+        } else {
+            self.raw.get_or_insert_with(|| encode(self.payload))
+        }
     }
 }

@@ -25,12 +25,12 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 
 use crate::config::Config;
-use crate::http::upgrade::{ConnInfo, handshake_concurrency};
+use crate::http::upgrade::ConnInfo;
 use crate::http::{Shared, router};
 use crate::metrics::{Metrics, RejectReason};
 use crate::plugin::HostCaps;
 use crate::plugin::reload::{LivePlugins, PluginsError, Watcher};
-use crate::room::Rooms;
+use crate::room::{Gate, Rooms};
 use crate::ws::handshake::Rejection;
 use tls::TlsError;
 use watchdog::{Admitted, Overstay, Pending, Tracked, Watch, watchdog};
@@ -126,7 +126,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            handshake_calls: Semaphore::new(handshake_concurrency()),
+            gate: Arc::new(Gate::new(plugins.clone(), metrics.clone())),
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
             metrics,
             tracker,
@@ -135,6 +135,11 @@ impl Server {
             next_member: AtomicU64::new(1),
             tls,
             dashboard: Default::default(),
+            session_limits: Arc::new(crate::session::Limits {
+                heartbeat_interval: config.heartbeat_interval,
+                pong_timeout: config.pong_timeout,
+                max_message_bytes: config.max_message_bytes as usize,
+            }),
             config,
         });
         // After each reload, every live room re-resolves its plugin at once.

@@ -17,6 +17,9 @@ use sha1::{Digest, Sha1};
 use crate::config::OriginPolicy;
 use crate::metrics::RejectReason;
 
+/// The subprotocol of the room protocol: the one that may open `GET /ws`.
+pub const ROOM_PROTOCOL: &str = "roomcast.v1";
+
 /// A refused upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{status}: {message}")]
@@ -52,7 +55,9 @@ impl IntoResponse for Rejection {
 /// A request that passed every protocol check.
 #[derive(Debug, Clone)]
 pub struct Valid {
-    pub room: String,
+    /// The room in the path (`/ws/{room}`); `None` for `GET /ws`, which only a client
+    /// offering the room protocol may open.
+    pub room: Option<String>,
     /// The `Sec-WebSocket-Accept` value for the response.
     pub accept: String,
     pub protocols: Vec<String>,
@@ -75,20 +80,22 @@ pub fn validate(
         )
         .with_header(header::ALLOW, "GET"));
     }
-    let Some(raw_room) = path.strip_prefix("/ws/") else {
-        return Err(Rejection::new(
-            StatusCode::NOT_FOUND,
-            R::BadRequest,
-            "not found; WebSockets live at /ws/{room}",
-        ));
+    let not_found =
+        || Rejection::new(StatusCode::NOT_FOUND, R::BadRequest, "not found; WebSockets live at /ws/{room}");
+    let room = match path.strip_prefix("/ws/") {
+        Some(raw_room) => {
+            Some(percent_decode(raw_room).filter(|name| valid_room_name(name)).ok_or_else(|| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    R::RoomName,
+                    "invalid room name: use 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+                )
+            })?)
+        }
+        // `GET /ws` joins no room: only for the room protocol, which joins them later.
+        None if path == "/ws" && offers(headers, ROOM_PROTOCOL) => None,
+        None => return Err(not_found()),
     };
-    let room = percent_decode(raw_room).filter(|name| valid_room_name(name)).ok_or_else(|| {
-        Rejection::new(
-            StatusCode::BAD_REQUEST,
-            R::RoomName,
-            "invalid room name: use 1 to 128 characters of A-Z a-z 0-9 . _ : -",
-        )
-    })?;
 
     if !headers.contains_key(header::UPGRADE) {
         return Err(Rejection::new(
@@ -162,6 +169,16 @@ pub fn validate(
         .filter(|p| !p.is_empty())
         .collect();
     Ok(Valid { room, accept: accept_key(key.as_bytes()), protocols })
+}
+
+/// Whether the client offers `protocol` in `Sec-WebSocket-Protocol`.
+pub fn offers(headers: &HeaderMap, protocol: &str) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == protocol)
 }
 
 /// `Sec-WebSocket-Accept` for a client key.

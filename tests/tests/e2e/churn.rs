@@ -153,3 +153,66 @@ async fn shutdown_turns_healthz_503_then_sends_1001() {
     tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("run returned").unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
 }
+
+/// A room-protocol client (`roomcast.v1`) on `GET /ws`.
+async fn connect_rooms(addr: std::net::SocketAddr) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "roomcast.v1".parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.expect("connect").0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_many_rooms_leave_every_room_whichever_way_they_end() {
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(500),
+        pong_timeout: Duration::from_millis(500),
+        max_message_bytes: 1024,
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    let addr = server.addr;
+    // Each client joins 10 of 23 rooms (overlapping), then ends its own way: a close,
+    // a dropped TCP connection, a leave of some rooms first, a protocol error, a
+    // message over the limit.
+    batched(600, |i| async move {
+        let mut client = connect_rooms(addr).await;
+        for k in 0..10 {
+            let room = format!("multi-{}", (i + k * 7) % 23);
+            client.send(Message::text(format!(r#"{{"join":"{room}","ref":{k}}}"#))).await.unwrap();
+            let joined = recv_json(&mut client).await;
+            assert_eq!(joined["joined"], room.as_str(), "{joined}");
+        }
+        match i % 5 {
+            0 => {
+                client.close(None).await.unwrap();
+                while let Some(Ok(_)) = futures_util::StreamExt::next(&mut client).await {}
+            }
+            1 => drop(client),
+            2 => {
+                for k in 0..3 {
+                    let room = format!("multi-{}", (i + k * 7) % 23);
+                    client.send(Message::text(format!(r#"{{"leave":"{room}","ref":{k}}}"#))).await.unwrap();
+                }
+                drop(client);
+            }
+            3 => {
+                client.send(Message::text("not an operation")).await.unwrap();
+                while let Some(Ok(_)) = futures_util::StreamExt::next(&mut client).await {}
+            }
+            _ => {
+                let big = format!(r#"{{"send":"multi-{}","text":"{}"}}"#, i % 23, "x".repeat(2000));
+                let _ = client.send(Message::text(big)).await;
+                while let Some(Ok(_)) = futures_util::StreamExt::next(&mut client).await {}
+            }
+        }
+    })
+    .await;
+    server.wait_metric("roomcast_connections", 0.0, Duration::from_secs(5)).await;
+    server.wait_metric("roomcast_rooms", 0.0, Duration::from_secs(5)).await;
+    server.wait_metric("roomcast_room_members", 0.0, Duration::from_secs(5)).await;
+    let metrics = server.metrics.clone();
+    server.stop().await;
+    assert_eq!(metrics.closed_count(CloseReason::Protocol), 120);
+    assert_eq!(metrics.closed_count(CloseReason::TooBig), 120);
+}

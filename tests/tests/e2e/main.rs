@@ -17,5 +17,6 @@ mod dashboard;
 mod handshake;
 mod plugins;
 mod reload;
+mod rooms;
 mod timeouts;
 mod tls;
