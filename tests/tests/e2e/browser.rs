@@ -287,3 +287,38 @@ async fn the_page_reconnects_after_a_server_restart() -> anyhow::Result<()> {
     server.stop().await;
     Ok(())
 }
+
+/// The README's room-protocol snippet, run in Chromium: the browser offers
+/// `roomcast.v1`, the host answers with it, and one socket joins two rooms, sends to
+/// one and hears the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_room_protocol_snippet_works_in_the_browser() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const README: &str = include_str!("../../../README.md");
+    let section = README.split("## One connection, many rooms").nth(1).expect("the README's section");
+    let snippet =
+        section.split("```js\n").nth(1).and_then(|rest| rest.split("```").next()).expect("its snippet");
+    let dir = PluginDir::new(&[]);
+    let server = TestServer::start(config(&dir)).await;
+    let mut in_room1 = server.connect("room1").await;
+    let mut in_room2 = server.connect("room2").await;
+    let driver = Driver::start().await?;
+    let page = driver.open().await?;
+    page.goto(&format!("http://{}/", server.addr)).await?;
+    // The snippet as written, its log kept where the test can read it.
+    let script = format!(
+        "window.seen = []; const log = console.log; console.log = (value) => {{ window.seen.push(value); log(value); }};\n{snippet}\nwindow.readmeSocket = ws;"
+    );
+    page.eval(&script, json!([])).await?;
+    let joined =
+        "return window.seen.filter(m => m.joined).map(m => m.joined).sort().join(',') === 'room1,room2'";
+    page.wait_for("both rooms joined", joined, json!([]), WAIT).await?;
+    assert_eq!(page.eval("return window.readmeSocket.protocol", json!([])).await?, json!("roomcast.v1"));
+    assert_eq!(recv_text(&mut in_room1).await, "hello", "the snippet's send reached room1");
+    send_text(&mut in_room2, "from room2").await;
+    let heard = "return window.seen.some(m => m.room === 'room2' && m.text === 'from room2')";
+    page.wait_for("the page hears room2", heard, json!([]), WAIT).await?;
+    page.close().await?;
+    server.stop().await;
+    Ok(())
+}
