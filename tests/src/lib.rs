@@ -484,6 +484,17 @@ pub async fn recv_text(client: &mut Client) -> String {
     }
 }
 
+/// A client offering the room protocol (`roomcast.v1`) on `path` (`/ws` or
+/// `/ws/{room}`); panics unless the host answers with it.
+pub async fn connect_rooms(addr: SocketAddr, path: &str) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "roomcast.v1".parse().unwrap());
+    let (client, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "roomcast.v1", "the host speaks the protocol");
+    client
+}
+
 /// Send a text message.
 pub async fn send_text(client: &mut Client, text: &str) {
     client.send(Message::text(text)).await.expect("send");

@@ -154,14 +154,6 @@ async fn shutdown_turns_healthz_503_then_sends_1001() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
 }
 
-/// A room-protocol client (`roomcast.v1`) on `GET /ws`.
-async fn connect_rooms(addr: std::net::SocketAddr) -> Client {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "roomcast.v1".parse().unwrap());
-    tokio_tungstenite::connect_async(request).await.expect("connect").0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_in_many_rooms_leave_every_room_whichever_way_they_end() {
     let config = Config {
@@ -176,7 +168,7 @@ async fn connections_in_many_rooms_leave_every_room_whichever_way_they_end() {
     // a dropped TCP connection, a leave of some rooms first, a protocol error, a
     // message over the limit.
     batched(600, |i| async move {
-        let mut client = connect_rooms(addr).await;
+        let mut client = connect_rooms(addr, "/ws").await;
         for k in 0..10 {
             let room = format!("multi-{}", (i + k * 7) % 23);
             client.send(Message::text(format!(r#"{{"join":"{room}","ref":{k}}}"#))).await.unwrap();

@@ -9,16 +9,6 @@ use roomcast_tests::roomcast::config::Config;
 use roomcast_tests::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-
-/// A client offering `roomcast.v1` on `path` (`/ws` or `/ws/{room}`).
-async fn connect_rooms(addr: std::net::SocketAddr, path: &str) -> Client {
-    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "roomcast.v1".parse().unwrap());
-    let (client, response) = tokio_tungstenite::connect_async(request).await.expect("connect");
-    assert_eq!(response.headers()["sec-websocket-protocol"], "roomcast.v1", "the host speaks the protocol");
-    client
-}
 
 async fn send_json(client: &mut Client, value: Value) {
     send_text(client, &value.to_string()).await;
