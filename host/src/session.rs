@@ -97,7 +97,7 @@ impl Session {
         }
         let mut member_rooms: Vec<Arc<Room>> = Vec::new();
         if let Some(room) = room {
-            if peer.tagged {
+            if rooms_mode.is_some() {
                 // As if the client had sent a join with `ref` 0; the gate already ran.
                 peer.deliver(&protocol::joined(&room, Some(0), None, None), false);
             }
@@ -259,20 +259,20 @@ impl Messages for Tagged<'_> {
                 ));
             }
         };
-        let room = &self.member_rooms[at];
-        // A membership ending elsewhere wakes this select too: the message is sent
-        // once the wake-up is passed on.
-        let retry = payload.clone();
+        let send = self.member_rooms[at].send(peer.id, payload);
+        tokio::pin!(send);
         tokio::select! {
             biased;
             () = peer.killed() => {
                 if let Some(ending) = peer.ending() {
                     return Some(ending);
                 }
+                // A membership ended elsewhere: finish this send, then the read loop
+                // is woken again to carry the ending out.
                 peer.rewake();
-                room.send(peer.id, retry).await;
+                send.await;
             }
-            () = room.send(peer.id, payload) => {}
+            () = &mut send => {}
         }
         None
     }
@@ -441,10 +441,7 @@ impl Membership<'_> {
             refuse(429, "too many rooms");
             return;
         }
-        let mut request = self.mode.upgrade.clone();
-        request.path = format!("/ws/{room}");
-        request.room.clone_from(&room);
-        if let Err(rejection) = self.mode.gate.decide(request).await {
+        if let Err(rejection) = self.mode.gate.decide_join(&self.mode.upgrade, &room).await {
             refuse(rejection.status.as_u16(), &rejection.message);
             return;
         }

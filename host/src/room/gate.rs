@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::{Metrics, RejectReason};
 use crate::plugin::reload::LivePlugins;
-use crate::plugin::{HandshakeDecision, HandshakeRequest};
+use crate::plugin::{HandshakeDecision, HandshakeRequest, Plugin};
 use crate::ws::handshake::Rejection;
 
 /// The plugins' verdicts on who may enter their rooms.
@@ -33,17 +33,42 @@ impl Gate {
     /// `request.room`. Runs on a blocking thread: the call may take up to the plugin's
     /// deadline. `Ok` carries the subprotocol the plugin chose.
     pub async fn decide(&self, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
-        let Some(plugin) = self.plugins.for_room(&request.room) else {
-            if let Some(failed) = self.plugins.failed_for(&request.room) {
-                // Fail closed: the room's plugin exists but could not be loaded.
-                return Err(Rejection::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    RejectReason::Plugin,
-                    format!("the room's plugin `{failed}` failed to load"),
-                ));
-            }
-            return Ok(None);
-        };
+        match self.plugin_for(&request.room)? {
+            Some(plugin) => self.ask(plugin, request).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Ask `room`'s plugin whether the connection that made `upgrade` may join it (in
+    /// room-protocol mode): the plugin sees the upgrade request with the joined room's
+    /// path and name. The request is copied only when there is a plugin to see it.
+    pub async fn decide_join(&self, upgrade: &HandshakeRequest, room: &str) -> Result<(), Rejection> {
+        let Some(plugin) = self.plugin_for(room)? else { return Ok(()) };
+        let mut request = upgrade.clone();
+        request.path = format!("/ws/{room}");
+        room.clone_into(&mut request.room);
+        self.ask(plugin, request).await.map(drop)
+    }
+
+    /// The plugin that decides for `room`; an error when its plugin exists but never
+    /// loaded (fail closed).
+    fn plugin_for(&self, room: &str) -> Result<Option<Arc<Plugin>>, Rejection> {
+        if let Some(plugin) = self.plugins.for_room(room) {
+            return Ok(Some(plugin));
+        }
+        match self.plugins.failed_for(room) {
+            Some(failed) => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                RejectReason::Plugin,
+                format!("the room's plugin `{failed}` failed to load"),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Call `plugin`'s `handshake` hook on a blocking thread, within the gate's
+    /// concurrency.
+    async fn ask(&self, plugin: Arc<Plugin>, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
         let room = request.room.clone();
         let calls = self.metrics.plugin_calls(plugin.name());
         let Ok(_turn) = self.calls.acquire().await else {

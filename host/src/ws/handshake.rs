@@ -160,25 +160,24 @@ pub fn validate(
             ));
         }
     }
-    let protocols = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let protocols = offered(headers).map(str::to_owned).collect();
     Ok(Valid { room, accept: accept_key(key.as_bytes()), protocols })
 }
 
-/// Whether the client offers `protocol` in `Sec-WebSocket-Protocol`.
-pub fn offers(headers: &HeaderMap, protocol: &str) -> bool {
+/// The subprotocols the client offers in `Sec-WebSocket-Protocol`, in order.
+fn offered(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == protocol)
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+}
+
+/// Whether the client offers `protocol` in `Sec-WebSocket-Protocol`.
+fn offers(headers: &HeaderMap, protocol: &str) -> bool {
+    offered(headers).any(|p| p == protocol)
 }
 
 /// `Sec-WebSocket-Accept` for a client key.

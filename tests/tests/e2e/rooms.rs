@@ -203,3 +203,32 @@ close_after = 1
     assert_eq!(recv_json(&mut client).await, json!({"error": "not in room", "status": 404, "ref": 9}));
     server.stop().await;
 }
+
+/// Every refusal is an answer queued for the client: one that floods refused
+/// operations and never reads fills its outbound queue and is cut as a slow consumer,
+/// like one that never reads a room's messages.
+#[tokio::test]
+async fn a_client_that_floods_refusals_and_never_reads_is_cut() {
+    use roomcast::types::CloseReason;
+    use roomcast::ws::frame::{OP_TEXT, encode_client};
+    use tokio::io::AsyncWriteExt as _;
+
+    let server = TestServer::start(Config { max_queue_bytes: 64 << 10, ..test_config() }).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let upgrade = upgrade_request(server.addr, "/ws", "Sec-WebSocket-Protocol: roomcast.v1\r\n");
+    stream.write_all(upgrade.as_bytes()).await.unwrap();
+    let refused = encode_client(true, OP_TEXT, br#"{"send":"nowhere","text":"x","ref":1}"#, [1, 2, 3, 4]);
+    let burst: Vec<u8> = refused.iter().copied().cycle().take(refused.len() * 1000).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while server.metrics.closed_count(CloseReason::SlowConsumer) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never cut as a slow consumer");
+        // A write error means the server closed the connection: check the count again.
+        if stream.write_all(&burst).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server.wait_metric("roomcast_connections", 0.0, Duration::from_secs(5)).await;
+    server.stop().await;
+}
