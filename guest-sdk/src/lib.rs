@@ -140,7 +140,7 @@ mod types;
 pub use room::{Room, log};
 pub use types::{
     Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, MemberId, Message, Origin,
-    RoomError, TimerId, Verdict,
+    Refusal, RoomError, TimerId, Verdict,
 };
 
 /// The JSON crate the SDK uses; its [`Error`](serde_json::Error) is what
@@ -169,6 +169,16 @@ pub trait Plugin: Sized + 'static {
     fn handshake(&self, request: &HandshakeRequest) -> HandshakeDecision {
         let _ = request;
         HandshakeDecision::accept()
+    }
+
+    /// Decides whether `member` may join the room, before [`join`](Plugin::join): with
+    /// the room's state, the member's [`identity`](Member::identity) and the join's
+    /// [`params`](Member::params). The member is in [`Room::members`] while this runs;
+    /// a refused one is then removed without `join` or `leave`, and what this hook
+    /// sent to it is not delivered. The default admits everyone.
+    fn admit(&mut self, room: &Room, member: &Member) -> Result<(), Refusal> {
+        let _ = (room, member);
+        Ok(())
     }
 
     /// A member joined the room. It is already in [`Room::members`].

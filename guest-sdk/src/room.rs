@@ -72,6 +72,23 @@ impl Room {
         host::close(member, code, reason).map_err(Into::into)
     }
 
+    /// Adds a member of this room to room `room` as well, as if its client had joined
+    /// it with `params` (JSON text) as the join's parameters: that room's plugin
+    /// decides. The client gets `joined` (no `ref`) or an `error` naming the room.
+    /// Room-protocol connections only (`member.protocol` is `roomcast.v1`): a raw
+    /// connection is in one room by design, and for it this does nothing. An invalid
+    /// room name is [`RoomError::UnknownRoom`].
+    pub fn add_to_room(&self, member: MemberId, room: &str, params: Option<&str>) -> Result<(), RoomError> {
+        host::add_to_room(member, room, params).map_err(Into::into)
+    }
+
+    /// Ends a member's membership of this room, keeping its connection and its other
+    /// rooms: the client gets `left` with code 1000 and `reason` (at most 123 bytes).
+    /// A raw connection, in this room only, is closed with 1000.
+    pub fn remove(&self, member: MemberId, reason: &str) -> Result<(), RoomError> {
+        host::remove(member, reason).map_err(Into::into)
+    }
+
     /// The members of this room, in join order.
     pub fn members(&self) -> Vec<MemberId> {
         host::members()

@@ -10,7 +10,7 @@ use std::sync::Once;
 
 use crate::{
     Config, HandshakeDecision, HandshakeRequest, LeaveReason, LogLevel, Member, Message, Origin, Plugin,
-    Room, RoomError, Verdict,
+    Refusal, Room, RoomError, Verdict,
 };
 
 /// The generated bindings for world `room-plugin`. Nothing outside this file names
@@ -94,21 +94,29 @@ impl<P: Plugin + Describe> bindings::Guest for Export<P> {
             protocols: request.protocols,
         };
         match with_state(|plugin: &mut P| plugin.handshake(&request)) {
-            HandshakeDecision::Accept(protocol) => wit::HandshakeDecision::Accept(protocol),
+            HandshakeDecision::Accept { protocol, identity } => {
+                wit::HandshakeDecision::Accept(wit::Acceptance { protocol, identity })
+            }
             HandshakeDecision::Reject { status, reason } => {
                 wit::HandshakeDecision::Reject(wit::Rejection { status, reason })
             }
         }
     }
 
-    fn join(member: wit::MemberInfo) {
+    fn join(member: wit::MemberInfo) -> Result<(), wit::Rejection> {
         let member = Member {
             id: member.id,
             query: member.query,
             remote_addr: member.remote_addr,
             protocol: member.protocol,
+            identity: member.identity,
+            params: member.params,
         };
-        with_state(|plugin: &mut P| plugin.join(&Room, member))
+        with_state(|plugin: &mut P| {
+            plugin.admit(&Room, &member).map_err(|Refusal { status, reason }| wit::Rejection { status, reason })?;
+            plugin.join(&Room, member);
+            Ok(())
+        })
     }
 
     fn leave(member: u64, reason: wit::LeaveReason) {
@@ -178,6 +186,7 @@ impl From<wit::RoomError> for RoomError {
             wit::RoomError::TooManyTimers => RoomError::TooManyTimers,
             wit::RoomError::InvalidCloseCode => RoomError::InvalidCloseCode,
             wit::RoomError::Unavailable => RoomError::Unavailable,
+            wit::RoomError::InvalidArgument => RoomError::InvalidArgument,
         }
     }
 }

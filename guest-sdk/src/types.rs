@@ -116,12 +116,49 @@ pub struct Member {
     pub remote_addr: String,
     /// The subprotocol agreed at the handshake, if any.
     pub protocol: Option<String>,
+    /// What the handshake that accepted the connection attached (JSON text; see
+    /// [`HandshakeDecision::with_identity`]), in every room the connection is in.
+    pub identity: Option<String>,
+    /// The join's parameters (JSON text): the `params` of a room-protocol join, or what
+    /// the plugin that added the member passed to [`Room::add_to_room`](crate::Room::add_to_room).
+    /// `None` for the room in the upgrade's path.
+    pub params: Option<String>,
 }
 
 impl Member {
     /// The first query parameter called `name`, percent-decoded (`+` is a space).
     pub fn query_param(&self, name: &str) -> Option<String> {
         query_param(&self.query, name)
+    }
+
+    /// The identity the handshake attached, parsed as `T`; `None` when there is none
+    /// or it does not parse as `T`.
+    pub fn identity_json<T: DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_str(self.identity.as_deref()?).ok()
+    }
+
+    /// The join's parameters, parsed as `T`; `None` when there are none or they do
+    /// not parse as `T`.
+    pub fn params_json<T: DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_str(self.params.as_deref()?).ok()
+    }
+}
+
+/// A refused join (see [`Plugin::admit`](crate::Plugin::admit)): the status and reason
+/// a room-protocol client gets in its `error` reply (a raw connection is closed with
+/// 1008 and the reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// A 4xx or 5xx status (anything else is sent as 403).
+    pub status: u16,
+    /// One line.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `status` and `reason`.
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Refusal { status, reason: reason.into() }
     }
 }
 
@@ -157,8 +194,14 @@ impl HandshakeRequest {
 /// What [`Plugin::handshake`](crate::Plugin::handshake) decides.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandshakeDecision {
-    /// Upgrade, optionally selecting one of the offered subprotocols.
-    Accept(Option<String>),
+    /// Upgrade.
+    Accept {
+        /// One of the offered subprotocols to agree on, or none.
+        protocol: Option<String>,
+        /// JSON text the host attaches to the connection (at most 4096 bytes): every
+        /// room's plugin sees it as [`Member::identity`].
+        identity: Option<String>,
+    },
     /// Refuse: the client gets this HTTP status (4xx or 5xx; anything else is sent
     /// as 403) and one line of reason as the body.
     Reject {
@@ -172,7 +215,26 @@ pub enum HandshakeDecision {
 impl HandshakeDecision {
     /// Upgrade without selecting a subprotocol.
     pub fn accept() -> Self {
-        HandshakeDecision::Accept(None)
+        HandshakeDecision::Accept { protocol: None, identity: None }
+    }
+
+    /// Upgrade, agreeing on `protocol` (one the client offered).
+    pub fn accept_protocol(protocol: impl Into<String>) -> Self {
+        HandshakeDecision::Accept { protocol: Some(protocol.into()), identity: None }
+    }
+
+    /// Attach `identity`, serialised as JSON, to the connection this accepts (a
+    /// rejection stays a rejection). Every room's plugin sees it as
+    /// [`Member::identity`]; keep it under 4096 bytes of JSON, or the host refuses
+    /// the handshake as a plugin failure.
+    pub fn with_identity<T: Serialize + ?Sized>(self, identity: &T) -> Self {
+        match self {
+            HandshakeDecision::Accept { protocol, .. } => HandshakeDecision::Accept {
+                protocol,
+                identity: Some(serde_json::to_string(identity).expect("identity serialises to JSON")),
+            },
+            reject => reject,
+        }
     }
 
     /// Refuse with `status` and `reason`.
@@ -271,6 +333,8 @@ pub enum RoomError {
     InvalidCloseCode,
     /// This call is not available here (e.g. from the handshake hook).
     Unavailable,
+    /// An argument is malformed (e.g. join parameters that are not JSON).
+    InvalidArgument,
 }
 
 impl fmt::Display for RoomError {
@@ -282,6 +346,7 @@ impl fmt::Display for RoomError {
             RoomError::TooManyTimers => "too many timers",
             RoomError::InvalidCloseCode => "invalid close code",
             RoomError::Unavailable => "unavailable",
+            RoomError::InvalidArgument => "invalid argument",
         })
     }
 }

@@ -213,6 +213,17 @@ pub fn error(reason: &str, status: u16, reference: Option<u64>) -> Bytes {
     json.text_frame()
 }
 
+/// `{"error": reason, "status": S, "room": room, "ref": N}`: a join of `room` was
+/// refused (`ref` is absent when a plugin asked for the join).
+pub fn refused(room: &str, reason: &str, status: u16, reference: Option<u64>) -> Bytes {
+    let mut json = JsonObject::new();
+    json.string("error", reason);
+    json.number("status", u64::from(status));
+    json.string("room", room);
+    json.reference(reference);
+    json.text_frame()
+}
+
 /// A room's text message for every member in this mode, encoded once:
 /// `{"room": room, "text": text}`, with `offset` when the room keeps history.
 pub fn text_delivery(room: &str, text: &str, offset: Option<u64>) -> Bytes {

@@ -97,11 +97,10 @@ impl Session {
         }
         let mut member_rooms: Vec<Arc<Room>> = Vec::new();
         if let Some(room) = room {
-            if rooms_mode.is_some() {
-                // As if the client had sent a join with `ref` 0; the gate already ran.
-                peer.deliver(&protocol::joined(&room, Some(0), None, None), false);
-            }
-            member_rooms.push(rooms.join(&room, &peer).await);
+            // In room-protocol mode, as if the client had sent a join with `ref` 0 (the
+            // room answers it); the handshake already ran.
+            let reference = rooms_mode.is_some().then_some(0);
+            member_rooms.push(rooms.join(&room, &peer, reference, None).await);
         }
 
         let (mut reader, mut writer) = transport.split();
@@ -243,8 +242,8 @@ impl Messages for Tagged<'_> {
                 peer.deliver(&frame, false);
                 return None;
             }
-            Route::Join(room, reference) => {
-                self.membership.join(peer, self.member_rooms, room, reference).await;
+            Route::Join(join) => {
+                self.membership.join(peer, self.member_rooms, join).await;
                 return None;
             }
             Route::Leave(room, reference) => {
@@ -279,6 +278,10 @@ impl Messages for Tagged<'_> {
 
     async fn departures(&mut self, peer: &Arc<Peer>) {
         self.membership.evicted(peer, self.member_rooms).await;
+        for invite in peer.take_invites() {
+            let join = Join { room: invite.room, reference: None, params: invite.params, invited: true };
+            self.membership.join(peer, self.member_rooms, join).await;
+        }
     }
 }
 
@@ -372,7 +375,7 @@ async fn read_loop(
 enum Route {
     /// A message for the member room at this index.
     Send(usize, Payload),
-    Join(String, Option<u64>),
+    Join(Join),
     Leave(String, Option<u64>),
     /// An answer for the client (a refusal); the connection stays up.
     Reply(Bytes),
@@ -409,7 +412,12 @@ fn route(text: bool, payload: Bytes, member_rooms: &[Arc<Room>]) -> Route {
             }
             Err(reply) => reply,
         },
-        Ok(Ok(protocol::Request::Join { room, reference, .. })) => Route::Join(room.into_owned(), reference),
+        Ok(Ok(protocol::Request::Join { room, reference, params, .. })) => Route::Join(Join {
+            room: room.into_owned(),
+            reference,
+            params: params.map(Arc::from),
+            invited: false,
+        }),
         Ok(Ok(protocol::Request::Leave { room, reference })) => Route::Leave(room.into_owned(), reference),
         Ok(Err(refusal)) => Route::Reply(refusal.frame()),
         Err(_) => Route::Close,
@@ -422,19 +430,29 @@ struct Membership<'a> {
     mode: &'a RoomProtocol,
 }
 
+/// A join the client asked for, or a plugin (`invited`).
+struct Join {
+    room: String,
+    reference: Option<u64>,
+    /// The join's parameters (JSON text), for the room's plugin.
+    params: Option<Arc<str>>,
+    /// A plugin added the member (`add-to-room`): no `ref`, and a member already in
+    /// the room is left as it is.
+    invited: bool,
+}
+
 impl Membership<'_> {
-    /// Join `room` if the limit and its plugin allow: `joined`, then its messages; or
-    /// an `error` reply.
-    async fn join(
-        &self,
-        peer: &Arc<Peer>,
-        member_rooms: &mut Vec<Arc<Room>>,
-        room: String,
-        reference: Option<u64>,
-    ) {
-        let refuse = |status, reason: &str| peer.deliver(&protocol::error(reason, status, reference), false);
+    /// Join `join.room` if the limit allows: the room's plugin then decides, and the
+    /// room answers `joined` (then its messages) or an `error`. Refusals here get an
+    /// `error` naming the room.
+    async fn join(&self, peer: &Arc<Peer>, member_rooms: &mut Vec<Arc<Room>>, join: Join) {
+        let Join { room, reference, params, invited } = join;
+        let refuse =
+            |status, reason: &str| peer.deliver(&protocol::refused(&room, reason, status, reference), false);
         if member_rooms.iter().any(|r| r.name() == room) {
-            refuse(409, "already in room");
+            if !invited {
+                refuse(409, "already in room");
+            }
             return;
         }
         if member_rooms.len() >= self.mode.max_rooms {
@@ -445,9 +463,7 @@ impl Membership<'_> {
             refuse(rejection.status.as_u16(), &rejection.message);
             return;
         }
-        // Before the join, so it reaches the client ahead of the room's messages.
-        peer.deliver(&protocol::joined(&room, reference, None, None), false);
-        member_rooms.push(self.rooms.join(&room, peer).await);
+        member_rooms.push(self.rooms.join(&room, peer, reference, params).await);
     }
 
     /// Leave `room`: once the room has handled everything the client sent it before,
@@ -548,7 +564,7 @@ mod tests {
         let session = Session {
             transport: Transport::Plain(Arc::new(stream)),
             read_ahead: Bytes::new(),
-            peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None)),
+            peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None, None)),
             room: Some("room".to_owned()),
             rooms_mode: None,
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, TaskTracker::new())),

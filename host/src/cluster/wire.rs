@@ -5,13 +5,15 @@
 //! nothing else in the host needs serde for binary data, and the hot path (one
 //! message in, one delivery out) encodes a payload with one copy.
 
+use std::sync::Arc;
+
 use crate::types::CloseReason;
 use bytes::{BufMut, Bytes};
 
 use crate::plugin::{MemberId, MemberInfo, Payload};
 
 /// Bumped when the format changes; a record of another version is refused.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// A record that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +87,8 @@ pub enum Delivery {
     Send { to: MemberId, payload: Payload },
     /// Close one member; `failure` says the plugin failed (1011) rather than chose to.
     Close { member: MemberId, code: u16, reason: String, failure: bool },
+    /// The room's plugin added one member to another room (`add-to-room`).
+    Invite { member: MemberId, room: String, params: Option<String> },
 }
 
 /// A room's plugin state as its owner stored it.
@@ -208,28 +212,41 @@ const OUT_RELEASED: u8 = 11;
 const DELIVERY_BROADCAST: u8 = 1;
 const DELIVERY_SEND: u8 = 2;
 const DELIVERY_CLOSE: u8 = 3;
+const DELIVERY_INVITE: u8 = 4;
 const MEMBER: u8 = 20;
 const SNAPSHOT: u8 = 21;
+
+fn put_option(w: &mut Writer, value: Option<&str>) {
+    match value {
+        Some(value) => {
+            w.u8(1);
+            w.str(value);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn get_option(r: &mut Reader<'_>) -> Result<Option<String>, WireError> {
+    Ok(if r.u8()? != 0 { Some(r.string()?) } else { None })
+}
 
 fn put_member(w: &mut Writer, m: &MemberInfo) {
     w.u64(m.id);
     w.str(&m.query);
     w.str(&m.remote_addr);
-    match &m.protocol {
-        Some(p) => {
-            w.u8(1);
-            w.str(p);
-        }
-        None => w.u8(0),
-    }
+    put_option(w, m.protocol.as_deref());
+    put_option(w, m.identity.as_deref());
+    put_option(w, m.params.as_deref());
 }
 
 fn get_member(r: &mut Reader<'_>) -> Result<MemberInfo, WireError> {
     let id = r.u64()?;
     let query = r.string()?;
     let remote_addr = r.string()?;
-    let protocol = if r.u8()? != 0 { Some(r.string()?) } else { None };
-    Ok(MemberInfo { id, query, remote_addr, protocol })
+    let protocol = get_option(r)?;
+    let identity = get_option(r)?.map(Arc::from);
+    let params = get_option(r)?.map(Arc::from);
+    Ok(MemberInfo { id, query, remote_addr, protocol, identity, params })
 }
 
 /// The node that published a [`ToOwner`] or [`FromOwner`] record, read from its
@@ -318,6 +335,12 @@ impl FromOwner {
                         w.str(reason);
                         w.u8(*failure as u8);
                     }
+                    Delivery::Invite { member, room, params } => {
+                        w.u8(DELIVERY_INVITE);
+                        w.u64(*member);
+                        w.str(room);
+                        put_option(&mut w, params.as_deref());
+                    }
                 }
             }
         }
@@ -342,6 +365,9 @@ impl FromOwner {
                             reason: r.string()?,
                             failure: r.u8()? != 0,
                         },
+                        DELIVERY_INVITE => {
+                            Delivery::Invite { member: r.u64()?, room: r.string()?, params: get_option(&mut r)? }
+                        }
                         other => return Err(WireError::Tag(other)),
                     });
                 }
@@ -406,6 +432,8 @@ mod tests {
             query: "token=a".into(),
             remote_addr: "127.0.0.1:5".into(),
             protocol: Some("chat.v1".into()),
+            identity: Some(Arc::from(r#"{"sub":"42"}"#)),
+            params: None,
         }
     }
 
@@ -437,6 +465,7 @@ mod tests {
                     Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2] },
                     Delivery::Send { to: 9, payload: Payload::binary(vec![1]) },
                     Delivery::Close { member: 9, code: 4000, reason: "bye".into(), failure: false },
+                    Delivery::Invite { member: 9, room: "match:1".into(), params: Some(r#"{"seat":2}"#.into()) },
                 ],
             },
         };

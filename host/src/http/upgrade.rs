@@ -50,11 +50,11 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
     let upgrade_request = rooms_mode.then(|| request.clone());
     let decided = match valid.room {
         Some(_) => shared.gate.decide(request).await,
-        None => Ok(None),
+        None => Ok(Default::default()),
     };
-    let protocol = match decided {
-        Ok(_) if rooms_mode => Some(protocol::SUBPROTOCOL.to_owned()),
-        Ok(protocol) => protocol,
+    let (protocol, identity) = match decided {
+        Ok(accepted) if rooms_mode => (Some(protocol::SUBPROTOCOL.to_owned()), accepted.identity),
+        Ok(accepted) => (accepted.protocol, accepted.identity),
         Err(rejection) => {
             shared.metrics.rejected(rejection.reason);
             return rejection.into_response();
@@ -69,6 +69,7 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
         query,
         info.remote.to_string(),
         protocol.clone(),
+        identity,
     ));
     let task_shared = shared.clone();
     shared.tracker.spawn(async move {

@@ -14,8 +14,9 @@ use super::sandbox::*;
 use super::set::RoomPattern;
 use super::state::*;
 use super::{
-    Action, FailureKind, HandshakeDecision, HandshakeRequest, Limits, MemberId, MemberInfo, Origin, Payload,
-    PluginError, PluginInfo, RoomView, Verdict,
+    Action, FailureKind, HandshakeDecision, HandshakeRequest, Limits, MAX_CLOSE_REASON_BYTES,
+    MAX_IDENTITY_BYTES, MemberId, MemberInfo, Origin, Payload, PluginError, PluginInfo, Refused, RoomView,
+    Verdict,
 };
 use crate::types::CloseReason;
 
@@ -132,6 +133,12 @@ impl Plugin {
         self.loaded_at
     }
 
+    /// Whether it was built for `roomcast:plugin@0.1.0`: its `handshake` hook decides
+    /// room-protocol joins too, since its `join` cannot refuse.
+    pub fn legacy(&self) -> bool {
+        self.code.linked.contract() == super::bindings::Contract::Legacy
+    }
+
     /// Decide an upgrade request, on an instance that holds no room state.
     ///
     /// A decision that accepts with a subprotocol the client did not offer is refused
@@ -152,7 +159,7 @@ impl Plugin {
         }
         drop(idle);
         match decision {
-            HandshakeDecision::Accept { protocol: Some(protocol) }
+            HandshakeDecision::Accept { protocol: Some(protocol), .. }
                 if !request.protocols.contains(&protocol) =>
             {
                 Err(PluginError::new(
@@ -161,6 +168,21 @@ impl Plugin {
                     FailureKind::Error,
                     format!(
                         "handshake accepted with subprotocol `{protocol}`, which the client did not offer"
+                    ),
+                ))
+            }
+            HandshakeDecision::Accept { identity: Some(identity), .. }
+                if identity.len() > MAX_IDENTITY_BYTES
+                    || serde_json::from_str::<serde::de::IgnoredAny>(&identity).is_err() =>
+            {
+                Err(PluginError::new(
+                    self.name(),
+                    None,
+                    FailureKind::Error,
+                    format!(
+                        "handshake attached an identity that is not JSON text of at most \
+                         {MAX_IDENTITY_BYTES} bytes ({} bytes)",
+                        identity.len()
                     ),
                 ))
             }
@@ -244,10 +266,22 @@ impl RoomInstance {
         std::mem::take(&mut self.setup_actions)
     }
 
-    /// A member joined the room (`view.members` should already include it).
-    pub fn join(&mut self, view: &RoomView, member: &MemberInfo) -> Result<Vec<Action>, PluginError> {
-        self.call(Scope::Hook(view), "join", |exports, store| exports.join(store, member))
-            .map(|((), actions)| actions)
+    /// A member joins the room (`view.members` should already include it). `Err` in
+    /// the verdict: the plugin refused it, and the caller removes it again (the
+    /// actions still apply, but none can reach a member that is gone). A plugin built
+    /// for `roomcast:plugin@0.1.0` admits everyone.
+    pub fn join(
+        &mut self,
+        view: &RoomView,
+        member: &MemberInfo,
+    ) -> Result<(Result<(), Refused>, Vec<Action>), PluginError> {
+        let (verdict, actions) =
+            self.call(Scope::Hook(view), "join", |exports, store| exports.join(store, member))?;
+        let verdict = verdict.map_err(|Refused { status, reason }| Refused {
+            status: if (400..=599).contains(&status) { status } else { 403 },
+            reason: one_line(&reason, MAX_CLOSE_REASON_BYTES),
+        });
+        Ok((verdict, actions))
     }
 
     /// A member left the room (`view.members` should no longer include it).

@@ -110,8 +110,10 @@ pub struct HandshakeRequest {
 /// A plugin's answer to a [`HandshakeRequest`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandshakeDecision {
-    /// Upgrade, optionally with one of the subprotocols the client offered (checked).
-    Accept { protocol: Option<String> },
+    /// Upgrade, optionally with one of the subprotocols the client offered (checked),
+    /// attaching `identity` (JSON text of at most [`MAX_IDENTITY_BYTES`], checked) to
+    /// the connection.
+    Accept { protocol: Option<String>, identity: Option<String> },
     /// Refuse with this HTTP status (always 4xx or 5xx: anything else became 403) and a
     /// one-line reason (line breaks become spaces; cut at 512 bytes).
     Reject { status: u16, reason: String },
@@ -126,7 +128,26 @@ pub struct MemberInfo {
     pub remote_addr: String,
     /// The subprotocol agreed at the handshake, if any.
     pub protocol: Option<String>,
+    /// What the handshake attached to the connection (JSON text), if anything.
+    pub identity: Option<Arc<str>>,
+    /// The join's parameters (JSON text), if any: a room-protocol join's `params`, or
+    /// what the plugin that added the member passed.
+    pub params: Option<Arc<str>>,
 }
+
+/// A plugin refused a member's join: the status (4xx or 5xx; anything else became 403)
+/// and a one-line reason (cut at [`MAX_CLOSE_REASON_BYTES`], so that it also fits a
+/// close frame).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub status: u16,
+    pub reason: String,
+}
+
+/// The most bytes of JSON a handshake may attach to a connection as its identity.
+pub const MAX_IDENTITY_BYTES: usize = 4096;
+/// The most bytes of JSON a plugin may pass as the parameters of a join it asks for.
+pub const MAX_PARAMS_BYTES: usize = 4096;
 
 /// What happens to the message a `message` call was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +179,20 @@ pub enum Action {
     Close {
         member: MemberId,
         code: u16,
+        reason: String,
+    },
+    /// Add `member` (of this room) to room `room` as well; that room's plugin decides.
+    /// `room` is a valid room name; `params` is JSON text of at most
+    /// [`MAX_PARAMS_BYTES`].
+    AddToRoom {
+        member: MemberId,
+        room: String,
+        params: Option<String>,
+    },
+    /// End `member`'s membership of this room, keeping its connection (code 1000);
+    /// `reason` is at most [`MAX_CLOSE_REASON_BYTES`] bytes.
+    Remove {
+        member: MemberId,
         reason: String,
     },
     /// Call [`RoomInstance::timer`] with `id` after `after`.

@@ -15,7 +15,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, StoreContextMut, WasmBacktraceDetails};
 
-use super::bindings::{self, Linked};
+use super::bindings::{self, Contract, Linked};
 use super::instance::{Code, Plugin};
 use super::manifest::{self, Manifest};
 use super::sandbox::Sandbox;
@@ -24,10 +24,9 @@ use super::source::PluginSource;
 use super::state::HostState;
 use super::{HostCaps, PluginError, PluginInfo};
 
-/// The WIT package this host speaks.
-pub const WIT_PACKAGE: &str = "roomcast:plugin@0.1.0";
-/// The interface versions that link: the same `0.1` track (semver for `0.x`).
-const WIT_COMPATIBLE: &str = "0.1.";
+/// The WIT package plugins are built against today. The host also runs plugins built
+/// for `roomcast:plugin@0.1.0` (see [`bindings::Contract`]).
+pub const WIT_PACKAGE: &str = "roomcast:plugin@0.2.0";
 /// How often the epoch ticks; deadlines are counted in ticks.
 pub(crate) const TICK: Duration = Duration::from_millis(1);
 
@@ -43,7 +42,7 @@ pub struct CheckReport {
     /// The WIT package its `roomcast:plugin` imports come from (the host's own package
     /// when it imports none).
     pub wit_package: String,
-    /// Every import it declares, e.g. `roomcast:plugin/room@0.1.0` and the `wasi:*`
+    /// Every import it declares, e.g. `roomcast:plugin/room@0.2.0` and the `wasi:*`
     /// interfaces Rust's std declares (which trap, except `wasi:random`).
     pub imports: Vec<String>,
     /// The rooms it would serve.
@@ -331,17 +330,27 @@ impl PluginRuntime {
         let component_type = component.component_type();
         let mut imports = Vec::new();
         let mut wit_package = None;
+        let mut contract = None;
         let mut linker = self.linker.clone();
         for (import, item) in component_type.imports(engine) {
             imports.push(import.to_owned());
             if let Some(version) = roomcast_import_version(import) {
-                if !version.starts_with(WIT_COMPATIBLE) || version.contains(['-', '+']) {
+                let Some(this) = Contract::of_version(version) else {
                     return Err(load_error(format!(
-                        "{} imports `{import}`, but this host speaks {WIT_PACKAGE}: rebuild \
-                         it against the host's wit/roomcast.wit",
+                        "{} imports `{import}`, but this host speaks {WIT_PACKAGE} (and runs \
+                         plugins built for roomcast:plugin@0.1.0): rebuild it against the \
+                         host's wit/roomcast.wit",
+                        wasm_path.display()
+                    )));
+                };
+                if contract.is_some_and(|seen| seen != this) {
+                    return Err(load_error(format!(
+                        "{} imports `{import}` beside another version of roomcast:plugin: \
+                         build it against one version",
                         wasm_path.display()
                     )));
                 }
+                contract = Some(this);
                 wit_package.get_or_insert_with(|| format!("roomcast:plugin@{version}"));
             } else if import.starts_with("wasi:random/") {
                 define_random(&mut linker, engine, import, &item.ty)
@@ -373,13 +382,21 @@ impl PluginRuntime {
         linker
             .define_unknown_imports_as_traps(&component)
             .map_err(|error| load_error(format!("cannot stub its imports: {error}")))?;
-        let linked = Linked::new(&linker, &component).map_err(|error| {
+        // A plugin that imports nothing of ours is tried as today's contract, then 0.1.0.
+        let linked = match contract {
+            Some(contract) => Linked::new(&linker, &component, contract),
+            None => Linked::new(&linker, &component, Contract::Current)
+                .or_else(|_| Linked::new(&linker, &component, Contract::Legacy)),
+        }
+        .map_err(|error| {
             load_error(format!(
-                "{} does not match the `room-plugin` world of {WIT_PACKAGE}: {}",
+                "{} does not match the `room-plugin` world of {}: {}",
                 wasm_path.display(),
+                contract.unwrap_or(Contract::Current).package(),
                 error_chain(&error)
             ))
         })?;
+        let contract = linked.contract();
 
         let setup_deadline = self.caps.max_deadline.max(manifest.limits.deadline);
         let code = Code {
@@ -406,7 +423,7 @@ impl PluginRuntime {
         Ok(Prepared {
             plugin,
             hooks: bindings::HOOKS.iter().map(|hook| (*hook).to_owned()).collect(),
-            wit_package: wit_package.unwrap_or_else(|| WIT_PACKAGE.to_owned()),
+            wit_package: wit_package.unwrap_or_else(|| contract.package().to_owned()),
             imports,
         })
     }

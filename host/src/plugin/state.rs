@@ -42,6 +42,7 @@ pub(crate) enum Refusal {
     TooManyTimers,
     InvalidCloseCode,
     Unavailable,
+    InvalidArgument,
 }
 
 /// The `log-level` of the `room` interface.
@@ -265,6 +266,40 @@ impl HostState {
         reason.truncate(keep);
         let bytes = reason.len();
         self.record(Action::Close { member, code, reason }, bytes)
+    }
+
+    pub(crate) fn add_to_room(
+        &mut self,
+        member: MemberId,
+        room: String,
+        params: Option<String>,
+    ) -> Result<(), Refusal> {
+        self.require_room()?;
+        if !crate::types::valid_room_name(&room) {
+            return Err(Refusal::UnknownRoom);
+        }
+        if !self.is_member(member) {
+            return Err(Refusal::UnknownMember);
+        }
+        if let Some(params) = &params
+            && (params.len() > super::MAX_PARAMS_BYTES
+                || serde_json::from_str::<serde::de::IgnoredAny>(params).is_err())
+        {
+            return Err(Refusal::InvalidArgument);
+        }
+        let bytes = room.len() + params.as_ref().map_or(0, String::len);
+        self.record(Action::AddToRoom { member, room, params }, bytes)
+    }
+
+    pub(crate) fn remove(&mut self, member: MemberId, mut reason: String) -> Result<(), Refusal> {
+        self.require_room()?;
+        if !self.is_member(member) {
+            return Err(Refusal::UnknownMember);
+        }
+        let keep = truncate(&reason, MAX_CLOSE_REASON_BYTES).len();
+        reason.truncate(keep);
+        let bytes = reason.len();
+        self.record(Action::Remove { member, reason }, bytes)
     }
 
     pub(crate) fn members(&mut self) -> Vec<MemberId> {

@@ -88,7 +88,7 @@ impl Room {
 }
 
 fn member(id: MemberId) -> MemberInfo {
-    MemberInfo { id, query: String::new(), remote_addr: "127.0.0.1:1".to_owned(), protocol: None }
+    MemberInfo { id, remote_addr: "127.0.0.1:1".to_owned(), ..MemberInfo::default() }
 }
 
 /// Load a plugin with the host's largest deadline rather than the default 10ms:
@@ -114,9 +114,9 @@ fn echo_sends_each_message_back_to_its_sender() {
     assert_eq!(plugin.sha256().len(), 64);
     let mut room = Room::new("echo:a", &[7]);
     let mut instance = plugin.instantiate("echo:a").expect("instantiate");
-    assert_eq!(instance.join(&room.view(), &member(7)).expect("join"), vec![]);
+    assert_eq!(instance.join(&room.view(), &member(7)).expect("join"), (Ok(()), vec![]));
     room.members.push(8);
-    instance.join(&room.view(), &member(8)).expect("join");
+    instance.join(&room.view(), &member(8)).expect("join").0.expect("admitted");
 
     let text = Payload::text("héllo");
     let (verdict, actions) = instance.message(&room.view(), Origin::Member(8), &text).expect("message");
@@ -152,7 +152,7 @@ fn relay_passes_without_actions_and_accepts_handshakes() {
     for _ in 0..3 {
         assert_eq!(
             plugin.handshake(&request).expect("handshake"),
-            HandshakeDecision::Accept { protocol: None }
+            HandshakeDecision::Accept { protocol: None, identity: None }
         );
     }
 }
@@ -167,10 +167,10 @@ fn check_reports_a_good_plugin() {
     assert_eq!(report.hooks.len(), 9);
     assert_eq!(report.wit_package, WIT_PACKAGE);
     assert_eq!(report.rooms, vec!["relay", "relay:*"]);
-    assert!(report.imports.contains(&"roomcast:plugin/room@0.1.0".to_owned()));
+    assert!(report.imports.contains(&"roomcast:plugin/room@0.2.0".to_owned()));
     assert!(report.imports.iter().any(|import| import.starts_with("wasi:cli/")));
     let text = report.to_string();
-    assert!(text.contains("world:   roomcast:plugin@0.1.0 room-plugin"), "{text}");
+    assert!(text.contains("world:   roomcast:plugin@0.2.0 room-plugin"), "{text}");
     assert!(text.contains("trapping: wasi:") && text.contains("a call traps"), "{text}");
     eprintln!("{text}");
 }
@@ -492,8 +492,8 @@ fn otherworld_is_refused_for_its_wit_version() {
     let error = runtime.check(&plugin_file("otherworld")).expect_err("otherworld");
     assert_eq!(error.kind, FailureKind::Load);
     let text = error.to_string();
-    assert!(text.contains("roomcast:plugin/room@0.2.0"), "{text}");
-    assert!(text.contains("this host speaks roomcast:plugin@0.1.0"), "{text}");
+    assert!(text.contains("roomcast:plugin/room@0.9.0"), "{text}");
+    assert!(text.contains("this host speaks roomcast:plugin@0.2.0"), "{text}");
 }
 
 #[test]
@@ -505,7 +505,7 @@ fn a_component_of_another_world_is_refused_clearly() {
     let error = runtime.check(&file).expect_err("empty component");
     assert_eq!(error.kind, FailureKind::Load);
     let text = error.to_string();
-    assert!(text.contains("does not implement the `room-plugin` world of roomcast:plugin@0.1.0"), "{text}");
+    assert!(text.contains("does not implement the `room-plugin` world of roomcast:plugin@0.2.0"), "{text}");
     assert!(text.contains("missing exports `describe`, `init`"), "{text}");
     assert!(text.contains("(it exports: nothing)"), "{text}");
 }
@@ -533,7 +533,7 @@ fn gate_decides_handshakes_from_its_config() {
     };
     assert_eq!(
         plugin.handshake(&request("token=secret", "https://app.example.com")).expect("handshake"),
-        HandshakeDecision::Accept { protocol: None }
+        HandshakeDecision::Accept { protocol: None, identity: None }
     );
     assert_eq!(
         plugin.handshake(&request("token=wrong", "https://app.example.com")).expect("handshake"),
@@ -619,7 +619,7 @@ fn ten_thousand_live_rooms() {
     let room = Room::new("relay:many", &[1]);
     for _ in 0..rooms {
         let mut instance = plugin.instantiate("relay:many").expect("instantiate");
-        instance.join(&room.view(), &member(1)).expect("join");
+        instance.join(&room.view(), &member(1)).expect("join").0.expect("admitted");
         instances.push(instance);
     }
     let took = started.elapsed();

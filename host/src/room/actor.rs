@@ -8,11 +8,15 @@ use tokio::time::Instant;
 use super::clustered::Clustered;
 use super::delivery::Target;
 use super::timers::Timers;
-use super::{Peer, Room, RoomEvent, Rooms};
+use super::{Ending, Joining, Peer, Room, RoomEvent, Rooms};
+use crate::cluster::wire::Delivery;
 use crate::metrics::{Metrics, PluginCalls};
 use crate::plugin::reload::LivePlugins;
-use crate::plugin::{MemberId, MemberInfo, Origin, Payload, Plugin, RoomExists, RoomInstance, Verdict};
+use crate::plugin::{
+    MemberId, MemberInfo, Origin, Payload, Plugin, Refused, RoomExists, RoomInstance, Verdict,
+};
 use crate::types::CloseReason;
+use crate::ws::frame::close_code;
 
 /// The most member messages a room takes from its inbox at once (see
 /// `RoomActor::message_batch`).
@@ -50,6 +54,21 @@ pub(super) struct RoomActor {
     /// out member by member at the end of the batch (or before a close).
     pub(super) staging: bool,
     pub(super) staged: Vec<(Payload, Target)>,
+    /// The local member whose join is being decided, with its `ref`: admitted, it gets
+    /// `joined` before anything its join sends; refused, an `error`.
+    pub(super) joining: Option<(MemberId, Option<u64>)>,
+    /// Members whose join the plugin refused and whose leave has not arrived yet:
+    /// what they send meanwhile is dropped.
+    pub(super) refused: Vec<MemberId>,
+}
+
+/// What a plugin's `join` decided.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Admission {
+    Admitted,
+    Refused,
+    /// The call failed; the room recovered (or closed its members).
+    Failed,
 }
 
 /// What decides where a room's messages go.
@@ -93,6 +112,8 @@ impl RoomActor {
             pending: None,
             staging: false,
             staged: Vec::new(),
+            joining: None,
+            refused: Vec::new(),
         }
     }
 
@@ -154,9 +175,9 @@ impl RoomActor {
                 continue;
             }
             match event {
-                RoomEvent::Join(peer) => {
-                    self.announce(&peer);
-                    self.join(peer)
+                RoomEvent::Join(joining) => {
+                    self.announce(&joining.peer);
+                    self.join(joining)
                 }
                 RoomEvent::Leave { member, reason, last, handled } => {
                     self.unannounce(member);
@@ -169,6 +190,7 @@ impl RoomActor {
                         break;
                     }
                 }
+                RoomEvent::Message { from, .. } if self.refused.contains(&from) => {}
                 RoomEvent::Message { from, payload } if self.batches() => {
                     self.message_batch(from, payload, &mut rx)
                 }
@@ -191,10 +213,15 @@ impl RoomActor {
         self.ids.iter().filter_map(|id| self.member_info(*id)).collect()
     }
 
-    pub(super) fn join(&mut self, peer: Arc<Peer>) {
+    pub(super) fn join(&mut self, joining: Joining) {
+        let Joining { peer, reference, params } = joining;
+        let mut info = peer.info();
+        info.params = params;
         self.ids.push(peer.id);
-        self.peers.push(peer.clone());
-        self.joined(&peer.info());
+        self.peers.push(peer);
+        self.joining = Some((info.id, reference));
+        self.joined(&info);
+        self.joining = None;
     }
 
     /// Tell the logic about a member already added to `ids`.
@@ -203,28 +230,95 @@ impl RoomActor {
             // A new member gives the plugin another chance to start.
             let plugin = plugin.clone();
             self.start(plugin, None);
-            return; // `start` presented every member, the new one included
+            // `start` presented every member, the new one included.
+            self.admitted(info.id);
+            return;
         }
         self.call_join(info);
     }
 
-    /// Call the plugin's `join` for `info`; `false` if the instance failed.
-    pub(super) fn call_join(&mut self, info: &MemberInfo) -> bool {
+    /// Call the plugin's `join` for `info` (a member already in `ids`): admitted, the
+    /// member hears `joined` (if it is joining now) before what the call sends;
+    /// refused, it is removed again.
+    pub(super) fn call_join(&mut self, info: &MemberInfo) -> Admission {
         let result = self.with_instance(|instance, view| instance.join(view, info));
         match result {
-            None => true,
-            Some(Ok(actions)) => {
+            None => {
+                self.admitted(info.id);
+                Admission::Admitted
+            }
+            Some(Ok((Ok(()), actions))) => {
+                self.admitted(info.id);
                 self.apply(actions, 0);
-                true
+                Admission::Admitted
+            }
+            Some(Ok((Err(refused), actions))) => {
+                self.refuse(info.id, &refused);
+                self.apply(actions, 0);
+                Admission::Refused
             }
             Some(Err(error)) => {
                 self.recover(&error);
-                false
+                Admission::Failed
             }
         }
     }
 
+    /// The joining member `id` is in: a room-protocol client gets `joined`.
+    fn admitted(&mut self, id: MemberId) {
+        let Some((joining, reference)) = self.joining else { return };
+        if joining != id {
+            return;
+        }
+        self.joining = None;
+        if let Some(peer) = self.local(id).filter(|peer| peer.tagged) {
+            peer.deliver(&crate::protocol::joined(&self.room.name, reference, None, None), self.write_through);
+        }
+    }
+
+    /// The plugin refused member `id`: it leaves the plugin's view at once (no `leave`
+    /// hook). A member joining now hears an `error` (room-protocol mode) and its
+    /// session leaves the room; a raw member, whose only room this is, is closed with
+    /// 1008. A member presented again (a new plugin version, a fresh instance) that is
+    /// refused loses its membership as if the plugin had closed it.
+    pub(super) fn refuse(&mut self, id: MemberId, refused: &Refused) {
+        self.ids.retain(|member| *member != id);
+        let joining = self.joining.take_if(|(member, _)| *member == id);
+        if let Some(at) = self.peers.iter().position(|p| p.id == id) {
+            let peer = self.peers.remove(at);
+            self.unannounce(id);
+            self.refused.push(id);
+            if let (Some((_, reference)), true) = (joining, peer.tagged) {
+                let frame = crate::protocol::refused(&self.room.name, &refused.reason, refused.status, reference);
+                peer.deliver(&frame, self.write_through);
+                peer.evict(self.room.name.clone(), CloseReason::Plugin);
+            } else if peer.tagged {
+                let frame = crate::protocol::left(&self.room.name, close_code::POLICY, &refused.reason, None);
+                peer.deliver(&frame, self.write_through);
+                peer.evict(self.room.name.clone(), CloseReason::Plugin);
+            } else {
+                peer.end(Ending::new(CloseReason::Plugin, close_code::POLICY, refused.reason.clone()));
+            }
+        } else if let Some(clustered) = self.cluster.as_mut()
+            && clustered.remote.remove(&id).is_some()
+        {
+            // A member on another node: its node carries the refusal out (`left`).
+            clustered.left.insert(id, Instant::now());
+            clustered.outbox.push(Delivery::Close {
+                member: id,
+                code: close_code::POLICY,
+                reason: refused.reason.clone(),
+                failure: false,
+            });
+        }
+    }
+
     pub(super) fn leave(&mut self, member: MemberId, reason: CloseReason) {
+        if let Some(at) = self.refused.iter().position(|id| *id == member) {
+            // Refused at its join: the plugin never counted it a member.
+            self.refused.swap_remove(at);
+            return;
+        }
         self.ids.retain(|id| *id != member);
         self.peers.retain(|p| p.id != member);
         self.left(member, reason);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use super::actor::{Logic, RoomActor};
-use super::{Peer, RoomEvent};
+use super::{Joining, Peer, RoomEvent};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 use crate::cluster::{Record, Role, RoleChange, RoomLink};
 use crate::plugin::{MemberId, MemberInfo, Origin};
@@ -103,10 +103,16 @@ impl RoomActor {
     pub(super) fn follow(&mut self, event: RoomEvent) -> bool {
         let Some(clustered) = self.cluster.as_mut() else { return false };
         match event {
-            RoomEvent::Join(peer) => {
-                let info = peer.info();
+            RoomEvent::Join(Joining { peer, reference, params }) => {
+                let mut info = peer.info();
+                info.params = params;
                 clustered.link.present(&info);
                 clustered.link.to_owner(InEvent::Join(info));
+                // The owner's plugin decides on another node: a refusal comes back as
+                // a close of the membership (`left`, 1008).
+                if peer.tagged {
+                    peer.deliver(&crate::protocol::joined(&self.room.name, reference, None, None), false);
+                }
                 self.ids.push(peer.id);
                 self.peers.push(peer);
             }
@@ -426,6 +432,7 @@ impl RoomActor {
                             let why = if failure { CloseReason::PluginFailure } else { CloseReason::Plugin };
                             self.close_member(member, why, code, &reason);
                         }
+                        Delivery::Invite { member, room, params } => self.invite(member, room, params),
                     }
                 }
             }
@@ -563,7 +570,7 @@ mod tests {
     use super::*;
 
     fn info(id: MemberId) -> MemberInfo {
-        MemberInfo { id, query: String::new(), remote_addr: "127.0.0.1:1".into(), protocol: None }
+        MemberInfo { id, remote_addr: "127.0.0.1:1".into(), ..MemberInfo::default() }
     }
 
     fn remote(node: &str, id: MemberId, joined: Instant) -> (MemberId, Remote) {

@@ -1,6 +1,9 @@
 //! Who may be in a room: the room's plugin decides, through its `handshake` hook, for
-//! an upgrade to `/ws/{room}` and for a join in room-protocol mode alike. A room whose
-//! plugin exists but never loaded is closed to both (fail closed).
+//! an upgrade to `/ws/{room}` (and attaches the connection's identity), and through its
+//! `join` hook for every join (see the room's actor). A plugin built for
+//! `roomcast:plugin@0.1.0`, whose `join` cannot refuse, decides room-protocol joins
+//! with its `handshake` hook instead. A room whose plugin exists but never loaded is
+//! closed to upgrades and joins alike (fail closed).
 
 use std::sync::Arc;
 
@@ -31,19 +34,20 @@ impl Gate {
 
     /// Ask the room's plugin, if it has one, whether `request` may enter
     /// `request.room`. Runs on a blocking thread: the call may take up to the plugin's
-    /// deadline. `Ok` carries the subprotocol the plugin chose.
-    pub async fn decide(&self, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
+    /// deadline.
+    pub async fn decide(&self, request: HandshakeRequest) -> Result<Accepted, Rejection> {
         match self.plugin_for(&request.room)? {
             Some(plugin) => self.ask(plugin, request).await,
-            None => Ok(None),
+            None => Ok(Accepted::default()),
         }
     }
 
-    /// Ask `room`'s plugin whether the connection that made `upgrade` may join it (in
-    /// room-protocol mode): the plugin sees the upgrade request with the joined room's
-    /// path and name. The request is copied only when there is a plugin to see it.
+    /// Before a room-protocol join of `room`: refuse it when the room's plugin never
+    /// loaded, and ask a `roomcast:plugin@0.1.0` plugin's `handshake` hook (with the
+    /// upgrade request, its path and room changed to the joined room's). A plugin of
+    /// today's contract decides in its `join` hook instead, so this calls nothing.
     pub async fn decide_join(&self, upgrade: &HandshakeRequest, room: &str) -> Result<(), Rejection> {
-        let Some(plugin) = self.plugin_for(room)? else { return Ok(()) };
+        let Some(plugin) = self.plugin_for(room)?.filter(|plugin| plugin.legacy()) else { return Ok(()) };
         let mut request = upgrade.clone();
         request.path = format!("/ws/{room}");
         room.clone_into(&mut request.room);
@@ -68,7 +72,7 @@ impl Gate {
 
     /// Call `plugin`'s `handshake` hook on a blocking thread, within the gate's
     /// concurrency.
-    async fn ask(&self, plugin: Arc<Plugin>, request: HandshakeRequest) -> Result<Option<String>, Rejection> {
+    async fn ask(&self, plugin: Arc<Plugin>, request: HandshakeRequest) -> Result<Accepted, Rejection> {
         let room = request.room.clone();
         let calls = self.metrics.plugin_calls(plugin.name());
         let Ok(_turn) = self.calls.acquire().await else {
@@ -88,9 +92,9 @@ impl Gate {
             )
         };
         match decided {
-            Ok(Ok(HandshakeDecision::Accept { protocol })) => {
+            Ok(Ok(HandshakeDecision::Accept { protocol, identity })) => {
                 calls.ok();
-                Ok(protocol)
+                Ok(Accepted { protocol, identity: identity.map(Arc::from) })
             }
             Ok(Ok(HandshakeDecision::Reject { status, reason })) => {
                 calls.ok();
@@ -104,6 +108,15 @@ impl Gate {
             Err(join) => Err(failed(join.to_string())),
         }
     }
+}
+
+/// What an accepted handshake agreed on.
+#[derive(Debug, Default)]
+pub struct Accepted {
+    /// The subprotocol the plugin chose.
+    pub protocol: Option<String>,
+    /// What the plugin attached to the connection (JSON text).
+    pub identity: Option<Arc<str>>,
 }
 
 /// How many plugin handshake calls may run at once: twice the cores, at least 4.

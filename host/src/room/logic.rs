@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::actor::{Logic, RoomActor};
-use super::{MAX_FORWARD_HOPS, RoomEvent};
+use super::actor::{Admission, Logic, RoomActor};
+use super::{Invite, MAX_FORWARD_HOPS, RoomEvent};
 use crate::cluster::Role;
 use crate::cluster::wire::{Delivery, InEvent};
 use crate::plugin::{Action, MemberId, Payload, Plugin, PluginError, RoomInstance, RoomView};
@@ -153,7 +153,7 @@ impl RoomActor {
         self.apply_setup();
         if !restored {
             for member in self.member_infos() {
-                if !self.call_join(&member) {
+                if self.call_join(&member) == Admission::Failed {
                     return false;
                 }
             }
@@ -213,7 +213,11 @@ impl RoomActor {
                 self.apply_setup();
                 for info in self.member_infos() {
                     match self.with_instance(|instance, view| instance.join(view, &info)) {
-                        Some(Ok(actions)) => self.apply(actions, 0),
+                        Some(Ok((Ok(()), actions))) => self.apply(actions, 0),
+                        Some(Ok((Err(refused), actions))) => {
+                            self.refuse(info.id, &refused);
+                            self.apply(actions, 0);
+                        }
                         Some(Err(error)) => {
                             self.failed_call(&error);
                             self.logic = Logic::Failed { plugin };
@@ -274,6 +278,28 @@ impl RoomActor {
                         clustered.outbox.push(Delivery::Close { member, code, reason, failure: false });
                     }
                 }
+                Action::Remove { member, reason } => {
+                    self.flush_staged();
+                    let code = close_code::NORMAL;
+                    if self.local(member).is_some() {
+                        self.close_member(member, CloseReason::Plugin, code, &reason);
+                    } else if let Some(clustered) =
+                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&member))
+                    {
+                        clustered.outbox.push(Delivery::Close { member, code, reason, failure: false });
+                    }
+                }
+                Action::AddToRoom { member, room, params } => {
+                    // What the member was sent before comes first.
+                    self.flush_staged();
+                    if self.local(member).is_some() {
+                        self.invite(member, room, params);
+                    } else if let Some(clustered) =
+                        self.cluster.as_mut().filter(|c| c.remote.contains_key(&member))
+                    {
+                        clustered.outbox.push(Delivery::Invite { member, room, params });
+                    }
+                }
                 Action::SetTimer { id, after } => {
                     self.timers.set(id, Instant::now() + after);
                 }
@@ -282,6 +308,17 @@ impl RoomActor {
                 }
             }
         }
+    }
+
+    /// Ask this node's member `member` to join `room` (a plugin's `add-to-room`); a
+    /// raw member, in one room by design, stays where it is.
+    pub(super) fn invite(&self, member: MemberId, room: String, params: Option<String>) {
+        let Some(peer) = self.local(member) else { return };
+        if !peer.tagged {
+            tracing::debug!(room = %self.room.name, member, target = %room, "add-to-room ignored: a raw connection is in one room");
+            return;
+        }
+        peer.invite(Invite { room, params: params.map(Arc::from) });
     }
 
     pub(super) fn forward(&self, target: &str, payload: Payload, hops: u8) {

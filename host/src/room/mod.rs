@@ -42,7 +42,7 @@ use clustered::Clustered;
 
 pub use crate::plugin::MemberId;
 pub use gate::Gate;
-pub use peer::{Ending, Peer, encode};
+pub use peer::{Ending, Invite, Peer, encode};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
 /// (its reader stops reading its socket) until the room catches up: backpressure on
@@ -55,7 +55,7 @@ pub const MAX_FORWARD_HOPS: u8 = 4;
 /// What a room's actor is told, in the order it happened.
 #[derive(Debug)]
 pub enum RoomEvent {
-    Join(Arc<Peer>),
+    Join(Joining),
     /// `last` is set when this leave emptied the room: the actor stops after it.
     Leave {
         member: MemberId,
@@ -81,6 +81,18 @@ pub enum RoomEvent {
     /// A backend publishes to the room (admin API): every member gets it, as if the
     /// room had broadcast it.
     Publish(Payload),
+}
+
+/// A member on its way into a room.
+#[derive(Debug)]
+pub struct Joining {
+    pub peer: Arc<Peer>,
+    /// The `ref` of the client's join (room-protocol mode), echoed by `joined` or
+    /// `error`: `Some(0)` for the room in the upgrade's path, `None` when a plugin
+    /// added the member.
+    pub reference: Option<u64>,
+    /// The join's parameters (JSON text), for the room's plugin.
+    pub params: Option<Arc<str>>,
 }
 
 /// A live room. Sessions hold it for as long as they are members.
@@ -184,7 +196,15 @@ impl Rooms {
     }
 
     /// Add `peer` to room `name`, creating the room (and its actor) if it is not live.
-    pub async fn join(self: &Arc<Self>, name: &str, peer: &Arc<Peer>) -> Arc<Room> {
+    /// The room's plugin may still refuse it: the actor then answers the client and
+    /// evicts it (room-protocol mode), or ends its session (raw mode).
+    pub async fn join(
+        self: &Arc<Self>,
+        name: &str,
+        peer: &Arc<Peer>,
+        reference: Option<u64>,
+        params: Option<Arc<str>>,
+    ) -> Arc<Room> {
         let room = {
             let mut map = self.map.lock().expect("rooms lock");
             let room = match map.get(name) {
@@ -200,7 +220,8 @@ impl Rooms {
             self.metrics.room_members.fetch_add(1, Relaxed);
             room
         };
-        let _ = room.tx.send(RoomEvent::Join(peer.clone())).await;
+        let joining = Joining { peer: peer.clone(), reference, params };
+        let _ = room.tx.send(RoomEvent::Join(joining)).await;
         room
     }
 

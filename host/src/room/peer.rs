@@ -18,6 +18,9 @@ pub struct Peer {
     pub query: String,
     pub remote_addr: String,
     pub protocol: Option<String>,
+    /// What the handshake attached to the connection (JSON text): every room's plugin
+    /// sees it in the member's info.
+    pub identity: Option<Arc<str>>,
     /// Room-protocol mode (`roomcast.v1`): deliveries are tagged with their room, and a
     /// plugin's close ends one membership, not the session.
     pub tagged: bool,
@@ -35,6 +38,20 @@ struct Departures {
     ending: Option<Ending>,
     /// Rooms that ended the membership (room-protocol mode), with why.
     evicted: Vec<(Arc<str>, CloseReason)>,
+    /// Rooms plugins asked the member to join (room-protocol mode), in order; at most
+    /// [`MAX_PENDING_INVITES`].
+    invites: Vec<Invite>,
+}
+
+/// The most joins plugins may have asked of one member before its session carries
+/// them out; more are dropped (and logged).
+pub const MAX_PENDING_INVITES: usize = 64;
+
+/// A plugin asked a member to join a room (`add-to-room`).
+#[derive(Debug, Clone)]
+pub struct Invite {
+    pub room: String,
+    pub params: Option<Arc<str>>,
 }
 
 /// Why a session ends, and the close frame it sends (if any).
@@ -63,12 +80,14 @@ impl Peer {
         query: String,
         remote_addr: String,
         protocol: Option<String>,
+        identity: Option<Arc<str>>,
     ) -> Self {
         Self {
             id,
             outbound: Outbound::new(max_queue_bytes),
             query,
             remote_addr,
+            identity,
             tagged: protocol.as_deref() == Some(crate::protocol::SUBPROTOCOL),
             protocol,
             kill: tokio::sync::Notify::new(),
@@ -93,6 +112,23 @@ impl Peer {
         self.kill.notify_one();
     }
 
+    /// Ask the session to join `invite.room` (room-protocol mode): a plugin added the
+    /// member to it. Its session joins as for a client's join without a `ref`.
+    pub fn invite(&self, invite: Invite) {
+        let mut departures = self.departures.lock().expect("peer lock");
+        if departures.invites.len() >= MAX_PENDING_INVITES {
+            tracing::warn!(member = self.id, room = %invite.room, "too many pending joins: add-to-room dropped");
+            return;
+        }
+        departures.invites.push(invite);
+        self.kill.notify_one();
+    }
+
+    /// The joins plugins asked for since the last call.
+    pub fn take_invites(&self) -> Vec<Invite> {
+        std::mem::take(&mut self.departures.lock().expect("peer lock").invites)
+    }
+
     /// Wake the session again (it took a wake-up it could not act on yet).
     pub fn rewake(&self) {
         self.kill.notify_one();
@@ -113,13 +149,16 @@ impl Peer {
         self.departures.lock().expect("peer lock").ending.clone()
     }
 
-    /// What a plugin's `join` hook is told about this member.
+    /// What a plugin's `join` hook is told about this member (the join's parameters
+    /// are the room's to add).
     pub fn info(&self) -> MemberInfo {
         MemberInfo {
             id: self.id,
             query: self.query.clone(),
             remote_addr: self.remote_addr.clone(),
             protocol: self.protocol.clone(),
+            identity: self.identity.clone(),
+            params: None,
         }
     }
 

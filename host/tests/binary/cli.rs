@@ -159,12 +159,12 @@ fn plugin_check_reports_hooks_or_a_clear_error() {
     assert!(
         report.contains("chat 0.1.0")
             && report.contains("message")
-            && report.contains("roomcast:plugin@0.1.0"),
+            && report.contains("roomcast:plugin@0.2.0"),
         "{report}"
     );
 
     let other = built.join("otherworld.wasm");
-    fails_with(&["plugin", "check", other.to_str().unwrap()], &["roomcast:plugin/room@0.2.0", "0.1.0"]);
+    fails_with(&["plugin", "check", other.to_str().unwrap()], &["roomcast:plugin/room@0.9.0", "0.2.0"]);
     let core = temp_file("core.wasm", "\0asm\u{1}\0\0\0");
     fails_with(&["plugin", "check", core.to_str().unwrap()], &["core WebAssembly module", "wasm32-wasip2"]);
     let garbage = temp_file("garbage.wasm", "not wasm at all");

@@ -1,5 +1,5 @@
 //! Otherworld: a test component that does NOT target Roomcast's `room-plugin` world.
-//! It imports `roomcast:plugin/room@0.2.0` (a version the host does not provide) and
+//! It imports `roomcast:plugin/room@0.9.0` (a version the host does not provide) and
 //! exports only `greet`, so loading it must fail with a clear message naming the
 //! mismatch. It uses wit-bindgen directly, as a foreign component would.
 //!
@@ -19,7 +19,7 @@
 mod bindings {
     wit_bindgen::generate!({
         inline: "
-            package roomcast:plugin@0.2.0;
+            package roomcast:plugin@0.9.0;
 
             interface room {
                 log: func(message: string);
