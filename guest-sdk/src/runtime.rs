@@ -113,7 +113,9 @@ impl<P: Plugin + Describe> bindings::Guest for Export<P> {
             params: member.params,
         };
         with_state(|plugin: &mut P| {
-            plugin.admit(&Room, &member).map_err(|Refusal { status, reason }| wit::Rejection { status, reason })?;
+            plugin
+                .admit(&Room, &member)
+                .map_err(|Refusal { status, reason }| wit::Rejection { status, reason })?;
             plugin.join(&Room, member);
             Ok(())
         })

@@ -577,6 +577,15 @@ impl PluginDir {
         dir
     }
 
+    /// Copy a plugin built for `roomcast:plugin@0.1.0` and kept in the repository
+    /// (`tests/fixtures/contract-0.1.0/FIXTURE.wasm`) into the folder as `NAME.wasm`.
+    pub fn install_fixture(&self, fixture: &str, name: &str) {
+        let source =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/contract-0.1.0/{fixture}.wasm"));
+        std::fs::copy(&source, self.path.join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    }
+
     /// Copy built plugin `built` into the folder as `NAME.wasm`.
     pub fn install(&self, built: &str, name: &str) {
         let source = built_plugins().join(format!("{built}.wasm"));

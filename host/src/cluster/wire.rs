@@ -365,9 +365,11 @@ impl FromOwner {
                             reason: r.string()?,
                             failure: r.u8()? != 0,
                         },
-                        DELIVERY_INVITE => {
-                            Delivery::Invite { member: r.u64()?, room: r.string()?, params: get_option(&mut r)? }
-                        }
+                        DELIVERY_INVITE => Delivery::Invite {
+                            member: r.u64()?,
+                            room: r.string()?,
+                            params: get_option(&mut r)?,
+                        },
                         other => return Err(WireError::Tag(other)),
                     });
                 }
@@ -465,7 +467,11 @@ mod tests {
                     Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2] },
                     Delivery::Send { to: 9, payload: Payload::binary(vec![1]) },
                     Delivery::Close { member: 9, code: 4000, reason: "bye".into(), failure: false },
-                    Delivery::Invite { member: 9, room: "match:1".into(), params: Some(r#"{"seat":2}"#.into()) },
+                    Delivery::Invite {
+                        member: 9,
+                        room: "match:1".into(),
+                        params: Some(r#"{"seat":2}"#.into()),
+                    },
                 ],
             },
         };

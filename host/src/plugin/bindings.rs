@@ -95,7 +95,11 @@ pub(crate) enum Linked {
 impl Linked {
     /// Link `component` with `linker` as a plugin of `contract`, checking that it
     /// exports the world's hooks with the right types.
-    pub(crate) fn new(linker: &Linker<HostState>, component: &Component, contract: Contract) -> Result<Linked> {
+    pub(crate) fn new(
+        linker: &Linker<HostState>,
+        component: &Component,
+        contract: Contract,
+    ) -> Result<Linked> {
         let pre: InstancePre<HostState> = linker.instantiate_pre(component)?;
         Ok(match contract {
             Contract::Current => Linked::Current(current::RoomPluginPre::new(pre)?),
@@ -216,7 +220,9 @@ impl Exports {
                         protocols: &protocols,
                     },
                 )? {
-                    wit::HandshakeDecision::Accept(protocol) => HandshakeDecision::Accept { protocol, identity: None },
+                    wit::HandshakeDecision::Accept(protocol) => {
+                        HandshakeDecision::Accept { protocol, identity: None }
+                    }
                     wit::HandshakeDecision::Reject(rejection) => {
                         HandshakeDecision::Reject { status: rejection.status, reason: rejection.reason }
                     }
@@ -245,7 +251,8 @@ impl Exports {
                         params: member.params.as_deref(),
                     },
                 )?;
-                Ok(verdict.map_err(|rejection| Refused { status: rejection.status, reason: rejection.reason }))
+                Ok(verdict
+                    .map_err(|rejection| Refused { status: rejection.status, reason: rejection.reason }))
             }
             Exports::Legacy(plugin) => {
                 use legacy::roomcast::plugin::types as wit;

@@ -272,7 +272,10 @@ impl RoomActor {
         }
         self.joining = None;
         if let Some(peer) = self.local(id).filter(|peer| peer.tagged) {
-            peer.deliver(&crate::protocol::joined(&self.room.name, reference, None, None), self.write_through);
+            peer.deliver(
+                &crate::protocol::joined(&self.room.name, reference, None, None),
+                self.write_through,
+            );
         }
     }
 
@@ -289,7 +292,8 @@ impl RoomActor {
             self.unannounce(id);
             self.refused.push(id);
             if let (Some((_, reference)), true) = (joining, peer.tagged) {
-                let frame = crate::protocol::refused(&self.room.name, &refused.reason, refused.status, reference);
+                let frame =
+                    crate::protocol::refused(&self.room.name, &refused.reason, refused.status, reference);
                 peer.deliver(&frame, self.write_through);
                 peer.evict(self.room.name.clone(), CloseReason::Plugin);
             } else if peer.tagged {

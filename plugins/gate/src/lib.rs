@@ -34,8 +34,13 @@
 //!    is. A missing token is rejected too. Reason: `bad token`.
 //!
 //! Otherwise the upgrade is accepted without a subprotocol.
+//!
+//! A room-protocol connection that joins a gate room after its upgrade (made on
+//! `GET /ws` or to another room) is checked again in `admit`: the token of its
+//! upgrade's query must match, or the join is refused with 403 `bad token` (the
+//! origin was checked by the server's own origin policy when it upgraded).
 
-use roomcast_guest::{Config, HandshakeDecision, HandshakeRequest, Plugin};
+use roomcast_guest::{Config, HandshakeDecision, HandshakeRequest, Member, Plugin, Refusal, Room};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -66,6 +71,19 @@ impl Plugin for Gate {
             }
         }
         HandshakeDecision::accept()
+    }
+
+    /// A room-protocol connection joining a gate room later (its upgrade went to
+    /// another room, or to `GET /ws`) shows the token of its upgrade's query too; the
+    /// origin was checked by the server when it upgraded.
+    fn admit(&mut self, _room: &Room, member: &Member) -> Result<(), Refusal> {
+        if let Some(token) = self.token.as_deref().filter(|token| !token.is_empty()) {
+            let given = member.query_param("token").unwrap_or_default();
+            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                return Err(Refusal::new(403, "bad token"));
+            }
+        }
+        Ok(())
     }
 }
 

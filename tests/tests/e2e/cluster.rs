@@ -348,3 +348,91 @@ async fn presence_spans_the_cluster() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Send `text` to `room` in room-protocol mode and read the next delivery in that room
+/// as JSON (skipping other rooms' messages).
+async fn ask_in(client: &mut Client, room: &str, text: &str) -> serde_json::Value {
+    send_text(client, &serde_json::json!({"send": room, "text": text}).to_string()).await;
+    loop {
+        let reply = recv_json(client).await;
+        if reply["room"] == room {
+            return serde_json::from_str(reply["text"].as_str().expect("a text delivery")).expect("JSON");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_in_rooms_owned_by_different_nodes() {
+    use serde_json::json;
+    let redis = Redis::start().await;
+    let plugins = PluginDir::new(&[("chaos", None)]);
+    let lease = Duration::from_millis(1500);
+    let one = Node::start(config(&redis, lease, Some(&plugins)));
+    let two = Node::start(config(&redis, lease, Some(&plugins)));
+
+    // Room `chaos:b` lives on node two (its first member is there); xena, in room-protocol
+    // mode on node one, owns `chaos:a` there and joins `chaos:b` across the cluster.
+    let mut yan = two.connect("chaos:b?identity=yan").await;
+    two.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+    let mut xena = connect_rooms(one.addr, "/ws/chaos:a?identity=xena").await;
+    assert_eq!(recv_json(&mut xena).await, json!({"joined": "chaos:a", "ref": 0}));
+    send_text(&mut xena, &json!({"join": "chaos:b", "ref": 1, "params": {"seat": 1}}).to_string()).await;
+    assert_eq!(recv_json(&mut xena).await, json!({"joined": "chaos:b", "ref": 1}));
+
+    // The owner on node two saw xena's identity and the join's params, and both members.
+    let me = ask_in(&mut xena, "chaos:b", "whoami").await;
+    assert_eq!(me["identity"], json!({"user": "xena"}), "{me}");
+    assert_eq!(me["params"], json!({"seat": 1}), "{me}");
+    let members = ask_in(&mut xena, "chaos:b", "members").await;
+    assert_eq!(members.as_array().map(Vec::len), Some(2), "{members}");
+    let local = ask_in(&mut xena, "chaos:a", "whoami").await;
+    assert_eq!(local["identity"], json!({"user": "xena"}), "{local}");
+
+    // Messages cross both ways, tagged for xena, raw for yan.
+    send_text(&mut yan, "hello from two").await;
+    loop {
+        let delivery = recv_json(&mut xena).await;
+        if delivery == json!({"room": "chaos:b", "text": "hello from two"}) {
+            break;
+        }
+        assert!(delivery.get("room").is_some(), "unexpected {delivery}");
+    }
+    send_text(&mut xena, &json!({"send": "chaos:b", "text": "hello from one"}).to_string()).await;
+    assert_eq!(recv_text(&mut yan).await, "hello from one");
+
+    // The owner on node two adds xena (on node one) to a third room.
+    send_text(&mut xena, &json!({"send": "chaos:b", "text": "add:chaos:c"}).to_string()).await;
+    assert_eq!(recv_json(&mut xena).await, json!({"joined": "chaos:c"}));
+    let moved = ask_in(&mut xena, "chaos:c", "whoami").await;
+    assert_eq!(moved["params"], json!({"by": "chaos:b"}), "{moved}");
+
+    // A join the remote owner refuses: `joined` from xena's node, then `left` 1008.
+    let mut zed = two.connect("chaos:b3").await;
+    // Once the room's plugin answers, node two owns the room.
+    send_text(&mut zed, "members").await;
+    recv_text(&mut zed).await;
+    send_text(&mut xena, &json!({"join": "chaos:b3", "ref": 3, "params": {"refuse": true}}).to_string())
+        .await;
+    assert_eq!(recv_json(&mut xena).await, json!({"joined": "chaos:b3", "ref": 3}));
+    assert_eq!(recv_json(&mut xena).await, json!({"left": "chaos:b3", "code": 1008, "reason": "refused"}));
+    send_text(&mut zed, "members").await;
+    let members: serde_json::Value = serde_json::from_str(&recv_text(&mut zed).await).unwrap();
+    assert_eq!(members.as_array().map(Vec::len), Some(1), "the refused member is not in: {members}");
+
+    // Leaving the remote room: `left` with the ref, and the owner's presence shrinks.
+    send_text(&mut xena, &json!({"leave": "chaos:b", "ref": 4}).to_string()).await;
+    assert_eq!(recv_json(&mut xena).await, json!({"left": "chaos:b", "ref": 4, "code": 1000, "reason": ""}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        send_text(&mut yan, "members").await;
+        let members: serde_json::Value = serde_json::from_str(&recv_text(&mut yan).await).unwrap();
+        if members.as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "xena never left chaos:b: {members}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((xena, yan, zed));
+    one.stop().await;
+    two.stop().await;
+}

@@ -13,6 +13,7 @@ mod browser;
 mod churn;
 mod cluster;
 mod conformance;
+mod contract;
 mod dashboard;
 mod handshake;
 mod plugins;

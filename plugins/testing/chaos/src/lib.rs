@@ -21,6 +21,9 @@
 //! | `burst` | calls `send(sender, "x")` 1,000,000 times, ignoring refusals (the host's action budget must cap it) |
 //! | `timer:N` | sets an `N` ms timer; when it fires the setter gets the text `timer fired`; if `set-timer` is refused the setter gets `timer error: <reason>` at once |
 //! | `members` | sends the sender the room's member ids as a JSON array, e.g. `[3,7]` |
+//! | `whoami` | sends the sender what its join told the room: `{"id":7,"identity":…,"params":…}` (the JSON texts parsed, `null` when absent) |
+//! | `add:ROOM` | adds the sender to room `ROOM` with params `{"by":"<this room>"}`; a refused call sends back `add error: <reason>` |
+//! | `remove` | ends the sender's membership of this room with reason `removed` |
 //! | anything else, and binary | passed unchanged to the other members |
 //!
 //! Commands are dropped.
@@ -28,7 +31,14 @@
 //! # Handshakes
 //!
 //! An upgrade whose query string is `hog` allocates 1 MiB blocks forever in the
-//! handshake hook (the host's memory cap must stop it); any other is accepted.
+//! handshake hook (the host's memory cap must stop it); any other is accepted. A query
+//! parameter `identity=NAME` attaches the identity `{"user":"NAME"}`; `identity=huge`
+//! attaches one of 5000 bytes (over the host's limit).
+//!
+//! # Joins
+//!
+//! `admit` refuses (403 `refused`) a member whose join params are `{"refuse":true}`
+//! or whose upgrade query has a parameter `refuse`.
 //!
 //! # Configuration
 //!
@@ -38,8 +48,10 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
+use roomcast_guest::serde_json;
 use roomcast_guest::{
-    Config, HandshakeDecision, HandshakeRequest, MemberId, Message, Origin, Plugin, Room, TimerId, Verdict,
+    Config, HandshakeDecision, HandshakeRequest, LeaveReason, Member, MemberId, Message, Origin, Plugin,
+    Refusal, Room, TimerId, Verdict,
 };
 use serde::Deserialize;
 
@@ -53,6 +65,13 @@ struct Settings {
 struct Chaos {
     /// Who set each pending timer.
     timers: BTreeMap<TimerId, MemberId>,
+    /// What each member's join said.
+    members: BTreeMap<MemberId, Member>,
+}
+
+/// Parse a JSON text the host handed over, `null` when absent.
+fn parsed(text: &Option<String>) -> serde_json::Value {
+    text.as_deref().and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
 }
 
 /// Allocate 1 MiB blocks until the host's memory cap stops the call.
@@ -69,7 +88,27 @@ impl Plugin for Chaos {
         if request.query == "hog" {
             hog();
         }
-        HandshakeDecision::accept()
+        match request.query_param("identity").as_deref() {
+            Some("huge") => HandshakeDecision::accept().with_identity(&"x".repeat(5000)),
+            Some(user) => HandshakeDecision::accept().with_identity(&serde_json::json!({ "user": user })),
+            None => HandshakeDecision::accept(),
+        }
+    }
+
+    fn admit(&mut self, _room: &Room, member: &Member) -> Result<(), Refusal> {
+        let by_params = parsed(&member.params)["refuse"] == true;
+        if by_params || member.query_param("refuse").is_some() {
+            return Err(Refusal::new(403, "refused"));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self, _room: &Room, member: Member) {
+        self.members.insert(member.id, member);
+    }
+
+    fn leave(&mut self, _room: &Room, member: MemberId, _reason: LeaveReason) {
+        self.members.remove(&member);
     }
 
     fn init(config: Config) -> Result<Self, String> {
@@ -80,7 +119,7 @@ impl Plugin for Chaos {
         if settings.fail_init {
             return Err("fail_init set".into());
         }
-        Ok(Chaos { timers: BTreeMap::new() })
+        Ok(Chaos { timers: BTreeMap::new(), members: BTreeMap::new() })
     }
 
     fn message(&mut self, room: &Room, from: Origin, message: Message) -> Verdict {
@@ -103,6 +142,23 @@ impl Plugin for Chaos {
             }
             "members" => {
                 let _ = room.send_json(sender, &room.members());
+            }
+            "whoami" => {
+                let (identity, params) = match self.members.get(&sender) {
+                    Some(member) => (parsed(&member.identity), parsed(&member.params)),
+                    None => Default::default(),
+                };
+                let me = serde_json::json!({ "id": sender, "identity": identity, "params": params });
+                let _ = room.send_json(sender, &me);
+            }
+            "remove" => {
+                let _ = room.remove(sender, "removed");
+            }
+            _ if command.starts_with("add:") => {
+                let params = serde_json::json!({ "by": room.name() }).to_string();
+                if let Err(error) = room.add_to_room(sender, &command["add:".len()..], Some(&params)) {
+                    let _ = room.send(sender, format!("add error: {error}"));
+                }
             }
             _ => match command.strip_prefix("timer:").map(str::parse::<u32>) {
                 Some(Ok(after_ms)) => match room.set_timer(after_ms) {
