@@ -102,6 +102,12 @@ pub struct Config {
     pub max_http_connections: usize,
     /// Rooms one connection in room-protocol mode may be in at once.
     pub max_rooms_per_connection: usize,
+    /// Messages each room without a plugin keeps for recovery (0: none).
+    pub history_size: usize,
+    /// How long such a room keeps a message.
+    pub history_ttl: Duration,
+    /// Bytes all rooms' histories may hold together.
+    pub history_memory: u64,
     pub allowed_origins: OriginPolicy,
     pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
@@ -134,6 +140,9 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("max_http_connections", &self.max_http_connections)
             .field("max_rooms_per_connection", &self.max_rooms_per_connection)
+            .field("history_size", &self.history_size)
+            .field("history_ttl", &self.history_ttl)
+            .field("history_memory", &self.history_memory)
             .field("allowed_origins", &self.allowed_origins)
             // Tokens never appear in logs.
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
@@ -166,6 +175,9 @@ impl Default for Config {
             max_connections: 19_000,
             max_http_connections: 512,
             max_rooms_per_connection: 100,
+            history_size: 0,
+            history_ttl: Duration::from_secs(300),
+            history_memory: 64 << 20,
             allowed_origins: OriginPolicy::SameHost,
             admin_token: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -243,6 +255,13 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
         "Rooms one connection speaking the room protocol (roomcast.v1) may be in [default: 100]",
     ),
     (
+        "history_size",
+        "N",
+        "Messages each room without a plugin keeps for clients that reconnect (0: none) [default: 0]",
+    ),
+    ("history_ttl", "DURATION", "How long such a room keeps a message [default: 5m]"),
+    ("history_memory", "SIZE", "Bytes all rooms' histories may hold together [default: 64MiB]"),
+    (
         "allowed_origins",
         "LIST",
         "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
@@ -315,6 +334,9 @@ impl Config {
             "max_rooms_per_connection" => {
                 self.max_rooms_per_connection = parse_count(&text, 1, 100_000).map_err(bad)? as usize
             }
+            "history_size" => self.history_size = parse_count(&text, 0, 100_000).map_err(bad)? as usize,
+            "history_ttl" => self.history_ttl = parse_positive_duration(&text).map_err(bad)?,
+            "history_memory" => self.history_memory = parse_positive_size(&text).map_err(bad)?,
             "allowed_origins" => self.allowed_origins = OriginPolicy::parse(&text).map_err(bad)?,
             "admin_token" => {
                 if text.trim().is_empty() {

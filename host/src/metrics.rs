@@ -105,6 +105,11 @@ pub struct Metrics {
     pub room_members: GaugeCell,
     pub messages_in: CounterCell,
     pub messages_out: CounterCell,
+    /// Messages and bytes held by rooms' histories (recovery).
+    pub history_messages: GaugeCell,
+    pub history_bytes: GaugeCell,
+    /// Joins with `since`: `[recovered, not recovered]`.
+    recoveries: [Counter; 2],
     closed: [Counter; CloseReason::ALL.len()],
     rejected: [Counter; RejectReason::ALL.len()],
     plugin_call_family: Family<PluginCallLabels, Counter>,
@@ -178,6 +183,18 @@ impl Default for Metrics {
             "Data messages queued to clients, one per recipient",
         );
 
+        let history_messages =
+            gauge(&mut registry, "roomcast_history_messages", "Messages held by rooms' histories");
+        let history_bytes = gauge(&mut registry, "roomcast_history_bytes", "Bytes held by rooms' histories");
+        let recoveries_family = Family::<ReasonLabel, Counter>::default();
+        let recoveries = ["recovered", "not_recovered"]
+            .map(|outcome| recoveries_family.get_or_create_owned(&[("outcome", outcome)]));
+        registry.register(
+            "roomcast_recoveries",
+            "Joins that asked to recover missed messages, by outcome",
+            recoveries_family,
+        );
+
         let plugin_call_family = Family::<PluginCallLabels, Counter>::default();
         registry.register(
             "roomcast_plugin_calls",
@@ -191,6 +208,9 @@ impl Default for Metrics {
             room_members,
             messages_in,
             messages_out,
+            history_messages,
+            history_bytes,
+            recoveries,
             closed,
             rejected,
             plugin_call_family,
@@ -201,6 +221,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A join with `since` was answered `recovered: true` or `false`.
+    pub fn recovery(&self, recovered: bool) {
+        self.recoveries[usize::from(!recovered)].inc();
+    }
+
+    pub fn recoveries(&self, recovered: bool) -> u64 {
+        self.recoveries[usize::from(!recovered)].get()
+    }
+
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
     }
@@ -284,16 +313,28 @@ mod tests {
             ("roomcast_messages_in_total", "counter"),
             ("roomcast_messages_out_total", "counter"),
             ("roomcast_plugin_calls_total", "counter"),
+            ("roomcast_history_messages", "gauge"),
+            ("roomcast_history_bytes", "gauge"),
+            ("roomcast_recoveries_total", "counter"),
         ] {
             assert_eq!(type_of(name), Some(kind), "{name}");
         }
-        assert_eq!(types.len(), 8, "one TYPE line per family: {types:?}");
+        assert_eq!(types.len(), 11, "one TYPE line per family: {types:?}");
 
-        let mut expected: Vec<String> =
-            ["connections", "rooms", "room_members", "messages_in_total", "messages_out_total"]
-                .iter()
-                .map(|name| format!("roomcast_{name}"))
-                .collect();
+        let mut expected: Vec<String> = [
+            "connections",
+            "rooms",
+            "room_members",
+            "messages_in_total",
+            "messages_out_total",
+            "history_messages",
+            "history_bytes",
+            "recoveries_total{outcome=\"recovered\"}",
+            "recoveries_total{outcome=\"not_recovered\"}",
+        ]
+        .iter()
+        .map(|name| format!("roomcast_{name}"))
+        .collect();
         expected.extend(
             CloseReason::ALL
                 .iter()

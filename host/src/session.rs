@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::plugin::HandshakeRequest;
 use crate::plugin::Payload;
 use crate::protocol;
-use crate::room::{Ending, Gate, Peer, Room, Rooms};
+use crate::room::{Ending, Gate, Joining, Peer, Room, Rooms};
 use crate::types::CloseReason;
 use crate::ws::frame::{self, DecodeError, Decoder, Event, close_code};
 use crate::ws::heartbeat::{Beat, Heartbeat};
@@ -100,7 +100,8 @@ impl Session {
             // In room-protocol mode, as if the client had sent a join with `ref` 0 (the
             // room answers it); the handshake already ran.
             let reference = rooms_mode.is_some().then_some(0);
-            member_rooms.push(rooms.join(&room, &peer, reference, None).await);
+            let joining = Joining { peer: peer.clone(), reference, params: None, since: None };
+            member_rooms.push(rooms.join(&room, joining).await);
         }
 
         let (mut reader, mut writer) = transport.split();
@@ -279,7 +280,13 @@ impl Messages for Tagged<'_> {
     async fn departures(&mut self, peer: &Arc<Peer>) {
         self.membership.evicted(peer, self.member_rooms).await;
         for invite in peer.take_invites() {
-            let join = Join { room: invite.room, reference: None, params: invite.params, invited: true };
+            let join = Join {
+                room: invite.room,
+                reference: None,
+                params: invite.params,
+                since: None,
+                invited: true,
+            };
             self.membership.join(peer, self.member_rooms, join).await;
         }
     }
@@ -412,10 +419,11 @@ fn route(text: bool, payload: Bytes, member_rooms: &[Arc<Room>]) -> Route {
             }
             Err(reply) => reply,
         },
-        Ok(Ok(protocol::Request::Join { room, reference, params, .. })) => Route::Join(Join {
+        Ok(Ok(protocol::Request::Join { room, reference, params, since })) => Route::Join(Join {
             room: room.into_owned(),
             reference,
             params: params.map(Arc::from),
+            since,
             invited: false,
         }),
         Ok(Ok(protocol::Request::Leave { room, reference })) => Route::Leave(room.into_owned(), reference),
@@ -436,6 +444,8 @@ struct Join {
     reference: Option<u64>,
     /// The join's parameters (JSON text), for the room's plugin.
     params: Option<Arc<str>>,
+    /// Recover what the client missed since this position.
+    since: Option<protocol::Since>,
     /// A plugin added the member (`add-to-room`): no `ref`, and a member already in
     /// the room is left as it is.
     invited: bool,
@@ -446,7 +456,7 @@ impl Membership<'_> {
     /// room answers `joined` (then its messages) or an `error`. Refusals here get an
     /// `error` naming the room.
     async fn join(&self, peer: &Arc<Peer>, member_rooms: &mut Vec<Arc<Room>>, join: Join) {
-        let Join { room, reference, params, invited } = join;
+        let Join { room, reference, params, since, invited } = join;
         let refuse =
             |status, reason: &str| peer.deliver(&protocol::refused(&room, reason, status, reference), false);
         if member_rooms.iter().any(|r| r.name() == room) {
@@ -463,7 +473,8 @@ impl Membership<'_> {
             refuse(rejection.status.as_u16(), &rejection.message);
             return;
         }
-        member_rooms.push(self.rooms.join(&room, peer, reference, params).await);
+        let joining = Joining { peer: peer.clone(), reference, params, since };
+        member_rooms.push(self.rooms.join(&room, joining).await);
     }
 
     /// Leave `room`: once the room has handled everything the client sent it before,

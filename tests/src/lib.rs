@@ -476,6 +476,14 @@ pub async fn recv<E: std::fmt::Debug>(
     }
 }
 
+/// Nothing but pings arrives for `wait` (anything else panics, naming it).
+pub async fn quiet(client: &mut Client, wait: Duration) -> bool {
+    match tokio::time::timeout(wait, recv(client)).await {
+        Err(_) => true,
+        Ok(message) => panic!("expected nothing, got {message:?}"),
+    }
+}
+
 /// Receive the next text message as a `String`.
 pub async fn recv_text(client: &mut Client) -> String {
     match recv(client).await {

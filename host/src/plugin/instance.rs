@@ -14,9 +14,9 @@ use super::sandbox::*;
 use super::set::RoomPattern;
 use super::state::*;
 use super::{
-    Action, FailureKind, HandshakeDecision, HandshakeRequest, Limits, MAX_CLOSE_REASON_BYTES,
-    MAX_IDENTITY_BYTES, MemberId, MemberInfo, Origin, Payload, PluginError, PluginInfo, Refused, RoomView,
-    Verdict,
+    Action, FailureKind, HandshakeDecision, HandshakeRequest, HistorySettings, Limits,
+    MAX_CLOSE_REASON_BYTES, MAX_IDENTITY_BYTES, MemberId, MemberInfo, Origin, Payload, PluginError,
+    PluginInfo, Refused, RoomView, Verdict,
 };
 use crate::types::CloseReason;
 
@@ -74,6 +74,7 @@ pub struct Plugin {
     pub(crate) info: PluginInfo,
     pub(crate) patterns: Vec<RoomPattern>,
     pub(crate) loaded_at: SystemTime,
+    pub(crate) history: Option<HistorySettings>,
     /// Instances that answer handshakes. They hold no room: their `room` imports answer
     /// `unavailable`. One is taken out for each handshake (so concurrent handshakes do
     /// not wait on each other) and put back unless it failed.
@@ -116,6 +117,11 @@ impl Plugin {
     /// The rooms it serves.
     pub fn patterns(&self) -> &[RoomPattern] {
         &self.patterns
+    }
+
+    /// Its rooms' history (`[history]` in `NAME.toml`), if they keep one.
+    pub fn history(&self) -> Option<HistorySettings> {
+        self.history
     }
 
     /// Its limits (from `NAME.toml`, else the defaults).

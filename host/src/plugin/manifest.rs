@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::units::{parse_duration, parse_size};
 
 use super::set::RoomPattern;
-use super::{HostCaps, Limits};
+use super::{HistorySettings, HostCaps, Limits};
 use crate::units::{format_duration, format_size};
 
 /// What a `NAME.toml` says, with the defaults filled in.
@@ -18,13 +18,52 @@ pub(crate) struct Manifest {
     /// The `[config]` table as JSON text, `{}` when absent.
     pub(crate) config_json: String,
     pub(crate) limits: Limits,
+    /// `[history]`: the plugin's rooms keep history (`None`: they do not).
+    pub(crate) history: Option<HistorySettings>,
 }
 
 impl Manifest {
     /// What a plugin without a `NAME.toml` gets.
     pub(crate) fn defaults(caps: &HostCaps) -> Manifest {
-        Manifest { rooms: None, config_json: "{}".to_owned(), limits: caps.default_limits() }
+        Manifest { rooms: None, config_json: "{}".to_owned(), limits: caps.default_limits(), history: None }
     }
+}
+
+/// The most messages a room's history may keep.
+pub const MAX_HISTORY_SIZE: u64 = 100_000;
+
+/// Parse `[history]`: `size` (messages, required) and `ttl` (default 5 minutes).
+fn parse_history(table: &toml::Table) -> Result<HistorySettings, String> {
+    let mut settings = HistorySettings { size: 0, ttl: HistorySettings::DEFAULT_TTL };
+    for (key, value) in table {
+        match key.as_str() {
+            "size" => {
+                let size = value
+                    .as_integer()
+                    .and_then(|size| u64::try_from(size).ok())
+                    .filter(|size| (1..=MAX_HISTORY_SIZE).contains(size))
+                    .ok_or_else(|| {
+                        format!("`history.size` must be a number of messages from 1 to {MAX_HISTORY_SIZE}")
+                    })?;
+                settings.size = size as usize;
+            }
+            "ttl" => {
+                let text = value.as_str().ok_or("`history.ttl` must be a duration such as \"5m\"")?;
+                let ttl = parse_duration(text).map_err(|error| format!("`history.ttl`: {error}"))?;
+                if ttl.is_zero() {
+                    return Err("`history.ttl` must be more than 0".to_owned());
+                }
+                settings.ttl = ttl;
+            }
+            other => {
+                return Err(format!("unknown key `history.{other}` (`[history]` may set `size` and `ttl`)"));
+            }
+        }
+    }
+    if settings.size == 0 {
+        return Err("`[history]` needs `size`, the number of messages each room keeps".to_owned());
+    }
+    Ok(settings)
 }
 
 /// Parse the text of the `NAME.toml` at `file`.
@@ -70,10 +109,16 @@ pub(crate) fn parse(text: &str, file: &Path, caps: &HostCaps) -> Result<Manifest
                 manifest.limits = parse_limits(limits, caps, manifest.limits)
                     .map_err(|error| format!("{file}: {error}"))?;
             }
+            "history" => {
+                let toml::Value::Table(history) = value else {
+                    return Err(format!("{file}: `history` must be a table (`[history]`)"));
+                };
+                manifest.history = Some(parse_history(history).map_err(|error| format!("{file}: {error}"))?);
+            }
             other => {
                 return Err(format!(
                     "{file}: unknown key `{other}` (a plugin's TOML may set `rooms`, \
-                     `[config]` and `[limits]`)"
+                     `[config]`, `[limits]` and `[history]`)"
                 ));
             }
         }

@@ -257,6 +257,19 @@ impl Default for Limits {
     }
 }
 
+/// `[history]` in a plugin's `NAME.toml`: its rooms keep their last `size` broadcasts
+/// for `ttl`, for clients that come back with `since`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistorySettings {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+impl HistorySettings {
+    /// How long a message is kept when `ttl` is not set.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+}
+
 /// The most any plugin may ask for in its `[limits]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostCaps {

@@ -418,6 +418,7 @@ impl PluginRuntime {
             info,
             patterns,
             loaded_at: SystemTime::now(),
+            history: manifest.history,
             handshakes: Mutex::new(vec![sandbox]),
         };
         Ok(Prepared {

@@ -8,7 +8,11 @@ use tokio::time::Instant;
 use super::clustered::Clustered;
 use super::delivery::Target;
 use super::timers::Timers;
-use super::{Ending, Joining, Peer, Room, RoomEvent, Rooms};
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+
+use super::{Ending, History, Joining, Peer, Recovery, Room, RoomEvent, Rooms, Since};
 use crate::cluster::wire::Delivery;
 use crate::metrics::{Metrics, PluginCalls};
 use crate::plugin::reload::LivePlugins;
@@ -53,10 +57,15 @@ pub(super) struct RoomActor {
     /// While a batch of messages is handled: deliveries wait here, in order, and go
     /// out member by member at the end of the batch (or before a close).
     pub(super) staging: bool,
-    pub(super) staged: Vec<(Payload, Target)>,
-    /// The local member whose join is being decided, with its `ref`: admitted, it gets
-    /// `joined` before anything its join sends; refused, an `error`.
-    pub(super) joining: Option<(MemberId, Option<u64>)>,
+    /// Staged deliveries: the payload, its recipients, and its tagged frame when it
+    /// was encoded already (with a history offset).
+    pub(super) staged: Vec<(Payload, Target, Option<Bytes>)>,
+    /// The local member whose join is being decided, with its `ref` and recovery
+    /// position: admitted, it gets `joined` (then what it missed) before anything its
+    /// join sends; refused, an `error`.
+    pub(super) joining: Option<(MemberId, Option<u64>, Option<Since>)>,
+    /// The room's history, when it keeps one (recovery).
+    pub(super) history: Option<History>,
     /// Members whose join the plugin refused and whose leave has not arrived yet:
     /// what they send meanwhile is dropped.
     pub(super) refused: Vec<MemberId>,
@@ -114,6 +123,7 @@ impl RoomActor {
             staged: Vec::new(),
             joining: None,
             refused: Vec::new(),
+            history: None,
         }
     }
 
@@ -205,6 +215,9 @@ impl RoomActor {
             self.after_event();
         }
         self.finish().await;
+        if let (Some(history), Some(rooms)) = (self.history.take(), self.rooms.upgrade()) {
+            rooms.retain_history(self.room.name.clone(), history);
+        }
         tracing::debug!(room = %self.room.name, "room closed");
     }
 
@@ -214,12 +227,12 @@ impl RoomActor {
     }
 
     pub(super) fn join(&mut self, joining: Joining) {
-        let Joining { peer, reference, params } = joining;
+        let Joining { peer, reference, params, since } = joining;
         let mut info = peer.info();
         info.params = params;
         self.ids.push(peer.id);
         self.peers.push(peer);
-        self.joining = Some((info.id, reference));
+        self.joining = Some((info.id, reference, since));
         self.joined(&info);
         self.joining = None;
     }
@@ -264,19 +277,34 @@ impl RoomActor {
         }
     }
 
-    /// The joining member `id` is in: a room-protocol client gets `joined`.
+    /// The joining member `id` is in: a room-protocol client gets `joined` (with the
+    /// room's history position when it keeps history) and, when it asked with `since`,
+    /// every message it missed, all in one push and in the room's order: nothing the
+    /// room broadcasts can come between, since the room does nothing else meanwhile.
     fn admitted(&mut self, id: MemberId) {
-        let Some((joining, reference)) = self.joining else { return };
-        if joining != id {
+        let Some((_, reference, since)) = self.joining.take_if(|(joining, ..)| *joining == id) else {
             return;
+        };
+        let Some(peer) = self.local(id).filter(|peer| peer.tagged).cloned() else { return };
+        let position = self.history.as_ref().map(|history| (history.epoch().to_owned(), history.last()));
+        let (recovered, missed) = match (since, self.history.as_mut()) {
+            (None, _) => (None, Vec::new()),
+            (Some(since), Some(history)) => match history.since(&since.epoch, since.offset) {
+                Recovery::Recovered(missed) => (Some(true), missed),
+                Recovery::NotRecovered => (Some(false), Vec::new()),
+            },
+            (Some(_), None) => (Some(false), Vec::new()),
+        };
+        if let Some(recovered) = recovered {
+            self.metrics.recovery(recovered);
         }
-        self.joining = None;
-        if let Some(peer) = self.local(id).filter(|peer| peer.tagged) {
-            peer.deliver(
-                &crate::protocol::joined(&self.room.name, reference, None, None),
-                self.write_through,
-            );
-        }
+        let position = position.as_ref().map(|(epoch, offset)| (epoch.as_str(), *offset));
+        let joined = crate::protocol::joined(&self.room.name, reference, position, recovered);
+        let mut frames: Vec<&Bytes> = Vec::with_capacity(1 + missed.len());
+        frames.push(&joined);
+        frames.extend(missed.iter());
+        let delivered = peer.deliver_batch(&frames);
+        self.metrics.messages_out.fetch_add(delivered.saturating_sub(1), Relaxed);
     }
 
     /// The plugin refused member `id`: it leaves the plugin's view at once (no `leave`
@@ -286,12 +314,12 @@ impl RoomActor {
     /// refused loses its membership as if the plugin had closed it.
     pub(super) fn refuse(&mut self, id: MemberId, refused: &Refused) {
         self.ids.retain(|member| *member != id);
-        let joining = self.joining.take_if(|(member, _)| *member == id);
+        let joining = self.joining.take_if(|(member, ..)| *member == id);
         if let Some(at) = self.peers.iter().position(|p| p.id == id) {
             let peer = self.peers.remove(at);
             self.unannounce(id);
             self.refused.push(id);
-            if let (Some((_, reference)), true) = (joining, peer.tagged) {
+            if let (Some((_, reference, _)), true) = (joining, peer.tagged) {
                 let frame =
                     crate::protocol::refused(&self.room.name, &refused.reason, refused.status, reference);
                 peer.deliver(&frame, self.write_through);

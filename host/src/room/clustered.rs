@@ -103,7 +103,7 @@ impl RoomActor {
     pub(super) fn follow(&mut self, event: RoomEvent) -> bool {
         let Some(clustered) = self.cluster.as_mut() else { return false };
         match event {
-            RoomEvent::Join(Joining { peer, reference, params }) => {
+            RoomEvent::Join(Joining { peer, reference, params, since }) => {
                 let mut info = peer.info();
                 info.params = params;
                 clustered.link.present(&info);
@@ -111,7 +111,10 @@ impl RoomActor {
                 // The owner's plugin decides on another node: a refusal comes back as
                 // a close of the membership (`left`, 1008).
                 if peer.tagged {
-                    peer.deliver(&crate::protocol::joined(&self.room.name, reference, None, None), false);
+                    // Recovery needs the room's history, which lives with its owner.
+                    let recovered = since.map(|_| false);
+                    let joined = crate::protocol::joined(&self.room.name, reference, None, recovered);
+                    peer.deliver(&joined, false);
                 }
                 self.ids.push(peer.id);
                 self.peers.push(peer);
@@ -424,7 +427,9 @@ impl RoomActor {
                 }
                 for item in items {
                     match item {
-                        Delivery::Broadcast { payload, except } => self.deliver_except(&payload, &except),
+                        Delivery::Broadcast { payload, except } => {
+                            self.deliver_except(&payload, &except, None)
+                        }
                         Delivery::Send { to, payload } => {
                             self.deliver_to(to, &payload);
                         }

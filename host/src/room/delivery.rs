@@ -42,8 +42,12 @@ impl RoomActor {
         let encoded: Vec<(Option<Bytes>, Option<Bytes>)> = self
             .staged
             .iter()
-            .map(|(payload, _)| {
-                (raw.then(|| encode(payload)), tagged.then(|| encode_tagged(&self.room.name, payload)))
+            .map(|(payload, _, preset)| {
+                let tagged_frame = tagged.then(|| match preset {
+                    Some(frame) => frame.clone(),
+                    None => encode_tagged(&self.room.name, payload, None),
+                });
+                (raw.then(|| encode(payload)), tagged_frame)
             })
             .collect();
         let mut frames = Vec::with_capacity(self.staged.len());
@@ -54,7 +58,7 @@ impl RoomActor {
                 self.staged
                     .iter()
                     .zip(&encoded)
-                    .filter(|((_, target), _)| target.includes(peer.id))
+                    .filter(|((_, target, _), _)| target.includes(peer.id))
                     .filter_map(
                         |(_, (raw, tagged))| if peer.tagged { tagged.as_ref() } else { raw.as_ref() },
                     ),
@@ -77,9 +81,16 @@ impl RoomActor {
         self.broadcast(payload, except);
     }
 
-    /// Every member except `except`, here and (as the owner) on the other nodes.
+    /// Every member except `except`, here and (as the owner) on the other nodes. In a
+    /// room that keeps history, the broadcast takes the next offset and its tagged
+    /// frame is kept.
     pub(super) fn broadcast(&mut self, payload: &Payload, except: &[MemberId]) {
-        self.deliver_except(payload, except);
+        let room = &self.room.name;
+        let tagged = self
+            .history
+            .as_mut()
+            .map(|history| history.record(|offset| encode_tagged(room, payload, Some(offset))).1);
+        self.deliver_except(payload, except, tagged);
         if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {
             clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except: except.to_vec() });
         }
@@ -112,7 +123,7 @@ impl RoomActor {
     pub(super) fn deliver_to(&mut self, to: MemberId, payload: &Payload) -> bool {
         let Some(peer) = self.local(to) else { return false };
         if self.staging {
-            self.staged.push((payload.clone(), Target::One(to)));
+            self.staged.push((payload.clone(), Target::One(to), None));
         } else if peer.deliver(Frames::new(&self.room.name, payload).for_peer(peer), self.write_through) {
             self.metrics.messages_out.fetch_add(1, Relaxed);
         }
@@ -120,13 +131,13 @@ impl RoomActor {
     }
 
     /// Queue `payload` for every member except `except`, each kind of frame encoded
-    /// once. Never awaits.
-    pub(super) fn deliver_except(&mut self, payload: &Payload, except: &[MemberId]) {
+    /// once (`tagged`: the room-protocol frame, already encoded). Never awaits.
+    pub(super) fn deliver_except(&mut self, payload: &Payload, except: &[MemberId], tagged: Option<Bytes>) {
         if self.staging {
-            self.staged.push((payload.clone(), Target::Except(except.to_vec())));
+            self.staged.push((payload.clone(), Target::Except(except.to_vec()), tagged));
             return;
         }
-        let mut frames = Frames::new(&self.room.name, payload);
+        let mut frames = Frames::with_tagged(&self.room.name, payload, tagged);
         let mut delivered = 0;
         for peer in &self.peers {
             if !except.contains(&peer.id) && peer.deliver(frames.for_peer(peer), self.write_through) {

@@ -15,7 +15,7 @@ use crate::ws::frame::close_code;
 
 impl RoomActor {
     /// Record which plugin and version serve the room, for the admin API.
-    pub(super) fn show_logic(&self) {
+    pub(super) fn show_logic(&mut self) {
         let shown = match &self.logic {
             // A follower runs no instance; it shows the plugin its owner runs.
             Logic::Default if self.follows() => self
@@ -30,6 +30,26 @@ impl RoomActor {
             Logic::Failed { plugin } => Some((plugin.name().to_owned(), self.plugins.version_of(plugin))),
         };
         *self.room.plugin.lock().expect("room lock") = shown;
+        self.refresh_history();
+    }
+
+    /// Keep history as the room's plugin (or, without one, the server) says: start
+    /// one (or continue the one the room left when it last emptied), apply new limits,
+    /// or drop it. Cluster mode keeps none yet: a join with `since` answers
+    /// `recovered: false`.
+    pub(super) fn refresh_history(&mut self) {
+        let Some(rooms) = self.rooms.upgrade() else { return };
+        let plugin = match &self.logic {
+            Logic::Default => None,
+            Logic::Plugin { instance, .. } => Some(instance.plugin().clone()),
+            Logic::Failed { plugin } => Some(plugin.clone()),
+        };
+        let limits = if self.cluster.is_some() { None } else { rooms.history_limits(plugin.as_deref()) };
+        match (limits, &mut self.history) {
+            (None, history) => *history = None,
+            (Some(limits), Some(history)) => history.set_limits(limits),
+            (Some(limits), history @ None) => *history = Some(rooms.history_for(&self.room.name, limits)),
+        }
     }
 
     /// Switch to the plugin that now serves this room, if the plugin set changed.

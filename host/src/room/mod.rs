@@ -18,6 +18,7 @@ mod actor;
 mod clustered;
 mod delivery;
 mod gate;
+mod history;
 mod logic;
 mod peer;
 mod timers;
@@ -41,7 +42,9 @@ use actor::RoomActor;
 use clustered::Clustered;
 
 pub use crate::plugin::MemberId;
+pub use crate::protocol::Since;
 pub use gate::Gate;
+pub use history::{History, HistoryBudget, HistoryLimits, Recovery};
 pub use peer::{Ending, Invite, Peer, encode};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
@@ -93,7 +96,21 @@ pub struct Joining {
     pub reference: Option<u64>,
     /// The join's parameters (JSON text), for the room's plugin.
     pub params: Option<Arc<str>>,
+    /// Recover what the client missed since this position (room-protocol `since`).
+    pub since: Option<Since>,
 }
+
+#[cfg(test)]
+impl Joining {
+    /// A join without a `ref`, parameters or recovery.
+    pub fn plain(peer: &Arc<Peer>) -> Self {
+        Joining { peer: peer.clone(), reference: None, params: None, since: None }
+    }
+}
+
+/// The most histories of rooms without members a server keeps (until their messages
+/// expire); past it the one closed longest ago goes.
+pub const MAX_RETAINED_HISTORIES: usize = 10_000;
 
 /// A live room. Sessions hold it for as long as they are members.
 #[derive(Debug)]
@@ -165,11 +182,102 @@ pub struct Rooms {
     tracker: TaskTracker,
     /// Cluster mode (`--redis`): rooms are shared with other nodes through it.
     cluster: Option<Arc<Cluster>>,
+    /// History of rooms without a plugin (`history_size`, `history_ttl`; `None`: off).
+    default_history: Option<crate::plugin::HistorySettings>,
+    /// The most bytes one room's history holds: half a member's outbound queue, so
+    /// that a replay fits an empty queue.
+    history_bytes: usize,
+    budget: Arc<HistoryBudget>,
+    /// Histories of rooms that emptied, kept for members who come back, oldest
+    /// closed first.
+    retained: Mutex<RetainedHistories>,
+}
+
+#[derive(Debug, Default)]
+struct RetainedHistories {
+    /// Each with when its room emptied.
+    by_room: HashMap<Arc<str>, (History, tokio::time::Instant)>,
+    order: std::collections::VecDeque<Arc<str>>,
+}
+
+/// Whether a retained history is still worth keeping: it holds messages, or its room
+/// emptied less than a time to live ago (a client that saw it empty can still be told
+/// it missed nothing).
+fn worth_keeping(history: &mut History, closed: tokio::time::Instant) -> bool {
+    !history.is_empty() || closed.elapsed() < history.ttl()
 }
 
 impl Rooms {
     pub fn new(metrics: Arc<Metrics>, plugins: Arc<LivePlugins>, tracker: TaskTracker) -> Self {
-        Self { map: Mutex::new(HashMap::new()), metrics, plugins, tracker, cluster: None }
+        let budget = Arc::new(HistoryBudget { limit: 64 << 20, metrics: metrics.clone() });
+        Self {
+            map: Mutex::new(HashMap::new()),
+            metrics,
+            plugins,
+            tracker,
+            cluster: None,
+            default_history: None,
+            history_bytes: 512 << 10,
+            budget,
+            retained: Mutex::default(),
+        }
+    }
+
+    /// Keep history: for rooms without a plugin per `default` (`None`: not them), each
+    /// room's at most `room_bytes`, all together at most `memory` bytes.
+    pub fn with_history(
+        mut self,
+        default: Option<crate::plugin::HistorySettings>,
+        room_bytes: usize,
+        memory: usize,
+    ) -> Self {
+        self.default_history = default;
+        self.history_bytes = room_bytes;
+        self.budget = Arc::new(HistoryBudget { limit: memory, metrics: self.metrics.clone() });
+        self
+    }
+
+    /// The history limits of room `name` served by `plugin` (`None`: no history).
+    pub(crate) fn history_limits(&self, plugin: Option<&crate::plugin::Plugin>) -> Option<HistoryLimits> {
+        let settings = match plugin {
+            Some(plugin) => plugin.history(),
+            None => self.default_history,
+        }?;
+        Some(HistoryLimits { size: settings.size, ttl: settings.ttl, bytes: self.history_bytes })
+    }
+
+    /// The history room `name` continues (kept since it emptied), or a new one.
+    pub(crate) fn history_for(&self, name: &str, limits: HistoryLimits) -> History {
+        let mut retained = self.retained.lock().expect("history lock");
+        retained.order.retain(|room| &**room != name);
+        let kept = retained
+            .by_room
+            .remove(name)
+            .and_then(|(mut history, closed)| worth_keeping(&mut history, closed).then_some(history));
+        match kept {
+            Some(mut history) => {
+                history.set_limits(limits);
+                history
+            }
+            None => History::new(limits, self.budget.clone()),
+        }
+    }
+
+    /// Keep the history of a room that emptied, for as long as it is worth keeping.
+    pub(crate) fn retain_history(&self, name: Arc<str>, history: History) {
+        let closed = tokio::time::Instant::now();
+        let mut retained = self.retained.lock().expect("history lock");
+        let RetainedHistories { by_room, order } = &mut *retained;
+        // Expired ones go first; then the oldest while over the cap.
+        by_room.retain(|_, (history, closed)| worth_keeping(history, *closed));
+        order.retain(|room| by_room.contains_key(room));
+        while order.len() >= MAX_RETAINED_HISTORIES {
+            if let Some(oldest) = order.pop_front() {
+                by_room.remove(&oldest);
+            }
+        }
+        order.push_back(name.clone());
+        by_room.insert(name, (history, closed));
     }
 
     /// Share rooms with other nodes through `cluster`.
@@ -195,16 +303,11 @@ impl Rooms {
         }
     }
 
-    /// Add `peer` to room `name`, creating the room (and its actor) if it is not live.
-    /// The room's plugin may still refuse it: the actor then answers the client and
-    /// evicts it (room-protocol mode), or ends its session (raw mode).
-    pub async fn join(
-        self: &Arc<Self>,
-        name: &str,
-        peer: &Arc<Peer>,
-        reference: Option<u64>,
-        params: Option<Arc<str>>,
-    ) -> Arc<Room> {
+    /// Add `joining.peer` to room `name`, creating the room (and its actor) if it is
+    /// not live. The room's plugin may still refuse it: the actor then answers the
+    /// client and evicts it (room-protocol mode), or ends its session (raw mode).
+    pub async fn join(self: &Arc<Self>, name: &str, joining: Joining) -> Arc<Room> {
+        let peer = &joining.peer;
         let room = {
             let mut map = self.map.lock().expect("rooms lock");
             let room = match map.get(name) {
@@ -220,7 +323,6 @@ impl Rooms {
             self.metrics.room_members.fetch_add(1, Relaxed);
             room
         };
-        let joining = Joining { peer: peer.clone(), reference, params };
         let _ = room.tx.send(RoomEvent::Join(joining)).await;
         room
     }

@@ -193,11 +193,12 @@ pub fn encode(payload: &Payload) -> Bytes {
 }
 
 /// The frame for a data payload as room-protocol members get it: tagged with `room`
-/// (`{"room": …, "text": …}`, or a binary message behind the room prefix).
-pub fn encode_tagged(room: &str, payload: &Payload) -> Bytes {
+/// (`{"room": …, "text": …}` with the history `offset` when the room keeps history, or
+/// a binary message behind the room prefix, which carries no offset).
+pub fn encode_tagged(room: &str, payload: &Payload, offset: Option<u64>) -> Bytes {
     match payload {
         // A text payload is UTF-8: whoever built it guaranteed it.
-        Payload::Text(bytes) => crate::protocol::text_delivery(room, &String::from_utf8_lossy(bytes), None),
+        Payload::Text(bytes) => crate::protocol::text_delivery(room, &String::from_utf8_lossy(bytes), offset),
         // Room names are at most 128 bytes: the prefix always fits.
         Payload::Binary(bytes) => {
             crate::protocol::binary_delivery(room, bytes).unwrap_or_else(|| encode(payload))
@@ -220,10 +221,15 @@ impl<'a> Frames<'a> {
         Self { room, payload, raw: None, tagged: None }
     }
 
+    /// With the tagged frame already encoded (it carries a history offset).
+    pub fn with_tagged(room: &'a str, payload: &'a Payload, tagged: Option<Bytes>) -> Self {
+        Self { room, payload, raw: None, tagged }
+    }
+
     /// The frame for `peer`.
     pub fn for_peer(&mut self, peer: &Peer) -> &Bytes {
         if peer.tagged {
-            self.tagged.get_or_insert_with(|| encode_tagged(self.room, self.payload))
+            self.tagged.get_or_insert_with(|| encode_tagged(self.room, self.payload, None))
         } else {
             self.raw.get_or_insert_with(|| encode(self.payload))
         }

@@ -65,8 +65,8 @@ async fn a_trap_costs_the_instance_and_the_room_goes_on_with_every_member() {
     let folder = Folder::with_chaos("trap");
     let rooms = rooms(&folder);
     let (ada, bob) = (peer(1), peer(2));
-    let room = rooms.join("chaos", &ada, None, None).await;
-    rooms.join("chaos", &bob, None, None).await;
+    let room = rooms.join("chaos", Joining::plain(&ada)).await;
+    rooms.join("chaos", Joining::plain(&bob)).await;
 
     room.send(ada.id, Payload::text("panic")).await;
     // The fresh instance was told about both members: it lists them.
@@ -85,7 +85,7 @@ async fn a_spinning_call_is_stopped_and_its_timers_are_gone_with_its_instance() 
     let folder = Folder::with_chaos("spin");
     let rooms = rooms(&folder);
     let ada = peer(1);
-    let room = rooms.join("chaos", &ada, None, None).await;
+    let room = rooms.join("chaos", Joining::plain(&ada)).await;
     // A timer set by the instance that is about to fail must not fire on the next one.
     room.send(ada.id, Payload::text("timer:200")).await;
     room.send(ada.id, Payload::text("spin")).await;

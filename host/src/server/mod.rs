@@ -28,8 +28,8 @@ use crate::config::Config;
 use crate::http::upgrade::ConnInfo;
 use crate::http::{Shared, router};
 use crate::metrics::{Metrics, RejectReason};
-use crate::plugin::HostCaps;
 use crate::plugin::reload::{LivePlugins, PluginsError, Watcher};
+use crate::plugin::{HistorySettings, HostCaps};
 use crate::room::{Gate, Rooms};
 use crate::ws::handshake::Rejection;
 use tls::TlsError;
@@ -127,7 +127,14 @@ impl Server {
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             gate: Arc::new(Gate::new(plugins.clone(), metrics.clone())),
-            rooms: Arc::new(Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster)),
+            rooms: Arc::new(
+                Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster).with_history(
+                    (config.history_size > 0)
+                        .then_some(HistorySettings { size: config.history_size, ttl: config.history_ttl }),
+                    usize::try_from(config.max_queue_bytes / 2).unwrap_or(usize::MAX),
+                    usize::try_from(config.history_memory).unwrap_or(usize::MAX),
+                ),
+            ),
             metrics,
             tracker,
             shutdown: CancellationToken::new(),

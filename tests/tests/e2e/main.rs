@@ -17,6 +17,7 @@ mod contract;
 mod dashboard;
 mod handshake;
 mod plugins;
+mod recovery;
 mod reload;
 mod rooms;
 mod timeouts;

@@ -29,14 +29,6 @@ async fn recv_binary(client: &mut Client) -> Vec<u8> {
     }
 }
 
-/// Nothing but pings arrives for `wait`.
-async fn quiet(client: &mut Client, wait: Duration) -> bool {
-    match tokio::time::timeout(wait, recv(client)).await {
-        Err(_) => true,
-        Ok(message) => panic!("expected nothing, got {message:?}"),
-    }
-}
-
 #[tokio::test]
 async fn one_connection_is_in_several_rooms_at_once() {
     let server = TestServer::start(test_config()).await;
