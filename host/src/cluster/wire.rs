@@ -41,7 +41,11 @@ pub struct ToOwner {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InEvent {
-    Join(MemberInfo),
+    /// A member joins; `since` is the recovery position it asked from (epoch, offset).
+    Join {
+        info: MemberInfo,
+        since: Option<(String, u64)>,
+    },
     /// `reason` is a [`crate::types::CloseReason`] label.
     Leave {
         member: MemberId,
@@ -81,14 +85,26 @@ pub enum OutEvent {
 /// One thing for the local members of each node to receive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// To every member except `except`.
-    Broadcast { payload: Payload, except: Vec<MemberId> },
+    /// To every member except `except`; `offset` is its place in the room's history,
+    /// when the room keeps one.
+    Broadcast { payload: Payload, except: Vec<MemberId>, offset: Option<u64> },
     /// To one member.
     Send { to: MemberId, payload: Payload },
     /// Close one member; `failure` says the plugin failed (1011) rather than chose to.
     Close { member: MemberId, code: u16, reason: String, failure: bool },
     /// The room's plugin added one member to another room (`add-to-room`).
     Invite { member: MemberId, room: String, params: Option<String> },
+    /// The room's plugin decided a member's join: admitted (`refused` is `None`), with
+    /// the room's history position, whether its `since` was served, and the frames it
+    /// missed; or refused with a status and reason. Until this arrives, the member's
+    /// node delivers nothing of the room to it.
+    Admit {
+        member: MemberId,
+        refused: Option<(u16, String)>,
+        position: Option<(String, u64)>,
+        recovered: Option<bool>,
+        replay: Vec<Bytes>,
+    },
 }
 
 /// A room's plugin state as its owner stored it.
@@ -213,6 +229,7 @@ const DELIVERY_BROADCAST: u8 = 1;
 const DELIVERY_SEND: u8 = 2;
 const DELIVERY_CLOSE: u8 = 3;
 const DELIVERY_INVITE: u8 = 4;
+const DELIVERY_ADMIT: u8 = 5;
 const MEMBER: u8 = 20;
 const SNAPSHOT: u8 = 21;
 
@@ -259,7 +276,7 @@ pub fn publisher(data: &[u8]) -> Option<&[u8]> {
 impl ToOwner {
     pub fn encode(&self) -> Vec<u8> {
         let tag = match &self.event {
-            InEvent::Join(_) => IN_JOIN,
+            InEvent::Join { .. } => IN_JOIN,
             InEvent::Leave { .. } => IN_LEAVE,
             InEvent::Message { .. } => IN_MESSAGE,
             InEvent::Forward { .. } => IN_FORWARD,
@@ -268,7 +285,17 @@ impl ToOwner {
         let mut w = Writer::new(tag);
         w.str(&self.node);
         match &self.event {
-            InEvent::Join(member) => put_member(&mut w, member),
+            InEvent::Join { info, since } => {
+                put_member(&mut w, info);
+                match since {
+                    Some((epoch, offset)) => {
+                        w.u8(1);
+                        w.str(epoch);
+                        w.u64(*offset);
+                    }
+                    None => w.u8(0),
+                }
+            }
             InEvent::Leave { member, reason } => {
                 w.u64(*member);
                 w.u8(reason.index());
@@ -291,7 +318,11 @@ impl ToOwner {
         let (mut r, tag) = Reader::open(data)?;
         let node = r.string()?;
         let event = match tag {
-            IN_JOIN => InEvent::Join(get_member(&mut r)?),
+            IN_JOIN => {
+                let info = get_member(&mut r)?;
+                let since = if r.u8()? != 0 { Some((r.string()?, r.u64()?)) } else { None };
+                InEvent::Join { info, since }
+            }
             IN_LEAVE => InEvent::Leave {
                 member: r.u64()?,
                 reason: CloseReason::from_index(r.u8()?).ok_or(WireError::Reason)?,
@@ -318,10 +349,11 @@ impl FromOwner {
             w.0.put_u32_le(items.len() as u32);
             for item in items {
                 match item {
-                    Delivery::Broadcast { payload, except } => {
+                    Delivery::Broadcast { payload, except, offset } => {
                         w.u8(DELIVERY_BROADCAST);
                         w.payload(payload);
                         w.ids(except);
+                        w.u64(offset.unwrap_or(0));
                     }
                     Delivery::Send { to, payload } => {
                         w.u8(DELIVERY_SEND);
@@ -341,6 +373,35 @@ impl FromOwner {
                         w.str(room);
                         put_option(&mut w, params.as_deref());
                     }
+                    Delivery::Admit { member, refused, position, recovered, replay } => {
+                        w.u8(DELIVERY_ADMIT);
+                        w.u64(*member);
+                        match refused {
+                            Some((status, reason)) => {
+                                w.u8(1);
+                                w.u16(*status);
+                                w.str(reason);
+                            }
+                            None => w.u8(0),
+                        }
+                        match position {
+                            Some((epoch, offset)) => {
+                                w.u8(1);
+                                w.str(epoch);
+                                w.u64(*offset);
+                            }
+                            None => w.u8(0),
+                        }
+                        w.u8(match recovered {
+                            None => 0,
+                            Some(false) => 1,
+                            Some(true) => 2,
+                        });
+                        w.0.put_u32_le(replay.len() as u32);
+                        for frame in replay {
+                            w.bytes(frame);
+                        }
+                    }
                 }
             }
         }
@@ -357,7 +418,11 @@ impl FromOwner {
                 let mut items = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     items.push(match r.u8()? {
-                        DELIVERY_BROADCAST => Delivery::Broadcast { payload: r.payload()?, except: r.ids()? },
+                        DELIVERY_BROADCAST => Delivery::Broadcast {
+                            payload: r.payload()?,
+                            except: r.ids()?,
+                            offset: Some(r.u64()?).filter(|offset| *offset > 0),
+                        },
                         DELIVERY_SEND => Delivery::Send { to: r.u64()?, payload: r.payload()? },
                         DELIVERY_CLOSE => Delivery::Close {
                             member: r.u64()?,
@@ -370,6 +435,22 @@ impl FromOwner {
                             room: r.string()?,
                             params: get_option(&mut r)?,
                         },
+                        DELIVERY_ADMIT => {
+                            let member = r.u64()?;
+                            let refused = if r.u8()? != 0 { Some((r.u16()?, r.string()?)) } else { None };
+                            let position = if r.u8()? != 0 { Some((r.string()?, r.u64()?)) } else { None };
+                            let recovered = match r.u8()? {
+                                0 => None,
+                                1 => Some(false),
+                                _ => Some(true),
+                            };
+                            let n = r.u32()? as usize;
+                            let mut replay = Vec::with_capacity(n.min(1024));
+                            for _ in 0..n {
+                                replay.push(Bytes::copy_from_slice(r.bytes()?));
+                            }
+                            Delivery::Admit { member, refused, position, recovered, replay }
+                        }
                         other => return Err(WireError::Tag(other)),
                     });
                 }
@@ -442,8 +523,8 @@ mod tests {
     #[test]
     fn inbound_round_trips() {
         let events = [
-            InEvent::Join(member(7)),
-            InEvent::Join(MemberInfo { protocol: None, ..member(8) }),
+            InEvent::Join { info: member(7), since: None },
+            InEvent::Join { info: MemberInfo { protocol: None, ..member(8) }, since: Some(("e1".into(), 9)) },
             InEvent::Leave { member: 7, reason: CloseReason::Client },
             InEvent::Message { from: 7, payload: Payload::text("héllo") },
             InEvent::Message { from: 7, payload: Payload::binary(vec![0, 255]) },
@@ -464,13 +545,28 @@ mod tests {
             event: OutEvent::Deliveries {
                 seq: 42,
                 items: vec![
-                    Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2] },
+                    Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2], offset: None },
+                    Delivery::Broadcast { payload: Payload::text("ho"), except: vec![], offset: Some(7) },
                     Delivery::Send { to: 9, payload: Payload::binary(vec![1]) },
                     Delivery::Close { member: 9, code: 4000, reason: "bye".into(), failure: false },
                     Delivery::Invite {
                         member: 9,
                         room: "match:1".into(),
                         params: Some(r#"{"seat":2}"#.into()),
+                    },
+                    Delivery::Admit {
+                        member: 9,
+                        refused: None,
+                        position: Some(("e1".into(), 7)),
+                        recovered: Some(true),
+                        replay: vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")],
+                    },
+                    Delivery::Admit {
+                        member: 10,
+                        refused: Some((403, "no".into())),
+                        position: None,
+                        recovered: None,
+                        replay: vec![],
                     },
                 ],
             },

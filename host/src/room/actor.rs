@@ -60,15 +60,49 @@ pub(super) struct RoomActor {
     /// Staged deliveries: the payload, its recipients, and its tagged frame when it
     /// was encoded already (with a history offset).
     pub(super) staged: Vec<(Payload, Target, Option<Bytes>)>,
-    /// The local member whose join is being decided, with its `ref` and recovery
-    /// position: admitted, it gets `joined` (then what it missed) before anything its
-    /// join sends; refused, an `error`.
-    pub(super) joining: Option<(MemberId, Option<u64>, Option<Since>)>,
+    /// Members whose join is being decided and who await the reply, with its `ref` and
+    /// recovery position: admitted, they get `joined` (then what they missed) before
+    /// anything their join sends; refused, an `error`.
+    pub(super) awaiting: Vec<Awaiting>,
     /// The room's history, when it keeps one (recovery).
     pub(super) history: Option<History>,
     /// Members whose join the plugin refused and whose leave has not arrived yet:
     /// what they send meanwhile is dropped.
     pub(super) refused: Vec<MemberId>,
+}
+
+/// A member whose join awaits the room's reply.
+#[derive(Debug)]
+pub(super) struct Awaiting {
+    pub(super) id: MemberId,
+    /// `None`: no `ref` to echo (a plugin's add, or a member on another node).
+    pub(super) reference: Option<u64>,
+    pub(super) since: Option<Since>,
+}
+
+/// Answer a refused join for `peer`, a member of `room`: an `error` with the join's
+/// `ref` if it was awaiting its reply (room-protocol mode), `left` 1008 if it was in
+/// the room already, and for a raw member a close with 1008.
+pub(super) fn carry_out_refusal(
+    peer: &Peer,
+    room: &Arc<str>,
+    awaiting: Option<Option<u64>>,
+    refused: &Refused,
+    write_through: bool,
+) {
+    match (awaiting, peer.tagged) {
+        (Some(reference), true) => {
+            let frame = crate::protocol::refused(room, &refused.reason, refused.status, reference);
+            peer.deliver(&frame, write_through);
+            peer.evict(room.clone(), CloseReason::Plugin);
+        }
+        (None, true) => {
+            let frame = crate::protocol::left(room, close_code::POLICY, &refused.reason, None);
+            peer.deliver(&frame, write_through);
+            peer.evict(room.clone(), CloseReason::Plugin);
+        }
+        (_, false) => peer.end(Ending::new(CloseReason::Plugin, close_code::POLICY, refused.reason.clone())),
+    }
 }
 
 /// What a plugin's `join` decided.
@@ -121,7 +155,7 @@ impl RoomActor {
             pending: None,
             staging: false,
             staged: Vec::new(),
-            joining: None,
+            awaiting: Vec::new(),
             refused: Vec::new(),
             history: None,
         }
@@ -232,9 +266,10 @@ impl RoomActor {
         info.params = params;
         self.ids.push(peer.id);
         self.peers.push(peer);
-        self.joining = Some((info.id, reference, since));
+        self.awaiting.push(Awaiting { id: info.id, reference, since });
         self.joined(&info);
-        self.joining = None;
+        // Neither admitted nor refused (its room could not start): no reply is due.
+        self.awaiting.retain(|awaiting| awaiting.id != info.id);
     }
 
     /// Tell the logic about a member already added to `ids`.
@@ -244,7 +279,9 @@ impl RoomActor {
             let plugin = plugin.clone();
             self.start(plugin, None);
             // `start` presented every member, the new one included.
-            self.admitted(info.id);
+            if self.ids.contains(&info.id) {
+                self.admitted(info.id);
+            }
             return;
         }
         self.call_join(info);
@@ -277,15 +314,21 @@ impl RoomActor {
         }
     }
 
-    /// The joining member `id` is in: a room-protocol client gets `joined` (with the
-    /// room's history position when it keeps history) and, when it asked with `since`,
-    /// every message it missed, all in one push and in the room's order: nothing the
-    /// room broadcasts can come between, since the room does nothing else meanwhile.
-    fn admitted(&mut self, id: MemberId) {
-        let Some((_, reference, since)) = self.joining.take_if(|(joining, ..)| *joining == id) else {
+    /// Member `id` is in. A local room-protocol client awaiting its reply gets
+    /// `joined` (with the room's history position when it keeps history) and, when it
+    /// asked with `since`, every message it missed, all in one push and in the room's
+    /// order: nothing the room broadcasts can come between, since the room does nothing
+    /// else meanwhile. A member on another node is told through its node, which
+    /// delivers nothing of the room to it until then (and ignores a second word).
+    pub(super) fn admitted(&mut self, id: MemberId) {
+        let awaiting = self.awaiting.iter().position(|a| a.id == id).map(|at| self.awaiting.swap_remove(at));
+        let remote =
+            self.local(id).is_none() && self.cluster.as_ref().is_some_and(|c| c.remote.contains_key(&id));
+        let tagged = self.local(id).is_some_and(|peer| peer.tagged);
+        if !remote && (awaiting.is_none() || !tagged) {
             return;
-        };
-        let Some(peer) = self.local(id).filter(|peer| peer.tagged).cloned() else { return };
+        }
+        let (reference, since) = awaiting.map_or((None, None), |a| (a.reference, a.since));
         let position = self.history.as_ref().map(|history| (history.epoch().to_owned(), history.last()));
         let (recovered, missed) = match (since, self.history.as_mut()) {
             (None, _) => (None, Vec::new()),
@@ -298,6 +341,19 @@ impl RoomActor {
         if let Some(recovered) = recovered {
             self.metrics.recovery(recovered);
         }
+        if remote {
+            if let Some(clustered) = self.cluster.as_mut() {
+                clustered.outbox.push(Delivery::Admit {
+                    member: id,
+                    refused: None,
+                    position,
+                    recovered,
+                    replay: missed,
+                });
+            }
+            return;
+        }
+        let Some(peer) = self.local(id).cloned() else { return };
         let position = position.as_ref().map(|(epoch, offset)| (epoch.as_str(), *offset));
         let joined = crate::protocol::joined(&self.room.name, reference, position, recovered);
         let mut frames: Vec<&Bytes> = Vec::with_capacity(1 + missed.len());
@@ -311,36 +367,32 @@ impl RoomActor {
     /// hook). A member joining now hears an `error` (room-protocol mode) and its
     /// session leaves the room; a raw member, whose only room this is, is closed with
     /// 1008. A member presented again (a new plugin version, a fresh instance) that is
-    /// refused loses its membership as if the plugin had closed it.
+    /// refused loses its membership as if the plugin had closed it. A member on another
+    /// node is told through its node, which answers for it the same way.
     pub(super) fn refuse(&mut self, id: MemberId, refused: &Refused) {
         self.ids.retain(|member| *member != id);
-        let joining = self.joining.take_if(|(member, ..)| *member == id);
+        let awaiting = self.awaiting.iter().position(|a| a.id == id).map(|at| self.awaiting.swap_remove(at));
         if let Some(at) = self.peers.iter().position(|p| p.id == id) {
             let peer = self.peers.remove(at);
             self.unannounce(id);
             self.refused.push(id);
-            if let (Some((_, reference, _)), true) = (joining, peer.tagged) {
-                let frame =
-                    crate::protocol::refused(&self.room.name, &refused.reason, refused.status, reference);
-                peer.deliver(&frame, self.write_through);
-                peer.evict(self.room.name.clone(), CloseReason::Plugin);
-            } else if peer.tagged {
-                let frame = crate::protocol::left(&self.room.name, close_code::POLICY, &refused.reason, None);
-                peer.deliver(&frame, self.write_through);
-                peer.evict(self.room.name.clone(), CloseReason::Plugin);
-            } else {
-                peer.end(Ending::new(CloseReason::Plugin, close_code::POLICY, refused.reason.clone()));
-            }
+            carry_out_refusal(
+                &peer,
+                &self.room.name,
+                awaiting.map(|a| a.reference),
+                refused,
+                self.write_through,
+            );
         } else if let Some(clustered) = self.cluster.as_mut()
             && clustered.remote.remove(&id).is_some()
         {
-            // A member on another node: its node carries the refusal out (`left`).
             clustered.left.insert(id, Instant::now());
-            clustered.outbox.push(Delivery::Close {
+            clustered.outbox.push(Delivery::Admit {
                 member: id,
-                code: close_code::POLICY,
-                reason: refused.reason.clone(),
-                failure: false,
+                refused: Some((refused.status, refused.reason.clone())),
+                position: None,
+                recovered: None,
+                replay: Vec::new(),
             });
         }
     }

@@ -7,9 +7,16 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use super::actor::{Logic, RoomActor};
-use super::{Joining, Peer, RoomEvent};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::actor::{Awaiting, carry_out_refusal};
+use super::peer::encode_tagged;
+use super::{Joining, Peer, RoomEvent, Since};
 use crate::cluster::wire::{Delivery, FromOwner, InEvent, OutEvent, Snapshot, ToOwner};
 use crate::cluster::{Record, Role, RoleChange, RoomLink};
+use crate::plugin::Refused;
 use crate::plugin::{MemberId, MemberInfo, Origin};
 use crate::types::CloseReason;
 
@@ -36,6 +43,9 @@ pub(super) struct Clustered {
     pub(super) unheard: std::collections::VecDeque<Vec<u8>>,
     /// Records for the owner received while a claim is being decided (follower).
     pub(super) early: std::collections::VecDeque<ToOwner>,
+    /// Local members whose join the owner has not decided yet (follower): they get
+    /// nothing of the room until it does.
+    pub(super) pending: Vec<Arc<Peer>>,
     /// The last delivery batch seen: its owner and number (follower).
     pub(super) last_seq: Option<(String, u64)>,
     /// When the next snapshot is due (owner, state changed since the last one).
@@ -60,6 +70,7 @@ impl Clustered {
             outbox: Vec::new(),
             unheard: Default::default(),
             early: Default::default(),
+            pending: Vec::new(),
             last_seq: None,
             save_at: None,
             last_save: None,
@@ -107,21 +118,19 @@ impl RoomActor {
                 let mut info = peer.info();
                 info.params = params;
                 clustered.link.present(&info);
-                clustered.link.to_owner(InEvent::Join(info));
-                // The owner's plugin decides on another node: a refusal comes back as
-                // a close of the membership (`left`, 1008).
-                if peer.tagged {
-                    // Recovery needs the room's history, which lives with its owner.
-                    let recovered = since.map(|_| false);
-                    let joined = crate::protocol::joined(&self.room.name, reference, None, recovered);
-                    peer.deliver(&joined, false);
-                }
-                self.ids.push(peer.id);
-                self.peers.push(peer);
+                let asked = since.as_ref().map(|since| (since.epoch.clone(), since.offset));
+                clustered.link.to_owner(InEvent::Join { info, since: asked });
+                // The owner's plugin decides; its answer (`Delivery::Admit`) brings the
+                // reply and what the member missed, and only then does the member get
+                // the room's deliveries.
+                self.awaiting.push(Awaiting { id: peer.id, reference, since });
+                clustered.pending.push(peer);
             }
             RoomEvent::Leave { member, reason, last, handled } => {
                 clustered.link.absent(member);
                 clustered.link.to_owner(InEvent::Leave { member, reason });
+                clustered.pending.retain(|p| p.id != member);
+                self.awaiting.retain(|a| a.id != member);
                 self.ids.retain(|id| *id != member);
                 self.peers.retain(|p| p.id != member);
                 drop(handled);
@@ -166,8 +175,10 @@ impl RoomActor {
                 match before {
                     Role::Pending | Role::Follower => {
                         // Serve the local members on a local instance until Redis returns.
+                        let adopted = self.adopt_pending();
                         self.generation = u64::MAX;
                         self.refresh_plugin();
+                        self.admit_adopted(&adopted);
                     }
                     Role::Owner => {
                         let remote: Vec<MemberId> = clustered.remote.keys().copied().collect();
@@ -203,7 +214,7 @@ impl RoomActor {
                     // it knows).
                     let clustered = self.cluster.as_ref().expect("clustered");
                     for peer in &self.peers {
-                        clustered.link.to_owner(InEvent::Join(peer.info()));
+                        clustered.link.to_owner(InEvent::Join { info: peer.info(), since: None });
                     }
                 }
                 self.show_logic();
@@ -211,7 +222,9 @@ impl RoomActor {
             RoleChange::Owner { snapshot, presence, asked } => {
                 clustered.role = Role::Owner;
                 if matches!(before, Role::Pending | Role::Follower) {
+                    let adopted = self.adopt_pending();
                     self.take_over(snapshot, presence, asked);
+                    self.admit_adopted(&adopted);
                 } else {
                     self.reconcile(presence, asked);
                 }
@@ -281,6 +294,13 @@ impl RoomActor {
             self.logic = Logic::Default;
             self.ids = present;
             self.show_logic();
+            // Members on other nodes may await a word their join's first owner never
+            // sent; a second word is ignored.
+            let remote: Vec<MemberId> =
+                self.cluster.as_ref().map(|c| c.remote.keys().copied().collect()).unwrap_or_default();
+            for id in remote {
+                self.admitted(id);
+            }
             return;
         };
         let stored = snapshot.filter(|s| s.plugin == plugin.name()).and_then(|s| Some((s.members, s.state?)));
@@ -331,11 +351,11 @@ impl RoomActor {
             self.remote_leave(member, CloseReason::Reset);
         }
         for (node, info) in new {
-            self.remote_join(node, info);
+            self.remote_join(node, info, None);
         }
     }
 
-    pub(super) fn remote_join(&mut self, node: String, info: MemberInfo) {
+    pub(super) fn remote_join(&mut self, node: String, info: MemberInfo, since: Option<Since>) {
         let Some(clustered) = self.cluster.as_mut() else { return };
         if self.ids.contains(&info.id) {
             return;
@@ -343,7 +363,75 @@ impl RoomActor {
         clustered.left.remove(&info.id);
         clustered.remote.insert(info.id, Remote { node, info: info.clone(), joined: Instant::now() });
         self.ids.push(info.id);
+        self.awaiting.push(Awaiting { id: info.id, reference: None, since });
         self.joined(&info);
+        self.awaiting.retain(|awaiting| awaiting.id != info.id);
+    }
+
+    /// The owner decided the join of a local member that awaits it (follower): refused,
+    /// the member is answered as on the owner; admitted, it gets `joined` and what it
+    /// missed, then joins the deliveries. A word about a member that awaits nothing (it
+    /// was admitted already, or left) is ignored.
+    pub(super) fn admit_pending(
+        &mut self,
+        member: MemberId,
+        refused: Option<(u16, String)>,
+        position: Option<(String, u64)>,
+        recovered: Option<bool>,
+        replay: &[Bytes],
+    ) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let Some(at) = clustered.pending.iter().position(|p| p.id == member) else { return };
+        let peer = clustered.pending.remove(at);
+        let awaiting =
+            self.awaiting.iter().position(|a| a.id == member).map(|at| self.awaiting.swap_remove(at));
+        if let Some((status, reason)) = refused {
+            clustered.link.absent(member);
+            let refused = Refused { status, reason };
+            carry_out_refusal(&peer, &self.room.name, awaiting.map(|a| a.reference), &refused, false);
+            return;
+        }
+        if peer.tagged {
+            // A member the owner met through presence rather than its join record asked
+            // in vain.
+            let asked = awaiting.as_ref().is_some_and(|a| a.since.is_some());
+            let recovered = recovered.or(asked.then_some(false));
+            let position = position.as_ref().map(|(epoch, offset)| (epoch.as_str(), *offset));
+            let reference = awaiting.and_then(|a| a.reference);
+            let joined = crate::protocol::joined(&self.room.name, reference, position, recovered);
+            let mut frames: Vec<&Bytes> = Vec::with_capacity(1 + replay.len());
+            frames.push(&joined);
+            frames.extend(replay.iter());
+            let delivered = peer.deliver_batch(&frames);
+            self.metrics
+                .messages_out
+                .fetch_add(delivered.saturating_sub(1), std::sync::atomic::Ordering::Relaxed);
+        }
+        self.ids.push(member);
+        self.peers.push(peer);
+    }
+
+    /// Becoming the room's owner or running it alone: the local members awaiting the
+    /// old owner's word are this node's to present now. Returns their ids.
+    pub(super) fn adopt_pending(&mut self) -> Vec<MemberId> {
+        let Some(clustered) = self.cluster.as_mut() else { return Vec::new() };
+        let pending = std::mem::take(&mut clustered.pending);
+        let ids: Vec<MemberId> = pending.iter().map(|p| p.id).collect();
+        for peer in pending {
+            self.ids.push(peer.id);
+            self.peers.push(peer);
+        }
+        ids
+    }
+
+    /// After a takeover: adopted members that no plugin call answered (the room has
+    /// no plugin) are admitted now.
+    pub(super) fn admit_adopted(&mut self, adopted: &[MemberId]) {
+        for id in adopted {
+            if self.awaiting.iter().any(|a| a.id == *id) && self.ids.contains(id) {
+                self.admitted(*id);
+            }
+        }
     }
 
     pub(super) fn remote_leave(&mut self, member: MemberId, reason: CloseReason) {
@@ -376,9 +464,10 @@ impl RoomActor {
             Role::Solo => return,
         }
         match record.event {
-            InEvent::Join(info) => {
+            InEvent::Join { info, since } => {
                 if !mine {
-                    self.remote_join(record.node, info);
+                    let since = since.map(|(epoch, offset)| Since { epoch, offset });
+                    self.remote_join(record.node, info, since);
                 }
             }
             InEvent::Leave { member, reason } => {
@@ -427,8 +516,13 @@ impl RoomActor {
                 }
                 for item in items {
                     match item {
-                        Delivery::Broadcast { payload, except } => {
-                            self.deliver_except(&payload, &except, None)
+                        Delivery::Broadcast { payload, except, offset } => {
+                            let tagged =
+                                offset.map(|offset| encode_tagged(&self.room.name, &payload, Some(offset)));
+                            self.deliver_except(&payload, &except, tagged)
+                        }
+                        Delivery::Admit { member, refused, position, recovered, replay } => {
+                            self.admit_pending(member, refused, position, recovered, &replay)
                         }
                         Delivery::Send { to, payload } => {
                             self.deliver_to(to, &payload);

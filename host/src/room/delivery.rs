@@ -86,13 +86,15 @@ impl RoomActor {
     /// frame is kept.
     pub(super) fn broadcast(&mut self, payload: &Payload, except: &[MemberId]) {
         let room = &self.room.name;
-        let tagged = self
+        let recorded = self
             .history
             .as_mut()
-            .map(|history| history.record(|offset| encode_tagged(room, payload, Some(offset))).1);
+            .map(|history| history.record(|offset| encode_tagged(room, payload, Some(offset))));
+        let (offset, tagged) = recorded.unzip();
         self.deliver_except(payload, except, tagged);
         if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {
-            clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except: except.to_vec() });
+            let except = except.to_vec();
+            clustered.outbox.push(Delivery::Broadcast { payload: payload.clone(), except, offset });
         }
     }
 

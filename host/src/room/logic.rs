@@ -35,8 +35,7 @@ impl RoomActor {
 
     /// Keep history as the room's plugin (or, without one, the server) says: start
     /// one (or continue the one the room left when it last emptied), apply new limits,
-    /// or drop it. Cluster mode keeps none yet: a join with `since` answers
-    /// `recovered: false`.
+    /// or drop it.
     pub(super) fn refresh_history(&mut self) {
         let Some(rooms) = self.rooms.upgrade() else { return };
         let plugin = match &self.logic {
@@ -44,7 +43,10 @@ impl RoomActor {
             Logic::Plugin { instance, .. } => Some(instance.plugin().clone()),
             Logic::Failed { plugin } => Some(plugin.clone()),
         };
-        let limits = if self.cluster.is_some() { None } else { rooms.history_limits(plugin.as_deref()) };
+        // In cluster mode the room's owner (or a node alone while Redis is away) keeps
+        // it; followers get offsets with the owner's deliveries.
+        let runs = self.cluster.as_ref().is_none_or(|c| matches!(c.role, Role::Owner | Role::Solo));
+        let limits = if runs { rooms.history_limits(plugin.as_deref()) } else { None };
         match (limits, &mut self.history) {
             (None, history) => *history = None,
             (Some(limits), Some(history)) => history.set_limits(limits),

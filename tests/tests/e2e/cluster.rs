@@ -406,15 +406,17 @@ async fn one_connection_in_rooms_owned_by_different_nodes() {
     let moved = ask_in(&mut xena, "chaos:c", "whoami").await;
     assert_eq!(moved["params"], json!({"by": "chaos:b"}), "{moved}");
 
-    // A join the remote owner refuses: `joined` from xena's node, then `left` 1008.
+    // A join the remote owner refuses: the same `error` as on one node.
     let mut zed = two.connect("chaos:b3").await;
     // Once the room's plugin answers, node two owns the room.
     send_text(&mut zed, "members").await;
     recv_text(&mut zed).await;
     send_text(&mut xena, &json!({"join": "chaos:b3", "ref": 3, "params": {"refuse": true}}).to_string())
         .await;
-    assert_eq!(recv_json(&mut xena).await, json!({"joined": "chaos:b3", "ref": 3}));
-    assert_eq!(recv_json(&mut xena).await, json!({"left": "chaos:b3", "code": 1008, "reason": "refused"}));
+    assert_eq!(
+        recv_json(&mut xena).await,
+        json!({"error": "refused", "status": 403, "room": "chaos:b3", "ref": 3})
+    );
     send_text(&mut zed, "members").await;
     let members: serde_json::Value = serde_json::from_str(&recv_text(&mut zed).await).unwrap();
     assert_eq!(members.as_array().map(Vec::len), Some(1), "the refused member is not in: {members}");
@@ -433,6 +435,65 @@ async fn one_connection_in_rooms_owned_by_different_nodes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop((xena, yan, zed));
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_another_node_than_the_owner() {
+    use serde_json::json;
+    let redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let config = |redis: &Redis| Config { history_size: 100, ..config(redis, lease, None) };
+    let one = Node::start(config(&redis));
+    let two = Node::start(config(&redis));
+
+    // The room lives on node one; a room-protocol client on node two joins it.
+    let mut publisher = one.connect("news").await;
+    one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+    let mut client = connect_rooms(two.addr, "/ws").await;
+    send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
+    let joined = recv_json(&mut client).await;
+    let epoch =
+        joined["epoch"].as_str().unwrap_or_else(|| panic!("the owner's history: {joined}")).to_owned();
+    let mut last = joined["offset"].as_u64().unwrap();
+    send_text(&mut publisher, "before").await;
+    let delivery = recv_json(&mut client).await;
+    assert_eq!(delivery["text"], "before", "{delivery}");
+    assert_eq!(delivery["offset"], last + 1, "offsets cross nodes: {delivery}");
+    last += 1;
+
+    // Gone without a word; 20 messages later it comes back, to node two again.
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while two.metric("roomcast_room_members").await > 0.0 {
+        assert!(Instant::now() < deadline, "the member never left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..20 {
+        send_text(&mut publisher, &format!("missed {n}")).await;
+    }
+    one.wait_metric("roomcast_history_messages", 21.0, Duration::from_secs(5)).await;
+    let mut back = connect_rooms(two.addr, "/ws").await;
+    send_text(
+        &mut back,
+        &json!({"join": "news", "ref": 2, "since": {"epoch": epoch, "offset": last}}).to_string(),
+    )
+    .await;
+    let joined = recv_json(&mut back).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["offset"], last + 20, "{joined}");
+    for n in 0..20 {
+        let delivery = recv_json(&mut back).await;
+        assert_eq!(
+            (delivery["text"].as_str(), delivery["offset"].as_u64()),
+            (Some(&*format!("missed {n}")), Some(last + 1 + n))
+        );
+    }
+    send_text(&mut publisher, "live").await;
+    let delivery = recv_json(&mut back).await;
+    assert_eq!((delivery["text"].as_str(), delivery["offset"].as_u64()), (Some("live"), Some(last + 21)));
+    drop((back, publisher));
     one.stop().await;
     two.stop().await;
 }
