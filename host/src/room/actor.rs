@@ -66,6 +66,9 @@ pub(super) struct RoomActor {
     pub(super) awaiting: Vec<Awaiting>,
     /// The room's history, when it keeps one (recovery).
     pub(super) history: Option<History>,
+    /// The join parameters of this node's members that gave any, so that presenting
+    /// them again (a new plugin version, a fresh instance, a takeover) shows the same.
+    pub(super) params: std::collections::HashMap<MemberId, Arc<str>>,
     /// Members whose join the plugin refused and whose leave has not arrived yet:
     /// what they send meanwhile is dropped.
     pub(super) refused: Vec<MemberId>,
@@ -158,6 +161,7 @@ impl RoomActor {
             awaiting: Vec::new(),
             refused: Vec::new(),
             history: None,
+            params: std::collections::HashMap::new(),
         }
     }
 
@@ -263,6 +267,9 @@ impl RoomActor {
     pub(super) fn join(&mut self, joining: Joining) {
         let Joining { peer, reference, params, since } = joining;
         let mut info = peer.info();
+        if let Some(params) = &params {
+            self.params.insert(peer.id, params.clone());
+        }
         info.params = params;
         self.ids.push(peer.id);
         self.peers.push(peer);
@@ -371,6 +378,7 @@ impl RoomActor {
     /// node is told through its node, which answers for it the same way.
     pub(super) fn refuse(&mut self, id: MemberId, refused: &Refused) {
         self.ids.retain(|member| *member != id);
+        self.params.remove(&id);
         let awaiting = self.awaiting.iter().position(|a| a.id == id).map(|at| self.awaiting.swap_remove(at));
         if let Some(at) = self.peers.iter().position(|p| p.id == id) {
             let peer = self.peers.remove(at);
@@ -405,6 +413,7 @@ impl RoomActor {
         }
         self.ids.retain(|id| *id != member);
         self.peers.retain(|p| p.id != member);
+        self.params.remove(&member);
         self.left(member, reason);
     }
 

@@ -116,6 +116,9 @@ impl RoomActor {
         match event {
             RoomEvent::Join(Joining { peer, reference, params, since }) => {
                 let mut info = peer.info();
+                if let Some(params) = &params {
+                    self.params.insert(peer.id, params.clone());
+                }
                 info.params = params;
                 clustered.link.present(&info);
                 let asked = since.as_ref().map(|since| (since.epoch.clone(), since.offset));
@@ -131,6 +134,7 @@ impl RoomActor {
                 clustered.link.to_owner(InEvent::Leave { member, reason });
                 clustered.pending.retain(|p| p.id != member);
                 self.awaiting.retain(|a| a.id != member);
+                self.params.remove(&member);
                 self.ids.retain(|id| *id != member);
                 self.peers.retain(|p| p.id != member);
                 drop(handled);
@@ -335,7 +339,11 @@ impl RoomActor {
 
     pub(super) fn member_info(&self, id: MemberId) -> Option<MemberInfo> {
         match self.local(id) {
-            Some(peer) => Some(peer.info()),
+            Some(peer) => {
+                let mut info = peer.info();
+                info.params = self.params.get(&id).cloned();
+                Some(info)
+            }
             None => self.cluster.as_ref()?.remote.get(&id).map(|r| r.info.clone()),
         }
     }

@@ -53,6 +53,14 @@ async fn identity_from_the_handshake_reaches_every_room() {
     assert_eq!(first["params"], Value::Null, "{first}");
     assert_eq!(second["params"], json!({"seat": 3}), "{second}");
     assert_eq!(first["id"], second["id"], "one member id for the connection");
+    // A fresh instance after a trap is told the same: identity and the join's params.
+    send_json(&mut client, json!({"send": "chaos:b", "text": "panic"})).await;
+    let again = ask(&mut client, "chaos:b", "whoami").await;
+    assert_eq!(
+        (&again["identity"], &again["params"]),
+        (&json!({"user": "bob"}), &json!({"seat": 3})),
+        "{again}"
+    );
     server.stop().await;
 }
 
