@@ -15,6 +15,7 @@ mod cluster;
 mod conformance;
 mod dashboard;
 mod handshake;
+mod identity;
 mod plugins;
 mod reload;
 mod rooms;
