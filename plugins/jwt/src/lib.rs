@@ -47,7 +47,9 @@
 //! | the claims are at most 4096 bytes of JSON (the host's identity limit) | `claims too large` |
 //!
 //! On success the upgrade is accepted and the claims object, as the token carried it,
-//! becomes the connection's identity: `{"sub":"42","name":"Ada",...}`.
+//! becomes the connection's identity: `{"sub":"42","name":"Ada",...}`. A token in the
+//! query string stays in the upgrade's query, which every room's plugin also sees
+//! (`Member::query`): plugins should read `identity`, and never log the query.
 //!
 //! **`exp`, `nbf` and `iat` are not checked.** A plugin has no wall clock: the host
 //! gives it only a monotonic clock ([`Room::now`]), whose value means nothing as a
