@@ -217,7 +217,7 @@ async fn broken_files_leave_the_old_version_serving() {
         ("not a WebAssembly file", Box::new(|p: &Path| std::fs::write(p, b"garbage").unwrap())),
         ("core WebAssembly module", Box::new(|p: &Path| std::fs::write(p, b"\0asm\x01\0\0\0").unwrap())),
         (
-            "roomcast:plugin/room@0.2.0",
+            "roomcast:plugin/room@0.9.0",
             Box::new(|p: &Path| {
                 std::fs::copy(built_plugins().join("otherworld.wasm"), p).unwrap();
             }),

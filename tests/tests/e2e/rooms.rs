@@ -100,11 +100,17 @@ async fn refusals_answer_and_keep_the_connection() {
     send_json(&mut client, json!({"join": "a", "ref": 5})).await;
     assert_eq!(recv_json(&mut client).await, json!({"joined": "a", "ref": 5}));
     send_json(&mut client, json!({"join": "a", "ref": 6})).await;
-    assert_eq!(recv_json(&mut client).await, json!({"error": "already in room", "status": 409, "ref": 6}));
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"error": "already in room", "status": 409, "room": "a", "ref": 6})
+    );
     send_json(&mut client, json!({"join": "b", "ref": 7})).await;
     assert_eq!(recv_json(&mut client).await, json!({"joined": "b", "ref": 7}));
     send_json(&mut client, json!({"join": "c", "ref": 8})).await;
-    assert_eq!(recv_json(&mut client).await, json!({"error": "too many rooms", "status": 429, "ref": 8}));
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"error": "too many rooms", "status": 429, "room": "c", "ref": 8})
+    );
     // A binary message for a room the client is not in is refused too.
     client.send(Message::binary(prefixed("c", b"x"))).await.unwrap();
     assert_eq!(recv_json(&mut client).await, json!({"error": "not in room", "status": 404}));
@@ -161,7 +167,10 @@ async fn joins_go_through_the_rooms_plugin() {
     let server = TestServer::start(Config { plugins: Some(dir.path.clone()), ..test_config() }).await;
     let mut without = connect_rooms(server.addr, "/ws").await;
     send_json(&mut without, json!({"join": "gate", "ref": 1})).await;
-    assert_eq!(recv_json(&mut without).await, json!({"error": "bad token", "status": 403, "ref": 1}));
+    assert_eq!(
+        recv_json(&mut without).await,
+        json!({"error": "bad token", "status": 403, "room": "gate", "ref": 1})
+    );
     // A room without a plugin is open to the same connection.
     send_json(&mut without, json!({"join": "open", "ref": 2})).await;
     assert_eq!(recv_json(&mut without).await, json!({"joined": "open", "ref": 2}));
