@@ -35,10 +35,12 @@
 //!
 //! Otherwise the upgrade is accepted without a subprotocol.
 //!
-//! A room-protocol connection that joins a gate room after its upgrade (made on
-//! `GET /ws` or to another room) is checked again in `admit`: the token of its
-//! upgrade's query must match, or the join is refused with 403 `bad token` (the
-//! origin was checked by the server's own origin policy when it upgraded).
+//! Every join is checked too (`admit`), including a room-protocol join of a gate room
+//! from a connection opened elsewhere (`{"join":"gate"}` on `GET /ws?token=secret`):
+//! check 2 runs on the `token` of the connection's upgrade query, and a failure refuses
+//! the join with 403 `bad token`. A join carries no headers, so check 1 applies to
+//! upgrades only; a connection opened on `GET /ws` passed the server's own origin check
+//! (`--allowed-origins`).
 
 use roomcast_guest::{Config, HandshakeDecision, HandshakeRequest, Member, Plugin, Refusal, Room};
 use serde::Deserialize;
@@ -64,26 +66,27 @@ impl Plugin for Gate {
                 return HandshakeDecision::reject(403, "origin not allowed");
             }
         }
-        if let Some(token) = self.token.as_deref().filter(|token| !token.is_empty()) {
-            let given = request.query_param("token").unwrap_or_default();
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return HandshakeDecision::reject(403, "bad token");
-            }
+        if !self.token_matches(request.query_param("token")) {
+            return HandshakeDecision::reject(403, "bad token");
         }
         HandshakeDecision::accept()
     }
 
-    /// A room-protocol connection joining a gate room later (its upgrade went to
-    /// another room, or to `GET /ws`) shows the token of its upgrade's query too; the
-    /// origin was checked by the server when it upgraded.
     fn admit(&mut self, _room: &Room, member: &Member) -> Result<(), Refusal> {
-        if let Some(token) = self.token.as_deref().filter(|token| !token.is_empty()) {
-            let given = member.query_param("token").unwrap_or_default();
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return Err(Refusal::new(403, "bad token"));
-            }
+        if !self.token_matches(member.query_param("token")) {
+            return Err(Refusal::new(403, "bad token"));
         }
         Ok(())
+    }
+}
+
+impl Gate {
+    /// Whether `given` is the configured token (always, when none is configured).
+    fn token_matches(&self, given: Option<String>) -> bool {
+        match self.token.as_deref().filter(|token| !token.is_empty()) {
+            Some(token) => constant_time_eq(given.unwrap_or_default().as_bytes(), token.as_bytes()),
+            None => true,
+        }
     }
 }
 
@@ -102,7 +105,25 @@ roomcast_guest::export!(Gate);
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    #[test]
+    fn joins_need_the_token_of_the_connections_upgrade() {
+        let mut gate: Gate = Gate::init(Config::new(r#"{"token":"s3cret"}"#)).unwrap();
+        let member = |query: &str| Member {
+            id: 1,
+            query: query.into(),
+            remote_addr: "127.0.0.1:1".into(),
+            protocol: Some("roomcast.v1".into()),
+            identity: None,
+            params: None,
+        };
+        assert_eq!(gate.admit(&Room, &member("")), Err(Refusal::new(403, "bad token")));
+        assert!(gate.admit(&Room, &member("token=guess")).is_err());
+        assert_eq!(gate.admit(&Room, &member("x=1&token=s3cret")), Ok(()));
+        let mut open: Gate = Gate::init(Config::new("{}")).unwrap();
+        assert_eq!(open.admit(&Room, &member("")), Ok(()));
+    }
 
     #[test]
     fn compares_whole_tokens() {

@@ -16,6 +16,7 @@ mod conformance;
 mod contract;
 mod dashboard;
 mod handshake;
+mod identity;
 mod plugins;
 mod recovery;
 mod reload;
