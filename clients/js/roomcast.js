@@ -59,6 +59,9 @@ class Events {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
+/** Each room handle's membership state, which only the client changes. */
+const memberships = new WeakMap();
+
 /**
  * One room as this client sees it. Get it with `client.room(name)` (the same object
  * each time). Events: `message` (data, envelope), `joined` (info), `left` (info),
@@ -66,23 +69,38 @@ const decoder = new TextDecoder();
  */
 export class Room extends Events {
   #client;
-  /** Whether this connection is in the room now (the server said `joined`). */
-  joined = false;
-  /** Whether the client means to be in the room: it is (re-)joined on every connect. */
-  wanted = false;
-  /** The join's `params`, sent again with every re-join. */
-  params = undefined;
-  /** The `ref` of the join in flight on this connection, or null. */
-  joinRef = null;
-  /** Promises waiting for the join: [{resolve, reject}]. */
-  waiters = [];
-  /** Whether this room has been joined before on an earlier connection. */
-  everJoined = false;
 
   constructor(client, name) {
     super();
     this.#client = client;
+    /** The room's name. */
     this.name = name;
+    memberships.set(this, {
+      room: this,
+      name,
+      // In the room now: the server said `joined` on this connection.
+      joined: false,
+      // Meant to be in it: (re-)joined on every connect.
+      wanted: false,
+      // The join's `params`, sent again with every re-join.
+      params: undefined,
+      // The `ref` of the join in flight on this connection, or null.
+      joinRef: null,
+      // The promises waiting for the join: [{resolve, reject}].
+      waiters: [],
+      // Joined before on an earlier connection: the next join is a re-join.
+      everJoined: false,
+    });
+  }
+
+  /** Whether this connection is in the room now. */
+  get joined() {
+    return memberships.get(this).joined;
+  }
+
+  /** Whether the client means to be in the room (and joins it again after a reconnect). */
+  get wanted() {
+    return memberships.get(this).wanted;
   }
 
   join(options) {
@@ -113,8 +131,9 @@ export class Roomcast extends Events {
   #options;
   #WebSocket;
   #socket = null;
+  /** Membership state by room name (see `memberships`). */
   #rooms = new Map();
-  /** ref -> {op: "join" | "leave", room, resolve?} */
+  /** ref -> {op: "join" | "leave", room (its state), resolve?} */
   #pending = new Map();
   #nextRef = 1;
   #attempt = 0;
@@ -146,12 +165,17 @@ export class Roomcast extends Events {
 
   /** The handle of room `name` (created on first use; joining is separate). */
   room(name) {
-    let room = this.#rooms.get(name);
-    if (!room) {
-      room = new Room(this, name);
-      this.#rooms.set(name, room);
+    return this.#entry(name).room;
+  }
+
+  /** Room `name`'s membership state, created with its handle on first use. */
+  #entry(name) {
+    let entry = this.#rooms.get(name);
+    if (!entry) {
+      entry = memberships.get(new Room(this, name));
+      this.#rooms.set(name, entry);
     }
-    return room;
+    return entry;
   }
 
   /**
@@ -161,7 +185,7 @@ export class Roomcast extends Events {
    * answers as that join does.
    */
   join(name, { params } = {}) {
-    const room = this.room(name);
+    const room = this.#entry(name);
     if (this.#closed) return Promise.reject(new Error("this Roomcast client is closed"));
     const promise = new Promise((resolve, reject) => {
       if (room.wanted && room.joined) resolve({ joined: name, room: name });
@@ -186,7 +210,10 @@ export class Roomcast extends Events {
     room.wanted = false;
     const aborted = new Error(`left ${name} before the server answered the join`);
     for (const waiter of room.waiters.splice(0)) waiter.reject(aborted);
-    if (this.state !== "open" || (!room.joined && room.joinRef === null)) {
+    const inFlight = room.joinRef !== null;
+    // A join in flight is answered before the leave, and that answer is not news.
+    room.joinRef = null;
+    if (this.state !== "open" || (!room.joined && !inFlight)) {
       room.joined = false;
       return Promise.resolve({ left: name, code: 1000, reason: "" });
     }
@@ -255,8 +282,9 @@ export class Roomcast extends Events {
     this.#socket = socket;
     // A socket that never opens is given up on: a connection refused (some WebSocket
     // implementations report only an `error` then), or one that hangs.
+    let opened = false;
     const failed = () => {
-      if (socket !== this.#socket || socket.readyState === 1) return;
+      if (socket !== this.#socket || opened) return;
       clearTimeout(this.#timer);
       this.#socket = null;
       try {
@@ -270,6 +298,7 @@ export class Roomcast extends Events {
     this.#timer = setTimeout(failed, this.#options.connectTimeout);
     socket.onopen = () => {
       if (socket !== this.#socket) return;
+      opened = true;
       clearTimeout(this.#timer);
       this.#attempt = 0;
       this.state = "open";
@@ -363,14 +392,14 @@ export class Roomcast extends Events {
   }
 
   #deliver(name, data, envelope) {
-    this.#rooms.get(name)?.emit("message", data, envelope);
+    this.#rooms.get(name)?.room.emit("message", data, envelope);
     this.emit("message", data, envelope);
   }
 
   #joined(message) {
     const pending = this.#pending.get(message.ref);
     if (pending) this.#pending.delete(message.ref);
-    const room = this.room(message.joined);
+    const room = this.#entry(message.joined);
     if (pending?.op === "join" && room.joinRef !== message.ref) return; // superseded
     const byServer = !pending;
     if (byServer) room.wanted = true; // a plugin put us here: keep it across reconnects
@@ -379,14 +408,14 @@ export class Roomcast extends Events {
     const info = { ...message, room: room.name, rejoined: room.everJoined, byServer };
     room.everJoined = true;
     for (const waiter of room.waiters.splice(0)) waiter.resolve(message);
-    room.emit("joined", info);
+    room.room.emit("joined", info);
     this.emit("joined", info);
   }
 
   #left(message) {
     const pending = this.#pending.get(message.ref);
     if (pending) this.#pending.delete(message.ref);
-    const room = this.room(message.left);
+    const room = this.#entry(message.left);
     room.joined = false;
     if (!pending && room.joinRef === null) {
       // The server ended the membership (a plugin closed it, or the room failed):
@@ -397,7 +426,7 @@ export class Roomcast extends Events {
     if (pending) room.everJoined = false;
     pending?.resolve?.(message);
     const info = { ...message, room: room.name, byServer: !pending };
-    room.emit("left", info);
+    room.room.emit("left", info);
     this.emit("left", info);
   }
 
@@ -413,12 +442,13 @@ export class Roomcast extends Events {
         room.wanted = false;
         for (const waiter of room.waiters.splice(0)) waiter.reject(error);
       }
-      room.emit("error", error);
+      room.room.emit("error", error);
     } else if (pending?.op === "leave") {
       // Not a member (the server ended it meanwhile): left all the same.
       pending.resolve({ left: name, code: 1000, reason: "" });
+      return;
     } else if (name !== undefined) {
-      this.#rooms.get(name)?.emit("error", error);
+      this.#rooms.get(name)?.room.emit("error", error);
     }
     this.emit("error", error);
   }

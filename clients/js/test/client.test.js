@@ -258,3 +258,25 @@ test("a membership the server starts is tracked and re-joined; a refusal without
   assert.equal(ada.room("match:1").wanted, false);
   assert.deepEqual(ada.rooms, ["home"]);
 });
+
+test("a join made while the server is down waits for the connection; one left before its answer is not reported joined", async () => {
+  const s = await server([]);
+  await s.stop("SIGKILL");
+  const ada = client(s.url(), { minDelay: 50, maxDelay: 200 });
+  await next(ada, "reconnecting");
+  const joining = ada.join("later");
+  assert.equal(ada.send("later", "too early"), false, "nothing is queued for a room not joined");
+  await s.restart();
+  assert.equal((await joining).joined, "later");
+  assert.deepEqual(ada.rooms, ["later"]);
+
+  const joinedEvents = [];
+  ada.room("fleeting").on("joined", (info) => joinedEvents.push(info));
+  const join = ada.join("fleeting");
+  const leave = ada.leave("fleeting");
+  await assert.rejects(join, /left fleeting before the server answered/);
+  assert.equal((await leave).code, 1000);
+  assert.deepEqual(joinedEvents, []);
+  assert.deepEqual(ada.rooms, ["later"]);
+  await s.waitMetric("roomcast_room_members", 1);
+});
