@@ -2,6 +2,9 @@
 // port (restartable on the same port), a plugins folder of built example plugins,
 // and waits with generous bounds.
 //
+// ROOMCAST_TEST_OWN_WEBSOCKET=1 uses the tests' own WebSocket (test/websocket.js)
+// even where Node has one.
+//
 // ROOMCAST_BIN: the server executable (default: the workspace's target/debug/roomcast).
 // ROOMCAST_PLUGINS: the folder of built example plugins (default: the workspace's
 // plugins/target/wasm32-wasip2/release). ROOMCAST_PLUGIN_CACHE: a compiled-plugin
@@ -12,6 +15,13 @@ import { copyFileSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+
+import { install } from "./websocket.js";
+
+// Node 22 has a WebSocket (Node 20.10+ with --experimental-websocket); older ones get
+// the tests' own.
+if (process.env.ROOMCAST_TEST_OWN_WEBSOCKET === "1") delete globalThis.WebSocket;
+install();
 
 const workspace = fileURLToPath(new URL("../../../", import.meta.url));
 const BIN = process.env.ROOMCAST_BIN ?? join(workspace, "target/debug/roomcast");
