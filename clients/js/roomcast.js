@@ -139,8 +139,7 @@ export class Roomcast extends Events {
   #attempt = 0;
   #timer = null;
   #closed = false;
-  /** `connecting`, `open`, `reconnecting` or `closed`. */
-  state = "connecting";
+  #state = "connecting";
 
   constructor(url, options = {}) {
     super();
@@ -151,6 +150,11 @@ export class Roomcast extends Events {
       throw new Error("no WebSocket here: pass {WebSocket} (Node 22+ has one; Node 20 needs --experimental-websocket)");
     }
     this.#connect();
+  }
+
+  /** `connecting`, `open`, `reconnecting` or `closed`. */
+  get state() {
+    return this.#state;
   }
 
   /** The URL this client connects to. */
@@ -188,13 +192,13 @@ export class Roomcast extends Events {
     const room = this.#entry(name);
     if (this.#closed) return Promise.reject(new Error("this Roomcast client is closed"));
     const promise = new Promise((resolve, reject) => {
-      if (room.wanted && room.joined) resolve({ joined: name, room: name });
+      if (room.wanted && room.joined) resolve({ joined: name });
       else room.waiters.push({ resolve, reject });
     });
     if (!room.wanted) {
       room.wanted = true;
       room.params = params;
-      if (this.state === "open") this.#sendJoin(room);
+      if (this.#state === "open") this.#sendJoin(room);
     }
     return promise;
   }
@@ -210,13 +214,12 @@ export class Roomcast extends Events {
     room.wanted = false;
     const aborted = new Error(`left ${name} before the server answered the join`);
     for (const waiter of room.waiters.splice(0)) waiter.reject(aborted);
-    const inFlight = room.joinRef !== null;
-    // A join in flight is answered before the leave, and that answer is not news.
+    const member = room.joined || room.joinRef !== null;
+    // From now on nothing is sent to the room, and the answer of a join in flight
+    // (which comes before the leave's) is not news.
+    room.joined = false;
     room.joinRef = null;
-    if (this.state !== "open" || (!room.joined && !inFlight)) {
-      room.joined = false;
-      return Promise.resolve({ left: name, code: 1000, reason: "" });
-    }
+    if (this.#state !== "open" || !member) return Promise.resolve({ left: name, code: 1000, reason: "" });
     return new Promise((resolve) => {
       const ref = this.#ref();
       this.#pending.set(ref, { op: "leave", room, resolve });
@@ -231,7 +234,7 @@ export class Roomcast extends Events {
    */
   send(name, data) {
     const room = this.#rooms.get(name);
-    if (this.state !== "open" || !room?.joined) return false;
+    if (this.#state !== "open" || !room?.joined) return false;
     if (typeof data === "string") {
       this.#write(JSON.stringify({ send: name, text: data }));
       return true;
@@ -261,7 +264,7 @@ export class Roomcast extends Events {
     this.#settleLeaves();
     const socket = this.#socket;
     this.#socket = null;
-    this.state = "closed";
+    this.#state = "closed";
     if (socket) {
       socket.close(1000);
       this.emit("close", { code: 1000, reason: "", wasClean: true });
@@ -269,7 +272,7 @@ export class Roomcast extends Events {
   }
 
   #connect() {
-    this.state = this.#attempt ? "reconnecting" : "connecting";
+    this.#state = this.#attempt ? "reconnecting" : "connecting";
     let socket;
     try {
       socket = new this.#WebSocket(this.#url, PROTOCOL);
@@ -301,7 +304,7 @@ export class Roomcast extends Events {
       opened = true;
       clearTimeout(this.#timer);
       this.#attempt = 0;
-      this.state = "open";
+      this.#state = "open";
       this.emit("open");
       for (const room of this.#rooms.values()) if (room.wanted) this.#sendJoin(room);
     };
@@ -338,7 +341,7 @@ export class Roomcast extends Events {
     if (this.#closed) return;
     const delay = backoffDelay(this.#attempt, this.#options);
     this.#attempt += 1;
-    this.state = "reconnecting";
+    this.#state = "reconnecting";
     this.emit("reconnecting", { attempt: this.#attempt, delay });
     this.#timer = setTimeout(() => this.#connect(), delay);
   }
