@@ -1,6 +1,7 @@
 //! The browser pages: the chat demo at `/`, the dashboard's two pages, and their
-//! scripts and style sheet. All of them are compiled into the binary (`include_str!`
-//! from `host/web/`): no build step, and nothing is loaded from anywhere else, which the
+//! scripts and style sheet; and the room protocol's browser client at `/roomcast.js`.
+//! All of them are compiled into the binary (`include_str!` from `host/web/` and
+//! `clients/js/`): no build step, and nothing is loaded from anywhere else, which the
 //! Content-Security-Policy header states to the browser too.
 
 use std::borrow::Cow;
@@ -19,6 +20,8 @@ const LOGIN_HTML: &str = include_str!("../../web/login.html");
 const DASHBOARD_HTML: &str = include_str!("../../web/dashboard.html");
 const DASHBOARD_JS: &str = include_str!("../../web/dashboard.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
+/// The browser client (an ES module), also kept as a package of its own in `clients/js/`.
+const CLIENT_JS: &str = include_str!("../../../clients/js/roomcast.js");
 
 /// Scripts and styles only from this server, WebSockets and event streams only to it,
 /// no framing by other sites.
@@ -41,6 +44,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/assets/demo.js", get(|| async { file("text/javascript; charset=utf-8", DEMO_JS) }))
         .route("/assets/dashboard.js", get(|| async { file("text/javascript; charset=utf-8", DASHBOARD_JS) }))
         .route("/assets/style.css", get(|| async { file("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/roomcast.js", get(|| async { file("text/javascript; charset=utf-8", CLIENT_JS) }))
 }
 
 /// An HTML page with the security headers; never cached (the dashboard's pages depend

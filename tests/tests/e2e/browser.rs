@@ -1,7 +1,10 @@
 //! A real browser against a real server: headless Chromium, driven over WebDriver,
 //! uses the chat demo page and the dashboard as a person would. Two pages chat with
 //! each other; a plugin swap shows on the dashboard; a cluster node's dashboard shows
-//! a room spread over two nodes; the page survives a server restart by reconnecting. Screenshots land in `target/screenshots/`.
+//! a room spread over two nodes; the page survives a server restart by reconnecting;
+//! two pages each in two rooms on one connection keep each room's messages apart and
+//! re-join both after a restart; the README's snippets run as written. Screenshots
+//! land in `target/screenshots/`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -318,6 +321,147 @@ async fn the_readme_room_protocol_snippet_works_in_the_browser() -> anyhow::Resu
     send_text(&mut in_room2, "from room2").await;
     let heard = "return window.seen.some(m => m.room === 'room2' && m.text === 'from room2')";
     page.wait_for("the page hears room2", heard, json!([]), WAIT).await?;
+    page.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+/// Join one more room on a page already connected.
+async fn join_another(browser: &Browser, who: &str, room: &str) -> anyhow::Result<()> {
+    browser.type_into("#room", room).await?;
+    browser.click("#join").await?;
+    let joined = "return document.querySelector(`#rooms .room[data-room='chat:${arguments[0]}']`)?.dataset.state === 'joined'";
+    browser.wait_for(&format!("{who} is in chat:{room}"), joined, json!([room]), WAIT).await.map(drop)
+}
+
+/// Show room `room` of the page.
+async fn open_room(browser: &Browser, room: &str) -> anyhow::Result<()> {
+    browser.click(&format!("#rooms .room[data-room='chat:{room}']")).await
+}
+
+/// Wait until the room list shows `count` unread messages for `room`.
+async fn wait_unread(browser: &Browser, who: &str, room: &str, count: u32) -> anyhow::Result<()> {
+    let script = "return (document.querySelector(`#rooms .room[data-room='chat:${arguments[0]}'] .unread`)?.textContent ?? '0') === arguments[1]";
+    browser
+        .wait_for(
+            &format!("{who} has {count} unread in chat:{room}"),
+            script,
+            json!([room, count.to_string()]),
+            WAIT,
+        )
+        .await
+        .map(drop)
+}
+
+/// Whether the room shown has a line with this text.
+async fn shows_text(browser: &Browser, text: &str) -> anyhow::Result<bool> {
+    let script =
+        "return [...document.querySelectorAll('#log li .text')].some(t => t.textContent === arguments[0])";
+    Ok(browser.eval(script, json!([text])).await? == json!(true))
+}
+
+/// Two pages, each in two rooms on one WebSocket: messages land in their own room, and
+/// after a server restart each page reconnects and re-joins both rooms by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pages_in_two_rooms_each_on_one_connection_survive_a_restart() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    let server = TestServer::start(config(&dir)).await;
+    let addr = server.addr;
+    let driver = Driver::start().await?;
+    let (ada, bob) = (driver.open().await?, driver.open().await?);
+    for (page, who) in [(&ada, "ada"), (&bob, "bob")] {
+        join(page, addr, who, "red").await?;
+        join_another(page, who, "blue").await?;
+    }
+    // Two pages, four memberships, two sockets.
+    server.wait_metric("roomcast_room_members", 4.0, WAIT).await;
+    server.wait_metric("roomcast_connections", 2.0, WAIT).await;
+    for (page, who) in [(&ada, "ada"), (&bob, "bob")] {
+        wait_members(page, who, "ada,bob").await?;
+    }
+
+    // Both pages show blue, the room each joined last. Ada writes in red: Bob's red
+    // room counts it, and his blue room does not show it.
+    open_room(&ada, "red").await?;
+    say(&ada, "in red").await?;
+    wait_line(&ada, "ada", "li.say.mine", "ada", "in red").await?;
+    wait_unread(&bob, "bob", "red", 1).await?;
+    assert!(!shows_text(&bob, "in red").await?, "red's message shown in bob's blue room");
+    say(&bob, "in blue").await?;
+    wait_unread(&ada, "ada", "blue", 1).await?;
+    assert!(!shows_text(&ada, "in blue").await?, "blue's message shown in ada's red room");
+    open_room(&bob, "red").await?;
+    wait_line(&bob, "bob", "li.say", "ada", "in red").await?;
+    wait_unread(&bob, "bob", "red", 0).await?;
+    keep_screenshot(&bob, "demo-rooms").await?;
+
+    // A restart: both pages notice, come back on their own and re-join both rooms.
+    server.stop().await;
+    let lost = "return document.getElementById('status').dataset.state === 'reconnecting'";
+    ada.wait_for("ada's page notices the server went away", lost, json!([]), WAIT).await?;
+    bob.wait_for("bob's page notices the server went away", lost, json!([]), WAIT).await?;
+    let server = TestServer::start_on(addr, config(&dir)).await;
+    for (page, who) in [(&ada, "ada"), (&bob, "bob")] {
+        wait_connected(page, who).await?;
+    }
+    server.wait_metric("roomcast_room_members", 4.0, WAIT).await;
+    server.wait_metric("roomcast_connections", 2.0, WAIT).await;
+
+    // Messages flow again, each in its room: Ada (on red) and Bob (on red) talk in
+    // red, then Ada writes in blue while Bob still shows red.
+    say(&ada, "red after the restart").await?;
+    wait_line(&bob, "bob", "li.say", "ada", "red after the restart").await?;
+    open_room(&ada, "blue").await?;
+    wait_line(&ada, "ada", "li.say", "bob", "in blue").await?;
+    say(&ada, "blue after the restart").await?;
+    wait_unread(&bob, "bob", "blue", 1).await?;
+    open_room(&bob, "blue").await?;
+    wait_line(&bob, "bob", "li.say", "ada", "blue after the restart").await?;
+    assert!(!shows_text(&bob, "red after the restart").await?, "red's message shown in bob's blue room");
+
+    ada.close().await?;
+    bob.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+/// The README's example of the browser client, run in Chromium as a module would run
+/// it: it joins two rooms on one socket, sends to one and hears the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_client_example_works_in_the_browser() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const README: &str = include_str!("../../../README.md");
+    const IMPORT: &str = "import { Roomcast } from \"/roomcast.js\";";
+    let section = README.split("## One connection, many rooms").nth(1).expect("the README's section");
+    let snippet = section
+        .split("```js\n")
+        .find(|block| block.contains(IMPORT))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the client's example");
+    let dir = PluginDir::new(&[]);
+    let server = TestServer::start(config(&dir)).await;
+    let mut in_room1 = server.connect("room1").await;
+    let mut in_room2 = server.connect("room2").await;
+    let driver = Driver::start().await?;
+    let page = driver.open().await?;
+    page.goto(&format!("http://{}/", server.addr)).await?;
+    // The example as written, its static import made dynamic so it can run as a
+    // script, its log kept where the test can read it.
+    let body = snippet.replace(IMPORT, "const { Roomcast } = await import(\"/roomcast.js\");");
+    let script = format!(
+        "window.seen = []; const log = console.log; console.log = (...values) => {{ window.seen.push(values.join(' ')); log(...values); }};\n\
+         (async () => {{\n{body}\nwindow.readmeClient = rc;\n}})().catch((error) => window.seen.push(`failed: ${{error}}`));"
+    );
+    page.eval(&script, json!([])).await?;
+    let joined = "return window.seen.find(s => s.startsWith('failed')) ?? (window.readmeClient?.rooms.sort().join(',') === 'room1,room2')";
+    let state = page.wait_for("both rooms joined", joined, json!([]), WAIT).await?;
+    assert_eq!(state, json!(true), "the example failed");
+    assert_eq!(recv_text(&mut in_room1).await, "hello", "the example's send reached room1");
+    send_text(&mut in_room2, "from room2").await;
+    let heard = "return window.seen.includes('room2: from room2')";
+    page.wait_for("the page hears room2", heard, json!([]), WAIT).await?;
+    server.wait_metric("roomcast_connections", 3.0, WAIT).await;
     page.close().await?;
     server.stop().await;
     Ok(())

@@ -54,11 +54,15 @@ async fn the_pages_are_served_and_the_dashboard_is_off_without_a_token() {
         ("/assets/demo.js", "text/javascript"),
         ("/assets/dashboard.js", "text/javascript"),
         ("/assets/style.css", "text/css"),
+        ("/roomcast.js", "text/javascript"),
     ] {
         let response = get_with(server.addr, path, "").await;
         assert_eq!(status_of(&response), Some(200), "{path}");
         assert!(header(head_and_body(&response).0, "content-type").is_some_and(|v| v.starts_with(kind)));
     }
+    // The browser client is the package's file as it is.
+    let client = get_with(server.addr, "/roomcast.js", "").await;
+    assert_eq!(head_and_body(&client).1, include_str!("../../../clients/js/roomcast.js"));
     for path in ["/dashboard", "/dashboard/events"] {
         assert_eq!(status_of(&get_with(server.addr, path, "").await), Some(404), "{path}");
     }
