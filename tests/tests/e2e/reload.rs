@@ -46,7 +46,8 @@ fn plugin<'a>(plugins: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} in {plugins}"))
 }
 
-/// Send `probe` until the reply carries `prefix`, within a second of `landed`.
+/// Send `probe` until the reply carries `prefix`, within 5 s of `landed` (a reload is
+/// about 0.3 s on a quiet machine; the bound is for a busy one, not a measure).
 async fn wait_for_behaviour(client: &mut Client, prefix: &str, landed: Instant) {
     loop {
         send_text(client, "probe").await;
@@ -55,8 +56,8 @@ async fn wait_for_behaviour(client: &mut Client, prefix: &str, landed: Instant) 
             return;
         }
         assert!(
-            landed.elapsed() < Duration::from_secs(1),
-            "behaviour `{prefix}` not live within 1 s: {reply}"
+            landed.elapsed() < Duration::from_secs(5),
+            "behaviour `{prefix}` not live within 5 s: {reply}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
