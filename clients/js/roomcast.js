@@ -1,6 +1,7 @@
 // Roomcast's browser client: one WebSocket speaking the room protocol (roomcast.v1),
 // any number of rooms on it, handlers per room, and a connection that comes back by
-// itself (jittered exponential backoff) and re-joins every room it was in.
+// itself (jittered exponential backoff) and re-joins every room it was in, asking each
+// room that keeps history for what it missed meanwhile.
 // No dependencies and no build step: an ES module for browsers (and Node 22+, or
 // Node 20.10+ with --experimental-websocket). See README.md beside it.
 
@@ -90,6 +91,14 @@ export class Room extends Events {
       waiters: [],
       // Joined before on an earlier connection: the next join is a re-join.
       everJoined: false,
+      // The room's history position, when it keeps history: its `epoch` and the offset
+      // of the last message this client has (from `joined`, then each text delivery).
+      // Sent as `since` with the next join, so the room replays what came after.
+      epoch: undefined,
+      offset: 0,
+      // After a join that recovered: the room's offset when it answered. Text
+      // deliveries up to it are replays of what was missed.
+      replayUntil: 0,
     });
   }
 
@@ -101,6 +110,17 @@ export class Room extends Events {
   /** Whether the client means to be in the room (and joins it again after a reconnect). */
   get wanted() {
     return memberships.get(this).wanted;
+  }
+
+  /**
+   * Where this client is in the room's history: `{epoch, offset}` (the offset of the
+   * last message it has), or null when the room keeps no history (or was not joined
+   * yet). Keep it (say in sessionStorage) and pass it as `join(room, {since})` to get
+   * what was missed across a page load.
+   */
+  get position() {
+    const { epoch, offset } = memberships.get(this);
+    return epoch === undefined ? null : { epoch, offset };
   }
 
   join(options) {
@@ -187,8 +207,16 @@ export class Roomcast extends Events {
    * reply; rejects with a RoomcastError if the server refuses. While disconnected, the
    * join waits for the connection. Joining a room already joined or being joined
    * answers as that join does.
+   *
+   * `since` ({epoch, offset}, a `position` kept from before) asks the room for every
+   * message after that offset: the reply says `recovered: true` and they arrive, in
+   * order, before live ones; or `recovered: false` (another epoch, too old) and only
+   * live ones. Without it the client asks with the position it remembers, if any.
    */
-  join(name, { params } = {}) {
+  join(name, { params, since } = {}) {
+    if (since && (typeof since.epoch !== "string" || !Number.isSafeInteger(since.offset) || since.offset < 0)) {
+      return Promise.reject(new TypeError("since is {epoch, offset}, as a room's `position` gives it"));
+    }
     const room = this.#entry(name);
     if (this.#closed) return Promise.reject(new Error("this Roomcast client is closed"));
     const promise = new Promise((resolve, reject) => {
@@ -198,6 +226,10 @@ export class Roomcast extends Events {
     if (!room.wanted) {
       room.wanted = true;
       room.params = params;
+      if (since) {
+        room.epoch = since.epoch;
+        room.offset = since.offset;
+      }
       if (this.#state === "open") this.#sendJoin(room);
     }
     return promise;
@@ -212,6 +244,7 @@ export class Roomcast extends Events {
     const room = this.#rooms.get(name);
     if (!room || !room.wanted) return Promise.resolve({ left: name, code: 1000, reason: "" });
     room.wanted = false;
+    forget(room);
     const aborted = new Error(`left ${name} before the server answered the join`);
     for (const waiter of room.waiters.splice(0)) waiter.reject(aborted);
     const member = room.joined || room.joinRef !== null;
@@ -356,6 +389,7 @@ export class Roomcast extends Events {
     this.#pending.set(ref, { op: "join", room });
     const join = { join: room.name, ref };
     if (room.params !== undefined) join.params = room.params;
+    if (room.epoch !== undefined) join.since = { epoch: room.epoch, offset: room.offset };
     this.#write(JSON.stringify(join));
   }
 
@@ -395,7 +429,15 @@ export class Roomcast extends Events {
   }
 
   #deliver(name, data, envelope) {
-    this.#rooms.get(name)?.room.emit("message", data, envelope);
+    const room = this.#rooms.get(name);
+    const offset = envelope.offset;
+    if (room && room.epoch !== undefined && Number.isSafeInteger(offset)) {
+      // Already had (a replay overlapping what arrived): not news.
+      if (offset <= room.offset) return;
+      room.offset = offset;
+      if (offset <= room.replayUntil) envelope = { ...envelope, replayed: true };
+    }
+    room?.room.emit("message", data, envelope);
     this.emit("message", data, envelope);
   }
 
@@ -408,6 +450,19 @@ export class Roomcast extends Events {
     if (byServer) room.wanted = true; // a plugin put us here: keep it across reconnects
     room.joinRef = null;
     room.joined = true;
+    if (typeof message.epoch === "string" && Number.isSafeInteger(message.offset)) {
+      // Recovered: the replay that follows moves the position on. Otherwise the room
+      // starts afresh for this client at its current offset.
+      if (message.recovered === true && message.epoch === room.epoch) {
+        room.replayUntil = message.offset;
+      } else {
+        room.epoch = message.epoch;
+        room.offset = message.offset;
+        room.replayUntil = 0;
+      }
+    } else {
+      forget(room);
+    }
     const info = { ...message, room: room.name, rejoined: room.everJoined, byServer };
     room.everJoined = true;
     for (const waiter of room.waiters.splice(0)) waiter.resolve(message);
@@ -425,6 +480,7 @@ export class Roomcast extends Events {
       // not re-joined.
       room.wanted = false;
       room.everJoined = false;
+      forget(room);
     }
     if (pending) room.everJoined = false;
     pending?.resolve?.(message);
@@ -455,6 +511,13 @@ export class Roomcast extends Events {
     }
     this.emit("error", error);
   }
+}
+
+/** The room's history position is gone: its next join starts afresh. */
+function forget(room) {
+  room.epoch = undefined;
+  room.offset = 0;
+  room.replayUntil = 0;
 }
 
 function resolveUrl(url) {

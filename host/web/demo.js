@@ -1,7 +1,8 @@
 // The chat demo's behaviour: several `chat` rooms open at once on one connection
 // through the browser client (/roomcast.js). A sidebar lists the rooms; the one chosen
 // shows its messages and members; room-wide and direct messages; the client reconnects
-// by itself (jittered exponential backoff) and re-joins every room.
+// by itself (jittered exponential backoff) and re-joins every room, and the messages
+// missed meanwhile appear in their rooms (or the room says they could not be).
 
 import { Roomcast } from "/roomcast.js";
 
@@ -26,9 +27,20 @@ let active = null;
 function roomState(name) {
   let room = rooms.get(name);
   if (!room) {
-    room = { name, lines: [], members: new Map(), me: null, directTo: null, unread: 0, state: "joining", welcomeTimer: 0 };
+    room = {
+      name,
+      lines: [],
+      members: new Map(),
+      me: null,
+      // Our ids on earlier connections: their leaving, replayed, is not news.
+      formerMe: new Set(),
+      directTo: null,
+      unread: 0,
+      state: "joining",
+      welcomeTimer: 0,
+    };
     rooms.set(name, room);
-    room.off = client.room(name).on("message", (data) => receive(room, data));
+    room.off = client.room(name).on("message", (data, envelope) => receive(room, data, envelope.replayed === true));
   }
   return room;
 }
@@ -59,6 +71,7 @@ function connect(name) {
   rc.on("close", (event) => {
     for (const room of rooms.values()) {
       if (room.state === "joined") room.state = "joining";
+      if (room.me !== null) room.formerMe.add(room.me);
       room.me = null;
       clearTimeout(room.welcomeTimer);
     }
@@ -76,6 +89,10 @@ function connect(name) {
     const room = roomState(info.room);
     room.state = "joined";
     if (info.byServer) line(room, "system", `The server added you to ${room.name}.`);
+    // Back after a reconnect: what was missed follows (marked), or could not be had.
+    if (info.recovered === false) {
+      line(room, "system notice", "Messages sent while you were away could not be recovered.");
+    }
     room.welcomeTimer = setTimeout(
       () => line(room, "error", "No welcome from the server: is the chat plugin loaded? (scripts/run loads it.)"),
       3000,
@@ -107,7 +124,9 @@ function connect(name) {
   });
 }
 
-function receive(room, data) {
+/** A message of the room; `replayed` when it was sent while this page was away. */
+function receive(room, data, replayed) {
+  const missed = replayed ? " recovered" : "";
   let msg;
   try {
     msg = typeof data === "string" ? JSON.parse(data) : null;
@@ -131,22 +150,29 @@ function receive(room, data) {
       }
       break;
     case "join":
+      // Our own join, replayed: the welcome said it.
+      if (replayed && msg.id === room.me) break;
       room.members.set(msg.id, msg.name);
       if (room.name === active) renderMembers();
-      line(room, "system", `${msg.name} joined.`);
+      line(room, "system" + missed, `${msg.name} joined.`);
       break;
     case "leave":
+      // Our own connection that dropped, replayed.
+      if (replayed && room.formerMe.has(msg.id)) break;
       room.members.delete(msg.id);
       if (room.directTo === msg.id) room.directTo = null;
       if (room.name === active) {
         renderMembers();
         chooseRecipient(room.directTo, false);
       }
-      line(room, "system", `${msg.name} left.`);
+      line(room, "system" + missed, `${msg.name} left.`);
       break;
     case "say":
-      if (msg.from_room !== undefined) line(room, "say", msg.text, `from ${msg.from_room}`);
-      else line(room, msg.from === room.me ? "say mine" : "say", msg.text, msg.name);
+      if (msg.from_room !== undefined) line(room, "say" + missed, msg.text, `from ${msg.from_room}`);
+      else {
+        const mine = msg.from === room.me || (replayed && room.formerMe.has(msg.from));
+        line(room, (mine ? "say mine" : "say") + missed, msg.text, msg.name);
+      }
       break;
     case "direct": {
       const mine = msg.from === room.me;
@@ -179,6 +205,11 @@ function line(room, kind, text, who) {
   const now = new Date();
   time.dateTime = now.toISOString();
   time.textContent = now.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (item.classList.contains("recovered")) {
+    // Sent while the page was away; it arrived when the page came back.
+    time.textContent = "while you were away";
+    item.title = "Sent while you were away, recovered when the connection came back";
+  }
   item.append(body, " ", time);
   room.lines.push(item);
   if (room.lines.length > LOG_LIMIT) room.lines.shift().remove();

@@ -34,9 +34,10 @@ export const WAIT = 60_000;
 export class Server {
   /**
    * Start a server with these plugins (`[name, manifest?]`: NAME.wasm copied from the
-   * built plugins, NAME.toml written when given) on a free port.
+   * built plugins, NAME.toml written when given) on a free port, with `args` added to
+   * `roomcast serve` (say `["--history-size", "100"]`).
    */
-  static async start(plugins = []) {
+  static async start(plugins = [], args = []) {
     if (!existsSync(BIN)) throw new Error(`${BIN} is missing: build it (cargo build -p roomcast) or set ROOMCAST_BIN`);
     const dir = mkdtempSync(join(tmpdir(), "roomcast-js-"));
     for (const [name, manifest] of plugins) {
@@ -45,7 +46,7 @@ export class Server {
       copyFileSync(built, join(dir, `${name}.wasm`));
       if (manifest) writeFileSync(join(dir, `${name}.toml`), manifest);
     }
-    const server = new Server(dir);
+    const server = new Server(dir, args);
     await server.#spawn("127.0.0.1:0");
     return server;
   }
@@ -53,8 +54,11 @@ export class Server {
   #child = null;
   #log = "";
 
-  constructor(dir) {
+  #args;
+
+  constructor(dir, args = []) {
     this.dir = dir;
+    this.#args = args;
     this.addr = null;
   }
 
@@ -69,7 +73,7 @@ export class Server {
   }
 
   async #spawn(listen) {
-    const args = ["serve", "--listen", listen, "--plugins", this.dir];
+    const args = ["serve", "--listen", listen, "--plugins", this.dir, ...this.#args];
     if (process.env.ROOMCAST_PLUGIN_CACHE) args.push("--plugin-cache", process.env.ROOMCAST_PLUGIN_CACHE);
     const env = { ...process.env, NO_COLOR: "1", RUST_BACKTRACE: "0" };
     delete env.ROOMCAST_ADMIN_TOKEN;
@@ -106,7 +110,7 @@ export class Server {
     await exited;
   }
 
-  /** Start again on the same port, with the same plugins. */
+  /** Start again on the same port, with the same plugins and arguments. */
   async restart() {
     await this.#spawn(this.addr);
   }
@@ -153,6 +157,33 @@ export async function until(what, check) {
     if (Date.now() > deadline) throw new Error(`${what}: not within ${WAIT} ms`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
+}
+
+/**
+ * A WebSocket whose network the test controls: `drop()` ends the newest connection
+ * (the client sees it close, as when a network drops), and while `offline` every new
+ * connection fails to connect, as with no network. What it sends is kept in `sent`.
+ */
+export function unreliableWebSocket() {
+  const control = { offline: false, sockets: [], sent: [] };
+  class Unreliable extends globalThis.WebSocket {
+    constructor(url, protocols) {
+      // Nothing listens on port 1: the connection is refused.
+      super(control.offline ? "ws://127.0.0.1:1/ws" : url, protocols);
+      control.sockets.push(this);
+    }
+
+    send(data) {
+      control.sent.push(typeof data === "string" ? JSON.parse(data) : data);
+      super.send(data);
+    }
+  }
+  control.WebSocket = Unreliable;
+  control.drop = () => {
+    control.offline = true;
+    control.sockets.at(-1).close(4000, "the network went away");
+  };
+  return control;
 }
 
 /** A WebSocket that keeps what it sends in `sent` (every instance's, in order): the real one, observed. */

@@ -3,7 +3,8 @@
 //! each other; a plugin swap shows on the dashboard; a cluster node's dashboard shows
 //! a room spread over two nodes; the page survives a server restart by reconnecting;
 //! two pages each in two rooms on one connection keep each room's messages apart and
-//! re-join both after a restart; the README's snippets run as written. Screenshots
+//! re-join both after a restart; a page that lost its connection shows what it missed
+//! (or says it could not); the README's snippets run as written. Screenshots
 //! land in `target/screenshots/`.
 
 use std::path::Path;
@@ -463,6 +464,109 @@ async fn the_readme_client_example_works_in_the_browser() -> anyhow::Result<()> 
     page.wait_for("the page hears room2", heard, json!([]), WAIT).await?;
     server.wait_metric("roomcast_connections", 3.0, WAIT).await;
     page.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+/// Put the page's network in the test's hands before the page connects: `window.net.drop()`
+/// ends the page's newest WebSocket as a network that goes away would (the page's
+/// client is not told why, it only sees the socket close), and while
+/// `window.net.offline` every new one fails its handshake, as with no network.
+const UNRELIABLE_NETWORK: &str = "\
+    const Real = window.WebSocket;\
+    window.net = { offline: false, sockets: [] };\
+    window.net.drop = () => { window.net.offline = true; window.net.sockets.at(-1).close(4000, 'network gone'); };\
+    window.WebSocket = class extends Real {\
+      constructor(url, protocols) {\
+        super(window.net.offline ? url.replace('/ws?', '/offline?') : url, protocols);\
+        window.net.sockets.push(this);\
+      }\
+    };";
+
+/// The say lines of the room shown, in order: `text` or `text (recovered)`.
+async fn said(browser: &Browser) -> anyhow::Result<Vec<String>> {
+    let script = "return [...document.querySelectorAll('#log li.say')].map(li => \
+                  li.querySelector('.text').textContent + (li.classList.contains('recovered') ? ' (recovered)' : ''))";
+    Ok(serde_json::from_value(browser.eval(script, json!([])).await?)?)
+}
+
+/// Bob's next `say` of the chat plugin (the plugin sends his own back to him).
+async fn next_say(bob: &mut Client) -> String {
+    loop {
+        let message: Value = serde_json::from_str(&recv_text(bob).await).unwrap();
+        if message["type"] == "say" {
+            return message["text"].as_str().unwrap().to_owned();
+        }
+    }
+}
+
+/// The chat room keeps history: a page whose connection drops is shown, once it is
+/// back, what was said meanwhile, in order, marked as recovered, then live messages.
+/// When the room cannot give it (the server restarted, a new history), the room says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_lost_its_connection_shows_what_it_missed() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", Some("[history]\nsize = 100\n"))]);
+    let server = TestServer::start(config(&dir)).await;
+    let addr = server.addr;
+    let mut bob = server.connect("chat:away?name=bob").await;
+    recv_text(&mut bob).await; // the welcome
+    let driver = Driver::start().await?;
+    let ada = driver.open().await?;
+    ada.goto(&format!("http://{addr}/")).await?;
+    ada.eval(UNRELIABLE_NETWORK, json!([])).await?;
+    ada.type_into("#name", "ada").await?;
+    ada.type_into("#room", "away").await?;
+    ada.click("#join").await?;
+    wait_connected(&ada, "ada").await?;
+    wait_members(&ada, "ada", "ada,bob").await?;
+    send_text(&mut bob, "{\"say\":\"before\"}").await;
+    assert_eq!(next_say(&mut bob).await, "before");
+    wait_line(&ada, "ada", "li.say", "bob", "before").await?;
+
+    // The page's network goes; bob talks on.
+    ada.eval("window.net.drop()", json!([])).await?;
+    let lost = "return document.getElementById('status').dataset.state === 'reconnecting'";
+    ada.wait_for("ada's page notices the connection went", lost, json!([]), WAIT).await?;
+    server.wait_metric("roomcast_room_members", 1.0, WAIT).await;
+    for n in 1..=3 {
+        send_text(&mut bob, &format!("{{\"say\":\"missed {n}\"}}")).await;
+        assert_eq!(next_say(&mut bob).await, format!("missed {n}"));
+    }
+    assert_eq!(said(&ada).await?, ["before"]);
+
+    // The network comes back: the page re-joins and shows what it missed, then live.
+    ada.eval("window.net.offline = false", json!([])).await?;
+    wait_connected(&ada, "ada").await?;
+    wait_line(&ada, "ada", "li.say.recovered", "bob", "missed 3").await?;
+    send_text(&mut bob, "{\"say\":\"live again\"}").await;
+    wait_line(&ada, "ada", "li.say", "bob", "live again").await?;
+    assert_eq!(
+        said(&ada).await?,
+        ["before", "missed 1 (recovered)", "missed 2 (recovered)", "missed 3 (recovered)", "live again"]
+    );
+    let notice = "return document.querySelectorAll('#log li.notice').length";
+    assert_eq!(ada.eval(notice, json!([])).await?, json!(0), "recovered, so no notice");
+    wait_members(&ada, "ada", "ada,bob").await?;
+    keep_screenshot(&ada, "demo-recovered").await?;
+
+    // A restart starts the room's history afresh: what was said in between is gone,
+    // and the room says so.
+    server.stop().await;
+    ada.wait_for("ada's page notices the server went", lost, json!([]), WAIT).await?;
+    let server = TestServer::start_on(addr, config(&dir)).await;
+    wait_connected(&ada, "ada").await?;
+    let notices = "const told = [...document.querySelectorAll('#log li.notice')]\
+                   .map(li => li.querySelector('.text').textContent); return told.length > 0 && told";
+    let told = ada.wait_for("ada is told nothing could be recovered", notices, json!([]), WAIT).await?;
+    assert_eq!(told, json!(["Messages sent while you were away could not be recovered."]));
+    let mut carol = server.connect("chat:away?name=carol").await;
+    recv_text(&mut carol).await;
+    send_text(&mut carol, "{\"say\":\"new history\"}").await;
+    wait_line(&ada, "ada", "li.say", "carol", "new history").await?;
+    assert_eq!(said(&ada).await?.last().map(String::as_str), Some("new history"), "not marked recovered");
+
+    ada.close().await?;
     server.stop().await;
     Ok(())
 }
