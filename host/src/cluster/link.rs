@@ -263,6 +263,26 @@ impl RoomLink {
         });
     }
 
+    /// Append a broadcast to the room's stored history (owner): trimmed to about
+    /// `size` entries, expiring `ttl` after the last one.
+    pub fn record_history(
+        &self,
+        epoch: &str,
+        offset: u64,
+        frame: &[u8],
+        size: usize,
+        ttl: std::time::Duration,
+    ) {
+        let key = store::history_key(&self.entry.name);
+        let mut add = redis::cmd("XADD");
+        add.arg(&key).arg("MAXLEN").arg("~").arg(size).arg("*");
+        add.arg("e").arg(epoch).arg("o").arg(offset).arg("f").arg(frame);
+        self.cluster.write(Write::Cmd(add));
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(ttl.as_millis() as u64);
+        self.cluster.write(Write::Cmd(expire));
+    }
+
     /// Store the room's state, if the lease is still ours.
     pub fn save(&self, snapshot: &Snapshot) {
         let mut save = redis::cmd("EVAL");

@@ -99,6 +99,16 @@ pub enum Role {
     Follower,
 }
 
+/// One entry of a room's stored history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub epoch: String,
+    pub offset: u64,
+    pub frame: bytes::Bytes,
+    /// How long ago it was written (from its stream id, Redis's clock).
+    pub age: std::time::Duration,
+}
+
 /// What the supervisor tells a room actor.
 #[derive(Debug)]
 pub enum RoleChange {
@@ -109,7 +119,13 @@ pub enum RoleChange {
     Follower { owner: String },
     /// This node owns the room. `snapshot` is the latest stored state, `presence` the
     /// members every live node announced, read at `asked`.
-    Owner { snapshot: Option<Snapshot>, presence: Vec<(String, MemberInfo)>, asked: Instant },
+    Owner {
+        snapshot: Option<Snapshot>,
+        presence: Vec<(String, MemberInfo)>,
+        asked: Instant,
+        /// The room's stored history, oldest first.
+        history: Vec<StoredEntry>,
+    },
     /// The owner's heartbeat: live nodes and how many members each announced.
     Nodes(Vec<(String, u64)>),
     /// The members every live node announced, read at `asked` (after a count mismatch).

@@ -16,6 +16,13 @@ pub fn state_key(room: &str) -> String {
     format!("roomcast:room:{room}:state")
 }
 
+/// The room's history (recovery): a stream the owner appends every broadcast to, in
+/// the room's one order (fields `e` epoch, `o` offset, `f` the room-protocol frame),
+/// trimmed to the room's history size and expiring a time to live after its last entry.
+pub fn history_key(room: &str) -> String {
+    format!("roomcast:room:{room}:history")
+}
+
 /// The set of nodes with members in the room.
 pub fn nodes_key(room: &str) -> String {
     format!("roomcast:room:{room}:nodes")

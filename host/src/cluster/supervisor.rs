@@ -475,11 +475,14 @@ impl Cluster {
                 .arg(self.lease.as_millis() as u64);
             pipe.cmd("GET").arg(store::state_key(name));
             members_cmd(&mut pipe, name);
+            pipe.cmd("XRANGE").arg(store::history_key(name)).arg("-").arg("+");
+            pipe.cmd("TIME");
         }
         let replies: Vec<Value> = self.query(&pipe).await?;
         let mut replies = replies.into_iter();
         for entry in entries {
-            let (Some(claim), Some(state), Some(members)) = (replies.next(), replies.next(), replies.next())
+            let (Some(claim), Some(state), Some(members), Some(history), Some(now)) =
+                (replies.next(), replies.next(), replies.next(), replies.next(), replies.next())
             else {
                 return Err(RedisFailure::Reply("a short reply to a claim".to_owned()));
             };
@@ -506,7 +509,8 @@ impl Cluster {
                 tracing::debug!(room = %entry.name, restored = snapshot.is_some(), "took the room's lease");
             }
             entry.set_role(Role::Owner);
-            entry.push(RoleChange::Owner { snapshot, presence: presence(members), asked });
+            let history = stored_history(history, now);
+            entry.push(RoleChange::Owner { snapshot, presence: presence(members), asked, history });
         }
         Ok(())
     }
@@ -554,6 +558,44 @@ pub(super) fn presence(value: Value) -> Vec<(String, MemberInfo)> {
             {
                 out.push((node.clone(), member));
             }
+        }
+    }
+    out
+}
+
+/// A room's history stream as `XRANGE` returned it, with the ages of its entries
+/// against Redis's `TIME`. Unreadable entries are skipped.
+fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
+    let mut time = array(now).into_iter().map(text);
+    let now_ms = match (
+        time.next().and_then(|s| s.parse::<u64>().ok()),
+        time.next().and_then(|u| u.parse::<u64>().ok()),
+    ) {
+        (Some(seconds), Some(micros)) => seconds * 1000 + micros / 1000,
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    for entry in array(entries) {
+        let mut parts = array(entry).into_iter();
+        let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { continue };
+        let written_ms = text(id).split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(now_ms);
+        let (mut epoch, mut offset, mut frame) = (None, None, None);
+        let mut fields = array(fields).into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            match text(name).as_str() {
+                "e" => epoch = Some(text(value)),
+                "o" => offset = text(value).parse::<u64>().ok(),
+                "f" => {
+                    if let Value::BulkString(data) = value {
+                        frame = Some(bytes::Bytes::from(data));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let (Some(epoch), Some(offset), Some(frame)) = (epoch, offset, frame) {
+            let age = std::time::Duration::from_millis(now_ms.saturating_sub(written_ms));
+            out.push(StoredEntry { epoch, offset, frame, age });
         }
     }
     out

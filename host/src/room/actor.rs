@@ -66,6 +66,9 @@ pub(super) struct RoomActor {
     pub(super) awaiting: Vec<Awaiting>,
     /// The room's history, when it keeps one (recovery).
     pub(super) history: Option<History>,
+    /// What the room's previous owner stored of its history, until the history is
+    /// made (cluster mode).
+    pub(super) stored_history: Option<Vec<crate::cluster::StoredEntry>>,
     /// The join parameters of this node's members that gave any, so that presenting
     /// them again (a new plugin version, a fresh instance, a takeover) shows the same.
     pub(super) params: std::collections::HashMap<MemberId, Arc<str>>,
@@ -161,6 +164,7 @@ impl RoomActor {
             awaiting: Vec::new(),
             refused: Vec::new(),
             history: None,
+            stored_history: None,
             params: std::collections::HashMap::new(),
         }
     }
@@ -185,6 +189,7 @@ impl RoomActor {
             }
             let next_timer = self.timers.next();
             let save_at = self.cluster.as_ref().and_then(|c| c.save_at);
+            let retry_at = self.cluster.as_ref().and_then(|c| c.retry_at());
             let event = if let Some(event) = self.pending.take() {
                 Some(event)
             } else {
@@ -194,6 +199,10 @@ impl RoomActor {
                         self.write_through = rx.is_empty();
                         self.fire_due_timers();
                         self.after_event();
+                        continue;
+                    }
+                    () = sleep_until_opt(retry_at) => {
+                        self.retry_pending();
                         continue;
                     }
                     () = sleep_until_opt(save_at) => {

@@ -45,12 +45,32 @@ pub(super) struct Clustered {
     pub(super) early: std::collections::VecDeque<ToOwner>,
     /// Local members whose join the owner has not decided yet (follower): they get
     /// nothing of the room until it does.
-    pub(super) pending: Vec<Arc<Peer>>,
+    pub(super) pending: Vec<Pending>,
     /// The last delivery batch seen: its owner and number (follower).
     pub(super) last_seq: Option<(String, u64)>,
     /// When the next snapshot is due (owner, state changed since the last one).
     pub(super) save_at: Option<Instant>,
     pub(super) last_save: Option<Instant>,
+}
+
+/// How long a member's node waits for the owner's word on its join before asking
+/// again (the word, or the join, may have been published while a subscription was
+/// being made or remade).
+pub const ADMIT_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A local member waiting for the owner's word on its join (follower).
+pub(super) struct Pending {
+    pub(super) peer: Arc<Peer>,
+    /// What the owner is asked again with, if its word does not come.
+    join: InEvent,
+    asked: Instant,
+}
+
+impl Clustered {
+    /// When to ask the owner again about the oldest pending join.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.pending.iter().map(|p| p.asked + ADMIT_RETRY).min()
+    }
 }
 
 /// A member on another node, as the owner knows it.
@@ -122,17 +142,18 @@ impl RoomActor {
                 info.params = params;
                 clustered.link.present(&info);
                 let asked = since.as_ref().map(|since| (since.epoch.clone(), since.offset));
-                clustered.link.to_owner(InEvent::Join { info, since: asked });
+                let join = InEvent::Join { info, since: asked };
+                clustered.link.to_owner(join.clone());
                 // The owner's plugin decides; its answer (`Delivery::Admit`) brings the
                 // reply and what the member missed, and only then does the member get
                 // the room's deliveries.
                 self.awaiting.push(Awaiting { id: peer.id, reference, since });
-                clustered.pending.push(peer);
+                clustered.pending.push(Pending { peer, join, asked: Instant::now() });
             }
             RoomEvent::Leave { member, reason, last, handled } => {
                 clustered.link.absent(member);
                 clustered.link.to_owner(InEvent::Leave { member, reason });
-                clustered.pending.retain(|p| p.id != member);
+                clustered.pending.retain(|p| p.peer.id != member);
                 self.awaiting.retain(|a| a.id != member);
                 self.params.remove(&member);
                 self.ids.retain(|id| *id != member);
@@ -223,10 +244,13 @@ impl RoomActor {
                 }
                 self.show_logic();
             }
-            RoleChange::Owner { snapshot, presence, asked } => {
+            RoleChange::Owner { snapshot, presence, asked, history } => {
                 clustered.role = Role::Owner;
                 if matches!(before, Role::Pending | Role::Follower) {
                     let adopted = self.adopt_pending();
+                    // The room's history continues from what the last owner stored.
+                    self.history = None;
+                    self.stored_history = Some(history);
                     self.take_over(snapshot, presence, asked);
                     self.admit_adopted(&adopted);
                 } else {
@@ -363,9 +387,26 @@ impl RoomActor {
         }
     }
 
+    /// Ask the owner again about joins it has not answered for [`ADMIT_RETRY`]
+    /// (follower).
+    pub(super) fn retry_pending(&mut self) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let now = Instant::now();
+        for pending in clustered.pending.iter_mut().filter(|p| p.asked + ADMIT_RETRY <= now) {
+            clustered.link.to_owner(pending.join.clone());
+            pending.asked = now;
+        }
+    }
+
     pub(super) fn remote_join(&mut self, node: String, info: MemberInfo, since: Option<Since>) {
         let Some(clustered) = self.cluster.as_mut() else { return };
         if self.ids.contains(&info.id) {
+            // Asked again: its node did not hear the word (a second one is ignored).
+            if clustered.remote.contains_key(&info.id) {
+                self.awaiting.push(Awaiting { id: info.id, reference: None, since });
+                self.admitted(info.id);
+                self.awaiting.retain(|awaiting| awaiting.id != info.id);
+            }
             return;
         }
         clustered.left.remove(&info.id);
@@ -389,8 +430,8 @@ impl RoomActor {
         replay: &[Bytes],
     ) {
         let Some(clustered) = self.cluster.as_mut() else { return };
-        let Some(at) = clustered.pending.iter().position(|p| p.id == member) else { return };
-        let peer = clustered.pending.remove(at);
+        let Some(at) = clustered.pending.iter().position(|p| p.peer.id == member) else { return };
+        let peer = clustered.pending.remove(at).peer;
         let awaiting =
             self.awaiting.iter().position(|a| a.id == member).map(|at| self.awaiting.swap_remove(at));
         if let Some((status, reason)) = refused {
@@ -424,8 +465,8 @@ impl RoomActor {
     pub(super) fn adopt_pending(&mut self) -> Vec<MemberId> {
         let Some(clustered) = self.cluster.as_mut() else { return Vec::new() };
         let pending = std::mem::take(&mut clustered.pending);
-        let ids: Vec<MemberId> = pending.iter().map(|p| p.id).collect();
-        for peer in pending {
+        let ids: Vec<MemberId> = pending.iter().map(|p| p.peer.id).collect();
+        for Pending { peer, .. } in pending {
             self.ids.push(peer.id);
             self.peers.push(peer);
         }

@@ -90,6 +90,16 @@ impl RoomActor {
             .history
             .as_mut()
             .map(|history| history.record(|offset| encode_tagged(room, payload, Some(offset))));
+        if let (Some((offset, frame)), Some(history), Some(clustered)) = (
+            &recorded,
+            &self.history,
+            self.cluster.as_ref().filter(|c| c.role == crate::cluster::Role::Owner),
+        ) {
+            // Stored before the deliveries are published (one write queue, in order), so
+            // whatever a member on another node receives is in the stored history.
+            let limits = history.limits();
+            clustered.link.record_history(history.epoch(), *offset, frame, limits.size, limits.ttl);
+        }
         let (offset, tagged) = recorded.unzip();
         self.deliver_except(payload, except, tagged);
         if let Some(clustered) = self.cluster.as_mut().filter(|c| !c.remote.is_empty()) {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::cluster::StoredEntry;
 use crate::metrics::Metrics;
 
 /// How much history a room keeps.
@@ -59,6 +60,9 @@ impl HistoryBudget {
 #[derive(Debug)]
 pub struct History {
     epoch: Arc<str>,
+    /// The epoch a takeover continued from, and its last offset: a position in it up
+    /// to that offset is a position in this one (the offsets carry on).
+    previous: Option<(String, u64)>,
     /// The last offset given (0: none yet).
     last: u64,
     /// Kept frames, oldest first, with consecutive offsets ending at `last`.
@@ -88,11 +92,67 @@ pub enum Recovery {
 impl History {
     /// A history starting afresh, in a new epoch.
     pub fn new(limits: HistoryLimits, budget: Arc<HistoryBudget>) -> Self {
-        Self { epoch: new_epoch(), last: 0, entries: VecDeque::new(), bytes: 0, limits, budget }
+        Self {
+            epoch: new_epoch(),
+            previous: None,
+            last: 0,
+            entries: VecDeque::new(),
+            bytes: 0,
+            limits,
+            budget,
+        }
+    }
+
+    /// A history continued from what a room's previous owner stored (cluster mode),
+    /// oldest first; `None` when nothing usable was stored. It takes a new epoch that
+    /// answers for the stored one up to its last stored offset, and continues the
+    /// offsets: a client that saw a message the old owner sent but never stored (it
+    /// died first) holds an offset past that point, which is not served, rather than
+    /// served with another message under the same number.
+    pub fn restore(
+        limits: HistoryLimits,
+        budget: Arc<HistoryBudget>,
+        stored: &[StoredEntry],
+    ) -> Option<Self> {
+        let newest = stored.last()?;
+        // The newest epoch's entries win; an older epoch's count only below them (an
+        // owner that stalled past its lease may have written after its successor).
+        let first_newest = stored.iter().filter(|e| e.epoch == newest.epoch).map(|e| e.offset).min()?;
+        let mut chosen: Vec<&StoredEntry> =
+            stored.iter().filter(|e| e.epoch == newest.epoch || e.offset < first_newest).collect();
+        chosen.sort_by_key(|e| e.offset);
+        chosen.dedup_by_key(|e| e.offset);
+        let last = chosen.last()?.offset;
+        // Only the run of consecutive offsets that ends at `last` is complete.
+        let mut start = chosen.len() - 1;
+        while start > 0 && chosen[start - 1].offset + 1 == chosen[start].offset {
+            start -= 1;
+        }
+        let mut history = Self::new(limits, budget);
+        history.previous = Some((newest.epoch.clone(), last));
+        history.last = last;
+        let now = Instant::now();
+        for entry in &chosen[start..] {
+            if entry.age < limits.ttl
+                && entry.frame.len() <= limits.bytes
+                && !history.over_budget(entry.frame.len())
+            {
+                let at = now.checked_sub(entry.age).unwrap_or(now);
+                history.push(entry.offset, entry.frame.clone(), at);
+            } else {
+                history.clear();
+            }
+        }
+        history.trim(now);
+        Some(history)
     }
 
     pub fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    pub fn limits(&self) -> HistoryLimits {
+        self.limits
     }
 
     /// How long a message is kept.
@@ -139,7 +199,9 @@ impl History {
     /// The messages after `offset` of `epoch`, if this history holds all of them.
     pub fn since(&mut self, epoch: &str, offset: u64) -> Recovery {
         self.trim(Instant::now());
-        if epoch != &*self.epoch || offset > self.last {
+        let continued =
+            self.previous.as_ref().is_some_and(|(previous, last)| previous == epoch && offset <= *last);
+        if (epoch != &*self.epoch && !continued) || offset > self.last {
             return Recovery::NotRecovered;
         }
         // Everything after `offset` must still be here: the oldest kept is at most
@@ -296,6 +358,51 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(history.is_empty());
         assert_eq!(recovered(&mut history, 2), Some(vec![]), "nothing was missed after m2");
+    }
+
+    fn stored(epoch: &str, offsets: std::ops::RangeInclusive<u64>) -> Vec<StoredEntry> {
+        offsets
+            .map(|offset| StoredEntry {
+                epoch: epoch.into(),
+                offset,
+                frame: frame(offset),
+                age: Duration::ZERO,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_restored_history_continues_the_offsets_under_a_new_epoch() {
+        let mut entries = stored("old", 1..=6);
+        entries.remove(1); // offset 2 was never stored: only 3..=6 are complete
+        let mut history = History::restore(limits(100), budget(1 << 20), &entries).expect("restored");
+        assert_ne!(history.epoch(), "old");
+        assert_eq!(history.last(), 6);
+        let served = |history: &mut History, offset| match history.since("old", offset) {
+            Recovery::Recovered(frames) => Some(frames.len()),
+            Recovery::NotRecovered => None,
+        };
+        assert_eq!(served(&mut history, 2), Some(4), "3 to 6");
+        assert_eq!(served(&mut history, 1), None, "2 is missing");
+        assert_eq!(history.record(frame).0, 7);
+        assert_eq!(served(&mut history, 6), Some(1), "the old epoch up to its end, then the new");
+        assert_eq!(served(&mut history, 7), None, "7 was never the old epoch's");
+        assert!(History::restore(limits(100), budget(1 << 20), &[]).is_none());
+    }
+
+    #[test]
+    fn the_newest_epoch_wins_over_a_stale_owners_late_writes() {
+        // The successor continued at 4 under "new"; the stalled owner still wrote 4 and 5.
+        let mut entries = stored("old", 1..=3);
+        entries.extend(stored("new", 4..=5));
+        entries.extend(stored("old", 4..=5));
+        entries.extend(stored("new", 6..=6));
+        let mut history = History::restore(limits(100), budget(1 << 20), &entries).expect("restored");
+        let epoch = "new".to_owned();
+        match history.since(&epoch, 3) {
+            Recovery::Recovered(frames) => assert_eq!(frames.len(), 3),
+            Recovery::NotRecovered => panic!("4 to 6 are held"),
+        }
     }
 
     #[test]

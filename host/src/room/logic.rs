@@ -47,10 +47,14 @@ impl RoomActor {
         // it; followers get offsets with the owner's deliveries.
         let runs = self.cluster.as_ref().is_none_or(|c| matches!(c.role, Role::Owner | Role::Solo));
         let limits = if runs { rooms.history_limits(plugin.as_deref()) } else { None };
+        let stored = self.stored_history.take();
         match (limits, &mut self.history) {
             (None, history) => *history = None,
             (Some(limits), Some(history)) => history.set_limits(limits),
-            (Some(limits), history @ None) => *history = Some(rooms.history_for(&self.room.name, limits)),
+            (Some(limits), history @ None) => {
+                let restored = stored.and_then(|stored| rooms.restore_history(limits, &stored));
+                *history = Some(restored.unwrap_or_else(|| rooms.history_for(&self.room.name, limits)));
+            }
         }
     }
 

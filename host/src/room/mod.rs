@@ -263,6 +263,15 @@ impl Rooms {
         }
     }
 
+    /// A history continued from what a room's previous owner stored (cluster mode).
+    pub(crate) fn restore_history(
+        &self,
+        limits: HistoryLimits,
+        stored: &[crate::cluster::StoredEntry],
+    ) -> Option<History> {
+        History::restore(limits, self.budget.clone(), stored)
+    }
+
     /// Keep the history of a room that emptied, for as long as it is worth keeping.
     pub(crate) fn retain_history(&self, name: Arc<str>, history: History) {
         let closed = tokio::time::Instant::now();

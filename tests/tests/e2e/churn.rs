@@ -108,10 +108,14 @@ async fn every_way_of_leaving_leaves_nothing_behind() {
     server.wait_metric("roomcast_rooms", 0.0, Duration::from_secs(5)).await;
     server.wait_metric("roomcast_room_members", 0.0, Duration::from_secs(5)).await;
 
-    // Shutdown: sessions still open when the server stops leave too.
+    // Shutdown: sessions still open when the server stops leave too. Each client reads
+    // (and so answers the 500 ms heartbeat) until the server closes it.
     let mut open = Vec::new();
     for i in 0..500 {
-        open.push(server.connect(&room(i)).await);
+        let mut client = server.connect(&room(i)).await;
+        open.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut client).await {}
+        }));
     }
     server.wait_metric("roomcast_connections", 500.0, Duration::from_secs(5)).await;
     let metrics = server.metrics.clone();

@@ -439,6 +439,22 @@ async fn one_connection_in_rooms_owned_by_different_nodes() {
     two.stop().await;
 }
 
+/// Wait until node `addr` (the only node yet) has taken the lease of `room`.
+async fn wait_owned(addr: std::net::SocketAddr, room: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rooms = admin_json(addr, "secret", "/admin/rooms").await;
+        if rooms
+            .as_array()
+            .is_some_and(|rooms| rooms.iter().any(|r| r["name"] == room && r["owner"].is_string()))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{room} never got an owner: {rooms}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_recovers_on_another_node_than_the_owner() {
     use serde_json::json;
@@ -446,11 +462,13 @@ async fn a_client_recovers_on_another_node_than_the_owner() {
     let lease = Duration::from_millis(1500);
     let config = |redis: &Redis| Config { history_size: 100, ..config(redis, lease, None) };
     let one = Node::start(config(&redis));
-    let two = Node::start(config(&redis));
 
     // The room lives on node one; a room-protocol client on node two joins it.
     let mut publisher = one.connect("news").await;
     one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+    // Node one owns the room before node two exists.
+    wait_owned(one.addr, "news").await;
+    let two = Node::start(config(&redis));
     let mut client = connect_rooms(two.addr, "/ws").await;
     send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
     let joined = recv_json(&mut client).await;
@@ -495,5 +513,74 @@ async fn a_client_recovers_on_another_node_than_the_owner() {
     assert_eq!((delivery["text"].as_str(), delivery["offset"].as_u64()), (Some("live"), Some(last + 21)));
     drop((back, publisher));
     one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_after_the_owner_died_and_the_room_was_taken_over() {
+    use serde_json::json;
+    let redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let config = |redis: &Redis| Config { history_size: 100, ..config(redis, lease, None) };
+    let one = Node::start(config(&redis));
+
+    let mut publisher = one.connect("news").await;
+    one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+    // Node one owns the room before node two exists.
+    wait_owned(one.addr, "news").await;
+    let two = Node::start(config(&redis));
+    let mut client = connect_rooms(two.addr, "/ws").await;
+    send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
+    let joined = recv_json(&mut client).await;
+    let epoch = joined["epoch"].as_str().unwrap_or_else(|| panic!("{joined}")).to_owned();
+    for n in 1..=5 {
+        send_text(&mut publisher, &format!("a{n}")).await;
+        let delivery = recv_json(&mut client).await;
+        assert_eq!(delivery["offset"], n, "{delivery}");
+    }
+
+    // The owner dies; the client drops too. A member of node two keeps talking: node
+    // two holds its messages until it has taken the room over.
+    one.kill();
+    drop(publisher);
+    drop(client);
+    let mut talker = two.connect("news").await;
+    for n in 1..=5 {
+        send_text(&mut talker, &format!("b{n}")).await;
+    }
+    // Restored (a1 to a5) plus the five new ones.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while two.metric("roomcast_history_messages").await < 10.0 {
+        assert!(Instant::now() < deadline, "node two never took the room over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut back = connect_rooms(two.addr, "/ws").await;
+    send_text(
+        &mut back,
+        &json!({"join": "news", "ref": 2, "since": {"epoch": epoch, "offset": 5}}).to_string(),
+    )
+    .await;
+    let joined = recv_json(&mut back).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["offset"], 10, "the offsets carried on: {joined}");
+    assert_ne!(joined["epoch"], epoch.as_str(), "a takeover starts a new epoch: {joined}");
+    for n in 1..=5u64 {
+        let delivery = recv_json(&mut back).await;
+        assert_eq!(
+            (delivery["text"].as_str(), delivery["offset"].as_u64()),
+            (Some(&*format!("b{n}")), Some(5 + n)),
+            "{delivery}"
+        );
+    }
+    // A position the old owner may have sent but never stored is not served.
+    let mut ahead = connect_rooms(two.addr, "/ws").await;
+    send_text(
+        &mut ahead,
+        &json!({"join": "news", "ref": 3, "since": {"epoch": epoch, "offset": 6}}).to_string(),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ahead).await["recovered"], false);
+    drop((back, ahead, talker));
     two.stop().await;
 }
