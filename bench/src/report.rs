@@ -322,11 +322,8 @@ fn room_protocol(results: &Results) -> String {
     }
     let _ = writeln!(
         out,
-        "
-### One connection, many rooms (Roomcast, room protocol `roomcast.v1`)
-
-         Median of the runs (lowest–highest in brackets).
-"
+        "\n### One connection, many rooms (Roomcast, room protocol `roomcast.v1`)\n\n\
+         Median of the runs (lowest–highest in brackets).\n"
     );
     if let Some(p) = sizes.memberships.as_ref().filter(|_| !results.memberships.is_empty()) {
         let runs = &results.memberships;
@@ -334,8 +331,7 @@ fn room_protocol(results: &Results) -> String {
         let members = p.connections * p.rooms_per_connection / p.rooms.max(1);
         let _ = writeln!(
             out,
-            "| **Memory**: {} connections, heartbeat on, server RSS growth | KiB |
-|---|---:|",
+            "| **Memory**: {} connections, heartbeat on, server RSS growth | KiB |\n|---|---:|",
             p.connections
         );
         row(
@@ -382,7 +378,7 @@ fn room_protocol(results: &Results) -> String {
         };
         let _ = writeln!(
             out,
-            "| **Fan-out**, raw against room protocol, one server | raw | room protocol | protocol ÷ raw |
+            "| **Fan-out**, raw against room protocol, one server | raw | room protocol | protocol ÷ raw |\n\
              |---|---:|---:|---:|"
         );
         let mut line = |name: String, paced: bool, g: fn(&FanoutResult) -> f64, d: usize| {
@@ -414,8 +410,8 @@ fn room_protocol(results: &Results) -> String {
         let col = |f: fn(&crate::rooms::JoinLeaveResult) -> f64| runs.iter().map(f).collect::<Vec<_>>();
         let _ = writeln!(
             out,
-            "| **Join/leave**: {} connections, each in a home room, join and leave the other {} rooms              for {} s, one operation in flight each | |
-|---|---:|",
+            "| **Join/leave**: {} connections, each in a home room, join and leave the other {} rooms \
+             for {} s, one operation in flight each | |\n|---|---:|",
             p.connections,
             p.rooms.saturating_sub(1),
             p.duration.as_secs()
@@ -739,7 +735,21 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          - **Reload under load**: a paced fan-out through `relay` while `relay.wasm` is replaced\n\
            every second (written under a temporary name, renamed over the old one; each copy\n\
            carries a different custom section so its content hash changes); lost and duplicated\n\
-           deliveries are counted per member and per message.\n\n\
+           deliveries are counted per member and per message.\n\
+         - **One connection, many rooms** (Roomcast only: the peers have no room protocol).\n\
+           *Memory*: N connections offer `roomcast.v1` on `GET /ws` and join one room each,\n\
+           then nine more (connection i is in rooms i to i + 9 of R, so the first joins\n\
+           create every room and the later ones only add members); the server's RSS growth\n\
+           over the fresh server after each step, held past a heartbeat, gives the cost of\n\
+           a connection in one room and of each membership after it. The reference is N\n\
+           raw connections spread over the same rooms, on another fresh server. *Fan-out*:\n\
+           the saturated and paced fan-outs above on one server, with raw clients and with\n\
+           room-protocol clients (senders send `{\"send\": ROOM, \"text\": ...}`, members get\n\
+           `{\"room\": ROOM, \"text\": ...}`: the same text, 26 bytes more on the wire each\n\
+           way for the room `bench`); which mode goes first alternates between runs.\n\
+           *Join/leave*: C connections, each in a home room so that no room empties, join\n\
+           and leave the other rooms with one operation in flight each, waiting for every\n\
+           `joined` and `left`; server CPU over the phase divided by the operations.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
          ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\

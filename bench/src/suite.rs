@@ -561,7 +561,8 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
         match (protocol, raw) {
             (Ok(protocol), Ok(raw)) => {
                 eprintln!(
-                    "{} {} connections: raw {:.2} KiB each; room protocol {:.2} KiB in 1 room, {:.2} in {},                      {:.3} KiB per extra membership; {} join errors, {} dropped ({:.1} s)",
+                    "{} {} connections: raw {:.2} KiB each; room protocol {:.2} KiB in 1 room, {:.2} in {}, \
+                     {:.3} KiB per extra membership; {} join errors, {} dropped ({:.1} s)",
                     label("memberships"),
                     protocol.opened,
                     raw.kib_per_connection,
@@ -597,7 +598,8 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
         match outcome {
             Ok(r) => {
                 eprintln!(
-                    "{} {:.0} ops/s, {:.2} µs CPU/op, p50 {:.0} µs p99 {:.0} µs, {} refused,                      load generator CPU {:.2} s, other CPU {:.2} s",
+                    "{} {:.0} ops/s, {:.2} µs CPU/op, p50 {:.0} µs p99 {:.0} µs, {} refused, \
+                     load generator CPU {:.2} s, other CPU {:.2} s",
                     label("join/leave"),
                     r.operations_per_sec,
                     r.cpu_us_per_operation,
