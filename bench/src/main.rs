@@ -222,6 +222,10 @@ struct SuiteArgs {
     /// Small sizes, one run: a smoke test of the whole pipeline
     #[arg(long)]
     quick: bool,
+    /// Only the room-protocol scenarios (Roomcast): memory per membership, fan-out in
+    /// raw against room-protocol mode, join/leave rate
+    #[arg(long)]
+    rooms_only: bool,
     /// Runs of every scenario [default: 3, quick: 1]
     #[arg(long)]
     runs: Option<usize>,
@@ -356,6 +360,7 @@ fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
     let servers = args.servers.iter().map(|s| Kind::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(suite::SuiteOptions {
         quick: args.quick,
+        rooms_only: args.rooms_only,
         runs: args.runs,
         servers,
         programs: Programs {

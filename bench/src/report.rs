@@ -109,6 +109,15 @@ pub fn tables(results: &Results) -> String {
          show what other programs used during the measured phase.\n",
         sizes.runs, results.machine.server_cpu, results.machine.loadgen_cpus, results.busy_starts
     );
+    if results.fanout.is_empty()
+        && results.paced.is_empty()
+        && results.idle.is_empty()
+        && results.churn.is_empty()
+    {
+        // A run of the room-protocol scenarios only.
+        out.push_str(&room_protocol(results));
+        return out;
+    }
     let _ = writeln!(out, "### Side by side\n");
     header(&mut out, "", servers);
     let cell = |g: fn(&Medians) -> f64, d: usize| m.iter().map(move |x| num(g(x), d));
@@ -368,11 +377,13 @@ fn room_protocol(results: &Results) -> String {
             Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
             Pace::Saturated { .. } => f64::NAN,
         };
-        let pick = |protocol: bool, paced: bool, g: fn(&FanoutResult) -> f64| -> Vec<f64> {
+        let pick = |protocol: bool, paced: bool, clients: usize, g: fn(&FanoutResult) -> f64| -> Vec<f64> {
             results
                 .room_protocol
                 .iter()
+                // Runs from before the member count was recorded were the large room.
                 .filter(|r| r.protocol == protocol && r.paced == paced)
+                .filter(|r| r.clients == clients || (r.clients == 0 && clients == f.clients))
                 .map(|r| g(&r.result))
                 .collect()
         };
@@ -381,8 +392,11 @@ fn room_protocol(results: &Results) -> String {
             "| **Fan-out**, raw against room protocol, one server | raw | room protocol | protocol ÷ raw |\n\
              |---|---:|---:|---:|"
         );
-        let mut line = |name: String, paced: bool, g: fn(&FanoutResult) -> f64, d: usize| {
-            let (raw, rp) = (pick(false, paced, g), pick(true, paced, g));
+        let mut line = |name: String, paced: bool, clients: usize, g: fn(&FanoutResult) -> f64, d: usize| {
+            let (raw, rp) = (pick(false, paced, clients, g), pick(true, paced, clients, g));
+            if raw.is_empty() && rp.is_empty() {
+                return;
+            }
             let _ = writeln!(
                 out,
                 "| {name} | {} | {} | {} |",
@@ -392,11 +406,29 @@ fn room_protocol(results: &Results) -> String {
             );
         };
         let saturated = format!("saturated, {} members, {} senders, {} B text", f.clients, f.senders, f.size);
-        line(format!("{saturated}: server CPU µs per delivery"), false, |r| r.cpu_us_per_delivery, 3);
-        line(format!("{saturated}: deliveries/s"), false, |r| r.deliveries_per_sec, 0);
-        let paced = format!("paced, {} deliveries/s to {} members", num(rate, 0), sizes.paced.clients);
-        line(format!("{paced}: server CPU µs per delivery"), true, |r| r.cpu_us_per_delivery, 3);
-        line(format!("{paced}: latency p99, µs"), true, |r| r.latency.p99_us, 0);
+        line(
+            format!("{saturated}: server CPU µs per delivery"),
+            false,
+            f.clients,
+            |r| r.cpu_us_per_delivery,
+            3,
+        );
+        line(format!("{saturated}: deliveries/s"), false, f.clients, |r| r.deliveries_per_sec, 0);
+        let p = &sizes.paced;
+        let paced = format!("paced, {} deliveries/s to {} members", num(rate, 0), p.clients);
+        line(format!("{paced}: server CPU µs per delivery"), true, p.clients, |r| r.cpu_us_per_delivery, 3);
+        line(format!("{paced}: latency p99, µs"), true, p.clients, |r| r.latency.p99_us, 0);
+        let small = &sizes.small_room;
+        let small_room =
+            format!("saturated, {} members, {} senders, {} B text", small.clients, small.senders, small.size);
+        line(
+            format!("{small_room}: server CPU µs per delivery"),
+            false,
+            small.clients,
+            |r| r.cpu_us_per_delivery,
+            3,
+        );
+        line(format!("{small_room}: deliveries/s"), false, small.clients, |r| r.deliveries_per_sec, 0);
         let lost = |protocol: bool| {
             let runs = results.room_protocol.iter().filter(|r| r.protocol == protocol);
             let (l, d) = runs.fold((0, 0), |(l, d), r| (l + r.result.lost, d + r.result.duplicates));
@@ -583,7 +615,7 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
     for r in &results.room_protocol {
         let mode = if r.protocol { "room protocol" } else { "raw" };
         let pace = if r.paced { "paced" } else { "saturated" };
-        fan("Roomcast", &format!("{mode}, {pace}"), &r.result);
+        fan("Roomcast", &format!("{mode}, {pace}, {} members", r.clients), &r.result);
     }
     out.push_str("\n| server | idle connections | failed | dropped | pings answered | RSS before KiB | RSS after KiB | KiB per connection | connect s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (k, r) in &results.idle {

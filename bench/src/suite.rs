@@ -174,6 +174,9 @@ pub struct PluginRun {
 pub struct ModeRun {
     /// Room protocol (`roomcast.v1`) rather than raw `/ws/{room}`.
     pub protocol: bool,
+    /// Members of the room.
+    #[serde(default)]
+    pub clients: usize,
     /// The paced fan-out rather than the saturated one.
     pub paced: bool,
     pub result: FanoutResult,
@@ -220,6 +223,8 @@ pub struct Results {
 #[derive(Clone, Debug)]
 pub struct SuiteOptions {
     pub quick: bool,
+    /// Only the room-protocol scenarios (Roomcast).
+    pub rooms_only: bool,
     pub runs: Option<usize>,
     pub servers: Vec<Kind>,
     pub programs: Programs,
@@ -255,7 +260,8 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         sizes.runs, results.machine.loadgen_cpus, options.programs.cpu
     );
     for run in 1..=sizes.runs {
-        for &kind in &options.servers {
+        let servers = if options.rooms_only { &[][..] } else { &options.servers[..] };
+        for &kind in servers {
             let params = FanoutParams {
                 messages: match kind {
                     Kind::Roomcast | Kind::Tungstenite => sizes.fanout.messages,
@@ -289,8 +295,10 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
             .await;
         }
         if options.servers.contains(&Kind::Roomcast) {
-            plugins(&mut results, run, &sizes, &options).await;
-            reload_run(&mut results, run, &sizes, &options).await;
+            if !options.rooms_only {
+                plugins(&mut results, run, &sizes, &options).await;
+                reload_run(&mut results, run, &sizes, &options).await;
+            }
             room_protocol(&mut results, run, &sizes, &options).await;
         }
     }
@@ -500,7 +508,7 @@ async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &
 /// The room protocol (Roomcast only): the saturated and paced fan-outs in raw and in
 /// room-protocol mode on one server, memory per membership, join/leave rate.
 async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
-    let label = |what: &str| format!("  run {run} Roomcast          rooms    {what:<28}");
+    let label = |what: &str| format!("  run {run} Roomcast          rooms    {what:<32}");
     quiet(results).await;
     let outcome = async {
         let server = Server::start(Kind::Roomcast, &options.programs, &Extras::default()).await?;
@@ -509,7 +517,8 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
         modes.rotate_left((run - 1) % 2);
         let mut runs = Vec::new();
         for protocol in modes {
-            for (paced, params) in [(false, &sizes.fanout), (true, &sizes.paced)] {
+            for (paced, params) in [(false, &sizes.fanout), (true, &sizes.paced), (false, &sizes.small_room)]
+            {
                 let mut target = Target::new(server.addr, "/ws/bench".into())?;
                 let mut params = params.clone();
                 if protocol {
@@ -519,12 +528,13 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
                 let conns = client::connect_all(&target, params.clients).await?;
                 let result = fanout::run(conns, &params, Some(server.pid)).await?;
                 let what = format!(
-                    "{} {}",
+                    "{} {} {}",
                     if protocol { "room protocol" } else { "raw" },
-                    if paced { "paced" } else { "saturated" }
+                    if paced { "paced" } else { "saturated" },
+                    params.clients
                 );
                 eprintln!("{} {}", label(&what), fanout_line(&result));
-                runs.push(ModeRun { protocol, paced, result });
+                runs.push(ModeRun { protocol, clients: params.clients, paced, result });
             }
         }
         server.stop().await?;
