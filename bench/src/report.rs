@@ -402,7 +402,12 @@ fn room_protocol(results: &Results) -> String {
                 "| {name} | {} | {} | {} |",
                 spread(&raw, d),
                 spread(&rp, d),
-                ratio(median(rp.iter().copied()), median(raw.iter().copied()))
+                // Noise is not compared.
+                if name.ends_with("(noise)") {
+                    String::new()
+                } else {
+                    ratio(median(rp.iter().copied()), median(raw.iter().copied()))
+                }
             );
         };
         let saturated = format!("saturated, {} members, {} senders, {} B text", f.clients, f.senders, f.size);
@@ -429,6 +434,20 @@ fn room_protocol(results: &Results) -> String {
             3,
         );
         line(format!("{small_room}: deliveries/s"), false, small.clients, |r| r.deliveries_per_sec, 0);
+        line(
+            format!("{saturated}: other programs' CPU during the phase, s (noise)"),
+            false,
+            f.clients,
+            |r| r.other_cpu_s,
+            2,
+        );
+        line(
+            format!("{paced}: other programs' CPU during the phase, s (noise)"),
+            true,
+            p.clients,
+            |r| r.other_cpu_s,
+            2,
+        );
         let lost = |protocol: bool| {
             let runs = results.room_protocol.iter().filter(|r| r.protocol == protocol);
             let (l, d) = runs.fold((0, 0), |(l, d), r| (l + r.result.lost, d + r.result.duplicates));
