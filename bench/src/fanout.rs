@@ -414,3 +414,45 @@ async fn receive(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(room_protocol: Option<&str>, binary: bool) -> FanoutParams {
+        FanoutParams {
+            clients: 2,
+            senders: 1,
+            messages: 1,
+            size: 64,
+            pace: Pace::Saturated { window: 1 },
+            binary,
+            grace: Duration::from_secs(1),
+            max_duration: Duration::from_secs(1),
+            room_protocol: room_protocol.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn envelopes_wrap_the_stamp_as_the_room_protocol_does() {
+        let raw = Envelope::new(&params(None, false));
+        assert!(raw.send_prefix.is_empty() && raw.send_suffix.is_empty() && raw.receive_prefix.is_empty());
+
+        let text = Envelope::new(&params(Some("bench"), false));
+        let mut stamp = Vec::new();
+        client::stamp(3, 4, 5, 64, &mut stamp);
+        let sent = [&text.send_prefix[..], &stamp, &text.send_suffix].concat();
+        let op: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(op["send"], "bench");
+        assert_eq!(op["text"].as_str().unwrap().as_bytes(), &stamp[..]);
+        // What the server delivers to room-protocol members: {"room": ROOM, "text": T}.
+        let delivered =
+            format!("{{\"room\":\"bench\",\"text\":\"{}\"}}", std::str::from_utf8(&stamp).unwrap());
+        let inner = delivered.as_bytes().strip_prefix(&text.receive_prefix[..]).unwrap();
+        assert_eq!(client::read_stamp(inner), Some((3, 4, 5)));
+
+        let binary = Envelope::new(&params(Some("bench"), true));
+        assert_eq!(binary.send_prefix, b"\x05bench");
+        assert_eq!(binary.receive_prefix, b"\x05bench");
+    }
+}

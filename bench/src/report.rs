@@ -751,8 +751,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run            # everything, about 15 minutes on 2 cores (plus the build)\n\
-         bench/run --quick    # a 3-minute smoke run with small sizes\n\
+         bench/run              # everything, about 21 minutes on 2 cores (plus the build)\n\
+         bench/run --quick      # a 4-minute smoke run with small sizes\n\
+         bench/run --rooms-only # the room-protocol scenarios alone, about 6 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -794,8 +795,8 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            over the fresh server after each step, held past a heartbeat, gives the cost of\n\
            a connection in one room and of each membership after it. The reference is N\n\
            raw connections spread over the same rooms, on another fresh server. *Fan-out*:\n\
-           the saturated and paced fan-outs above on one server, with raw clients and with\n\
-           room-protocol clients (senders send `{\"send\": ROOM, \"text\": ...}`, members get\n\
+           the saturated and paced fan-outs and the plugins' small room, on one server, with\n\
+           raw clients and with room-protocol clients (senders send `{\"send\": ROOM, \"text\": ...}`, members get\n\
            `{\"room\": ROOM, \"text\": ...}`: the same text, 26 bytes more on the wire each\n\
            way for the room `bench`); which mode goes first alternates between runs.\n\
            *Join/leave*: C connections, each in a home room so that no room empties, join\n\
@@ -807,4 +808,16 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          (`bench/src/bin/tungstenite-peer.rs`). Roomcast runs with `--max-queue-bytes 64MiB`.\n",
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_show_the_median_and_the_range() {
+        assert_eq!(spread(&[], 2), "–");
+        assert_eq!(spread(&[1.5], 2), "1.50");
+        assert_eq!(spread(&[3.0, 1.0, 2.0, f64::NAN], 1), "2.0 (1.0–3.0)");
+    }
 }

@@ -101,7 +101,10 @@ pub async fn memberships(
     server_pid: u32,
 ) -> anyhow::Result<MembershipResult> {
     anyhow::ensure!(target.room_protocol, "memberships need a target that offers the room protocol");
-    anyhow::ensure!(params.rooms_per_connection <= params.rooms, "more rooms per connection than rooms");
+    anyhow::ensure!(
+        (1..=params.rooms).contains(&params.rooms_per_connection),
+        "rooms per connection must be at least 1 and at most the rooms in all"
+    );
     let mut result = MembershipResult { rss_start_kib: procfs::rss_kib(server_pid)?, ..Default::default() };
     let counters = Arc::new(Counters::default());
     let (go_tx, go_rx) = watch::channel(false);

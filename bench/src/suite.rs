@@ -47,7 +47,8 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The full run (about 15 minutes here) or a smoke run (about 3 minutes).
+    /// The full run (about 21 minutes here, 6 of them the room-protocol scenarios) or a
+    /// smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
             clients,
