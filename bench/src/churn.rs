@@ -59,6 +59,7 @@ pub async fn run(target: &Target, params: &ChurnParams, server_pid: u32) -> anyh
         binary: false,
         grace: Duration::from_secs(10),
         max_duration: params.duration + Duration::from_secs(30),
+        room_protocol: None,
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -23,11 +23,14 @@ pub const PING: u8 = 0x9;
 /// Pong frame opcode.
 pub const PONG: u8 = 0xA;
 
-/// Where the load goes: a loopback address and the request path (`/ws/ROOM`).
+/// Where the load goes: a loopback address, the request path (`/ws/ROOM`, or `/ws` for
+/// the room protocol), and whether the handshake offers the room protocol.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
     pub path: String,
+    /// Offer `Sec-WebSocket-Protocol: roomcast.v1` (Roomcast's room protocol).
+    pub room_protocol: bool,
 }
 
 impl Target {
@@ -46,9 +49,17 @@ impl Target {
         if !addr.ip().is_loopback() {
             bail!("refusing to load a non-loopback address: {addr}");
         }
-        Ok(Self { addr, path })
+        Ok(Self { addr, path, room_protocol: false })
+    }
+
+    /// The same target, offering the room protocol in the handshake.
+    pub fn with_room_protocol(self) -> Self {
+        Self { room_protocol: true, ..self }
     }
 }
+
+/// The subprotocol of Roomcast's room protocol.
+pub const ROOM_PROTOCOL: &str = "roomcast.v1";
 
 /// Round-robin over 127.0.0.2 ..= 127.0.0.254 so that tens of thousands of
 /// connections, and the TIME_WAIT sockets that closed ones leave behind, never exhaust
@@ -109,9 +120,14 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
     socket.bind(SocketAddr::new(IpAddr::V4(next_source()), 0))?;
     let mut stream = socket.connect(target.addr).await?;
     stream.set_nodelay(true)?;
+    let protocol = if target.room_protocol {
+        format!("Sec-WebSocket-Protocol: {ROOM_PROTOCOL}\r\n")
+    } else {
+        String::new()
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{protocol}\r\n",
         target.path, target.addr
     );
     stream.write_all(request.as_bytes()).await?;
@@ -124,6 +140,9 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
             if !head.starts_with(b"HTTP/1.1 101") {
                 let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
                 bail!("upgrade refused: {}", String::from_utf8_lossy(line));
+            }
+            if target.room_protocol && find(&head[..end], ROOM_PROTOCOL.as_bytes()).is_none() {
+                bail!("the server did not answer with the {ROOM_PROTOCOL} subprotocol");
             }
             let pending = head.split_off(end + 4);
             return Ok(Conn { stream, pending });

@@ -49,6 +49,41 @@ pub struct FanoutParams {
     pub grace: Duration,
     /// Bound on the sending phase, whatever happens.
     pub max_duration: Duration,
+    /// Speak Roomcast's room protocol in this room (the connections must have offered
+    /// it): senders send `{"send": ROOM, "text": STAMP}` (binary: the room prefix, then
+    /// the stamp), members receive `{"room": ROOM, "text": STAMP}`. `None`: raw frames.
+    #[serde(default)]
+    pub room_protocol: Option<String>,
+}
+
+/// How a stamp is wrapped on the way in and found on the way out.
+#[derive(Clone, Debug, Default)]
+struct Envelope {
+    /// Bytes before the stamp in what a sender sends.
+    send_prefix: Vec<u8>,
+    /// Bytes after it.
+    send_suffix: Vec<u8>,
+    /// Bytes before the stamp in what a member receives.
+    receive_prefix: Vec<u8>,
+}
+
+impl Envelope {
+    fn new(params: &FanoutParams) -> Self {
+        let Some(room) = &params.room_protocol else {
+            return Self::default();
+        };
+        if params.binary {
+            let mut prefix = vec![room.len() as u8];
+            prefix.extend_from_slice(room.as_bytes());
+            return Self { send_prefix: prefix.clone(), send_suffix: Vec::new(), receive_prefix: prefix };
+        }
+        // Room names are plain ASCII without quotes, and a stamp needs no escaping.
+        Self {
+            send_prefix: format!("{{\"send\":\"{room}\",\"text\":\"").into_bytes(),
+            send_suffix: b"\"}".to_vec(),
+            receive_prefix: format!("{{\"room\":\"{room}\",\"text\":\"").into_bytes(),
+        }
+    }
 }
 
 /// What one fan-out run measured.
@@ -94,6 +129,8 @@ struct Shared {
     /// Set while the pump waits for the window to open; receivers then wake it.
     pump_waiting: AtomicBool,
     progress: Notify,
+    /// What comes before the stamp in a delivery (the room protocol's envelope).
+    receive_prefix: Vec<u8>,
 }
 
 impl Shared {
@@ -137,6 +174,7 @@ pub async fn run(
         delivered: AtomicU64::new(0),
         pump_waiting: AtomicBool::new(false),
         progress: Notify::new(),
+        receive_prefix: Envelope::new(params).receive_prefix,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut writers = Vec::with_capacity(senders);
@@ -246,8 +284,10 @@ async fn pump(
     let opcode = if params.binary { client::BINARY } else { client::TEXT };
     let recipients = (params.clients.max(2) - 1) as u64;
     let total = layout.per_sender * layout.senders;
-    let mut payload = Vec::with_capacity(params.size);
-    let mut frame = Vec::with_capacity(params.size + 14);
+    let envelope = Envelope::new(&params);
+    let mut stamp = Vec::with_capacity(params.size);
+    let mut payload = Vec::with_capacity(params.size + 64);
+    let mut frame = Vec::with_capacity(params.size + 64 + 14);
     for g in 0..total {
         match params.pace {
             Pace::Saturated { window } => {
@@ -259,7 +299,11 @@ async fn pump(
             }
         }
         let (sender, seq) = (g % layout.senders, g / layout.senders);
-        client::stamp(sender as u32, seq as u32, shared.now_ns(), params.size, &mut payload);
+        client::stamp(sender as u32, seq as u32, shared.now_ns(), params.size, &mut stamp);
+        payload.clear();
+        payload.extend_from_slice(&envelope.send_prefix);
+        payload.extend_from_slice(&stamp);
+        payload.extend_from_slice(&envelope.send_suffix);
         frame.clear();
         client::encode(opcode, &payload, &mut frame);
         shared.sent.fetch_add(1, Relaxed);
@@ -299,6 +343,7 @@ async fn receive(
     layout: Layout,
     expected: usize,
 ) -> ReceiverOut {
+    let prefix = &shared.receive_prefix[..];
     let mut out = ReceiverOut { latencies_ns: Vec::with_capacity(expected), ..ReceiverOut::default() };
     let mut seen = vec![0u64; (layout.senders * layout.per_sender).div_ceil(64)];
     let mut pong = Vec::new();
@@ -311,23 +356,25 @@ async fn receive(
         while let Some(frame) = client::parse(&buf[at..]) {
             let payload = &buf[at + frame.payload_start..at + frame.end];
             match frame.opcode {
-                client::TEXT | client::BINARY => match client::read_stamp(payload) {
-                    Some((sender, seq, sent_ns))
-                        if (sender as usize) < layout.senders && (seq as usize) < layout.per_sender =>
-                    {
-                        let bit = sender as usize * layout.per_sender + seq as usize;
-                        let (word, mask) = (bit / 64, 1u64 << (bit % 64));
-                        if seen[word] & mask != 0 {
-                            out.duplicates += 1;
-                        } else {
-                            seen[word] |= mask;
-                            fresh += 1;
-                            let latency = now.saturating_sub(sent_ns);
-                            out.latencies_ns.push(latency);
+                client::TEXT | client::BINARY => {
+                    match payload.strip_prefix(prefix).and_then(client::read_stamp) {
+                        Some((sender, seq, sent_ns))
+                            if (sender as usize) < layout.senders && (seq as usize) < layout.per_sender =>
+                        {
+                            let bit = sender as usize * layout.per_sender + seq as usize;
+                            let (word, mask) = (bit / 64, 1u64 << (bit % 64));
+                            if seen[word] & mask != 0 {
+                                out.duplicates += 1;
+                            } else {
+                                seen[word] |= mask;
+                                fresh += 1;
+                                let latency = now.saturating_sub(sent_ns);
+                                out.latencies_ns.push(latency);
+                            }
                         }
+                        _ => out.foreign += 1,
                     }
-                    _ => out.foreign += 1,
-                },
+                }
                 client::PING => {
                     pong.clear();
                     client::encode(client::PONG, payload, &mut pong);
@@ -366,4 +413,46 @@ async fn receive(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(room_protocol: Option<&str>, binary: bool) -> FanoutParams {
+        FanoutParams {
+            clients: 2,
+            senders: 1,
+            messages: 1,
+            size: 64,
+            pace: Pace::Saturated { window: 1 },
+            binary,
+            grace: Duration::from_secs(1),
+            max_duration: Duration::from_secs(1),
+            room_protocol: room_protocol.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn envelopes_wrap_the_stamp_as_the_room_protocol_does() {
+        let raw = Envelope::new(&params(None, false));
+        assert!(raw.send_prefix.is_empty() && raw.send_suffix.is_empty() && raw.receive_prefix.is_empty());
+
+        let text = Envelope::new(&params(Some("bench"), false));
+        let mut stamp = Vec::new();
+        client::stamp(3, 4, 5, 64, &mut stamp);
+        let sent = [&text.send_prefix[..], &stamp, &text.send_suffix].concat();
+        let op: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(op["send"], "bench");
+        assert_eq!(op["text"].as_str().unwrap().as_bytes(), &stamp[..]);
+        // What the server delivers to room-protocol members: {"room": ROOM, "text": T}.
+        let delivered =
+            format!("{{\"room\":\"bench\",\"text\":\"{}\"}}", std::str::from_utf8(&stamp).unwrap());
+        let inner = delivered.as_bytes().strip_prefix(&text.receive_prefix[..]).unwrap();
+        assert_eq!(client::read_stamp(inner), Some((3, 4, 5)));
+
+        let binary = Envelope::new(&params(Some("bench"), true));
+        assert_eq!(binary.send_prefix, b"\x05bench");
+        assert_eq!(binary.receive_prefix, b"\x05bench");
+    }
 }

@@ -191,7 +191,7 @@ async fn open_and_hold(target: &Target, n: usize, concurrency: usize) -> Holding
 }
 
 /// Read frames until the server closes, answering each ping with a pong.
-async fn answer_pings(conn: Conn, pings: &AtomicU64) -> anyhow::Result<()> {
+pub async fn answer_pings(conn: Conn, pings: &AtomicU64) -> anyhow::Result<()> {
     let Conn { mut stream, pending: mut buf } = conn;
     let mut pong = Vec::new();
     loop {

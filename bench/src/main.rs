@@ -14,6 +14,7 @@ mod idle;
 mod procfs;
 mod reload;
 mod report;
+mod rooms;
 mod servers;
 mod stats;
 mod suite;
@@ -103,6 +104,45 @@ enum Command {
         #[arg(long, env = "ROOMCAST_ADMIN_TOKEN")]
         admin_token: Option<String>,
     },
+    /// Room protocol (Roomcast): N connections on /ws join one room each, then K each;
+    /// the server's RSS per connection and per extra membership.
+    Memberships {
+        /// ws://127.0.0.1:PORT/ws (loopback addresses only)
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        rooms_per_connection: usize,
+        /// Rooms in all (connection i is in rooms i, i+1, ... modulo this)
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        /// How long to hold after each step before reading RSS
+        #[arg(long, default_value = "12s", value_parser = parse_duration)]
+        hold: Duration,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// The reference instead: raw connections to /ws/{room}, one room each
+        #[arg(long)]
+        raw: bool,
+        #[arg(long)]
+        server_pid: u32,
+    },
+    /// Room protocol (Roomcast): C connections, each in a home room, join and leave
+    /// other rooms as fast as the replies come; operations/s and server CPU per operation.
+    JoinLeave {
+        /// ws://127.0.0.1:PORT/ws (loopback addresses only)
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 50)]
+        rooms: usize,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        server_pid: u32,
+    },
     /// Every scenario for every server, several runs, reports (what `bench/run` calls).
     Suite(SuiteArgs),
     /// Rewrite the reports from a results .json file.
@@ -139,6 +179,9 @@ struct FanoutArgs {
     rate: Option<f64>,
     #[arg(long)]
     binary: bool,
+    /// Speak Roomcast's room protocol (roomcast.v1) in the URL's room
+    #[arg(long)]
+    room_protocol: bool,
     /// The server's process id, to read its CPU time from /proc
     #[arg(long)]
     server_pid: Option<u32>,
@@ -158,7 +201,19 @@ impl FanoutArgs {
             binary: self.binary,
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(120),
+            room_protocol: self.room_protocol.then(|| self.room()),
         }
+    }
+
+    /// The room of the URL (`/ws/ROOM`).
+    fn room(&self) -> String {
+        self.url.rsplit_once("/ws/").map(|(_, room)| room.to_owned()).unwrap_or_default()
+    }
+
+    /// The target, offering the room protocol when asked to.
+    fn target(&self) -> anyhow::Result<Target> {
+        let target = Target::parse(&self.url)?;
+        Ok(if self.room_protocol { target.with_room_protocol() } else { target })
     }
 }
 
@@ -167,6 +222,10 @@ struct SuiteArgs {
     /// Small sizes, one run: a smoke test of the whole pipeline
     #[arg(long)]
     quick: bool,
+    /// Only the room-protocol scenarios (Roomcast): memory per membership, fan-out in
+    /// raw against room-protocol mode, join/leave rate
+    #[arg(long)]
+    rooms_only: bool,
     /// Runs of every scenario [default: 3, quick: 1]
     #[arg(long)]
     runs: Option<usize>,
@@ -220,7 +279,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Fanout { fanout } => {
-            let target = Target::parse(&fanout.url)?;
+            let target = fanout.target()?;
             let params = fanout.params();
             let conns = client::connect_all(&target, params.clients).await?;
             let result = fanout::run(conns, &params, fanout.server_pid).await?;
@@ -247,7 +306,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Reload { fanout, plugins, name, every, admin_token } => {
-            let target = Target::parse(&fanout.url)?;
+            let target = fanout.target()?;
             let server_pid = fanout.server_pid.context("--server-pid is needed")?;
             let mut params = fanout.params();
             if let Pace::Saturated { .. } = params.pace {
@@ -256,6 +315,33 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let admin = admin_token.map(|token| reload::Admin { addr: target.addr, token });
             let params = reload::ReloadParams { fanout: params, every };
             let result = reload::run(&target, &params, &plugins, &name, admin.as_ref(), server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Memberships {
+            url,
+            connections,
+            rooms_per_connection,
+            rooms,
+            hold,
+            concurrency,
+            raw,
+            server_pid,
+        } => {
+            let params =
+                rooms::MembershipParams { connections, rooms_per_connection, rooms, hold, concurrency };
+            let target = Target::parse(&url)?;
+            if raw {
+                let result = rooms::raw_memberships(target.addr, &params, server_pid).await?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                let result = rooms::memberships(&target.with_room_protocol(), &params, server_pid).await?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            }
+        }
+        Command::JoinLeave { url, connections, rooms, duration, server_pid } => {
+            let params = rooms::JoinLeaveParams { connections, rooms, duration };
+            let target = Target::parse(&url)?.with_room_protocol();
+            let result = rooms::join_leave(&target, &params, server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Suite(args) => suite::run(suite_options(args)?).await?,
@@ -274,6 +360,7 @@ fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
     let servers = args.servers.iter().map(|s| Kind::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(suite::SuiteOptions {
         quick: args.quick,
+        rooms_only: args.rooms_only,
         runs: args.runs,
         servers,
         programs: Programs {

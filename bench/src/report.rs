@@ -109,6 +109,15 @@ pub fn tables(results: &Results) -> String {
          show what other programs used during the measured phase.\n",
         sizes.runs, results.machine.server_cpu, results.machine.loadgen_cpus, results.busy_starts
     );
+    if results.fanout.is_empty()
+        && results.paced.is_empty()
+        && results.idle.is_empty()
+        && results.churn.is_empty()
+    {
+        // A run of the room-protocol scenarios only.
+        out.push_str(&room_protocol(results));
+        return out;
+    }
     let _ = writeln!(out, "### Side by side\n");
     header(&mut out, "", servers);
     let cell = |g: fn(&Medians) -> f64, d: usize| m.iter().map(move |x| num(g(x), d));
@@ -293,7 +302,182 @@ pub fn tables(results: &Results) -> String {
         }
     }
 
+    out.push_str(&room_protocol(results));
     out.push_str(&targets(results, &m));
+    out
+}
+
+/// `median (min–max)` of some values, with `d` decimals; just the value for one run.
+fn spread(values: &[f64], d: usize) -> String {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    let (Some(min), Some(max)) =
+        (finite.iter().copied().reduce(f64::min), finite.iter().copied().reduce(f64::max))
+    else {
+        return "–".into();
+    };
+    let mid = num(median(finite.iter().copied()), d);
+    if finite.len() == 1 { mid } else { format!("{mid} ({}–{})", num(min, d), num(max, d)) }
+}
+
+/// Roomcast's room protocol: memory per membership, a fan-out against raw mode, and
+/// the join/leave rate (medians, with the spread over runs).
+fn room_protocol(results: &Results) -> String {
+    let mut out = String::new();
+    let Some(sizes) = &results.sizes else {
+        return out;
+    };
+    if results.memberships.is_empty() && results.room_protocol.is_empty() && results.join_leave.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n### One connection, many rooms (Roomcast, room protocol `roomcast.v1`)\n\n\
+         Median of the runs (lowest–highest in brackets).\n"
+    );
+    if let Some(p) = sizes.memberships.as_ref().filter(|_| !results.memberships.is_empty()) {
+        let runs = &results.memberships;
+        let col = |f: fn(&crate::suite::MembershipRun) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let members = p.connections * p.rooms_per_connection / p.rooms.max(1);
+        let _ = writeln!(
+            out,
+            "| **Memory**: {} connections, heartbeat on, server RSS growth | KiB |\n|---|---:|",
+            p.connections
+        );
+        row(
+            &mut out,
+            &format!("raw `/ws/{{room}}`, one room each ({} rooms), per connection", p.rooms),
+            [spread(&col(|r| r.raw.kib_per_connection), 2)],
+        );
+        row(
+            &mut out,
+            "room protocol on `/ws`, in 1 room, per connection",
+            [spread(&col(|r| r.protocol.kib_per_connection_one_room), 2)],
+        );
+        row(
+            &mut out,
+            &format!(
+                "room protocol, in {} rooms ({} rooms of {members} members), per connection",
+                p.rooms_per_connection, p.rooms
+            ),
+            [spread(&col(|r| r.protocol.kib_per_connection_all_rooms), 2)],
+        );
+        row(
+            &mut out,
+            "**per membership past the first**",
+            [spread(&col(|r| r.protocol.kib_per_extra_membership), 3)],
+        );
+        let errors: u64 = runs.iter().map(|r| r.protocol.join_errors).sum();
+        let dropped: u64 = runs.iter().map(|r| r.protocol.dropped_by_server + r.raw.dropped_by_server).sum();
+        row(&mut out, "joins refused / connections dropped (all runs)", [format!("{errors} / {dropped}")]);
+        out.push('\n');
+    }
+    if !results.room_protocol.is_empty() {
+        let f = &sizes.fanout;
+        let rate = match sizes.paced.pace {
+            Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+            Pace::Saturated { .. } => f64::NAN,
+        };
+        let pick = |protocol: bool, paced: bool, clients: usize, g: fn(&FanoutResult) -> f64| -> Vec<f64> {
+            results
+                .room_protocol
+                .iter()
+                // Runs from before the member count was recorded were the large room.
+                .filter(|r| r.protocol == protocol && r.paced == paced)
+                .filter(|r| r.clients == clients || (r.clients == 0 && clients == f.clients))
+                .map(|r| g(&r.result))
+                .collect()
+        };
+        let _ = writeln!(
+            out,
+            "| **Fan-out**, raw against room protocol, one server | raw | room protocol | protocol ÷ raw |\n\
+             |---|---:|---:|---:|"
+        );
+        let mut line = |name: String, paced: bool, clients: usize, g: fn(&FanoutResult) -> f64, d: usize| {
+            let (raw, rp) = (pick(false, paced, clients, g), pick(true, paced, clients, g));
+            if raw.is_empty() && rp.is_empty() {
+                return;
+            }
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} |",
+                spread(&raw, d),
+                spread(&rp, d),
+                // Noise is not compared.
+                if name.ends_with("(noise)") {
+                    String::new()
+                } else {
+                    ratio(median(rp.iter().copied()), median(raw.iter().copied()))
+                }
+            );
+        };
+        let saturated = format!("saturated, {} members, {} senders, {} B text", f.clients, f.senders, f.size);
+        line(
+            format!("{saturated}: server CPU µs per delivery"),
+            false,
+            f.clients,
+            |r| r.cpu_us_per_delivery,
+            3,
+        );
+        line(format!("{saturated}: deliveries/s"), false, f.clients, |r| r.deliveries_per_sec, 0);
+        let p = &sizes.paced;
+        let paced = format!("paced, {} deliveries/s to {} members", num(rate, 0), p.clients);
+        line(format!("{paced}: server CPU µs per delivery"), true, p.clients, |r| r.cpu_us_per_delivery, 3);
+        line(format!("{paced}: latency p99, µs"), true, p.clients, |r| r.latency.p99_us, 0);
+        let small = &sizes.small_room;
+        let small_room =
+            format!("saturated, {} members, {} senders, {} B text", small.clients, small.senders, small.size);
+        line(
+            format!("{small_room}: server CPU µs per delivery"),
+            false,
+            small.clients,
+            |r| r.cpu_us_per_delivery,
+            3,
+        );
+        line(format!("{small_room}: deliveries/s"), false, small.clients, |r| r.deliveries_per_sec, 0);
+        line(
+            format!("{saturated}: other programs' CPU during the phase, s (noise)"),
+            false,
+            f.clients,
+            |r| r.other_cpu_s,
+            2,
+        );
+        line(
+            format!("{paced}: other programs' CPU during the phase, s (noise)"),
+            true,
+            p.clients,
+            |r| r.other_cpu_s,
+            2,
+        );
+        let lost = |protocol: bool| {
+            let runs = results.room_protocol.iter().filter(|r| r.protocol == protocol);
+            let (l, d) = runs.fold((0, 0), |(l, d), r| (l + r.result.lost, d + r.result.duplicates));
+            format!("{l} / {d}")
+        };
+        let _ = writeln!(out, "| lost / duplicated (all runs) | {} | {} | |", lost(false), lost(true));
+        out.push('\n');
+    }
+    if let Some(p) = sizes.join_leave.as_ref().filter(|_| !results.join_leave.is_empty()) {
+        let runs = &results.join_leave;
+        let col = |f: fn(&crate::rooms::JoinLeaveResult) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let _ = writeln!(
+            out,
+            "| **Join/leave**: {} connections, each in a home room, join and leave the other {} rooms \
+             for {} s, one operation in flight each | |\n|---|---:|",
+            p.connections,
+            p.rooms.saturating_sub(1),
+            p.duration.as_secs()
+        );
+        row(&mut out, "joins + leaves per second", [spread(&col(|r| r.operations_per_sec), 0)]);
+        row(&mut out, "server CPU µs per join or leave", [spread(&col(|r| r.cpu_us_per_operation), 2)]);
+        row(&mut out, "reply latency p50, µs", [spread(&col(|r| r.latency.p50_us), 0)]);
+        row(&mut out, "reply latency p99, µs", [spread(&col(|r| r.latency.p99_us), 0)]);
+        row(
+            &mut out,
+            "load generator CPU, share of the phase (near 1: it was the limit)",
+            [spread(&col(|r| r.client_cpu_s / r.elapsed_s), 2)],
+        );
+        row(&mut out, "refused (all runs)", [runs.iter().map(|r| r.errors).sum::<u64>().to_string()]);
+    }
     out
 }
 
@@ -447,6 +631,11 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
     for (k, r) in &results.churn {
         fan(k.label(), "churn broadcast", &r.broadcast);
     }
+    for r in &results.room_protocol {
+        let mode = if r.protocol { "room protocol" } else { "raw" };
+        let pace = if r.paced { "paced" } else { "saturated" };
+        fan("Roomcast", &format!("{mode}, {pace}, {} members", r.clients), &r.result);
+    }
     out.push_str("\n| server | idle connections | failed | dropped | pings answered | RSS before KiB | RSS after KiB | KiB per connection | connect s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (k, r) in &results.idle {
         let _ = writeln!(
@@ -477,6 +666,57 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             r.rss_before_kib,
             r.rss_after_kib
         );
+    }
+    if !results.memberships.is_empty() {
+        out.push_str(
+            "\n| run | connections | raw KiB each | protocol RSS start → 1 room → all rooms, KiB | \
+             KiB per connection in 1 room | in all rooms | per extra membership | joins | refused | \
+             pings answered | later joins s |\n|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (i, r) in results.memberships.iter().enumerate() {
+            let p = &r.protocol;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2} | {} → {} → {} | {:.2} | {:.2} | {:.3} | {} | {} | {} | {:.2} |",
+                i + 1,
+                p.opened,
+                r.raw.kib_per_connection,
+                p.rss_start_kib,
+                p.rss_one_room_kib,
+                p.rss_all_rooms_kib,
+                p.kib_per_connection_one_room,
+                p.kib_per_connection_all_rooms,
+                p.kib_per_extra_membership,
+                p.joined,
+                p.join_errors,
+                p.pings_answered + r.raw.pings_answered,
+                p.later_joins_s
+            );
+        }
+    }
+    if !results.join_leave.is_empty() {
+        out.push_str(
+            "\n| run | connections | rooms | joins + leaves | refused | per second | server CPU µs each | \
+             p50 µs | p99 µs | load generator CPU s | other CPU s |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (i, r) in results.join_leave.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                i + 1,
+                r.connections,
+                r.rooms,
+                r.operations,
+                r.errors,
+                r.operations_per_sec,
+                r.cpu_us_per_operation,
+                r.latency.p50_us,
+                r.latency.p99_us,
+                r.client_cpu_s,
+                r.other_cpu_s
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -511,8 +751,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run            # everything, about 15 minutes on 2 cores (plus the build)\n\
-         bench/run --quick    # a 3-minute smoke run with small sizes\n\
+         bench/run              # everything, about 21 minutes on 2 cores (plus the build)\n\
+         bench/run --quick      # a 4-minute smoke run with small sizes\n\
+         bench/run --rooms-only # the room-protocol scenarios alone, about 6 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -546,11 +787,37 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          - **Reload under load**: a paced fan-out through `relay` while `relay.wasm` is replaced\n\
            every second (written under a temporary name, renamed over the old one; each copy\n\
            carries a different custom section so its content hash changes); lost and duplicated\n\
-           deliveries are counted per member and per message.\n\n\
+           deliveries are counted per member and per message.\n\
+         - **One connection, many rooms** (Roomcast only: the peers have no room protocol).\n\
+           *Memory*: N connections offer `roomcast.v1` on `GET /ws` and join one room each,\n\
+           then nine more (connection i is in rooms i to i + 9 of R, so the first joins\n\
+           create every room and the later ones only add members); the server's RSS growth\n\
+           over the fresh server after each step, held past a heartbeat, gives the cost of\n\
+           a connection in one room and of each membership after it. The reference is N\n\
+           raw connections spread over the same rooms, on another fresh server. *Fan-out*:\n\
+           the saturated and paced fan-outs and the plugins' small room, on one server, with\n\
+           raw clients and with room-protocol clients (senders send `{\"send\": ROOM, \"text\": ...}`, members get\n\
+           `{\"room\": ROOM, \"text\": ...}`: the same text, 26 bytes more on the wire each\n\
+           way for the room `bench`); which mode goes first alternates between runs.\n\
+           *Join/leave*: C connections, each in a home room so that no room empties, join\n\
+           and leave the other rooms with one operation in flight each, waiting for every\n\
+           `joined` and `left`; server CPU over the phase divided by the operations.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
          ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\
          (`bench/src/bin/tungstenite-peer.rs`). Roomcast runs with `--max-queue-bytes 64MiB`.\n",
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_show_the_median_and_the_range() {
+        assert_eq!(spread(&[], 2), "–");
+        assert_eq!(spread(&[1.5], 2), "1.50");
+        assert_eq!(spread(&[3.0, 1.0, 2.0, f64::NAN], 1), "2.0 (1.0–3.0)");
+    }
 }

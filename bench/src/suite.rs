@@ -15,6 +15,9 @@ use crate::client::{self, Target};
 use crate::fanout::{self, FanoutParams, FanoutResult, Pace};
 use crate::idle::{self, IdleParams, IdleResult};
 use crate::reload::{self, Admin, ReloadParams, ReloadResult};
+use crate::rooms::{
+    self, JoinLeaveParams, JoinLeaveResult, MembershipParams, MembershipResult, RawMembershipResult,
+};
 use crate::servers::{Extras, Kind, Programs, Server};
 use crate::{chart, procfs, report};
 
@@ -34,10 +37,18 @@ pub struct Sizes {
     /// sends, so the per-message cost (and a plugin call is one) weighs more.
     pub small_room: FanoutParams,
     pub reload: ReloadParams,
+    /// Room protocol (Roomcast only): memory per membership. The fan-out and paced
+    /// sizes above are also run in room-protocol mode against raw mode.
+    #[serde(default)]
+    pub memberships: Option<MembershipParams>,
+    /// Room protocol (Roomcast only): joins and leaves per second.
+    #[serde(default)]
+    pub join_leave: Option<JoinLeaveParams>,
 }
 
 impl Sizes {
-    /// The full run (about 15 minutes here) or a smoke run (about 3 minutes).
+    /// The full run (about 21 minutes here, 6 of them the room-protocol scenarios) or a
+    /// smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
             clients,
@@ -48,6 +59,7 @@ impl Sizes {
             binary: false,
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(180),
+            room_protocol: None,
         };
         let paced = |clients: usize, senders, rate: f64, secs: f64| FanoutParams {
             clients,
@@ -58,6 +70,7 @@ impl Sizes {
             binary: false,
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs_f64(secs + 60.0),
+            room_protocol: None,
         };
         if quick {
             Sizes {
@@ -75,6 +88,18 @@ impl Sizes {
                 },
                 small_room: saturated(10, 10, 20_000, 256),
                 reload: ReloadParams { fanout: paced(50, 2, 20_000.0, 3.5), every: Duration::from_secs(1) },
+                memberships: Some(MembershipParams {
+                    connections: 1000,
+                    rooms_per_connection: 10,
+                    rooms: 20,
+                    hold: Duration::from_secs(2),
+                    concurrency: 128,
+                }),
+                join_leave: Some(JoinLeaveParams {
+                    connections: 50,
+                    rooms: 10,
+                    duration: Duration::from_secs(2),
+                }),
             }
         } else {
             Sizes {
@@ -92,6 +117,18 @@ impl Sizes {
                 },
                 small_room: saturated(10, 10, 200_000, 1024),
                 reload: ReloadParams { fanout: paced(100, 4, 50_000.0, 10.0), every: Duration::from_secs(1) },
+                memberships: Some(MembershipParams {
+                    connections: 10_000,
+                    rooms_per_connection: 10,
+                    rooms: 100,
+                    hold: Duration::from_secs(12),
+                    concurrency: 128,
+                }),
+                join_leave: Some(JoinLeaveParams {
+                    connections: 200,
+                    rooms: 50,
+                    duration: Duration::from_secs(5),
+                }),
             }
         }
     }
@@ -133,6 +170,28 @@ pub struct PluginRun {
     pub result: FanoutResult,
 }
 
+/// A Roomcast fan-out in raw or room-protocol mode.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModeRun {
+    /// Room protocol (`roomcast.v1`) rather than raw `/ws/{room}`.
+    pub protocol: bool,
+    /// Members of the room.
+    #[serde(default)]
+    pub clients: usize,
+    /// The paced fan-out rather than the saturated one.
+    pub paced: bool,
+    pub result: FanoutResult,
+}
+
+/// One memberships run: room-protocol connections, and raw ones for reference (each on
+/// a fresh server).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MembershipRun {
+    pub protocol: MembershipResult,
+    pub raw: RawMembershipResult,
+}
+
 /// Everything measured, run by run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -147,6 +206,11 @@ pub struct Results {
     pub churn: Vec<(Kind, ChurnResult)>,
     pub plugins: Vec<PluginRun>,
     pub reload: Vec<ReloadResult>,
+    /// Roomcast's fan-outs in raw and in room-protocol mode, on one server per run.
+    pub room_protocol: Vec<ModeRun>,
+    /// Roomcast's memory per membership, and the raw reference.
+    pub memberships: Vec<MembershipRun>,
+    pub join_leave: Vec<JoinLeaveResult>,
     /// Runs that failed, with why.
     pub errors: Vec<String>,
     pub duration_s: f64,
@@ -160,6 +224,8 @@ pub struct Results {
 #[derive(Clone, Debug)]
 pub struct SuiteOptions {
     pub quick: bool,
+    /// Only the room-protocol scenarios (Roomcast).
+    pub rooms_only: bool,
     pub runs: Option<usize>,
     pub servers: Vec<Kind>,
     pub programs: Programs,
@@ -195,7 +261,8 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         sizes.runs, results.machine.loadgen_cpus, options.programs.cpu
     );
     for run in 1..=sizes.runs {
-        for &kind in &options.servers {
+        let servers = if options.rooms_only { &[][..] } else { &options.servers[..] };
+        for &kind in servers {
             let params = FanoutParams {
                 messages: match kind {
                     Kind::Roomcast | Kind::Tungstenite => sizes.fanout.messages,
@@ -229,8 +296,11 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
             .await;
         }
         if options.servers.contains(&Kind::Roomcast) {
-            plugins(&mut results, run, &sizes, &options).await;
-            reload_run(&mut results, run, &sizes, &options).await;
+            if !options.rooms_only {
+                plugins(&mut results, run, &sizes, &options).await;
+                reload_run(&mut results, run, &sizes, &options).await;
+            }
+            room_protocol(&mut results, run, &sizes, &options).await;
         }
     }
     results.duration_s = started.elapsed().as_secs_f64();
@@ -432,6 +502,130 @@ async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &
         Err(error) => {
             eprintln!("  run {run} Roomcast          reload   FAILED: {error:#}");
             results.errors.push(format!("reload run {run}: {error:#}"));
+        }
+    }
+}
+
+/// The room protocol (Roomcast only): the saturated and paced fan-outs in raw and in
+/// room-protocol mode on one server, memory per membership, join/leave rate.
+async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    let label = |what: &str| format!("  run {run} Roomcast          rooms    {what:<32}");
+    quiet(results).await;
+    let outcome = async {
+        let server = Server::start(Kind::Roomcast, &options.programs, &Extras::default()).await?;
+        let mut modes = [false, true];
+        // Alternate which mode goes first between runs.
+        modes.rotate_left((run - 1) % 2);
+        let mut runs = Vec::new();
+        for protocol in modes {
+            for (paced, params) in [(false, &sizes.fanout), (true, &sizes.paced), (false, &sizes.small_room)]
+            {
+                let mut target = Target::new(server.addr, "/ws/bench".into())?;
+                let mut params = params.clone();
+                if protocol {
+                    target = target.with_room_protocol();
+                    params.room_protocol = Some("bench".into());
+                }
+                let conns = client::connect_all(&target, params.clients).await?;
+                let result = fanout::run(conns, &params, Some(server.pid)).await?;
+                let what = format!(
+                    "{} {} {}",
+                    if protocol { "room protocol" } else { "raw" },
+                    if paced { "paced" } else { "saturated" },
+                    params.clients
+                );
+                eprintln!("{} {}", label(&what), fanout_line(&result));
+                runs.push(ModeRun { protocol, clients: params.clients, paced, result });
+            }
+        }
+        server.stop().await?;
+        anyhow::Ok(runs)
+    }
+    .await;
+    match outcome {
+        Ok(runs) => results.room_protocol.extend(runs),
+        Err(error) => {
+            eprintln!("{} FAILED: {error:#}", label("fan-out"));
+            results.errors.push(format!("room-protocol fan-out run {run}: {error:#}"));
+        }
+    }
+
+    if let Some(params) = &sizes.memberships {
+        let started = Instant::now();
+        quiet(results).await;
+        let protocol = async {
+            let server = Server::start(Kind::Roomcast, &options.programs, &Extras::default()).await?;
+            let target = Target::new(server.addr, "/ws".into())?.with_room_protocol();
+            let result = rooms::memberships(&target, params, server.pid).await;
+            server.stop().await?;
+            result
+        }
+        .await;
+        quiet(results).await;
+        let raw = async {
+            let server = Server::start(Kind::Roomcast, &options.programs, &Extras::default()).await?;
+            let result = rooms::raw_memberships(server.addr, params, server.pid).await;
+            server.stop().await?;
+            result
+        }
+        .await;
+        match (protocol, raw) {
+            (Ok(protocol), Ok(raw)) => {
+                eprintln!(
+                    "{} {} connections: raw {:.2} KiB each; room protocol {:.2} KiB in 1 room, {:.2} in {}, \
+                     {:.3} KiB per extra membership; {} join errors, {} dropped ({:.1} s)",
+                    label("memberships"),
+                    protocol.opened,
+                    raw.kib_per_connection,
+                    protocol.kib_per_connection_one_room,
+                    protocol.kib_per_connection_all_rooms,
+                    params.rooms_per_connection,
+                    protocol.kib_per_extra_membership,
+                    protocol.join_errors,
+                    protocol.dropped_by_server + raw.dropped_by_server,
+                    started.elapsed().as_secs_f64()
+                );
+                results.memberships.push(MembershipRun { protocol, raw });
+            }
+            (protocol, raw) => {
+                for error in [protocol.err(), raw.err()].into_iter().flatten() {
+                    eprintln!("{} FAILED: {error:#}", label("memberships"));
+                    results.errors.push(format!("memberships run {run}: {error:#}"));
+                }
+            }
+        }
+    }
+
+    if let Some(params) = &sizes.join_leave {
+        quiet(results).await;
+        let outcome = async {
+            let server = Server::start(Kind::Roomcast, &options.programs, &Extras::default()).await?;
+            let target = Target::new(server.addr, "/ws".into())?.with_room_protocol();
+            let result = rooms::join_leave(&target, params, server.pid).await;
+            server.stop().await?;
+            result
+        }
+        .await;
+        match outcome {
+            Ok(r) => {
+                eprintln!(
+                    "{} {:.0} ops/s, {:.2} µs CPU/op, p50 {:.0} µs p99 {:.0} µs, {} refused, \
+                     load generator CPU {:.2} s, other CPU {:.2} s",
+                    label("join/leave"),
+                    r.operations_per_sec,
+                    r.cpu_us_per_operation,
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.errors,
+                    r.client_cpu_s,
+                    r.other_cpu_s
+                );
+                results.join_leave.push(r);
+            }
+            Err(error) => {
+                eprintln!("{} FAILED: {error:#}", label("join/leave"));
+                results.errors.push(format!("join/leave run {run}: {error:#}"));
+            }
         }
     }
 }
