@@ -346,8 +346,12 @@ impl RoomActor {
         }
         let (reference, since) = awaiting.map_or((None, None), |a| (a.reference, a.since));
         let position = self.history.as_ref().map(|history| (history.epoch().to_owned(), history.last()));
+        // While Redis is unreachable a node runs the room for its own members only, and
+        // its history holds only what they saw: recovery is off until Redis is back.
+        let alone = self.cluster.as_ref().is_some_and(|c| c.role == crate::cluster::Role::Solo);
         let (recovered, missed) = match (since, self.history.as_mut()) {
             (None, _) => (None, Vec::new()),
+            (Some(_), _) if alone => (Some(false), Vec::new()),
             (Some(since), Some(history)) => match history.since(&since.epoch, since.offset) {
                 Recovery::Recovered(missed) => (Some(true), missed),
                 Recovery::NotRecovered => (Some(false), Vec::new()),

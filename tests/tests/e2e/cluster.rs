@@ -584,3 +584,48 @@ async fn a_client_recovers_after_the_owner_died_and_the_room_was_taken_over() {
     drop((back, ahead, talker));
     two.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_turns_recovery_off_and_its_end_turns_it_back_on() {
+    use serde_json::json;
+    let mut redis = Redis::start().await;
+    let lease = Duration::from_millis(1500);
+    let node = Node::start(Config { history_size: 100, ..config(&redis, lease, None) });
+    let mut publisher = node.connect("news").await;
+    wait_owned(node.addr, "news").await;
+    let join = |since: serde_json::Value| json!({"join": "news", "ref": 1, "since": since}).to_string();
+    let mut client = connect_rooms(node.addr, "/ws").await;
+    send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
+    let epoch = recv_json(&mut client).await["epoch"].as_str().unwrap().to_owned();
+    send_text(&mut publisher, "one").await;
+    assert_eq!(recv_json(&mut client).await["offset"], 1);
+
+    redis.kill();
+    node.wait_metric("roomcast_cluster_up", 0.0, Duration::from_secs(5)).await;
+    // Alone, the node still serves its members, but answers no recovery.
+    let mut during = connect_rooms(node.addr, "/ws").await;
+    send_text(&mut during, &join(json!({"epoch": epoch, "offset": 0}))).await;
+    let joined = recv_json(&mut during).await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    send_text(&mut publisher, "two").await;
+    assert_eq!(recv_json(&mut during).await["text"], "two", "live messages still flow");
+
+    redis.restart().await;
+    node.wait_metric("roomcast_cluster_up", 1.0, Duration::from_secs(15)).await;
+    wait_owned(node.addr, "news").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Once the node holds the room's lease again, a position it stored is served.
+        let mut after = connect_rooms(node.addr, "/ws").await;
+        send_text(&mut after, &join(json!({"epoch": epoch, "offset": 0}))).await;
+        let joined = recv_json(&mut after).await;
+        if joined["recovered"] == true {
+            assert_eq!(recv_json(&mut after).await["text"], "one");
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovery never came back: {joined}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((client, during, publisher));
+    node.stop().await;
+}
