@@ -137,6 +137,24 @@ pub(crate) enum Exports {
     Legacy(legacy::RoomPlugin),
 }
 
+/// What an accepted handshake carries, in either version: 0.2.0's `acceptance`, or
+/// 0.1.0's bare subprotocol (no identity).
+trait Accepted {
+    fn into_parts(self) -> (Option<String>, Option<String>);
+}
+
+impl Accepted for current::roomcast::plugin::types::Acceptance {
+    fn into_parts(self) -> (Option<String>, Option<String>) {
+        (self.protocol, self.identity)
+    }
+}
+
+impl Accepted for Option<String> {
+    fn into_parts(self) -> (Option<String>, Option<String>) {
+        (self, None)
+    }
+}
+
 /// The same call on either version's bindings, whose types differ only in name.
 macro_rules! either {
     ($exports:expr, $plugin:ident => $body:expr) => {
@@ -185,50 +203,25 @@ impl Exports {
         let headers: Vec<(&str, &str)> =
             request.headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
         let protocols: Vec<&str> = request.protocols.iter().map(String::as_str).collect();
-        Ok(match self {
-            Exports::Current(plugin) => {
-                use current::roomcast::plugin::types as wit;
-                match plugin.call_handshake(
-                    store,
-                    wit::HandshakeRequest {
-                        room: &request.room,
-                        path: &request.path,
-                        query: &request.query,
-                        headers: &headers,
-                        remote_addr: &request.remote_addr,
-                        protocols: &protocols,
-                    },
-                )? {
-                    wit::HandshakeDecision::Accept(accepted) => {
-                        HandshakeDecision::Accept { protocol: accepted.protocol, identity: accepted.identity }
-                    }
-                    wit::HandshakeDecision::Reject(rejection) => {
-                        HandshakeDecision::Reject { status: rejection.status, reason: rejection.reason }
-                    }
+        Ok(either!(self, plugin, wit => {
+            let request = wit::HandshakeRequest {
+                room: &request.room,
+                path: &request.path,
+                query: &request.query,
+                headers: &headers,
+                remote_addr: &request.remote_addr,
+                protocols: &protocols,
+            };
+            match plugin.call_handshake(store, request)? {
+                wit::HandshakeDecision::Accept(accepted) => {
+                    let (protocol, identity) = accepted.into_parts();
+                    HandshakeDecision::Accept { protocol, identity }
+                }
+                wit::HandshakeDecision::Reject(rejection) => {
+                    HandshakeDecision::Reject { status: rejection.status, reason: rejection.reason }
                 }
             }
-            Exports::Legacy(plugin) => {
-                use legacy::roomcast::plugin::types as wit;
-                match plugin.call_handshake(
-                    store,
-                    wit::HandshakeRequest {
-                        room: &request.room,
-                        path: &request.path,
-                        query: &request.query,
-                        headers: &headers,
-                        remote_addr: &request.remote_addr,
-                        protocols: &protocols,
-                    },
-                )? {
-                    wit::HandshakeDecision::Accept(protocol) => {
-                        HandshakeDecision::Accept { protocol, identity: None }
-                    }
-                    wit::HandshakeDecision::Reject(rejection) => {
-                        HandshakeDecision::Reject { status: rejection.status, reason: rejection.reason }
-                    }
-                }
-            }
-        })
+        }))
     }
 
     /// `Ok(Err(refusal))` when the plugin refused the member.

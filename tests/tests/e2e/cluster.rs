@@ -455,26 +455,45 @@ async fn wait_owned(addr: std::net::SocketAddr, room: &str) {
     }
 }
 
+/// Two nodes of a cluster whose rooms keep history: room `news` lives on node one (a
+/// raw publisher there), and a room-protocol client on node two has joined it.
+struct HistoryCluster {
+    redis: Redis,
+    one: Node,
+    two: Node,
+    publisher: Client,
+    client: Client,
+    /// The history epoch the client's `joined` gave (at offset 0).
+    epoch: String,
+}
+
+impl HistoryCluster {
+    async fn start() -> Self {
+        let redis = Redis::start().await;
+        let config =
+            |redis: &Redis| Config { history_size: 100, ..config(redis, Duration::from_millis(1500), None) };
+        let one = Node::start(config(&redis));
+        let publisher = one.connect("news").await;
+        one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+        // Node one owns the room before node two exists.
+        wait_owned(one.addr, "news").await;
+        let two = Node::start(config(&redis));
+        let mut client = connect_rooms(two.addr, "/ws").await;
+        send_text(&mut client, &serde_json::json!({"join": "news", "ref": 1}).to_string()).await;
+        let joined = recv_json(&mut client).await;
+        assert_eq!(joined["offset"], 0, "{joined}");
+        let epoch =
+            joined["epoch"].as_str().unwrap_or_else(|| panic!("the owner's history: {joined}")).to_owned();
+        HistoryCluster { redis, one, two, publisher, client, epoch }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_recovers_on_another_node_than_the_owner() {
     use serde_json::json;
-    let redis = Redis::start().await;
-    let lease = Duration::from_millis(1500);
-    let config = |redis: &Redis| Config { history_size: 100, ..config(redis, lease, None) };
-    let one = Node::start(config(&redis));
-
-    // The room lives on node one; a room-protocol client on node two joins it.
-    let mut publisher = one.connect("news").await;
-    one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
-    // Node one owns the room before node two exists.
-    wait_owned(one.addr, "news").await;
-    let two = Node::start(config(&redis));
-    let mut client = connect_rooms(two.addr, "/ws").await;
-    send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
-    let joined = recv_json(&mut client).await;
-    let epoch =
-        joined["epoch"].as_str().unwrap_or_else(|| panic!("the owner's history: {joined}")).to_owned();
-    let mut last = joined["offset"].as_u64().unwrap();
+    let HistoryCluster { redis: _redis, one, two, mut publisher, mut client, epoch } =
+        HistoryCluster::start().await;
+    let mut last = 0;
     send_text(&mut publisher, "before").await;
     let delivery = recv_json(&mut client).await;
     assert_eq!(delivery["text"], "before", "{delivery}");
@@ -519,20 +538,8 @@ async fn a_client_recovers_on_another_node_than_the_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_recovers_after_the_owner_died_and_the_room_was_taken_over() {
     use serde_json::json;
-    let redis = Redis::start().await;
-    let lease = Duration::from_millis(1500);
-    let config = |redis: &Redis| Config { history_size: 100, ..config(redis, lease, None) };
-    let one = Node::start(config(&redis));
-
-    let mut publisher = one.connect("news").await;
-    one.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
-    // Node one owns the room before node two exists.
-    wait_owned(one.addr, "news").await;
-    let two = Node::start(config(&redis));
-    let mut client = connect_rooms(two.addr, "/ws").await;
-    send_text(&mut client, &json!({"join": "news", "ref": 1}).to_string()).await;
-    let joined = recv_json(&mut client).await;
-    let epoch = joined["epoch"].as_str().unwrap_or_else(|| panic!("{joined}")).to_owned();
+    let HistoryCluster { redis: _redis, one, two, mut publisher, mut client, epoch } =
+        HistoryCluster::start().await;
     for n in 1..=5 {
         send_text(&mut publisher, &format!("a{n}")).await;
         let delivery = recv_json(&mut client).await;
