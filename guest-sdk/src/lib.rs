@@ -6,7 +6,14 @@
 //! calls [`Plugin::init`] once with the plugin's configuration, then one hook at a
 //! time. Every hook but `init` has a default, so a plugin implements only what it
 //! needs. Hooks that run in a room get a [`Room`] to send, broadcast, forward, close
-//! members and set timers; what they send is applied when the hook returns.
+//! members, move them into other rooms and set timers; what they send is applied when
+//! the hook returns.
+//!
+//! Who is who: [`Plugin::handshake`] may attach an identity to a connection
+//! ([`HandshakeDecision::with_identity`]), which every room's plugin then reads as
+//! [`Member::identity`]; [`Plugin::admit`] decides each join with the room's state, that
+//! identity and the join's [`params`](Member::params). The SDK targets the WIT contract
+//! `roomcast:plugin@0.2.0`.
 //!
 //! # Example
 //!
