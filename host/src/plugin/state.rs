@@ -431,6 +431,33 @@ mod tests {
     }
 
     #[test]
+    pub(super) fn adds_and_removes_are_checked() {
+        let exists = room_exists();
+        let mut state = state();
+        in_call(&mut state, &[1], &exists);
+        let params = Some(r#"{"seat":1}"#.to_owned());
+        assert_eq!(state.add_to_room(1, "match:1".into(), params.clone()), Ok(()));
+        assert_eq!(state.add_to_room(1, "match:2".into(), None), Ok(()));
+        // Any valid name: the target room need not be live yet.
+        assert_eq!(state.add_to_room(2, "match:1".into(), None), Err(Refusal::UnknownMember));
+        assert_eq!(state.add_to_room(1, "no spaces".into(), None), Err(Refusal::UnknownRoom));
+        assert_eq!(state.add_to_room(1, "m".into(), Some("not json".into())), Err(Refusal::InvalidArgument));
+        let huge = format!("\"{}\"", "x".repeat(crate::plugin::MAX_PARAMS_BYTES));
+        assert_eq!(state.add_to_room(1, "m".into(), Some(huge)), Err(Refusal::InvalidArgument));
+        assert_eq!(state.remove(2, "bye".into()), Err(Refusal::UnknownMember));
+        assert_eq!(state.remove(1, "é".repeat(100)), Ok(()));
+        assert_eq!(
+            state.actions[..2],
+            [
+                Action::AddToRoom { member: 1, room: "match:1".into(), params },
+                Action::AddToRoom { member: 1, room: "match:2".into(), params: None },
+            ]
+        );
+        let Some(Action::Remove { reason, .. }) = state.actions.last() else { panic!("no remove") };
+        assert_eq!(reason.len(), 122, "cut like a close reason");
+    }
+
+    #[test]
     pub(super) fn close_codes_and_reasons() {
         let exists = room_exists();
         let mut state = state();

@@ -97,3 +97,15 @@ async fn a_spinning_call_is_stopped_and_its_timers_are_gone_with_its_instance() 
     assert!(batch.is_empty(), "the failed instance's timer fired: {batch:?}");
     assert_eq!(ada.ending(), None);
 }
+
+#[test]
+fn pending_invites_are_bounded() {
+    let peer = peer(1);
+    for n in 0..super::peer::MAX_PENDING_INVITES + 10 {
+        peer.invite(Invite { room: format!("r{n}"), params: None });
+    }
+    let invites = peer.take_invites();
+    assert_eq!(invites.len(), super::peer::MAX_PENDING_INVITES);
+    assert_eq!(invites.first().map(|i| i.room.as_str()), Some("r0"), "the first ones are kept, in order");
+    assert!(peer.take_invites().is_empty());
+}
