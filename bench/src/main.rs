@@ -157,7 +157,7 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         watchers: usize,
         /// Messages per second the publisher sends throughout
-        #[arg(long, default_value_t = 100.0)]
+        #[arg(long, default_value_t = 20.0)]
         rate: f64,
         /// Text bytes per message (at least 32)
         #[arg(long, default_value_t = 100)]
@@ -174,6 +174,12 @@ enum Command {
         concurrency: usize,
         #[arg(long)]
         server_pid: u32,
+        /// Come back to this URL instead (another node of a cluster)
+        #[arg(long)]
+        reconnect_url: Option<String>,
+        /// That node's process id (its CPU counts as the server's)
+        #[arg(long)]
+        reconnect_server_pid: Option<u32>,
     },
     /// Every scenario for every server, several runs, reports (what `bench/run` calls).
     Suite(SuiteArgs),
@@ -387,6 +393,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             after,
             concurrency,
             server_pid,
+            reconnect_url,
+            reconnect_server_pid,
         } => {
             let params = recovery::RecoveryParams {
                 clients,
@@ -399,7 +407,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 concurrency,
             };
             let target = Target::parse(&url)?.with_room_protocol();
-            let result = recovery::run(&target, &params, server_pid).await?;
+            let reconnect = match &reconnect_url {
+                Some(url) => Target::parse(url)?.with_room_protocol(),
+                None => target.clone(),
+            };
+            let pids: Vec<u32> = [server_pid].into_iter().chain(reconnect_server_pid).collect();
+            let result = recovery::run_across(&target, &reconnect, &params, &pids).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Suite(args) => suite::run(suite_options(args)?).await?,

@@ -175,7 +175,22 @@ pub async fn run(
     params: &RecoveryParams,
     server_pid: u32,
 ) -> anyhow::Result<RecoveryResult> {
-    anyhow::ensure!(target.room_protocol, "recovery needs a target that offers the room protocol");
+    run_across(target, target, params, &[server_pid]).await
+}
+
+/// The same, with the clients coming back to `reconnect` (another node of a cluster);
+/// the server CPU is that of every process in `server_pids`.
+pub async fn run_across(
+    target: &Target,
+    reconnect: &Target,
+    params: &RecoveryParams,
+    server_pids: &[u32],
+) -> anyhow::Result<RecoveryResult> {
+    anyhow::ensure!(
+        target.room_protocol && reconnect.room_protocol,
+        "recovery needs targets that offer the room protocol"
+    );
+    let server_cpu = || -> anyhow::Result<f64> { server_pids.iter().map(|&pid| procfs::cpu_secs(pid)).sum() };
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         ready: AtomicU64::new(0),
@@ -196,7 +211,7 @@ pub async fn run(
     let clients: Vec<_> = client_conns
         .into_iter()
         .map(|conn| {
-            let args = (target.clone(), shared.clone(), phase_rx.clone(), handshakes.clone());
+            let args = (reconnect.clone(), shared.clone(), phase_rx.clone(), handshakes.clone());
             tokio::spawn(async move {
                 let mut out = ClientOut::default();
                 if let Err(error) = client(conn, &mut out, args.0, &args.1, args.2, &args.3).await {
@@ -219,10 +234,9 @@ pub async fn run(
     let _ = phase_tx.send(Phase::Steady);
     tokio::time::sleep(Duration::from_secs(1).min(params.before)).await;
     let me = std::process::id();
-    let (cpu_0, own_0, baseline_from_ns) =
-        (procfs::cpu_secs(server_pid)?, procfs::cpu_secs(me)?, shared.now_ns());
+    let (cpu_0, own_0, baseline_from_ns) = (server_cpu()?, procfs::cpu_secs(me)?, shared.now_ns());
     tokio::time::sleep(params.before.saturating_sub(Duration::from_secs(1))).await;
-    let (cpu_1, own_1, drop_ns) = (procfs::cpu_secs(server_pid)?, procfs::cpu_secs(me)?, shared.now_ns());
+    let (cpu_1, own_1, drop_ns) = (server_cpu()?, procfs::cpu_secs(me)?, shared.now_ns());
     let baseline_s = ((drop_ns - baseline_from_ns) as f64 / 1e9).max(1e-9);
     let server_cpu_before = (cpu_1 - cpu_0) / baseline_s;
     let client_cpu_before = (own_1 - own_0) / baseline_s;
@@ -237,15 +251,13 @@ pub async fn run(
     let missed_published = shared.sent.load(Relaxed) - sent_at_drop;
 
     // Everyone back at once.
-    let exclude = [me, server_pid];
-    let (cpu_2, own_2, others_2) =
-        (procfs::cpu_secs(server_pid)?, procfs::cpu_secs(me)?, procfs::others_cpu_secs(&exclude));
+    let exclude: Vec<u32> = [me].into_iter().chain(server_pids.iter().copied()).collect();
+    let (cpu_2, own_2, others_2) = (server_cpu()?, procfs::cpu_secs(me)?, procfs::others_cpu_secs(&exclude));
     let reconnect_ns = shared.now_ns();
     let _ = phase_tx.send(Phase::Reconnect);
     wait_until(Duration::from_secs(120), || shared.settled.load(Relaxed) >= n).await;
     let all_ns = shared.now_ns();
-    let (cpu_3, own_3, others_3) =
-        (procfs::cpu_secs(server_pid)?, procfs::cpu_secs(me)?, procfs::others_cpu_secs(&exclude));
+    let (cpu_3, own_3, others_3) = (server_cpu()?, procfs::cpu_secs(me)?, procfs::others_cpu_secs(&exclude));
     let storm_s = ((all_ns - reconnect_ns) as f64 / 1e9).max(1e-9);
 
     tokio::time::sleep(params.after).await;
