@@ -839,9 +839,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 21 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 22 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
-         bench/run --rooms-only # the room-protocol scenarios alone, about 6 minutes\n\
+         bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -889,7 +889,15 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            way for the room `bench`); which mode goes first alternates between runs.\n\
            *Join/leave*: C connections, each in a home room so that no room empties, join\n\
            and leave the other rooms with one operation in flight each, waiting for every\n\
-           `joined` and `left`; server CPU over the phase divided by the operations.\n\n\
+           `joined` and `left`; server CPU over the phase divided by the operations.\n\
+           *Mass reconnect*: a room with history (`--history-size 200`); N clients and a few\n\
+           watchers in it while a publisher sends stamped text at a steady rate; the N drop\n\
+           their connections at once (TCP reset), the room goes on for 100 messages, then\n\
+           they all connect again and join with `since` = the last offset each one saw. A\n\
+           client has recovered when its join said `recovered: true` and it holds every\n\
+           offset up to the live one its join reported; every client checks that offsets\n\
+           arrive once and in order across the seam. The watchers never leave and time\n\
+           the live messages before the drop and during the storm.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
          ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\
