@@ -8,7 +8,7 @@
 //! arrive exactly once and in order, before the drop, across the seam and after it;
 //! a gap or a repeat is counted, never skipped. A few watchers stay connected the whole
 //! time and measure publish-to-receive latency (the publisher stamps its send time into
-//! the text), before the drop and during the storm.
+//! the text), before the drop and during the storm, from a thread of their own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -200,13 +200,9 @@ pub async fn run_across(
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let publisher_conn = client::connect(target, Duration::from_secs(10)).await?;
-    let watcher_conns = client::connect_all(target, params.watchers).await?;
+    let watchers = spawn_watchers(target, params.watchers, &shared, &phase_rx);
     let client_conns = client::connect_all(target, params.clients).await?;
     let publisher = tokio::spawn(publish(publisher_conn, params.clone(), shared.clone(), phase_rx.clone()));
-    let watchers: Vec<_> = watcher_conns
-        .into_iter()
-        .map(|conn| tokio::spawn(watch_room(conn, shared.clone(), phase_rx.clone())))
-        .collect();
     let handshakes = Arc::new(Semaphore::new(params.concurrency.max(1)));
     let clients: Vec<_> = client_conns
         .into_iter()
@@ -282,8 +278,8 @@ pub async fn run_across(
     };
     let (mut before, mut storm) = (Vec::new(), Vec::new());
     let mut live_last = 0;
-    for watcher in watchers {
-        let out = watcher.await.context("watcher task")?.context("watcher")?;
+    let watchers = watchers.join().map_err(|_| anyhow::anyhow!("the watchers' thread panicked"))??;
+    for out in watchers {
         result.watcher_gaps += out.order.gaps;
         result.watcher_duplicates += out.order.duplicates;
         live_last = live_last.max(out.order.last);
@@ -551,6 +547,33 @@ async fn client(
     out.last = order.last;
     out.order = order;
     Ok(())
+}
+
+/// Connect the watchers and run them on a thread of their own (on the same CPU): in
+/// the driver's runtime a message's deliveries to every client would be read before
+/// some of theirs, and their latency would be the load generator's.
+fn spawn_watchers(
+    target: &Target,
+    watchers: usize,
+    shared: &Arc<Shared>,
+    phase: &watch::Receiver<Phase>,
+) -> std::thread::JoinHandle<anyhow::Result<Vec<WatcherOut>>> {
+    let (target, shared, phase) = (target.clone(), shared.clone(), phase.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async move {
+            let conns = client::connect_all(&target, watchers).await?;
+            let tasks: Vec<_> = conns
+                .into_iter()
+                .map(|conn| tokio::spawn(watch_room(conn, shared.clone(), phase.clone())))
+                .collect();
+            let mut outs = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                outs.push(task.await.context("watcher task")?.context("watcher")?);
+            }
+            Ok(outs)
+        })
+    })
 }
 
 /// What a watcher saw.
