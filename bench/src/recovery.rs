@@ -212,7 +212,8 @@ pub async fn run_across(
                 let mut out = ClientOut::default();
                 if let Err(error) = client(conn, &mut out, args.0, &args.1, args.2, &args.3).await {
                     out.error = Some(format!("{error:#}"));
-                    if out.recovered_ns.is_none() {
+                    // Not yet counted: neither caught up nor told `recovered: false`.
+                    if out.recovered_ns.is_none() && out.recovered != Some(false) {
                         args.1.settled.fetch_add(1, Relaxed);
                     }
                 }
