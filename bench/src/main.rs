@@ -12,6 +12,7 @@ mod fanout;
 mod http;
 mod idle;
 mod procfs;
+mod recovery;
 mod reload;
 mod report;
 mod rooms;
@@ -143,6 +144,43 @@ enum Command {
         #[arg(long)]
         server_pid: u32,
     },
+    /// Room protocol with history (Roomcast, run with `--history-size` at least
+    /// `--missed`): N clients in one room drop at once, miss M messages, come back at
+    /// once with `since`; time until all recovered, per-client p50/p99, gaps and
+    /// duplicates, watchers' live latency before and during the storm, server CPU.
+    Recovery {
+        /// ws://127.0.0.1:PORT/ws (loopback addresses only)
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        clients: usize,
+        #[arg(long, default_value_t = 50)]
+        watchers: usize,
+        /// Messages per second the publisher sends throughout
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Text bytes per message (at least 32)
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Messages published while the clients are away
+        #[arg(long, default_value_t = 100)]
+        missed: usize,
+        #[arg(long, default_value = "4s", value_parser = parse_duration)]
+        before: Duration,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        after: Duration,
+        /// Handshakes in flight at once during the reconnect
+        #[arg(long, default_value_t = 1000)]
+        concurrency: usize,
+        #[arg(long)]
+        server_pid: u32,
+        /// Come back to this URL instead (another node of a cluster)
+        #[arg(long)]
+        reconnect_url: Option<String>,
+        /// That node's process id (its CPU counts as the server's)
+        #[arg(long)]
+        reconnect_server_pid: Option<u32>,
+    },
     /// Every scenario for every server, several runs, reports (what `bench/run` calls).
     Suite(SuiteArgs),
     /// Rewrite the reports from a results .json file.
@@ -223,7 +261,7 @@ struct SuiteArgs {
     #[arg(long)]
     quick: bool,
     /// Only the room-protocol scenarios (Roomcast): memory per membership, fan-out in
-    /// raw against room-protocol mode, join/leave rate
+    /// raw against room-protocol mode, join/leave rate, a mass reconnect with recovery
     #[arg(long)]
     rooms_only: bool,
     /// Runs of every scenario [default: 3, quick: 1]
@@ -342,6 +380,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let params = rooms::JoinLeaveParams { connections, rooms, duration };
             let target = Target::parse(&url)?.with_room_protocol();
             let result = rooms::join_leave(&target, &params, server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::Recovery {
+            url,
+            clients,
+            watchers,
+            rate,
+            size,
+            missed,
+            before,
+            after,
+            concurrency,
+            server_pid,
+            reconnect_url,
+            reconnect_server_pid,
+        } => {
+            let params = recovery::RecoveryParams {
+                clients,
+                watchers,
+                messages_per_sec: rate,
+                size,
+                missed,
+                before,
+                after,
+                concurrency,
+            };
+            let target = Target::parse(&url)?.with_room_protocol();
+            let reconnect = match &reconnect_url {
+                Some(url) => Target::parse(url)?.with_room_protocol(),
+                None => target.clone(),
+            };
+            let pids: Vec<u32> = [server_pid].into_iter().chain(reconnect_server_pid).collect();
+            let result = recovery::run_across(&target, &reconnect, &params, &pids).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Suite(args) => suite::run(suite_options(args)?).await?,

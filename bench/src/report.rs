@@ -326,7 +326,11 @@ fn room_protocol(results: &Results) -> String {
     let Some(sizes) = &results.sizes else {
         return out;
     };
-    if results.memberships.is_empty() && results.room_protocol.is_empty() && results.join_leave.is_empty() {
+    if results.memberships.is_empty()
+        && results.room_protocol.is_empty()
+        && results.join_leave.is_empty()
+        && results.recovery.is_empty()
+    {
         return out;
     }
     let _ = writeln!(
@@ -477,6 +481,55 @@ fn room_protocol(results: &Results) -> String {
             [spread(&col(|r| r.client_cpu_s / r.elapsed_s), 2)],
         );
         row(&mut out, "refused (all runs)", [runs.iter().map(|r| r.errors).sum::<u64>().to_string()]);
+    }
+    if let Some(p) = sizes.recovery.as_ref().filter(|_| !results.recovery.is_empty()) {
+        let runs = &results.recovery;
+        let col = |f: fn(&crate::recovery::RecoveryResult) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let _ = writeln!(
+            out,
+            "\n| **Mass reconnect**: {} clients in one room drop their connections at once (TCP reset) \
+             while {} messages/s of {} B go on; after {} messages they all come back at once and join \
+             with `since` (history {}, {} handshakes in flight); {} watchers stay connected | |\n|---|---:|",
+            p.clients,
+            p.messages_per_sec,
+            p.size,
+            p.missed,
+            crate::suite::RECOVERY_HISTORY,
+            p.concurrency,
+            p.watchers
+        );
+        row(&mut out, "until every client recovered, s", [spread(&col(|r| r.all_recovered_s), 2)]);
+        row(
+            &mut out,
+            "per client, from the reconnect: p50, ms",
+            [spread(&col(|r| r.recovery.p50_us / 1e3), 0)],
+        );
+        row(&mut out, "p99, ms", [spread(&col(|r| r.recovery.p99_us / 1e3), 0)]);
+        row(
+            &mut out,
+            "per client, from its join: p99, ms",
+            [spread(&col(|r| r.join_to_recovered.p99_us / 1e3), 0)],
+        );
+        row(
+            &mut out,
+            "watchers' live latency p99 before, ms",
+            [spread(&col(|r| r.live_before.p99_us / 1e3), 1)],
+        );
+        row(&mut out, "during the storm, ms", [spread(&col(|r| r.live_storm.p99_us / 1e3), 1)]);
+        row(&mut out, "server CPU share before", [spread(&col(|r| r.server_cpu_before), 2)]);
+        row(&mut out, "during the storm", [spread(&col(|r| r.server_cpu_storm), 2)]);
+        let sum = |f: fn(&crate::recovery::RecoveryResult) -> u64| runs.iter().map(f).sum::<u64>();
+        row(
+            &mut out,
+            "not recovered / unfinished / gaps / duplicates (all runs)",
+            [format!(
+                "{} / {} / {} / {}",
+                sum(|r| r.not_recovered),
+                sum(|r| r.unfinished),
+                sum(|r| r.gaps + r.watcher_gaps),
+                sum(|r| r.duplicates + r.watcher_duplicates)
+            )],
+        );
     }
     out
 }
@@ -718,6 +771,41 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             );
         }
     }
+    if !results.recovery.is_empty() {
+        out.push_str(
+            "\n| run | clients | behind | recovered | not | unfinished | gaps | duplicates | all recovered s | \
+             p50 / p99 / max ms | from join p99 ms | live p99 before / storm ms | server CPU before / storm | \
+             load generator CPU storm s | other CPU storm s |\n\
+             |---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|\n",
+        );
+        for (i, r) in results.recovery.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {}–{} | {} | {} | {} | {} | {} | {:.2} | {:.0} / {:.0} / {:.0} | {:.0} | \
+                 {:.1} / {:.1} | {:.2} / {:.2} | {:.2} | {:.2} |",
+                i + 1,
+                r.clients,
+                r.behind_min,
+                r.behind_max,
+                r.recovered,
+                r.not_recovered,
+                r.unfinished,
+                r.gaps + r.watcher_gaps,
+                r.duplicates + r.watcher_duplicates,
+                r.all_recovered_s,
+                r.recovery.p50_us / 1e3,
+                r.recovery.p99_us / 1e3,
+                r.recovery.max_us / 1e3,
+                r.join_to_recovered.p99_us / 1e3,
+                r.live_before.p99_us / 1e3,
+                r.live_storm.p99_us / 1e3,
+                r.server_cpu_before,
+                r.server_cpu_storm,
+                r.client_cpu_storm_s,
+                r.other_cpu_storm_s
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "\nWhole run: {:.0} s, of which {:.0} s waiting for other programs to quiet down; {} run(s) \
@@ -751,9 +839,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 21 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 22 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
-         bench/run --rooms-only # the room-protocol scenarios alone, about 6 minutes\n\
+         bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -801,7 +889,15 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            way for the room `bench`); which mode goes first alternates between runs.\n\
            *Join/leave*: C connections, each in a home room so that no room empties, join\n\
            and leave the other rooms with one operation in flight each, waiting for every\n\
-           `joined` and `left`; server CPU over the phase divided by the operations.\n\n\
+           `joined` and `left`; server CPU over the phase divided by the operations.\n\
+           *Mass reconnect*: a room with history (`--history-size 200`); N clients and a few\n\
+           watchers in it while a publisher sends stamped text at a steady rate; the N drop\n\
+           their connections at once (TCP reset), the room goes on for 100 messages, then\n\
+           they all connect again and join with `since` = the last offset each one saw. A\n\
+           client has recovered when its join said `recovered: true` and it holds every\n\
+           offset up to the live one its join reported; every client checks that offsets\n\
+           arrive once and in order across the seam. The watchers never leave and time\n\
+           the live messages before the drop and during the storm.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
          ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\

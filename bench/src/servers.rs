@@ -73,6 +73,8 @@ pub struct Programs {
 pub struct Extras {
     pub plugins: Option<PathBuf>,
     pub admin_token: Option<String>,
+    /// `--history-size`: messages each room keeps for clients that come back.
+    pub history_size: Option<usize>,
 }
 
 /// A running server.
@@ -105,6 +107,9 @@ impl Server {
                 }
                 if let Some(token) = &extras.admin_token {
                     command.args(["--admin-token", token]);
+                }
+                if let Some(size) = extras.history_size {
+                    command.args(["--history-size", &size.to_string()]);
                 }
             }
             Kind::Tungstenite => {

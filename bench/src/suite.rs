@@ -14,6 +14,7 @@ use crate::churn::{self, ChurnParams, ChurnResult};
 use crate::client::{self, Target};
 use crate::fanout::{self, FanoutParams, FanoutResult, Pace};
 use crate::idle::{self, IdleParams, IdleResult};
+use crate::recovery::{self, RecoveryParams, RecoveryResult};
 use crate::reload::{self, Admin, ReloadParams, ReloadResult};
 use crate::rooms::{
     self, JoinLeaveParams, JoinLeaveResult, MembershipParams, MembershipResult, RawMembershipResult,
@@ -44,10 +45,17 @@ pub struct Sizes {
     /// Room protocol (Roomcast only): joins and leaves per second.
     #[serde(default)]
     pub join_leave: Option<JoinLeaveParams>,
+    /// Room protocol with history (Roomcast only): a mass reconnect with `since`.
+    #[serde(default)]
+    pub recovery: Option<RecoveryParams>,
 }
 
+/// The history every room keeps in the recovery scenario (`--history-size`): twice
+/// the messages the clients miss, so a client that lagged a little still recovers.
+pub const RECOVERY_HISTORY: usize = 200;
+
 impl Sizes {
-    /// The full run (about 21 minutes here, 6 of them the room-protocol scenarios) or a
+    /// The full run (about 22 minutes here, 7 of them the room-protocol scenarios) or a
     /// smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
@@ -100,6 +108,16 @@ impl Sizes {
                     rooms: 10,
                     duration: Duration::from_secs(2),
                 }),
+                recovery: Some(RecoveryParams {
+                    clients: 500,
+                    watchers: 10,
+                    messages_per_sec: 50.0,
+                    size: 100,
+                    missed: 100,
+                    before: Duration::from_secs(2),
+                    after: Duration::from_secs(1),
+                    concurrency: 1000,
+                }),
             }
         } else {
             Sizes {
@@ -128,6 +146,19 @@ impl Sizes {
                     connections: 200,
                     rooms: 50,
                     duration: Duration::from_secs(5),
+                }),
+                // 20 messages/s to 5,050 members is 101,000 deliveries/s: about half of
+                // each core here. At 100/s both the server's and the load generator's
+                // cores fill before the drop, and clients lag past the history.
+                recovery: Some(RecoveryParams {
+                    clients: 5000,
+                    watchers: 50,
+                    messages_per_sec: 20.0,
+                    size: 100,
+                    missed: 100,
+                    before: Duration::from_secs(4),
+                    after: Duration::from_secs(2),
+                    concurrency: 1000,
                 }),
             }
         }
@@ -211,6 +242,8 @@ pub struct Results {
     /// Roomcast's memory per membership, and the raw reference.
     pub memberships: Vec<MembershipRun>,
     pub join_leave: Vec<JoinLeaveResult>,
+    /// A mass reconnect with `since`, one node.
+    pub recovery: Vec<RecoveryResult>,
     /// Runs that failed, with why.
     pub errors: Vec<String>,
     pub duration_s: f64,
@@ -440,7 +473,7 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
     quiet(results).await;
     let outcome = async {
         let dir = plugin_folder(options, "plugins")?;
-        let extras = Extras { plugins: Some(dir), admin_token: None };
+        let extras = Extras { plugins: Some(dir), ..Extras::default() };
         let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
         let mut rooms = vec!["none", "relay", "moderation"];
         // Rotate the order between runs so that no room always goes first.
@@ -479,7 +512,8 @@ async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &
     let outcome = async {
         let dir = plugin_folder(options, "reload")?;
         let token = format!("bench-{}", std::process::id());
-        let extras = Extras { plugins: Some(dir.clone()), admin_token: Some(token.clone()) };
+        let extras =
+            Extras { plugins: Some(dir.clone()), admin_token: Some(token.clone()), ..Extras::default() };
         let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
         let target = Target::new(server.addr, "/ws/relay".into())?;
         let admin = Admin { addr: server.addr, token };
@@ -507,7 +541,8 @@ async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &
 }
 
 /// The room protocol (Roomcast only): the saturated and paced fan-outs in raw and in
-/// room-protocol mode on one server, memory per membership, join/leave rate.
+/// room-protocol mode on one server, memory per membership, join/leave rate, and a
+/// mass reconnect with `since` (history on).
 async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
     let label = |what: &str| format!("  run {run} Roomcast          rooms    {what:<32}");
     quiet(results).await;
@@ -625,6 +660,48 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
             Err(error) => {
                 eprintln!("{} FAILED: {error:#}", label("join/leave"));
                 results.errors.push(format!("join/leave run {run}: {error:#}"));
+            }
+        }
+    }
+
+    if let Some(params) = &sizes.recovery {
+        quiet(results).await;
+        let outcome = async {
+            let extras = Extras { history_size: Some(RECOVERY_HISTORY), ..Extras::default() };
+            let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
+            let target = Target::new(server.addr, "/ws".into())?.with_room_protocol();
+            let result = recovery::run(&target, params, server.pid).await;
+            server.stop().await?;
+            result
+        }
+        .await;
+        match outcome {
+            Ok(r) => {
+                eprintln!(
+                    "{} {} back {}–{} behind: all recovered in {:.2} s, p50 {:.0} ms p99 {:.0} ms; \
+                     {} not recovered, {} unfinished, {} gaps, {} duplicates; live p99 {:.1} ms before, \
+                     {:.1} ms in the storm; server CPU {:.2} before, {:.2} in the storm",
+                    label("recovery"),
+                    r.clients,
+                    r.behind_min,
+                    r.behind_max,
+                    r.all_recovered_s,
+                    r.recovery.p50_us / 1e3,
+                    r.recovery.p99_us / 1e3,
+                    r.not_recovered,
+                    r.unfinished,
+                    r.gaps + r.watcher_gaps,
+                    r.duplicates + r.watcher_duplicates,
+                    r.live_before.p99_us / 1e3,
+                    r.live_storm.p99_us / 1e3,
+                    r.server_cpu_before,
+                    r.server_cpu_storm
+                );
+                results.recovery.push(r);
+            }
+            Err(error) => {
+                eprintln!("{} FAILED: {error:#}", label("recovery"));
+                results.errors.push(format!("recovery run {run}: {error:#}"));
             }
         }
     }
