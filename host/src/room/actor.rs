@@ -481,6 +481,7 @@ impl RoomActor {
         let mut more = Vec::new();
         while more.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
             match rx.try_recv() {
+                Ok(RoomEvent::Message { from, .. }) if self.refused.contains(&from) => {}
                 Ok(RoomEvent::Message { from, payload }) => more.push((from, payload)),
                 Ok(other) => {
                     self.pending = Some(other);
