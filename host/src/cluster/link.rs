@@ -270,6 +270,7 @@ impl RoomLink {
         epoch: &str,
         offset: u64,
         frame: &[u8],
+        except: &[MemberId],
         size: usize,
         ttl: std::time::Duration,
     ) {
@@ -277,6 +278,10 @@ impl RoomLink {
         let mut add = redis::cmd("XADD");
         add.arg(&key).arg("MAXLEN").arg("~").arg(size).arg("*");
         add.arg("e").arg(epoch).arg("o").arg(offset).arg("f").arg(frame);
+        if !except.is_empty() {
+            let ids: Vec<String> = except.iter().map(MemberId::to_string).collect();
+            add.arg("x").arg(ids.join(","));
+        }
         self.cluster.write(Write::Cmd(add));
         let mut expire = redis::cmd("PEXPIRE");
         expire.arg(&key).arg(ttl.as_millis() as u64);
@@ -330,6 +335,20 @@ impl RoomLink {
     }
 
     /// A follower missed `count` delivery batches.
+    /// Read the room's stored history in the background; it comes back as a
+    /// [`Record::Filled`] (follower, to fill a gap in the owner's deliveries).
+    pub fn fetch_history(&self) {
+        let (cluster, entry) = (self.cluster.clone(), self.entry.clone());
+        tokio::spawn(async move {
+            let read = cluster.read_history(&entry.name).await;
+            if let Err(error) = &read {
+                tracing::warn!(room = %entry.name, %error, "cannot read the room's history to fill a gap");
+            }
+            let size = read.as_ref().map_or(0, |entries| entries.iter().map(|e| e.frame.len()).sum());
+            entry.push_record(Record::Filled(read.ok()), size);
+        });
+    }
+
     pub fn gap(&self, count: u64) {
         self.cluster.stats.gaps.fetch_add(count, Relaxed);
     }

@@ -105,6 +105,8 @@ pub struct StoredEntry {
     pub epoch: String,
     pub offset: u64,
     pub frame: bytes::Bytes,
+    /// The members the broadcast skipped.
+    pub except: Vec<MemberId>,
     /// How long ago it was written (from its stream id, Redis's clock).
     pub age: std::time::Duration,
 }
@@ -144,6 +146,9 @@ pub enum Record {
     /// An event this node published for the owner reached no subscriber: nobody owns
     /// the room right now. The record is handed back so it is not lost.
     Unheard(Vec<u8>),
+    /// The room's stored history, read to fill a gap in the owner's deliveries
+    /// (`None`: it could not be read).
+    Filled(Option<Vec<StoredEntry>>),
 }
 
 /// A write for the writer task.
@@ -296,6 +301,21 @@ impl Cluster {
     }
 
     /// How long one Redis round trip may take before Redis counts as unreachable.
+    /// Read room `room`'s stored history (and Redis's clock, for its entries' ages).
+    async fn read_history(&self, room: &str) -> Result<Vec<StoredEntry>, RedisFailure> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(store::history_key(room)).arg("-").arg("+");
+        pipe.cmd("TIME");
+        let conn = self.conn.lock().expect("cluster lock").clone();
+        let Some(mut conn) = conn else { return Err(RedisFailure::NotConnected) };
+        let (entries, now): (redis::Value, redis::Value) =
+            tokio::time::timeout(self.op_timeout(), pipe.query_async(&mut conn))
+                .await
+                .map_err(|_| RedisFailure::Timeout("XRANGE"))?
+                .map_err(RedisFailure::from)?;
+        Ok(supervisor::stored_history(entries, now))
+    }
+
     fn op_timeout(&self) -> Duration {
         (self.lease / 2).max(Duration::from_millis(500))
     }

@@ -239,8 +239,14 @@ impl Cluster {
             tracing::warn!(%error, "lost the connection to Redis; reconnecting and resynchronising");
             outage = Some(Instant::now());
             dispatcher.abort();
-            self.up.store(false, Relaxed);
-            *self.conn.lock().expect("cluster lock") = None;
+            if !matches!(error, RedisFailure::SubscriptionClosed) {
+                self.up.store(false, Relaxed);
+                *self.conn.lock().expect("cluster lock") = None;
+            }
+            // Only the subscription closed (Redis drops a subscriber over its output
+            // limit): the commands connection keeps writing (broadcasts go on into the
+            // rooms' stored histories, from which other nodes fill their gaps) until the
+            // reconnection replaces it.
             *self.sink.lock().await = None;
         }
     }
@@ -565,7 +571,7 @@ pub(super) fn presence(value: Value) -> Vec<(String, MemberInfo)> {
 
 /// A room's history stream as `XRANGE` returned it, with the ages of its entries
 /// against Redis's `TIME`. Unreadable entries are skipped.
-fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
+pub(super) fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
     let mut time = array(now).into_iter().map(text);
     let now_ms = match (
         time.next().and_then(|s| s.parse::<u64>().ok()),
@@ -579,7 +585,7 @@ fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
         let mut parts = array(entry).into_iter();
         let (Some(id), Some(fields)) = (parts.next(), parts.next()) else { continue };
         let written_ms = text(id).split('-').next().and_then(|ms| ms.parse::<u64>().ok()).unwrap_or(now_ms);
-        let (mut epoch, mut offset, mut frame) = (None, None, None);
+        let (mut epoch, mut offset, mut frame, mut except) = (None, None, None, Vec::new());
         let mut fields = array(fields).into_iter();
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
             match text(name).as_str() {
@@ -590,12 +596,13 @@ fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
                         frame = Some(bytes::Bytes::from(data));
                     }
                 }
+                "x" => except = text(value).split(',').filter_map(|id| id.parse().ok()).collect(),
                 _ => {}
             }
         }
         if let (Some(epoch), Some(offset), Some(frame)) = (epoch, offset, frame) {
             let age = std::time::Duration::from_millis(now_ms.saturating_sub(written_ms));
-            out.push(StoredEntry { epoch, offset, frame, age });
+            out.push(StoredEntry { epoch, offset, frame, except, age });
         }
     }
     out

@@ -46,6 +46,11 @@ pub(super) struct Clustered {
     /// Local members whose join the owner has not decided yet (follower): they get
     /// nothing of the room until it does.
     pub(super) pending: Vec<Pending>,
+    /// The offset of the last broadcast applied, in a room with history (follower).
+    pub(super) applied: Option<u64>,
+    /// A gap in the owner's broadcasts being filled from the stored history
+    /// (follower): later deliveries wait behind it.
+    pub(super) filling: Option<Filling>,
     /// The last delivery batch seen: its owner and number (follower).
     pub(super) last_seq: Option<(String, u64)>,
     /// When the next snapshot is due (owner, state changed since the last one).
@@ -58,6 +63,22 @@ pub(super) struct Clustered {
 /// being made or remade).
 pub const ADMIT_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long a follower waits for the stored history to fill a gap before it gives
+/// up on it (counted as missed) and applies what came after.
+pub const FILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The most delivery batches a follower holds behind a gap it is filling; past it, it
+/// gives up on the gap.
+const MAX_HELD: usize = 1024;
+
+/// Broadcasts `from..=until` were missed; `held` came after them.
+pub(super) struct Filling {
+    from: u64,
+    until: u64,
+    held: Vec<FromOwner>,
+    since: Instant,
+}
+
 /// A local member waiting for the owner's word on its join (follower).
 pub(super) struct Pending {
     pub(super) peer: Arc<Peer>,
@@ -67,9 +88,11 @@ pub(super) struct Pending {
 }
 
 impl Clustered {
-    /// When to ask the owner again about the oldest pending join.
+    /// When to ask the owner again about the oldest pending join, or to give up on
+    /// filling a gap.
     pub(super) fn retry_at(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.asked + ADMIT_RETRY).min()
+        let fill = self.filling.as_ref().map(|f| f.since + FILL_TIMEOUT);
+        self.pending.iter().map(|p| p.asked + ADMIT_RETRY).chain(fill).min()
     }
 }
 
@@ -91,6 +114,8 @@ impl Clustered {
             unheard: Default::default(),
             early: Default::default(),
             pending: Vec::new(),
+            applied: None,
+            filling: None,
             last_seq: None,
             save_at: None,
             last_save: None,
@@ -184,6 +209,7 @@ impl RoomActor {
                 Record::In(record) => self.inbound(record),
                 Record::Out(record) => self.outbound(record),
                 Record::Unheard(data) => self.unheard(data),
+                Record::Filled(stored) => self.filled(stored),
             }
             // Deliveries of inbound records go out per record, as for local events.
             self.after_event();
@@ -223,6 +249,13 @@ impl RoomActor {
                 clustered.role = Role::Follower;
                 clustered.early.clear();
                 clustered.save_at = None;
+                if before == Role::Owner {
+                    // What this node delivered as owner is no baseline for the new
+                    // owner's offsets. (Alone, it applied none of the owner's, so the
+                    // baseline stands and what it missed meanwhile is filled in.)
+                    clustered.applied = None;
+                    clustered.filling = None;
+                }
                 if matches!(before, Role::Owner | Role::Solo) {
                     if !matches!(self.logic, Logic::Default) {
                         tracing::info!(room = %self.room.name, %owner, "another node holds the room's lease: discarding the local instance");
@@ -396,6 +429,34 @@ impl RoomActor {
             clustered.link.to_owner(pending.join.clone());
             pending.asked = now;
         }
+        if clustered.filling.as_ref().is_some_and(|f| f.since + FILL_TIMEOUT <= now) {
+            self.filled(None);
+        }
+    }
+
+    /// The stored history came back (or could not be read, or did not in time): apply
+    /// the missed broadcasts it holds, in order, to this node's members, count the
+    /// rest as missed, then what was held behind them.
+    pub(super) fn filled(&mut self, stored: Option<Vec<crate::cluster::StoredEntry>>) {
+        let Some(clustered) = self.cluster.as_mut() else { return };
+        let Some(Filling { from, until, held, .. }) = clustered.filling.take() else { return };
+        let mut entries: Vec<crate::cluster::StoredEntry> =
+            stored.unwrap_or_default().into_iter().filter(|e| (from..=until).contains(&e.offset)).collect();
+        entries.sort_by_key(|e| e.offset);
+        entries.dedup_by_key(|e| e.offset);
+        let missing = (until - from + 1).saturating_sub(entries.len() as u64);
+        if missing > 0 {
+            tracing::warn!(room = %self.room.name, missing, "missed broadcasts the stored history no longer holds");
+            clustered.link.gap(missing);
+        }
+        clustered.applied = Some(until);
+        for entry in entries {
+            let Some(payload) = super::peer::untag(&entry.frame) else { continue };
+            self.deliver_except(&payload, &entry.except, Some(entry.frame));
+        }
+        for record in held {
+            self.outbound(record);
+        }
     }
 
     pub(super) fn remote_join(&mut self, node: String, info: MemberInfo, since: Option<Since>) {
@@ -546,13 +607,45 @@ impl RoomActor {
                     clustered.link.check();
                 }
             }
-            OutEvent::Deliveries { seq, items } => {
+            OutEvent::Deliveries { ref items, .. } => {
                 if clustered.role != Role::Follower {
                     return;
                 }
+                if let Some(filling) = &mut clustered.filling {
+                    // Behind a gap being filled from the stored history: in order, after it.
+                    filling.held.push(record);
+                    if filling.held.len() >= MAX_HELD {
+                        self.filled(None);
+                    }
+                    return;
+                }
+                // The room's first broadcast in this batch says, by its offset, whether
+                // broadcasts were missed; those the stored history holds are filled in
+                // before this batch is applied.
+                let first_offset = items.iter().find_map(|item| match item {
+                    Delivery::Broadcast { offset, .. } => *offset,
+                    _ => None,
+                });
+                if let (Some(applied), Some(offset)) = (clustered.applied, first_offset)
+                    && offset > applied + 1
+                {
+                    tracing::info!(room = %self.room.name, from = applied + 1, to = offset - 1, "missed broadcasts; filling them from the stored history");
+                    clustered.link.fetch_history();
+                    clustered.filling = Some(Filling {
+                        from: applied + 1,
+                        until: offset - 1,
+                        held: vec![record],
+                        since: Instant::now(),
+                    });
+                    return;
+                }
+                let OutEvent::Deliveries { seq, items } = record.event else { return };
                 if let Some((owner, last)) = &clustered.last_seq
                     && *owner == record.node
                     && seq > last + 1
+                    // A room with history counts what its stored history could not
+                    // fill instead (see `filled`).
+                    && clustered.applied.is_none()
                 {
                     let missed = seq - last - 1;
                     tracing::warn!(room = %self.room.name, missed, "missed deliveries from the room's owner");
@@ -566,6 +659,9 @@ impl RoomActor {
                 for item in items {
                     match item {
                         Delivery::Broadcast { payload, except, offset } => {
+                            if let (Some(offset), Some(clustered)) = (offset, self.cluster.as_mut()) {
+                                clustered.applied = Some(offset);
+                            }
                             let tagged =
                                 offset.map(|offset| encode_tagged(&self.room.name, &payload, Some(offset)));
                             self.deliver_except(&payload, &except, tagged)

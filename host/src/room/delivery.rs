@@ -93,12 +93,14 @@ impl RoomActor {
         if let (Some((offset, frame)), Some(history), Some(clustered)) = (
             &recorded,
             &self.history,
-            self.cluster.as_ref().filter(|c| c.role == crate::cluster::Role::Owner),
+            self.cluster
+                .as_ref()
+                .filter(|c| matches!(c.role, crate::cluster::Role::Owner | crate::cluster::Role::Solo)),
         ) {
             // Stored before the deliveries are published (one write queue, in order), so
             // whatever a member on another node receives is in the stored history.
             let limits = history.limits();
-            clustered.link.record_history(history.epoch(), *offset, frame, limits.size, limits.ttl);
+            clustered.link.record_history(history.epoch(), *offset, frame, except, limits.size, limits.ttl);
         }
         let (offset, tagged) = recorded.unzip();
         self.deliver_except(payload, except, tagged);

@@ -366,6 +366,7 @@ mod tests {
                 epoch: epoch.into(),
                 offset,
                 frame: frame(offset),
+                except: Vec::new(),
                 age: Duration::ZERO,
             })
             .collect()

@@ -206,6 +206,27 @@ pub fn encode_tagged(room: &str, payload: &Payload, offset: Option<u64>) -> Byte
     }
 }
 
+/// The payload of a frame [`encode_tagged`] made (text: the `text` of its JSON; binary:
+/// what follows the room prefix); `None` for anything else.
+pub fn untag(frame: &Bytes) -> Option<Payload> {
+    let (opcode, payload) = frame::decode_server_frame(frame)?;
+    match opcode {
+        frame::OP_TEXT => {
+            #[derive(serde::Deserialize)]
+            struct Tagged {
+                text: String,
+            }
+            let tagged: Tagged = serde_json::from_slice(&payload).ok()?;
+            Some(Payload::text(tagged.text))
+        }
+        frame::OP_BINARY => {
+            let len = usize::from(*payload.first()?);
+            (payload.len() > len).then(|| Payload::Binary(payload.slice(1 + len..)))
+        }
+        _ => None,
+    }
+}
+
 /// A payload's frames, each encoded at most once per delivery: as raw members get it
 /// and, when a member in room-protocol mode is among the recipients, tagged.
 #[derive(Debug)]

@@ -109,3 +109,15 @@ fn pending_invites_are_bounded() {
     assert_eq!(invites.first().map(|i| i.room.as_str()), Some("r0"), "the first ones are kept, in order");
     assert!(peer.take_invites().is_empty());
 }
+
+#[test]
+fn a_tagged_frame_gives_back_its_payload() {
+    for text in ["", "hé \"quoted\"", &"x".repeat(200), &"y".repeat(70_000)] {
+        let payload = Payload::text(text.to_owned());
+        assert_eq!(super::peer::untag(&super::peer::encode_tagged("room:1", &payload, Some(7))), Some(payload));
+    }
+    let binary = Payload::binary(vec![1, 2, 3]);
+    assert_eq!(super::peer::untag(&super::peer::encode_tagged("room:1", &binary, None)), Some(binary));
+    assert_eq!(super::peer::untag(&Bytes::from_static(b"\x81\x05ab")), None, "a short frame");
+    assert_eq!(super::peer::untag(&crate::ws::frame::encode(crate::ws::frame::OP_TEXT, b"not json")), None);
+}

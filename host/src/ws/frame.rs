@@ -305,6 +305,22 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// The opcode and payload of one whole, unmasked frame that [`encode`] made; `None`
+/// for anything else.
+pub fn decode_server_frame(frame: &Bytes) -> Option<(u8, Bytes)> {
+    let first = *frame.first()?;
+    let second = *frame.get(1)?;
+    if first & 0x80 == 0 || second & 0x80 != 0 {
+        return None;
+    }
+    let (len, start) = match second & 0x7f {
+        126 => (usize::from(u16::from_be_bytes(frame.get(2..4)?.try_into().ok()?)), 4),
+        127 => (usize::try_from(u64::from_be_bytes(frame.get(2..10)?.try_into().ok()?)).ok()?, 10),
+        len => (usize::from(len), 2),
+    };
+    (frame.len() == start + len).then(|| (first & 0x0f, frame.slice(start..)))
+}
+
 /// Encode a close frame; the reason is cut to fit the 125-byte control frame limit
 /// on a character boundary.
 pub fn encode_close(code: u16, reason: &str) -> Bytes {

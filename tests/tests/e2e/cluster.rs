@@ -636,3 +636,69 @@ async fn a_redis_outage_turns_recovery_off_and_its_end_turns_it_back_on() {
     drop((client, during, publisher));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_killed_mid_stream_misses_nothing_the_history_holds() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let HistoryCluster { redis, one, two, mut publisher, mut client, .. } = HistoryCluster::start().await;
+    // A raw member on node two too: it is filled in with the payloads, not the frames.
+    // It hears the room once the owner has admitted it.
+    let mut raw = two.connect("news").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        send_text(&mut publisher, "warm-up").await;
+        if next_text(&mut raw, Duration::from_millis(100)).await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the raw member never heard the room");
+    }
+    while next_text(&mut raw, Duration::from_millis(250)).await.is_some() {}
+    let mut base = 0;
+    while let Some(text) = next_text(&mut client, Duration::from_millis(250)).await {
+        let delivery: serde_json::Value = serde_json::from_str(&text).unwrap();
+        base = delivery["offset"].as_u64().unwrap();
+    }
+
+    // The publisher streams; meanwhile node two's subscription is killed twice.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let streaming = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                send_text(&mut publisher, &n.to_string()).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (publisher, n)
+        })
+    };
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed = redis.command("CLIENT KILL TYPE pubsub").await.expect("CLIENT KILL");
+        assert!(killed.starts_with(':'), "{killed}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut publisher, sent) = streaming.await.unwrap();
+    // One more after the stream, so a gap at its very end shows too.
+    send_text(&mut publisher, "end").await;
+
+    // Every message, once and in order, on both members of node two.
+    for n in 1..=sent {
+        let delivery = recv_json(&mut client).await;
+        assert_eq!(
+            (delivery["text"].as_str(), delivery["offset"].as_u64()),
+            (Some(&*n.to_string()), Some(base + n)),
+            "message {n} of {sent}"
+        );
+        assert_eq!(recv_text(&mut raw).await, n.to_string(), "raw member, message {n} of {sent}");
+    }
+    assert_eq!(recv_json(&mut client).await["text"], "end");
+    assert_eq!(recv_text(&mut raw).await, "end");
+    assert!(two.metric("roomcast_cluster_resyncs_total").await >= 1.0, "the subscription was dropped");
+    assert_eq!(two.metric("roomcast_cluster_gaps_total").await, 0.0, "every gap was filled");
+    drop((client, raw, publisher));
+    one.stop().await;
+    two.stop().await;
+}
