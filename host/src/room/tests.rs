@@ -114,7 +114,10 @@ fn pending_invites_are_bounded() {
 fn a_tagged_frame_gives_back_its_payload() {
     for text in ["", "hé \"quoted\"", &"x".repeat(200), &"y".repeat(70_000)] {
         let payload = Payload::text(text.to_owned());
-        assert_eq!(super::peer::untag(&super::peer::encode_tagged("room:1", &payload, Some(7))), Some(payload));
+        assert_eq!(
+            super::peer::untag(&super::peer::encode_tagged("room:1", &payload, Some(7))),
+            Some(payload)
+        );
     }
     let binary = Payload::binary(vec![1, 2, 3]);
     assert_eq!(super::peer::untag(&super::peer::encode_tagged("room:1", &binary, None)), Some(binary));
