@@ -304,14 +304,14 @@ impl Cluster {
     /// Read room `room`'s stored history (and Redis's clock, for its entries' ages).
     async fn read_history(&self, room: &str) -> Result<Vec<StoredEntry>, RedisFailure> {
         let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE").arg(store::history_key(room)).arg("-").arg("+");
+        store::read_history_cmd(&mut pipe, room);
         pipe.cmd("TIME");
         let conn = self.conn.lock().expect("cluster lock").clone();
         let Some(mut conn) = conn else { return Err(RedisFailure::NotConnected) };
         let (entries, now): (redis::Value, redis::Value) =
             tokio::time::timeout(self.op_timeout(), pipe.query_async(&mut conn))
                 .await
-                .map_err(|_| RedisFailure::Timeout("XRANGE"))?
+                .map_err(|_| RedisFailure::Timeout("reading a history"))?
                 .map_err(RedisFailure::from)?;
         Ok(supervisor::stored_history(entries, now))
     }

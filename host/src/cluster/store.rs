@@ -23,6 +23,55 @@ pub fn history_key(room: &str) -> String {
     format!("roomcast:room:{room}:history")
 }
 
+/// The most frame bytes one read of a room's stored history returns (its newest
+/// entries): a room's history in memory is much smaller (half a member's queue), so
+/// more could never be used, and a stream that grew large (big messages, a large
+/// `size`) is never read whole.
+pub const HISTORY_READ_BYTES: u64 = 32 << 20;
+
+/// The most entries one read of a room's stored history returns (a room's `size`
+/// is at most this).
+pub const HISTORY_READ_ENTRIES: u64 = 100_000;
+
+/// A room's stored history, oldest first, as `XRANGE` gives it, but only its newest
+/// entries up to a byte and an entry budget.
+///
+/// KEYS: history. ARGV: most frame bytes, most entries.
+pub const READ_HISTORY: &str = r#"
+local budget, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local picked, bytes, from, full = {}, 0, '+', false
+while not full and #picked < limit do
+  local batch = redis.call('XREVRANGE', KEYS[1], from, '-', 'COUNT', 256)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    local fields, size = entry[2], 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'f' then size = #fields[i + 1] end
+    end
+    if bytes + size > budget or #picked >= limit then
+      full = true
+      break
+    end
+    bytes = bytes + size
+    picked[#picked + 1] = entry
+    from = '(' .. entry[1]
+  end
+end
+local out = {}
+for i = #picked, 1, -1 do out[#out + 1] = picked[i] end
+return out
+"#;
+
+/// Add the bounded read of `room`'s stored history ([`READ_HISTORY`]) to `pipe`.
+pub fn read_history_cmd(pipe: &mut redis::Pipeline, room: &str) {
+    pipe.cmd("EVAL")
+        .arg(READ_HISTORY)
+        .arg(1)
+        .arg(history_key(room))
+        .arg(HISTORY_READ_BYTES)
+        .arg(HISTORY_READ_ENTRIES);
+}
+
 /// The set of nodes with members in the room.
 pub fn nodes_key(room: &str) -> String {
     format!("roomcast:room:{room}:nodes")

@@ -481,7 +481,7 @@ impl Cluster {
                 .arg(self.lease.as_millis() as u64);
             pipe.cmd("GET").arg(store::state_key(name));
             members_cmd(&mut pipe, name);
-            pipe.cmd("XRANGE").arg(store::history_key(name)).arg("-").arg("+");
+            store::read_history_cmd(&mut pipe, name);
             pipe.cmd("TIME");
         }
         let replies: Vec<Value> = self.query(&pipe).await?;
@@ -569,7 +569,7 @@ pub(super) fn presence(value: Value) -> Vec<(String, MemberInfo)> {
     out
 }
 
-/// A room's history stream as `XRANGE` returned it, with the ages of its entries
+/// A room's history stream as `XRANGE` (or [`store::READ_HISTORY`]) returned it, with the ages of its entries
 /// against Redis's `TIME`. Unreadable entries are skipped.
 pub(super) fn stored_history(entries: Value, now: Value) -> Vec<StoredEntry> {
     let mut time = array(now).into_iter().map(text);

@@ -198,6 +198,8 @@ struct RetainedHistories {
     /// Each with when its room emptied.
     by_room: HashMap<Arc<str>, (History, tokio::time::Instant)>,
     order: std::collections::VecDeque<Arc<str>>,
+    /// When expired histories were last dropped.
+    swept: Option<tokio::time::Instant>,
 }
 
 /// Whether a retained history is still worth keeping: it holds messages, or its room
@@ -249,11 +251,10 @@ impl Rooms {
     /// The history room `name` continues (kept since it emptied), or a new one.
     pub(crate) fn history_for(&self, name: &str, limits: HistoryLimits) -> History {
         let mut retained = self.retained.lock().expect("history lock");
-        retained.order.retain(|room| &**room != name);
-        let kept = retained
-            .by_room
-            .remove(name)
-            .and_then(|(mut history, closed)| worth_keeping(&mut history, closed).then_some(history));
+        let kept = retained.by_room.remove(name).and_then(|(mut history, closed)| {
+            retained.order.retain(|room| &**room != name);
+            worth_keeping(&mut history, closed).then_some(history)
+        });
         match kept {
             Some(mut history) => {
                 history.set_limits(limits);
@@ -276,14 +277,21 @@ impl Rooms {
     pub(crate) fn retain_history(&self, name: Arc<str>, history: History) {
         let closed = tokio::time::Instant::now();
         let mut retained = self.retained.lock().expect("history lock");
-        let RetainedHistories { by_room, order } = &mut *retained;
-        // Expired ones go first; then the oldest while over the cap.
-        by_room.retain(|_, (history, closed)| worth_keeping(history, *closed));
-        order.retain(|room| by_room.contains_key(room));
+        let RetainedHistories { by_room, order, swept } = &mut *retained;
+        // Expired ones go first (a sweep at most once a second: it reads them all);
+        // then the oldest while over the cap.
+        if swept.is_none_or(|at| closed.duration_since(at) >= std::time::Duration::from_secs(1)) {
+            *swept = Some(closed);
+            by_room.retain(|_, (history, closed)| worth_keeping(history, *closed));
+            order.retain(|room| by_room.contains_key(room));
+        }
         while order.len() >= MAX_RETAINED_HISTORIES {
             if let Some(oldest) = order.pop_front() {
                 by_room.remove(&oldest);
             }
+        }
+        if by_room.contains_key(&name) {
+            order.retain(|room| *room != name);
         }
         order.push_back(name.clone());
         by_room.insert(name, (history, closed));

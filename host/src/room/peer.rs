@@ -239,7 +239,7 @@ pub struct Frames<'a> {
 
 impl<'a> Frames<'a> {
     pub fn new(room: &'a str, payload: &'a Payload) -> Self {
-        Self { room, payload, raw: None, tagged: None }
+        Self::with_tagged(room, payload, None)
     }
 
     /// With the tagged frame already encoded (it carries a history offset).
