@@ -425,8 +425,13 @@ impl RoomActor {
     pub(super) fn retry_pending(&mut self) {
         let Some(clustered) = self.cluster.as_mut() else { return };
         let now = Instant::now();
+        // While records reach no owner (they wait in `unheard`), asking again would only
+        // crowd that bounded backlog: the next owner presents these members itself.
+        let heard = clustered.unheard.is_empty();
         for pending in clustered.pending.iter_mut().filter(|p| p.asked + ADMIT_RETRY <= now) {
-            clustered.link.to_owner(pending.join.clone());
+            if heard {
+                clustered.link.to_owner(pending.join.clone());
+            }
             pending.asked = now;
         }
         if clustered.filling.as_ref().is_some_and(|f| f.since + FILL_TIMEOUT <= now) {
