@@ -5,10 +5,11 @@
 //!
 //! Public are the modules the binary and the tests use (configuration, the server,
 //! the plugin runtime for `plugin check`, the scaffold, the wire-level WebSocket
-//! pieces and the room protocol's codec, the shared types and metric labels); the
+//! pieces and the room protocol's codec, the shared types and metric labels, the
+//! cluster's Redis keys and record format, which tests speak as a node would); the
 //! rest is the crate's own.
 
-pub(crate) mod cluster;
+pub mod cluster;
 pub mod config;
 pub(crate) mod files;
 pub(crate) mod http;

@@ -378,6 +378,20 @@ impl Redis {
         }
     }
 
+    /// `PUBLISH channel data` with binary data; the reply line.
+    pub async fn publish(&self, channel: &str, data: &[u8]) -> Option<String> {
+        let mut request =
+            format!("*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n", channel.len(), data.len())
+                .into_bytes();
+        request.extend_from_slice(data);
+        request.extend_from_slice(b"\r\n");
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        stream.write_all(&request).await.ok()?;
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_owned())
+    }
+
     /// Send one inline command; the first reply line.
     pub async fn command(&self, command: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;

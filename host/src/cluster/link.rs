@@ -5,8 +5,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
@@ -44,6 +44,12 @@ pub struct Entry {
     pub(super) has_records: AtomicBool,
     /// Signalled with each change; the actor waits on it for its first role.
     pub(super) changed: Notify,
+    /// The lease term of this node's claim (owner): its deliveries carry it.
+    pub(super) term: AtomicU64,
+    /// Until when this node's lease surely holds (owner), by this node's clock: the
+    /// time the renewal was sent plus the lease. Past it (a renewal is late, or the
+    /// process was stopped) another node may have taken the room over.
+    pub(super) lease_until: Mutex<Option<Instant>>,
 }
 
 impl Entry {
@@ -62,7 +68,15 @@ impl Entry {
             records: Mutex::new((VecDeque::new(), 0)),
             has_records: AtomicBool::new(false),
             changed: Notify::new(),
+            term: AtomicU64::new(0),
+            lease_until: Mutex::new(None),
         }
+    }
+
+    /// The lease is ours until at least `until`.
+    pub(super) fn renewed(&self, until: Instant) {
+        *self.lease_until.lock().expect("entry lock") = Some(until);
+        self.changed.notify_one();
     }
 
     pub(super) fn push(&self, change: RoleChange) {
@@ -254,13 +268,44 @@ impl RoomLink {
         self.seq += 1;
         let record = FromOwner {
             node: self.cluster.node.clone(),
-            event: OutEvent::Deliveries { seq: self.seq, items },
+            event: OutEvent::Deliveries { term: self.entry.term.load(Relaxed), seq: self.seq, items },
         };
         self.cluster.write(Write::Publish {
             channel: store::out_channel(&self.entry.name),
             data: record.encode(),
             unheard: None,
         });
+    }
+
+    /// The term of this node's claim of the room's lease (owner).
+    pub fn term(&self) -> u64 {
+        self.entry.term.load(Relaxed)
+    }
+
+    /// Whether this node, as the room's owner, can no longer be sure its lease holds
+    /// (see [`Entry::lease_until`]).
+    pub fn lease_lapsed(&self) -> bool {
+        self.entry.lease_until.lock().expect("entry lock").is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Wait until the supervisor renewed the lease or queued a role change (it decides
+    /// within an operation timeout: renewed, lost, or Redis unreachable).
+    pub async fn lease_settled(&self) {
+        while self.lease_lapsed() && !self.entry.pending.load(Relaxed) {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), self.entry.changed.notified())
+                .await;
+        }
+    }
+
+    /// Count a delivery batch dropped because its owner had lost the room.
+    pub fn stale(&self) {
+        self.cluster.stats.stale.fetch_add(1, Relaxed);
+    }
+
+    /// Whether this node hears the room's `in` channel: it owns the room or is
+    /// claiming it (events heard otherwise are a stale owner's backlog).
+    pub fn hears_in(&self) -> bool {
+        self.entry.subscribed_in.load(Relaxed)
     }
 
     /// Append a broadcast to the room's stored history (owner): trimmed to about

@@ -185,6 +185,7 @@ struct Stats {
     dropped_unheard: AtomicU64,
     resyncs: AtomicU64,
     gaps: AtomicU64,
+    stale: AtomicU64,
     takeovers: AtomicU64,
     discarded: AtomicU64,
 }
@@ -227,6 +228,11 @@ impl Collector for ClusterMetrics {
                 &stats.resyncs,
             ),
             ("roomcast_cluster_gaps", "Delivery batches a follower noticed it missed.", &stats.gaps),
+            (
+                "roomcast_cluster_stale",
+                "Delivery batches dropped because their owner had lost the room (a later lease term was seen).",
+                &stats.stale,
+            ),
             ("roomcast_cluster_takeovers", "Leases this node took.", &stats.takeovers),
             (
                 "roomcast_cluster_discarded_instances",
@@ -514,6 +520,7 @@ mod tests {
             "roomcast_cluster_dropped_total{reason=\"inbox\"} 2",
             "roomcast_cluster_resyncs_total 0",
             "roomcast_cluster_gaps_total 0",
+            "roomcast_cluster_stale_total 0",
             "# HELP roomcast_cluster_takeovers_total Leases this node took.",
             "roomcast_cluster_takeovers_total 1",
             "roomcast_cluster_discarded_instances_total 0",

@@ -11,6 +11,14 @@ pub fn owner_key(room: &str) -> String {
     format!("roomcast:room:{room}:owner")
 }
 
+/// The room's lease term: a number that grows with every claim of the lease. The
+/// owner tags its deliveries with it, so that a follower drops what an owner that
+/// lost the lease still published (it stalled past its lease, and a successor's
+/// term is higher).
+pub fn term_key(room: &str) -> String {
+    format!("roomcast:room:{room}:term")
+}
+
 /// The owner's latest plugin snapshot ([`super::wire::Snapshot`]).
 pub fn state_key(room: &str) -> String {
     format!("roomcast:room:{room}:state")
@@ -126,7 +134,7 @@ pub enum Direction {
 /// The heartbeat of one room on one node: refresh this node's presence, renew the
 /// lease if it is ours, and say who owns the room.
 ///
-/// KEYS: owner, state, nodes, this node's members hash, rooms.
+/// KEYS: owner, state, nodes, this node's members hash, rooms, term.
 /// ARGV: node, lease ms, presence ms, room, members prefix, state ms.
 /// Returns `{"mine", node, count, node, count, ...}` (live nodes and their member
 /// counts), `{"other", owner}` or `{"vacant"}`.
@@ -142,6 +150,7 @@ local owner = redis.call('GET', KEYS[1])
 if owner == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[6], ARGV[6])
   local out = {'mine'}
   for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     local count = redis.call('HLEN', ARGV[5] .. n)
@@ -159,18 +168,31 @@ end
 return {'vacant'}
 "#;
 
-/// Take the lease if nobody holds it (or renew it if we do).
+/// Take the lease if nobody holds it (or renew it if we do), with the room's term.
 ///
-/// KEYS: owner. ARGV: node, lease ms.
-/// Returns `{"claimed"}`, `{"mine"}` or `{"other", owner}`.
+/// A claim's term is the larger of the last term plus one and Redis's clock in
+/// microseconds, so terms grow even if the term key was lost (Redis restarted empty,
+/// or the key expired while nobody held the room).
+///
+/// KEYS: owner, term. ARGV: node, lease ms, term ms.
+/// Returns `{"claimed", term}`, `{"mine", term}` or `{"other", owner}`.
 pub const CLAIM: &str = r#"
 local owner = redis.call('GET', KEYS[1])
 if owner and owner ~= ARGV[1] then
   return {'other', owner}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if owner then return {'mine'} end
-return {'claimed'}
+local term = tonumber(redis.call('GET', KEYS[2]) or '0')
+if owner and term > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return {'mine', string.format('%.0f', term)}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if now > term then term = now else term = term + 1 end
+redis.call('SET', KEYS[2], string.format('%.0f', term), 'PX', ARGV[3])
+if owner then return {'mine', string.format('%.0f', term)} end
+return {'claimed', string.format('%.0f', term)}
 "#;
 
 /// Every live node's members of a room, pruning nodes whose presence expired.

@@ -394,12 +394,13 @@ impl Cluster {
             }
             pipe.cmd("EVAL")
                 .arg(store::TICK)
-                .arg(5)
+                .arg(6)
                 .arg(store::owner_key(name))
                 .arg(store::state_key(name))
                 .arg(store::nodes_key(name))
                 .arg(&members_key)
                 .arg(store::ROOMS_KEY)
+                .arg(store::term_key(name))
                 .arg(&self.node)
                 .arg(self.lease.as_millis() as u64)
                 .arg(self.presence_ms())
@@ -412,6 +413,9 @@ impl Cluster {
         if full {
             pipe.cmd("EVAL").arg(store::KNOWN).arg(1).arg(store::ROOMS_KEY);
         }
+        // A lease renewed by this tick lasts at least this long: Redis extends it when
+        // the script runs, which is after this.
+        let sent = Instant::now();
         let mut replies: Vec<Value> = self.query(&pipe).await?;
         if full && let Some(known) = replies.pop() {
             let known: HashSet<String> = array(known).into_iter().map(text).collect();
@@ -424,6 +428,7 @@ impl Cluster {
             let status = fields.next().map(text).unwrap_or_default();
             match status.as_str() {
                 "mine" if entry.role() == Role::Owner && !resync => {
+                    entry.renewed(sent + self.lease);
                     let mut nodes = Vec::new();
                     while let (Some(node), Some(count)) = (fields.next(), fields.next()) {
                         nodes.push((text(node), int(count)));
@@ -475,10 +480,12 @@ impl Cluster {
             let name = &entry.name;
             pipe.cmd("EVAL")
                 .arg(store::CLAIM)
-                .arg(1)
+                .arg(2)
                 .arg(store::owner_key(name))
+                .arg(store::term_key(name))
                 .arg(&self.node)
-                .arg(self.lease.as_millis() as u64);
+                .arg(self.lease.as_millis() as u64)
+                .arg(self.state_ms());
             pipe.cmd("GET").arg(store::state_key(name));
             members_cmd(&mut pipe, name);
             store::read_history_cmd(&mut pipe, name);
@@ -499,6 +506,7 @@ impl Cluster {
                 self.follow(entry, owner).await?;
                 continue;
             }
+            let term = fields.next().map(text).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
             entry.resync.store(false, Relaxed);
             let snapshot = match state {
                 Value::BulkString(data) => match Snapshot::decode(&data) {
@@ -514,6 +522,8 @@ impl Cluster {
                 self.stats.takeovers.fetch_add(1, Relaxed);
                 tracing::debug!(room = %entry.name, restored = snapshot.is_some(), "took the room's lease");
             }
+            entry.term.store(term, Relaxed);
+            entry.renewed(asked + self.lease);
             entry.set_role(Role::Owner);
             let history = stored_history(history, now);
             entry.push(RoleChange::Owner { snapshot, presence: presence(members), asked, history });

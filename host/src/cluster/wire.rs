@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes};
 use crate::plugin::{MemberId, MemberInfo, Payload};
 
 /// Bumped when the format changes; a record of another version is refused.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// A record that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,9 +74,11 @@ pub struct FromOwner {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutEvent {
-    /// The deliveries one event produced, in order. `seq` counts batches per owner
-    /// and room, so a follower notices batches it missed.
-    Deliveries { seq: u64, items: Vec<Delivery> },
+    /// The deliveries one event produced, in order. `term` is the owner's lease term
+    /// (a follower drops batches of an earlier term than one it has seen: their owner
+    /// lost the room); `seq` counts batches per owner and room, so a follower notices
+    /// batches it missed.
+    Deliveries { term: u64, seq: u64, items: Vec<Delivery> },
     /// The owner gave the room up (its last local member left, or it shuts down):
     /// claim it now instead of waiting for the lease to expire.
     Released,
@@ -344,7 +346,8 @@ impl FromOwner {
         };
         let mut w = Writer::new(tag);
         w.str(&self.node);
-        if let OutEvent::Deliveries { seq, items } = &self.event {
+        if let OutEvent::Deliveries { term, seq, items } = &self.event {
+            w.u64(*term);
             w.u64(*seq);
             w.0.put_u32_le(items.len() as u32);
             for item in items {
@@ -413,6 +416,7 @@ impl FromOwner {
         let node = r.string()?;
         let event = match tag {
             OUT_DELIVERIES => {
+                let term = r.u64()?;
                 let seq = r.u64()?;
                 let n = r.u32()? as usize;
                 let mut items = Vec::with_capacity(n.min(1024));
@@ -454,7 +458,7 @@ impl FromOwner {
                         other => return Err(WireError::Tag(other)),
                     });
                 }
-                OutEvent::Deliveries { seq, items }
+                OutEvent::Deliveries { term, seq, items }
             }
             OUT_RELEASED => OutEvent::Released,
             other => return Err(WireError::Tag(other)),
@@ -543,6 +547,7 @@ mod tests {
         let record = FromOwner {
             node: "owner".into(),
             event: OutEvent::Deliveries {
+                term: 1_733_340_000_000_001,
                 seq: 42,
                 items: vec![
                     Delivery::Broadcast { payload: Payload::text("hi"), except: vec![1, 2], offset: None },

@@ -187,6 +187,10 @@ impl RoomActor {
                 // Backpressure from Redis: take no event the write queue cannot absorb.
                 clustered.link.writable().await;
             }
+            if self.lease_in_doubt() {
+                self.settle_lease().await;
+                continue;
+            }
             let next_timer = self.timers.next();
             let save_at = self.cluster.as_ref().and_then(|c| c.save_at);
             let retry_at = self.cluster.as_ref().and_then(|c| c.retry_at());
@@ -196,6 +200,9 @@ impl RoomActor {
                 tokio::select! {
                     event = rx.recv() => event,
                     () = sleep_until_opt(next_timer) => {
+                        if self.lease_in_doubt() {
+                            continue;
+                        }
                         self.write_through = rx.is_empty();
                         self.fire_due_timers();
                         self.after_event();
@@ -212,16 +219,17 @@ impl RoomActor {
                     // Role changes or records from Redis wait in the room's link.
                     () = cluster_woken(self.cluster.as_ref()) => {
                         self.write_through = rx.is_empty();
-                        self.role_changes();
-                        self.refresh_plugin();
-                        if !self.follows() {
-                            self.after_event();
-                        }
+                        self.cluster_woken();
                         continue;
                     }
                 }
             };
             let Some(event) = event else { break };
+            if self.lease_in_doubt() {
+                // Taken while the lease was sure; kept until the supervisor's word.
+                self.pending = Some(event);
+                continue;
+            }
             self.write_through = rx.is_empty();
             self.role_changes();
             self.refresh_plugin();

@@ -53,6 +53,9 @@ pub(super) struct Clustered {
     pub(super) filling: Option<Filling>,
     /// The last delivery batch seen: its owner and number (follower).
     pub(super) last_seq: Option<(String, u64)>,
+    /// The highest lease term seen on the owner's deliveries (follower): batches of
+    /// an earlier term come from an owner that has lost the room, and are dropped.
+    pub(super) term: u64,
     /// When the next snapshot is due (owner, state changed since the last one).
     pub(super) save_at: Option<Instant>,
     pub(super) last_save: Option<Instant>,
@@ -117,6 +120,7 @@ impl Clustered {
             applied: None,
             filling: None,
             last_seq: None,
+            term: 0,
             save_at: None,
             last_save: None,
         }
@@ -198,10 +202,39 @@ impl RoomActor {
         false
     }
 
+    /// Whether this node owns the room but can no longer be sure its lease holds (a
+    /// renewal is late, or the process was stopped past the lease).
+    pub(super) fn lease_in_doubt(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.role == Role::Owner && c.link.lease_lapsed())
+    }
+
+    /// While the lease is in doubt, act on nothing (no local event, no record, no
+    /// timer): a successor may be running the room. Wait for the supervisor's word
+    /// (renewed, lost, or Redis unreachable) and apply it.
+    pub(super) async fn settle_lease(&mut self) {
+        let Some(clustered) = self.cluster.as_ref() else { return };
+        tracing::debug!(room = %self.room.name, "the room's lease may have lapsed: waiting for the supervisor");
+        clustered.link.lease_settled().await;
+        self.cluster_woken();
+    }
+
+    /// The supervisor queued role changes or Redis delivered records: apply them.
+    pub(super) fn cluster_woken(&mut self) {
+        self.role_changes();
+        self.refresh_plugin();
+        if !self.follows() {
+            self.after_event();
+        }
+    }
+
     /// Apply the role changes the supervisor queued, then the records from Redis.
     pub(super) fn role_changes(&mut self) {
         while let Some(change) = self.cluster.as_ref().and_then(|c| c.link.next_change()) {
             self.role_change(change);
+        }
+        if self.lease_in_doubt() {
+            // The records wait until the supervisor's word (see `settle_lease`).
+            return;
         }
         let records = self.cluster.as_ref().map(|c| c.link.take_records()).unwrap_or_default();
         for record in records {
@@ -565,6 +598,8 @@ impl RoomActor {
         let mine = record.node == clustered.link.node();
         match clustered.role {
             Role::Owner => {}
+            // Heard as a stale owner, before the unsubscription: the new owner heard it.
+            Role::Follower if !clustered.link.hears_in() => return,
             // A claim is being decided: keep it for when it is.
             Role::Pending | Role::Follower => {
                 if clustered.early.len() >= CLUSTER_BACKLOG {
@@ -612,10 +647,21 @@ impl RoomActor {
                     clustered.link.check();
                 }
             }
-            OutEvent::Deliveries { ref items, .. } => {
+            OutEvent::Deliveries { term, ref items, .. } => {
+                if clustered.role == Role::Owner && term > clustered.link.term() {
+                    // Another node claimed the room after this one: have the
+                    // supervisor decide again now rather than at its next tick.
+                    clustered.link.check();
+                }
                 if clustered.role != Role::Follower {
                     return;
                 }
+                if term < clustered.term {
+                    tracing::debug!(room = %self.room.name, owner = %record.node, "deliveries from an owner that lost the room dropped");
+                    clustered.link.stale();
+                    return;
+                }
+                clustered.term = term;
                 if let Some(filling) = &mut clustered.filling {
                     // Behind a gap being filled from the stored history: in order, after it.
                     filling.held.push(record);
@@ -644,7 +690,7 @@ impl RoomActor {
                     });
                     return;
                 }
-                let OutEvent::Deliveries { seq, items } = record.event else { return };
+                let OutEvent::Deliveries { seq, items, .. } = record.event else { return };
                 if let Some((owner, last)) = &clustered.last_seq
                     && *owner == record.node
                     && seq > last + 1

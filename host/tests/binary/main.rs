@@ -11,6 +11,7 @@
 mod support;
 
 mod cli;
+mod cluster;
 mod files;
 mod http;
 mod js_client;

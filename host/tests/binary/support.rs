@@ -293,3 +293,54 @@ pub fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
     let text = request(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
     text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// A `redis-server` child process without persistence on a free port, killed when
+/// dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Start it and wait (up to 10 s) until it answers `PING`.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-server (scripts/setup installs it)");
+        let redis = Self { port, child };
+        assert!(
+            eventually(Duration::from_secs(10), || redis.ping()),
+            "redis-server did not answer PING within 10 s"
+        );
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 16];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send `signal` (`STOP`, `CONT`, ...) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}

@@ -702,3 +702,34 @@ async fn a_subscriber_killed_mid_stream_misses_nothing_the_history_holds() {
     one.stop().await;
     two.stop().await;
 }
+
+/// Deliveries tagged with an earlier lease term than the follower has seen come from
+/// an owner that lost the room (it stalled past its lease): they are dropped and
+/// counted, and the owner's later ones still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_of_an_earlier_lease_term_are_dropped() {
+    use roomcast::cluster::{store, wire};
+    let HistoryCluster { redis, one, two, mut publisher, mut client, .. } = HistoryCluster::start().await;
+    send_text(&mut publisher, "first").await;
+    assert_eq!(recv_json(&mut client).await["text"], "first");
+    let stale = wire::FromOwner {
+        node: "a-node-that-lost-the-room".into(),
+        event: wire::OutEvent::Deliveries {
+            term: 1,
+            seq: 1,
+            items: vec![wire::Delivery::Broadcast {
+                payload: roomcast::plugin::Payload::text("stale"),
+                except: vec![],
+                offset: None,
+            }],
+        },
+    };
+    let reply = redis.publish(&store::out_channel("news"), &stale.encode()).await.expect("PUBLISH");
+    assert!(reply.starts_with(':') && reply != ":0", "node two hears the channel: {reply}");
+    two.wait_metric("roomcast_cluster_stale_total", 1.0, Duration::from_secs(5)).await;
+    send_text(&mut publisher, "second").await;
+    assert_eq!(recv_json(&mut client).await["text"], "second", "the stale delivery never arrives");
+    drop((client, publisher));
+    one.stop().await;
+    two.stop().await;
+}
