@@ -5,16 +5,22 @@
 //
 // Rooms are uWS topics; `ws.publish` skips the publishing socket. maxBackpressure is
 // raised from its 64 KiB default, which silently skips receivers during bursts.
+//
+// COMPRESSION=1 turns on permessage-deflate with uWS' shared compressor and shared
+// decompressor (no per-socket compression state, no context takeover); every publish
+// then asks for compression. uWS has no size threshold: it compresses every non-empty
+// message, and it does so for each subscriber's send.
 'use strict';
 const uWS = require('uwebsockets');
 
 const port = Number(process.argv[2] || 9001);
 const heartbeatSecs = Number(process.env.HEARTBEAT_SECS || 10);
+const compress = process.env.COMPRESSION === '1';
 
 uWS
   .App()
   .ws('/ws/:room', {
-    compression: uWS.DISABLED,
+    compression: compress ? uWS.SHARED_COMPRESSOR | uWS.SHARED_DECOMPRESSOR : uWS.DISABLED,
     maxPayloadLength: 64 * 1024,
     maxBackpressure: 64 * 1024 * 1024,
     closeOnBackpressureLimit: true,
@@ -34,7 +40,7 @@ uWS
       ws.subscribe(ws.getUserData().room);
     },
     message: (ws, message, isBinary) => {
-      ws.publish(ws.getUserData().room, message, isBinary);
+      ws.publish(ws.getUserData().room, message, isBinary, compress);
     },
   })
   .get('/healthz', (res) => res.end('ok'))

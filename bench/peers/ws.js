@@ -5,12 +5,24 @@
 //
 // The usual ws heartbeat: ping every client each interval, terminate those that did
 // not answer the previous ping.
+//
+// COMPRESSION=1 turns on permessage-deflate: messages of COMPRESSION_THRESHOLD bytes
+// (default 256) and more are compressed, with no context takeover either way and
+// zlib's default level; `send` compresses for each recipient.
 'use strict';
 const http = require('http');
 const { WebSocketServer, WebSocket } = require('ws');
 
 const port = Number(process.argv[2] || 9002);
 const heartbeatSecs = Number(process.env.HEARTBEAT_SECS || 10);
+const perMessageDeflate =
+  process.env.COMPRESSION === '1'
+    ? {
+        threshold: Number(process.env.COMPRESSION_THRESHOLD || 256),
+        serverNoContextTakeover: true,
+        clientNoContextTakeover: true,
+      }
+    : false;
 
 /** room name -> Set of sockets */
 const rooms = new Map();
@@ -19,7 +31,12 @@ const server = http.createServer((req, res) => {
   res.writeHead(req.url === '/healthz' ? 200 : 404);
   res.end();
 });
-const wss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024, clientTracking: false });
+const wss = new WebSocketServer({
+  noServer: true,
+  maxPayload: 64 * 1024,
+  clientTracking: false,
+  perMessageDeflate,
+});
 
 server.on('upgrade', (req, socket, head) => {
   const match = /^\/ws\/([A-Za-z0-9._:-]{1,128})$/.exec(req.url);

@@ -60,6 +60,8 @@ pub async fn run(target: &Target, params: &ChurnParams, server_pid: u32) -> anyh
         grace: Duration::from_secs(10),
         max_duration: params.duration + Duration::from_secs(30),
         room_protocol: None,
+        chat: None,
+        compress_sends: false,
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -2,7 +2,8 @@
 //! spread over 127.0.0.x, the opening handshake, and frame encoding and decoding.
 //!
 //! This is deliberately not a general client: it writes masked frames of one opcode,
-//! parses the unmasked frames a server sends, and never allocates per frame.
+//! parses the unmasked frames a server sends, and never allocates per frame. It can
+//! offer per-message compression (RFC 7692) and inflate what a server compressed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -12,6 +13,8 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Continuation frame opcode.
+pub const CONTINUATION: u8 = 0x0;
 /// Text frame opcode.
 pub const TEXT: u8 = 0x1;
 /// Binary frame opcode.
@@ -24,13 +27,16 @@ pub const PING: u8 = 0x9;
 pub const PONG: u8 = 0xA;
 
 /// Where the load goes: a loopback address, the request path (`/ws/ROOM`, or `/ws` for
-/// the room protocol), and whether the handshake offers the room protocol.
+/// the room protocol), whether the handshake offers the room protocol, and whether it
+/// offers per-message compression.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
     pub path: String,
     /// Offer `Sec-WebSocket-Protocol: roomcast.v1` (Roomcast's room protocol).
     pub room_protocol: bool,
+    /// Offer [`DEFLATE_OFFER`] in `Sec-WebSocket-Extensions`.
+    pub deflate: bool,
 }
 
 impl Target {
@@ -49,12 +55,70 @@ impl Target {
         if !addr.ip().is_loopback() {
             bail!("refusing to load a non-loopback address: {addr}");
         }
-        Ok(Self { addr, path, room_protocol: false })
+        Ok(Self { addr, path, room_protocol: false, deflate: false })
     }
 
     /// The same target, offering the room protocol in the handshake.
     pub fn with_room_protocol(self) -> Self {
         Self { room_protocol: true, ..self }
+    }
+
+    /// The same target, offering per-message compression in the handshake.
+    pub fn with_deflate(self) -> Self {
+        Self { deflate: true, ..self }
+    }
+}
+
+/// The compression offer: each message compressed on its own both ways, the shape that
+/// lets a server compress a broadcast once for everyone (uWebSockets' shared
+/// compressor and Node `ws` with `serverNoContextTakeover` accept it too).
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_no_context_takeover; server_no_context_takeover";
+
+/// What a server answered to [`DEFLATE_OFFER`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deflate {
+    /// The `permessage-deflate` element of its `Sec-WebSocket-Extensions`, as sent.
+    pub response: String,
+    /// Every message starts from an empty window: no inflate state between messages.
+    pub server_no_context_takeover: bool,
+    pub server_max_window_bits: Option<u8>,
+}
+
+impl Deflate {
+    /// Read the `permessage-deflate` answer from a `Sec-WebSocket-Extensions` value;
+    /// `None` if the server accepted no compression. A parameter this client did not
+    /// offer (or one RFC 7692 does not define) is an error.
+    pub fn from_response(value: &str) -> anyhow::Result<Option<Self>> {
+        for element in value.split(',') {
+            let mut params = element.split(';').map(str::trim);
+            if !params.next().is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate")) {
+                continue;
+            }
+            let mut deflate = Deflate { response: element.trim().to_owned(), ..Deflate::default() };
+            for param in params.filter(|p| !p.is_empty()) {
+                let (name, value) = match param.split_once('=') {
+                    Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                    None => (param, None),
+                };
+                match (name.to_ascii_lowercase().as_str(), value) {
+                    ("server_no_context_takeover", None) => deflate.server_no_context_takeover = true,
+                    // Offered: this client never keeps a compression context anyway.
+                    ("client_no_context_takeover", None) => {}
+                    ("server_max_window_bits", Some(bits)) => {
+                        let bits: u8 = bits.parse().ok().filter(|b| (8..=15).contains(b)).with_context(|| {
+                            format!("server_max_window_bits={bits} in `{}`", deflate.response)
+                        })?;
+                        deflate.server_max_window_bits = Some(bits);
+                    }
+                    // Allowed in an answer only if offered; this client sends raw
+                    // deflate with a 15-bit window whatever it says, which any window fits.
+                    ("client_max_window_bits", Some(_)) => {}
+                    _ => bail!("unexpected parameter `{param}` in `{}`", deflate.response),
+                }
+            }
+            return Ok(Some(deflate));
+        }
+        Ok(None)
     }
 }
 
@@ -83,6 +147,8 @@ pub struct Conn {
     pub stream: TcpStream,
     /// Frames the server sent right behind its `101` response.
     pub pending: Vec<u8>,
+    /// Per-message compression, when offered and accepted.
+    pub deflate: Option<Deflate>,
 }
 
 /// Connect and upgrade, from the next source address, within `timeout`.
@@ -120,14 +186,16 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
     socket.bind(SocketAddr::new(IpAddr::V4(next_source()), 0))?;
     let mut stream = socket.connect(target.addr).await?;
     stream.set_nodelay(true)?;
-    let protocol = if target.room_protocol {
-        format!("Sec-WebSocket-Protocol: {ROOM_PROTOCOL}\r\n")
-    } else {
-        String::new()
-    };
+    let mut extra = String::new();
+    if target.room_protocol {
+        extra.push_str(&format!("Sec-WebSocket-Protocol: {ROOM_PROTOCOL}\r\n"));
+    }
+    if target.deflate {
+        extra.push_str(&format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"));
+    }
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{protocol}\r\n",
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
         target.path, target.addr
     );
     stream.write_all(request.as_bytes()).await?;
@@ -144,14 +212,35 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
             if target.room_protocol && find(&head[..end], ROOM_PROTOCOL.as_bytes()).is_none() {
                 bail!("the server did not answer with the {ROOM_PROTOCOL} subprotocol");
             }
+            let extensions = header(&head[..end], "sec-websocket-extensions");
+            let deflate = match extensions {
+                Some(value) => Deflate::from_response(&value)?,
+                None => None,
+            };
+            if deflate.is_some() && !target.deflate {
+                bail!("the server answered permessage-deflate, which was not offered");
+            }
             let pending = head.split_off(end + 4);
-            return Ok(Conn { stream, pending });
+            return Ok(Conn { stream, pending, deflate });
         }
         if head.len() > 16 * 1024 {
             bail!("handshake response too long");
         }
         head.reserve(512);
     }
+}
+
+/// The values of every `name:` line of a response head, joined with `, ` (the name in
+/// lower case).
+fn header(head: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    let values: Vec<&str> = text
+        .split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -179,10 +268,14 @@ pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
 }
 
-/// One frame at the front of a buffer: its opcode and where its payload is.
+/// One frame at the front of a buffer: its opcode, flags and where its payload is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameAt {
     pub opcode: u8,
+    /// The final frame of its message.
+    pub fin: bool,
+    /// RSV1: with per-message compression, a compressed message.
+    pub compressed: bool,
     pub payload_start: usize,
     pub end: usize,
 }
@@ -193,6 +286,7 @@ pub fn parse(buf: &[u8]) -> Option<FrameAt> {
         return None;
     }
     let opcode = buf[0] & 0x0F;
+    let (fin, compressed) = (buf[0] & 0x80 != 0, buf[0] & 0x40 != 0);
     let masked = buf[1] & 0x80 != 0;
     let (len, mut header): (usize, usize) = match buf[1] & 0x7F {
         126 => {
@@ -214,7 +308,7 @@ pub fn parse(buf: &[u8]) -> Option<FrameAt> {
         header += 4;
     }
     let end = header.checked_add(len)?;
-    (buf.len() >= end).then_some(FrameAt { opcode, payload_start: header, end })
+    (buf.len() >= end).then_some(FrameAt { opcode, fin, compressed, payload_start: header, end })
 }
 
 /// Fill `out` with a text payload of exactly `size` bytes (at least [`STAMP_LEN`])
@@ -256,6 +350,105 @@ fn hex(digits: &[u8]) -> Option<u64> {
         };
         Some(acc << 4 | v as u64)
     })
+}
+
+/// Inflates compressed messages (RFC 7692): the payload, then `00 00 ff ff`, through
+/// raw inflate. Without context takeover every message starts afresh, so one inflater
+/// can serve every connection; with it, each connection needs its own.
+pub struct Inflater {
+    inner: flate2::Decompress,
+    /// Reset before each message (`server_no_context_takeover`).
+    reset: bool,
+    input: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater").field("reset", &self.reset).finish_non_exhaustive()
+    }
+}
+
+/// The most an inflated message may grow to before it is taken for garbage.
+const MAX_INFLATED: usize = 16 << 20;
+
+impl Inflater {
+    pub fn new(no_context_takeover: bool) -> Self {
+        Self {
+            inner: flate2::Decompress::new(false),
+            reset: no_context_takeover,
+            input: Vec::with_capacity(4096),
+            out: Vec::with_capacity(8192),
+        }
+    }
+
+    /// Inflate one compressed message's payload (all its frames' payloads, in order).
+    pub fn inflate(&mut self, payload: &[u8]) -> anyhow::Result<&[u8]> {
+        use flate2::{FlushDecompress, Status};
+        if self.reset {
+            self.inner.reset(false);
+        }
+        self.input.clear();
+        self.input.extend_from_slice(payload);
+        self.input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        self.out.clear();
+        let mut consumed = 0;
+        loop {
+            if self.out.capacity() - self.out.len() < 1024 {
+                self.out.reserve(self.out.capacity().max(8192));
+            }
+            let before = self.inner.total_in();
+            let status = self
+                .inner
+                .decompress_vec(&self.input[consumed..], &mut self.out, FlushDecompress::Sync)
+                .context("inflating a compressed message")?;
+            consumed += (self.inner.total_in() - before) as usize;
+            let room_left = self.out.len() < self.out.capacity();
+            if matches!(status, Status::StreamEnd) || (consumed == self.input.len() && room_left) {
+                break;
+            }
+            if self.out.len() > MAX_INFLATED {
+                bail!("a compressed message inflated past {MAX_INFLATED} bytes");
+            }
+            if matches!(status, Status::BufError) && room_left {
+                bail!("a compressed message ended early");
+            }
+        }
+        Ok(&self.out)
+    }
+}
+
+/// Compress one message for a server (RSV1 set on its frame): raw deflate, a sync
+/// flush, the trailing `00 00 ff ff` taken off; no context kept between messages.
+pub fn deflate_message(compress: &mut flate2::Compress, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+    use flate2::FlushCompress;
+    compress.reset();
+    out.clear();
+    out.reserve(payload.len() + 64);
+    let mut consumed = 0;
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(1024));
+        }
+        let before = compress.total_in();
+        compress.compress_vec(&payload[consumed..], out, FlushCompress::Sync).context("deflating a message")?;
+        consumed += (compress.total_in() - before) as usize;
+        if consumed == payload.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    if !out.ends_with(&[0, 0, 0xff, 0xff]) {
+        bail!("a sync flush that did not end in 00 00 ff ff");
+    }
+    out.truncate(out.len() - 4);
+    Ok(())
+}
+
+/// Append one masked, final, compressed (RSV1) frame to `out`.
+pub fn encode_compressed(opcode: u8, compressed: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    encode(opcode, compressed, out);
+    out[start] |= 0x40;
 }
 
 #[cfg(test)]
@@ -303,11 +496,67 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_deflate_answer() {
+        assert_eq!(Deflate::from_response("x-webkit-deflate-frame").unwrap(), None);
+        let d = Deflate::from_response(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(d.server_no_context_takeover);
+        assert_eq!(d.server_max_window_bits, None);
+        let d = Deflate::from_response("foo, permessage-deflate;server_max_window_bits=\"10\"").unwrap().unwrap();
+        assert!(!d.server_no_context_takeover);
+        assert_eq!(d.server_max_window_bits, Some(10));
+        assert!(Deflate::from_response("permessage-deflate; server_max_window_bits=7").is_err());
+        assert!(Deflate::from_response("permessage-deflate; mystery").is_err());
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     sec-websocket-extensions: permessage-deflate\r\nX: y";
+        assert_eq!(header(head, "Sec-WebSocket-Extensions").as_deref(), Some("permessage-deflate"));
+        assert_eq!(header(head, "sec-websocket-protocol"), None);
+    }
+
+    #[test]
+    fn inflates_what_it_deflates_with_and_without_context() {
+        let mut compress = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut stateless = Inflater::new(true);
+        let mut framed = Vec::new();
+        for n in [1usize, 100, 5000, 100_000] {
+            let text: Vec<u8> = (0..n).map(|i| b"the quick brown fox "[i % 20] ^ (i / 7 % 3) as u8).collect();
+            deflate_message(&mut compress, &text, &mut framed).unwrap();
+            assert!(!framed.ends_with(&[0, 0, 0xff, 0xff]));
+            assert_eq!(stateless.inflate(&framed).unwrap(), &text[..]);
+            // The same frame again: nothing of the last message is needed.
+            assert_eq!(stateless.inflate(&framed).unwrap(), &text[..]);
+        }
+        // A server keeping its context: the second message refers to the first.
+        let mut server = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut takeover = Inflater::new(false);
+        let message = b"{\"user\":\"maria\",\"text\":\"hello hello hello\"}".repeat(3);
+        for _ in 0..3 {
+            let mut out = Vec::with_capacity(1024);
+            let before = server.total_out();
+            server.compress_vec(&message, &mut out, flate2::FlushCompress::Sync).unwrap();
+            assert_eq!(server.total_out() - before, out.len() as u64);
+            out.truncate(out.len() - 4);
+            assert_eq!(takeover.inflate(&out).unwrap(), &message[..]);
+        }
+        assert!(Inflater::new(true).inflate(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
     fn encodes_masked_frames() {
         let mut out = Vec::new();
         encode(TEXT, b"hi", &mut out);
         assert_eq!(out[..2], [0x81, 0x82]);
         assert_eq!(out[6] ^ MASK[0], b'h');
         assert_eq!(out[7] ^ MASK[1], b'i');
+        let at = parse(&[0xC1, 0x01, 0x00]).unwrap();
+        assert!(at.fin && at.compressed);
+        let at = parse(&[0x01, 0x01, 0x00]).unwrap();
+        assert!(!at.fin && !at.compressed);
+        let mut compressed = Vec::new();
+        encode_compressed(TEXT, b"x", &mut compressed);
+        assert_eq!(compressed[0], 0xC1);
     }
 }

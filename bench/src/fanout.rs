@@ -9,6 +9,10 @@
 //! measured is throughput, not how deep a queue can grow. Paced, message `g` leaves at
 //! `g / rate` seconds after the start. Every connection has its own receiver task,
 //! which counts each `(sender, seq)` once in a bitset.
+//!
+//! With chat messages ([`crate::chat`]) and connections that negotiated per-message
+//! compression, receivers inflate what arrives compressed before they read the stamp,
+//! and count the bytes of every data frame as it came off the socket.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -20,7 +24,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::client::{self, Conn};
+use crate::chat::{self, ChatParams};
+use crate::client::{self, Conn, Inflater};
 use crate::procfs;
 use crate::stats::Latency;
 
@@ -54,6 +59,13 @@ pub struct FanoutParams {
     /// the stamp), members receive `{"room": ROOM, "text": STAMP}`. `None`: raw frames.
     #[serde(default)]
     pub room_protocol: Option<String>,
+    /// Realistic JSON chat messages instead of `size` bytes of stamp and padding.
+    #[serde(default)]
+    pub chat: Option<ChatParams>,
+    /// Senders whose connection negotiated per-message compression send compressed
+    /// frames (otherwise every message goes out uncompressed, as RFC 7692 allows).
+    #[serde(default)]
+    pub compress_sends: bool,
 }
 
 /// How a stamp is wrapped on the way in and found on the way out.
@@ -70,6 +82,9 @@ struct Envelope {
 impl Envelope {
     fn new(params: &FanoutParams) -> Self {
         let Some(room) = &params.room_protocol else {
+            if params.chat.is_some() {
+                return Self { receive_prefix: chat::PREFIX.to_vec(), ..Self::default() };
+            }
             return Self::default();
         };
         if params.binary {
@@ -117,6 +132,24 @@ pub struct FanoutResult {
     /// shows here (kernel threads are not counted; without a server pid, the server's
     /// own CPU is counted here too).
     pub other_cpu_s: f64,
+    /// The server's answer to the compression offer (first connection), when it
+    /// accepted; `None` when it declined or none was offered.
+    pub negotiated: Option<String>,
+    /// Connections that negotiated per-message compression.
+    pub compressed_conns: u64,
+    /// Text and binary frames received (stamped or not), and those of them compressed.
+    pub data_frames: u64,
+    pub compressed_frames: u64,
+    /// Bytes of those frames as read from the socket (headers included), and of their
+    /// payloads once inflated.
+    pub wire_bytes: u64,
+    pub payload_bytes: u64,
+    pub wire_bytes_per_delivery: f64,
+    pub payload_bytes_per_delivery: f64,
+    /// Compressed frames that did not inflate, and fragmented messages (neither is
+    /// expected; both count as foreign).
+    pub inflate_errors: u64,
+    pub fragmented: u64,
 }
 
 /// State the pump and the receivers share.
@@ -131,6 +164,9 @@ struct Shared {
     progress: Notify,
     /// What comes before the stamp in a delivery (the room protocol's envelope).
     receive_prefix: Vec<u8>,
+    /// One inflater for every connection whose server keeps no compression context
+    /// between messages (the runtime has one thread: never contended).
+    inflater: std::sync::Mutex<Inflater>,
 }
 
 impl Shared {
@@ -153,6 +189,12 @@ struct ReceiverOut {
     foreign: u64,
     last_ns: u64,
     closed_by_server: bool,
+    data_frames: u64,
+    compressed_frames: u64,
+    wire_bytes: u64,
+    payload_bytes: u64,
+    inflate_errors: u64,
+    fragmented: u64,
 }
 
 /// Run one fan-out over connections already open in the room. The connections are
@@ -164,6 +206,12 @@ pub async fn run(
 ) -> anyhow::Result<FanoutResult> {
     let clients = conns.len();
     anyhow::ensure!(clients >= 2, "fan-out needs at least two clients");
+    anyhow::ensure!(
+        params.chat.is_none() || params.room_protocol.is_none(),
+        "chat messages are sent raw, not in the room protocol"
+    );
+    let negotiated = conns.iter().find_map(|c| c.deflate.as_ref()).map(|d| d.response.clone());
+    let compressed_conns = conns.iter().filter(|c| c.deflate.is_some()).count() as u64;
     let senders = params.senders.clamp(1, clients);
     let per_sender = params.messages / senders;
     let total = per_sender * senders;
@@ -175,6 +223,7 @@ pub async fn run(
         pump_waiting: AtomicBool::new(false),
         progress: Notify::new(),
         receive_prefix: Envelope::new(params).receive_prefix,
+        inflater: std::sync::Mutex::new(Inflater::new(true)),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut writers = Vec::with_capacity(senders);
@@ -183,14 +232,21 @@ pub async fn run(
         let (read, write) = conn.stream.into_split();
         let write = Arc::new(Mutex::new(write));
         if i < senders {
-            writers.push(write.clone());
+            writers.push((write.clone(), conn.deflate.is_some()));
         }
+        // Its own inflater only if the server carries context from message to message.
+        let inflate = match &conn.deflate {
+            None => Inflate::Never,
+            Some(d) if d.server_no_context_takeover => Inflate::Shared,
+            Some(_) => Inflate::Own(Box::new(Inflater::new(false))),
+        };
         let own = if i < senders { per_sender } else { 0 };
         let expected = total - own;
         receivers.push(tokio::spawn(receive(
             read,
             write,
             conn.pending,
+            inflate,
             shared.clone(),
             stop_rx.clone(),
             layout,
@@ -245,6 +301,8 @@ pub async fn run(
         timed_out,
         client_cpu_s: own_after - own_before,
         other_cpu_s: (others_after - others_before).max(0.0),
+        negotiated,
+        compressed_conns,
         ..FanoutResult::default()
     };
     let mut latencies: Vec<u64> = Vec::with_capacity(expected as usize);
@@ -255,10 +313,20 @@ pub async fn run(
         result.duplicates += out.duplicates;
         result.foreign += out.foreign;
         result.closed_by_server += out.closed_by_server as u64;
+        result.data_frames += out.data_frames;
+        result.compressed_frames += out.compressed_frames;
+        result.wire_bytes += out.wire_bytes;
+        result.payload_bytes += out.payload_bytes;
+        result.inflate_errors += out.inflate_errors;
+        result.fragmented += out.fragmented;
         last_ns = last_ns.max(out.last_ns);
         latencies.extend_from_slice(&out.latencies_ns);
     }
     result.lost = expected.saturating_sub(result.delivered);
+    if result.data_frames > 0 {
+        result.wire_bytes_per_delivery = result.wire_bytes as f64 / result.data_frames as f64;
+        result.payload_bytes_per_delivery = result.payload_bytes as f64 / result.data_frames as f64;
+    }
     result.elapsed_s = (last_ns - start_ns) as f64 / 1e9;
     if result.elapsed_s > 0.0 {
         result.deliveries_per_sec = result.delivered as f64 / result.elapsed_s;
@@ -275,7 +343,7 @@ pub async fn run(
 
 /// Send every message, for all senders, in the order `g = seq * senders + sender`.
 async fn pump(
-    writers: Vec<Arc<Mutex<OwnedWriteHalf>>>,
+    writers: Vec<(Arc<Mutex<OwnedWriteHalf>>, bool)>,
     shared: Arc<Shared>,
     params: FanoutParams,
     layout: Layout,
@@ -288,6 +356,8 @@ async fn pump(
     let mut stamp = Vec::with_capacity(params.size);
     let mut payload = Vec::with_capacity(params.size + 64);
     let mut frame = Vec::with_capacity(params.size + 64 + 14);
+    let mut compress = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut deflated = Vec::new();
     for g in 0..total {
         match params.pace {
             Pace::Saturated { window } => {
@@ -299,15 +369,26 @@ async fn pump(
             }
         }
         let (sender, seq) = (g % layout.senders, g / layout.senders);
-        client::stamp(sender as u32, seq as u32, shared.now_ns(), params.size, &mut stamp);
-        payload.clear();
-        payload.extend_from_slice(&envelope.send_prefix);
-        payload.extend_from_slice(&stamp);
-        payload.extend_from_slice(&envelope.send_suffix);
+        if let Some(chat) = &params.chat {
+            chat::message(chat, g as u64, &mut payload);
+            chat::stamp(&mut payload, sender as u32, seq as u32, shared.now_ns());
+        } else {
+            client::stamp(sender as u32, seq as u32, shared.now_ns(), params.size, &mut stamp);
+            payload.clear();
+            payload.extend_from_slice(&envelope.send_prefix);
+            payload.extend_from_slice(&stamp);
+            payload.extend_from_slice(&envelope.send_suffix);
+        }
+        let (writer, deflate) = &writers[sender];
         frame.clear();
-        client::encode(opcode, &payload, &mut frame);
+        if params.compress_sends && *deflate {
+            client::deflate_message(&mut compress, &payload, &mut deflated)?;
+            client::encode_compressed(opcode, &deflated, &mut frame);
+        } else {
+            client::encode(opcode, &payload, &mut frame);
+        }
         shared.sent.fetch_add(1, Relaxed);
-        writers[sender].lock().await.write_all(&frame).await?;
+        writer.lock().await.write_all(&frame).await?;
     }
     Ok(())
 }
@@ -332,12 +413,24 @@ async fn wait_for_window(shared: &Shared, window: u64, recipients: u64, grace: D
     }
 }
 
+/// How a connection inflates compressed messages.
+enum Inflate {
+    /// It negotiated no compression: a compressed frame is an error.
+    Never,
+    /// With [`Shared::inflater`]: the server keeps no context between messages.
+    Shared,
+    /// With its own: the server keeps its context.
+    Own(Box<Inflater>),
+}
+
 /// Read one member's frames until told to stop: count each stamped message once,
 /// record its latency, answer pings.
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     mut read: OwnedReadHalf,
     write: Arc<Mutex<OwnedWriteHalf>>,
     mut buf: Vec<u8>,
+    mut inflate: Inflate,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     layout: Layout,
@@ -354,9 +447,34 @@ async fn receive(
         let mut fresh = 0u64;
         let mut closed = false;
         while let Some(frame) = client::parse(&buf[at..]) {
-            let payload = &buf[at + frame.payload_start..at + frame.end];
+            let mut payload = &buf[at + frame.payload_start..at + frame.end];
+            let mut shared_inflater = None;
             match frame.opcode {
-                client::TEXT | client::BINARY => {
+                client::TEXT | client::BINARY | client::CONTINUATION => {
+                    out.data_frames += 1;
+                    out.wire_bytes += frame.end as u64;
+                    if !frame.fin || frame.opcode == client::CONTINUATION {
+                        out.fragmented += 1;
+                        payload = &[];
+                    } else if frame.compressed {
+                        out.compressed_frames += 1;
+                        let inflated = match &mut inflate {
+                            Inflate::Never => Err(anyhow::anyhow!("compressed, never negotiated")),
+                            Inflate::Own(inflater) => inflater.inflate(payload),
+                            Inflate::Shared => {
+                                let guard = shared_inflater.insert(shared.inflater.lock().expect("inflater"));
+                                guard.inflate(payload)
+                            }
+                        };
+                        match inflated {
+                            Ok(inflated) => payload = inflated,
+                            Err(_) => {
+                                out.inflate_errors += 1;
+                                payload = &[];
+                            }
+                        }
+                    }
+                    out.payload_bytes += payload.len() as u64;
                     match payload.strip_prefix(prefix).and_then(client::read_stamp) {
                         Some((sender, seq, sent_ns))
                             if (sender as usize) < layout.senders && (seq as usize) < layout.per_sender =>
@@ -375,17 +493,18 @@ async fn receive(
                         _ => out.foreign += 1,
                     }
                 }
-                client::PING => {
-                    pong.clear();
-                    client::encode(client::PONG, payload, &mut pong);
-                    let _ = write.lock().await.write_all(&pong).await;
-                }
+                // Answered once this batch of frames is read (no await in here).
+                client::PING => client::encode(client::PONG, payload, &mut pong),
                 client::CLOSE => closed = true,
                 _ => {}
             }
             at += frame.end;
         }
         buf.drain(..at);
+        if !pong.is_empty() {
+            let _ = write.lock().await.write_all(&pong).await;
+            pong.clear();
+        }
         if fresh > 0 {
             out.last_ns = now;
             shared.delivered.fetch_add(fresh, Relaxed);
@@ -430,6 +549,8 @@ mod tests {
             grace: Duration::from_secs(1),
             max_duration: Duration::from_secs(1),
             room_protocol: room_protocol.map(str::to_owned),
+            chat: None,
+            compress_sends: false,
         }
     }
 

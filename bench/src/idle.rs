@@ -192,7 +192,7 @@ async fn open_and_hold(target: &Target, n: usize, concurrency: usize) -> Holding
 
 /// Read frames until the server closes, answering each ping with a pong.
 pub async fn answer_pings(conn: Conn, pings: &AtomicU64) -> anyhow::Result<()> {
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     let mut pong = Vec::new();
     loop {
         let mut at = 0;

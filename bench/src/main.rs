@@ -6,6 +6,7 @@
 //! `roomcast-bench fanout --url ws://127.0.0.1:8080/ws/bench --server-pid PID`.
 
 mod chart;
+mod chat;
 mod churn;
 mod client;
 mod fanout;
@@ -220,6 +221,23 @@ struct FanoutArgs {
     /// Speak Roomcast's room protocol (roomcast.v1) in the URL's room
     #[arg(long)]
     room_protocol: bool,
+    /// Offer per-message compression (permessage-deflate, no context takeover either
+    /// way) and inflate what the server compressed
+    #[arg(long)]
+    deflate: bool,
+    /// Send compressed messages where compression was negotiated
+    #[arg(long, requires = "deflate")]
+    compress_sends: bool,
+    /// Realistic JSON chat messages of --chat-min to --chat-max bytes instead of --size
+    #[arg(long, conflicts_with = "room_protocol")]
+    chat: bool,
+    #[arg(long, default_value_t = 200)]
+    chat_min: usize,
+    #[arg(long, default_value_t = 2048)]
+    chat_max: usize,
+    /// The chat messages' seed (the same seed, the same messages)
+    #[arg(long, default_value_t = 15)]
+    chat_seed: u64,
     /// The server's process id, to read its CPU time from /proc
     #[arg(long)]
     server_pid: Option<u32>,
@@ -240,6 +258,10 @@ impl FanoutArgs {
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(120),
             room_protocol: self.room_protocol.then(|| self.room()),
+            chat: self
+                .chat
+                .then_some(chat::ChatParams { seed: self.chat_seed, min: self.chat_min, max: self.chat_max }),
+            compress_sends: self.compress_sends,
         }
     }
 
@@ -251,7 +273,8 @@ impl FanoutArgs {
     /// The target, offering the room protocol when asked to.
     fn target(&self) -> anyhow::Result<Target> {
         let target = Target::parse(&self.url)?;
-        Ok(if self.room_protocol { target.with_room_protocol() } else { target })
+        let target = if self.room_protocol { target.with_room_protocol() } else { target };
+        Ok(if self.deflate { target.with_deflate() } else { target })
     }
 }
 

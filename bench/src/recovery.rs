@@ -464,7 +464,7 @@ async fn client(
 ) -> anyhow::Result<()> {
     let prefix = delivery_prefix();
     let prefix = prefix.as_bytes();
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     join(&mut stream, 1, None).await?;
     let mut epoch = None;
     let mut order = Order::default();
@@ -508,7 +508,7 @@ async fn client(
             }
         }
     };
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     let since = order.last;
     out.join_sent_ns = shared.now_ns();
     join(&mut stream, 2, Some((&epoch, since))).await?;
@@ -591,7 +591,7 @@ async fn watch_room(
     mut phase: watch::Receiver<Phase>,
 ) -> anyhow::Result<WatcherOut> {
     let prefix = delivery_prefix();
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     join(&mut stream, 1, None).await?;
     let mut out = WatcherOut { order: Order::default(), samples: Vec::with_capacity(8192) };
     read_until(&mut stream, &mut buf, &mut phase, Phase::End, prefix.as_bytes(), |frame, payload| {
@@ -620,7 +620,7 @@ async fn publish(
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
 ) -> anyhow::Result<()> {
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     join(&mut stream, 1, None).await?;
     let mut joined = false;
     while !joined {

@@ -167,7 +167,7 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
 /// One room-protocol member: join `rooms[0]`, the rest when `go` turns true; count the
 /// replies, answer pings, until the server closes or the task is aborted.
 async fn member(conn: Conn, rooms: Vec<String>, mut go: watch::Receiver<bool>, counters: Arc<Counters>) {
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     let joins = |rooms: &[String], first_ref: usize| {
         let mut out = Vec::new();
         for (n, room) in rooms.iter().enumerate() {
@@ -426,7 +426,7 @@ async fn join_leave_client(
     mut go: watch::Receiver<bool>,
     counters: JoinLeaveCounters,
 ) -> anyhow::Result<ClientOut> {
-    let Conn { mut stream, pending: mut buf } = conn;
+    let Conn { mut stream, pending: mut buf, .. } = conn;
     let mut out = ClientOut::default();
     let home = i % rooms;
     let mut reference = 0u64;

@@ -68,6 +68,8 @@ impl Sizes {
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(180),
             room_protocol: None,
+            chat: None,
+            compress_sends: false,
         };
         let paced = |clients: usize, senders, rate: f64, secs: f64| FanoutParams {
             clients,
@@ -79,6 +81,8 @@ impl Sizes {
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs_f64(secs + 60.0),
             room_protocol: None,
+            chat: None,
+            compress_sends: false,
         };
         if quick {
             Sizes {
