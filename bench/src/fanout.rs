@@ -25,7 +25,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::chat::{self, ChatParams};
-use crate::client::{self, Conn, Inflater};
+use crate::client::{self, Conn, Inflater, MemoInflater};
 use crate::procfs;
 use crate::stats::Latency;
 
@@ -150,6 +150,10 @@ pub struct FanoutResult {
     /// expected; both count as foreign).
     pub inflate_errors: u64,
     pub fragmented: u64,
+    /// Compressed frames the load generator inflated, and those byte-for-byte equal to
+    /// one it had inflated for another member (their text reused).
+    pub inflated: u64,
+    pub inflate_reused: u64,
 }
 
 /// State the pump and the receivers share.
@@ -166,7 +170,7 @@ struct Shared {
     receive_prefix: Vec<u8>,
     /// One inflater for every connection whose server keeps no compression context
     /// between messages (the runtime has one thread: never contended).
-    inflater: std::sync::Mutex<Inflater>,
+    inflater: std::sync::Mutex<MemoInflater>,
 }
 
 impl Shared {
@@ -195,6 +199,7 @@ struct ReceiverOut {
     payload_bytes: u64,
     inflate_errors: u64,
     fragmented: u64,
+    inflated: u64,
 }
 
 /// Run one fan-out over connections already open in the room. The connections are
@@ -223,7 +228,7 @@ pub async fn run(
         pump_waiting: AtomicBool::new(false),
         progress: Notify::new(),
         receive_prefix: Envelope::new(params).receive_prefix,
-        inflater: std::sync::Mutex::new(Inflater::new(true)),
+        inflater: std::sync::Mutex::new(MemoInflater::default()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut writers = Vec::with_capacity(senders);
@@ -319,10 +324,15 @@ pub async fn run(
         result.payload_bytes += out.payload_bytes;
         result.inflate_errors += out.inflate_errors;
         result.fragmented += out.fragmented;
+        result.inflated += out.inflated;
         last_ns = last_ns.max(out.last_ns);
         latencies.extend_from_slice(&out.latencies_ns);
     }
     result.lost = expected.saturating_sub(result.delivered);
+    if let Ok(memo) = shared.inflater.lock() {
+        result.inflated += memo.inflated;
+        result.inflate_reused = memo.reused;
+    }
     if result.data_frames > 0 {
         result.wire_bytes_per_delivery = result.wire_bytes as f64 / result.data_frames as f64;
         result.payload_bytes_per_delivery = result.payload_bytes as f64 / result.data_frames as f64;
@@ -460,7 +470,10 @@ async fn receive(
                         out.compressed_frames += 1;
                         let inflated = match &mut inflate {
                             Inflate::Never => Err(anyhow::anyhow!("compressed, never negotiated")),
-                            Inflate::Own(inflater) => inflater.inflate(payload),
+                            Inflate::Own(inflater) => {
+                                out.inflated += 1;
+                                inflater.inflate(payload)
+                            }
                             Inflate::Shared => {
                                 let guard = shared_inflater.insert(shared.inflater.lock().expect("inflater"));
                                 guard.inflate(payload)

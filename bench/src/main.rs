@@ -287,6 +287,10 @@ struct SuiteArgs {
     /// raw against room-protocol mode, join/leave rate, a mass reconnect with recovery
     #[arg(long)]
     rooms_only: bool,
+    /// Only the compression scenario: chat messages to a 1000-member room, every
+    /// server that can compress, compression on and off
+    #[arg(long, conflicts_with = "rooms_only")]
+    compression_only: bool,
     /// Runs of every scenario [default: 3, quick: 1]
     #[arg(long)]
     runs: Option<usize>,
@@ -455,6 +459,7 @@ fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
     Ok(suite::SuiteOptions {
         quick: args.quick,
         rooms_only: args.rooms_only,
+        compression_only: args.compression_only,
         runs: args.runs,
         servers,
         programs: Programs {

@@ -114,8 +114,9 @@ pub fn tables(results: &Results) -> String {
         && results.idle.is_empty()
         && results.churn.is_empty()
     {
-        // A run of the room-protocol scenarios only.
+        // A run of the room-protocol scenarios only, or of the compression scenario.
         out.push_str(&room_protocol(results));
+        out.push_str(&compression(results));
         return out;
     }
     let _ = writeln!(out, "### Side by side\n");
@@ -303,7 +304,209 @@ pub fn tables(results: &Results) -> String {
     }
 
     out.push_str(&room_protocol(results));
+    out.push_str(&compression(results));
     out.push_str(&targets(results, &m));
+    out
+}
+
+/// The compression scenario's columns: every server that ran it, compression on, then off.
+fn compression_variants(results: &Results) -> Vec<(Kind, bool)> {
+    let mut kinds: Vec<Kind> = results.compression.iter().map(|r| r.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+        .into_iter()
+        .flat_map(|k| [(k, true), (k, false)])
+        .filter(|&(k, on)| results.compression.iter().any(|r| r.kind == k && r.compression == on))
+        .collect()
+}
+
+/// Median of `f` over the compression runs of one server, on or off, paced or not.
+fn compression_med(results: &Results, kind: Kind, on: bool, paced: bool, f: impl Fn(&FanoutResult) -> f64) -> f64 {
+    median(
+        results
+            .compression
+            .iter()
+            .filter(|r| r.kind == kind && r.compression == on && r.paced == paced)
+            .map(|r| f(&r.result)),
+    )
+}
+
+/// Per-message compression (issue 15): chat messages to a large room, every server
+/// that can compress with compression on and off, medians over the runs.
+fn compression(results: &Results) -> String {
+    let mut out = String::new();
+    let Some(c) = results.sizes.as_ref().and_then(|s| s.compression.as_ref()) else {
+        return out;
+    };
+    if results.compression.is_empty() {
+        return out;
+    }
+    let variants = compression_variants(results);
+    let runs = results.compression.iter().filter(|r| r.kind == Kind::Roomcast && r.compression && r.paced).count();
+    let chat = c.saturated.chat.unwrap_or_default();
+    let window = match c.saturated.pace {
+        Pace::Saturated { window } => window,
+        Pace::Paced { .. } => 0,
+    };
+    let rate = match c.paced.pace {
+        Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+        Pace::Saturated { .. } => f64::NAN,
+    };
+    let _ = writeln!(
+        out,
+        "\n### Per-message compression (issue 15)\n\n\
+         {} members in one room, {} of them sending realistic JSON chat messages of {} to {} bytes \
+         (sizes uniform over that range; ids, times, authors, nested fields and a text of \
+         ordinary words; seed {}, so every server gets the same messages). Every client \
+         offers `{}` and inflates what arrives compressed before it reads the delivery's \
+         stamp. *On*: Roomcast `--compression on` (below {} B a message goes plain), \
+         uWebSockets.js `SHARED_COMPRESSOR` (it has no threshold: every message is \
+         compressed, for each subscriber), Node ws `perMessageDeflate` with threshold {} B, \
+         no context takeover, zlib's default level. *Off*: the same clients, the server \
+         declines. tokio-tungstenite has no permessage-deflate and is left out. Medians of \
+         {runs} runs, each on a fresh server.\n",
+        c.saturated.clients,
+        c.saturated.senders,
+        chat.min,
+        chat.max,
+        chat.seed,
+        crate::client::DEFLATE_OFFER,
+        c.threshold,
+        c.threshold,
+    );
+    let label = |&(k, on): &(Kind, bool)| format!("{}, {}", k.label(), if on { "on" } else { "off" });
+    let _ = write!(out, "| |");
+    for v in &variants {
+        let _ = write!(out, " {} |", label(v));
+    }
+    out.push_str("\n|---|");
+    for _ in &variants {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    let gap = "|".repeat(variants.len());
+    let cells = |paced: bool, f: fn(&FanoutResult) -> f64, d: usize| {
+        variants.iter().map(move |&(k, on)| num(compression_med(results, k, on, paced, f), d)).collect::<Vec<_>>()
+    };
+    row(&mut out, "message bytes per delivery (inflated)", cells(true, |r| r.payload_bytes_per_delivery, 0));
+    row(
+        &mut out,
+        "**bytes on the wire per delivery** (frame as read from the socket)",
+        cells(true, |r| r.wire_bytes_per_delivery, 0),
+    );
+    row(
+        &mut out,
+        "wire ÷ message",
+        cells(true, |r| r.wire_bytes_per_delivery / r.payload_bytes_per_delivery, 2),
+    );
+    row(
+        &mut out,
+        "deliveries compressed, %",
+        cells(true, |r| r.compressed_frames as f64 / r.data_frames.max(1) as f64 * 100.0, 1),
+    );
+    let _ = writeln!(
+        out,
+        "| **Saturated**: {} messages ({} for the Node servers), {} in flight | {gap}",
+        c.saturated.messages, c.node_messages, window
+    );
+    row(&mut out, "**server CPU µs per delivery** (lower is better)", cells(false, |r| r.cpu_us_per_delivery, 3));
+    row(&mut out, "deliveries/s (the load generator may be the limit)", cells(false, |r| r.deliveries_per_sec, 0));
+    row(&mut out, "latency p99, µs", cells(false, |r| r.latency.p99_us, 0));
+    row(&mut out, "other programs' CPU during the phase, s (noise)", cells(false, |r| r.other_cpu_s, 2));
+    let _ = writeln!(
+        out,
+        "| **Paced**: {} deliveries/s ({} messages) | {gap}",
+        num(rate, 0),
+        c.paced.messages
+    );
+    row(&mut out, "**server CPU µs per delivery** (lower is better)", cells(true, |r| r.cpu_us_per_delivery, 3));
+    row(&mut out, "latency p50, µs", cells(true, |r| r.latency.p50_us, 0));
+    row(&mut out, "latency p99, µs", cells(true, |r| r.latency.p99_us, 0));
+    row(&mut out, "latency max, µs", cells(true, |r| r.latency.max_us, 0));
+    row(&mut out, "other programs' CPU during the phase, s (noise)", cells(true, |r| r.other_cpu_s, 2));
+    row(
+        &mut out,
+        "lost / duplicated / not inflated (all runs)",
+        variants.iter().map(|&(k, on)| {
+            let runs = results.compression.iter().filter(|r| r.kind == k && r.compression == on);
+            let (l, d, e) = runs.fold((0, 0, 0), |(l, d, e), r| {
+                (l + r.result.lost, d + r.result.duplicates, e + r.result.inflate_errors)
+            });
+            format!("{l} / {d} / {e}")
+        }),
+    );
+
+    let ours = (Kind::Roomcast, true);
+    if !variants.contains(&ours) {
+        return out;
+    }
+    let others: Vec<(Kind, bool)> =
+        variants.iter().copied().filter(|&(k, on)| (k == Kind::Roomcast && !on) || (k != Kind::Roomcast && on)).collect();
+    if !others.is_empty() {
+        let _ = write!(out, "\n| Roomcast with compression ÷ |");
+        for v in &others {
+            let _ = write!(out, " {} |", label(v));
+        }
+        out.push_str("\n|---|");
+        for _ in &others {
+            out.push_str("---:|");
+        }
+        out.push('\n');
+        let ratios = |paced: bool, f: fn(&FanoutResult) -> f64| {
+            others
+                .iter()
+                .map(|&(k, on)| {
+                    ratio(
+                        compression_med(results, Kind::Roomcast, true, paced, f),
+                        compression_med(results, k, on, paced, f),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        row(&mut out, "CPU per delivery, saturated (< 1 is better)", ratios(false, |r| r.cpu_us_per_delivery));
+        row(&mut out, "CPU per delivery, paced (< 1 is better)", ratios(true, |r| r.cpu_us_per_delivery));
+        row(&mut out, "bytes on the wire per delivery", ratios(true, |r| r.wire_bytes_per_delivery));
+        row(&mut out, "latency p99, paced", ratios(true, |r| r.latency.p99_us));
+    }
+
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let _ = writeln!(
+        out,
+        "\n| target (issue 15) | Roomcast with compression | reference | verdict |\n|---|---:|---:|---|"
+    );
+    for (paced, name) in [(false, "saturated"), (true, "paced")] {
+        let cpu = |k: Kind, on: bool| compression_med(results, k, on, paced, |r| r.cpu_us_per_delivery);
+        let ours = cpu(Kind::Roomcast, true);
+        let plain = cpu(Kind::Roomcast, false);
+        if plain.is_finite() {
+            let _ = writeln!(
+                out,
+                "| CPU per delivery < 1.3 × Roomcast without compression, {name} | {} µs | {} µs | {} ({}) |",
+                num(ours, 3),
+                num(plain, 3),
+                verdict(ours < 1.3 * plain),
+                ratio(ours, plain)
+            );
+        }
+        let best = variants
+            .iter()
+            .filter(|&&(k, on)| k != Kind::Roomcast && on)
+            .map(|&(k, _)| (k, cpu(k, true)))
+            .filter(|(_, v)| v.is_finite())
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((peer, theirs)) = best {
+            let _ = writeln!(
+                out,
+                "| fewer CPU µs per delivery than every peer with compression on, {name} | {} µs | {} µs ({}) | {} ({}) |",
+                num(ours, 3),
+                num(theirs, 3),
+                peer.label(),
+                verdict(ours < theirs),
+                ratio(ours, theirs)
+            );
+        }
+    }
     out
 }
 
@@ -720,6 +923,38 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             r.rss_after_kib
         );
     }
+    if !results.compression.is_empty() {
+        out.push_str(
+            "\n| server | compression | scenario | deliveries/s | server CPU µs/delivery | wire B/delivery | \
+             inflated B/delivery | compressed | load generator CPU s | other CPU s | p50 µs | p99 µs | max µs | \
+             lost | dup | not inflated |\n\
+             |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for r in &results.compression {
+            let f = &r.result;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.3} | {:.1} | {:.1} | {}/{} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+                r.kind.label(),
+                if r.compression { "on" } else { "off" },
+                if r.paced { "paced" } else { "saturated" },
+                f.deliveries_per_sec,
+                f.cpu_us_per_delivery,
+                f.wire_bytes_per_delivery,
+                f.payload_bytes_per_delivery,
+                f.compressed_frames,
+                f.data_frames,
+                f.client_cpu_s,
+                f.other_cpu_s,
+                f.latency.p50_us,
+                f.latency.p99_us,
+                f.latency.max_us,
+                if f.timed_out { format!("{} (time limit)", f.lost) } else { f.lost.to_string() },
+                f.duplicates,
+                f.inflate_errors
+            );
+        }
+    }
     if !results.memberships.is_empty() {
         out.push_str(
             "\n| run | connections | raw KiB each | protocol RSS start → 1 room → all rooms, KiB | \
@@ -842,6 +1077,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          bench/run              # everything, about 22 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
+         bench/run --compression-only # the compression scenario alone, about 5 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -897,7 +1133,17 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            client has recovered when its join said `recovered: true` and it holds every\n\
            offset up to the live one its join reported; every client checks that offsets\n\
            arrive once and in order across the seam. The watchers never leave and time\n\
-           the live messages before the drop and during the storm.\n\n\
+           the live messages before the drop and during the storm.\n\
+         - **Per-message compression** (RFC 7692): the saturated and paced fan-outs with\n\
+           realistic JSON chat messages of 200 B to 2 KB instead of 64-byte stamps, every\n\
+           server that can compress with compression on and off; the clients always offer\n\
+           `permessage-deflate` with no context takeover either way (the shape that lets a\n\
+           server compress a broadcast once), inflate every compressed delivery, and read its\n\
+           stamp from the text. *Bytes on the wire* are the data frames as read from the\n\
+           socket, headers included. A compressed frame byte-for-byte equal to one the load\n\
+           generator already inflated for another member reuses that text (inflating it again\n\
+           gives the same bytes), so the load generator costs about the same per delivery\n\
+           with compression as without.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
          ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\

@@ -75,6 +75,20 @@ pub struct Extras {
     pub admin_token: Option<String>,
     /// `--history-size`: messages each room keeps for clients that come back.
     pub history_size: Option<usize>,
+    /// Per-message compression on or off (`--compression` for Roomcast, `COMPRESSION=1`
+    /// for the Node peers); `None`: each server's default (off everywhere).
+    pub compression: Option<bool>,
+}
+
+/// Messages smaller than this go uncompressed (Roomcast's default, and what the Node
+/// `ws` peer is given; uWebSockets has no such setting and compresses everything).
+pub const COMPRESSION_THRESHOLD: usize = 256;
+
+impl Kind {
+    /// Whether the server can compress messages (permessage-deflate).
+    pub fn compresses(self) -> bool {
+        !matches!(self, Kind::Tungstenite)
+    }
 }
 
 /// A running server.
@@ -111,6 +125,10 @@ impl Server {
                 if let Some(size) = extras.history_size {
                     command.args(["--history-size", &size.to_string()]);
                 }
+                if let Some(on) = extras.compression {
+                    command.args(["--compression", if on { "on" } else { "off" }]);
+                    command.args(["--compression-threshold", &format!("{COMPRESSION_THRESHOLD}B")]);
+                }
             }
             Kind::Tungstenite => {
                 command.arg(&programs.tungstenite_peer).arg(port.to_string());
@@ -118,6 +136,10 @@ impl Server {
             Kind::Uws | Kind::Ws => {
                 let script = programs.peers_dir.join(format!("{}.js", kind.id()));
                 command.arg(&programs.node).arg(script).arg(port.to_string());
+                if extras.compression == Some(true) {
+                    command.env("COMPRESSION", "1");
+                    command.env("COMPRESSION_THRESHOLD", COMPRESSION_THRESHOLD.to_string());
+                }
             }
         }
         std::fs::create_dir_all(&programs.logs)?;

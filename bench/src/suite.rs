@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::ChatParams;
 use crate::churn::{self, ChurnParams, ChurnResult};
 use crate::client::{self, Target};
 use crate::fanout::{self, FanoutParams, FanoutResult, Pace};
@@ -19,7 +20,7 @@ use crate::reload::{self, Admin, ReloadParams, ReloadResult};
 use crate::rooms::{
     self, JoinLeaveParams, JoinLeaveResult, MembershipParams, MembershipResult, RawMembershipResult,
 };
-use crate::servers::{Extras, Kind, Programs, Server};
+use crate::servers::{COMPRESSION_THRESHOLD, Extras, Kind, Programs, Server};
 use crate::{chart, procfs, report};
 
 /// The size of every scenario.
@@ -48,6 +49,22 @@ pub struct Sizes {
     /// Room protocol with history (Roomcast only): a mass reconnect with `since`.
     #[serde(default)]
     pub recovery: Option<RecoveryParams>,
+    /// Per-message compression: chat messages to a large room, every server that can
+    /// compress with compression on and off.
+    #[serde(default)]
+    pub compression: Option<CompressionSizes>,
+}
+
+/// The compression scenario's sizes: the same chat messages, saturated and paced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompressionSizes {
+    pub saturated: FanoutParams,
+    /// Messages of the saturated run for the Node servers (tens of µs per delivery
+    /// with compression on).
+    pub node_messages: usize,
+    pub paced: FanoutParams,
+    /// Messages smaller than this go uncompressed (Roomcast and Node `ws`).
+    pub threshold: usize,
 }
 
 /// The history every room keeps in the recovery scenario (`--history-size`): twice
@@ -83,6 +100,11 @@ impl Sizes {
             room_protocol: None,
             chat: None,
             compress_sends: false,
+        };
+        let chat = |mut params: FanoutParams| {
+            params.chat = Some(ChatParams::default());
+            params.size = ChatParams::default().max;
+            params
         };
         if quick {
             Sizes {
@@ -121,6 +143,12 @@ impl Sizes {
                     before: Duration::from_secs(2),
                     after: Duration::from_secs(1),
                     concurrency: 1000,
+                }),
+                compression: Some(CompressionSizes {
+                    saturated: chat(saturated(200, 4, 500, 64)),
+                    node_messages: 200,
+                    paced: chat(paced(200, 4, 5_000.0, 3.0)),
+                    threshold: COMPRESSION_THRESHOLD,
                 }),
             }
         } else {
@@ -163,6 +191,12 @@ impl Sizes {
                     before: Duration::from_secs(4),
                     after: Duration::from_secs(2),
                     concurrency: 1000,
+                }),
+                compression: Some(CompressionSizes {
+                    saturated: chat(saturated(1000, 10, 2000, 64)),
+                    node_messages: 300,
+                    paced: chat(paced(1000, 10, 10_000.0, 10.0)),
+                    threshold: COMPRESSION_THRESHOLD,
                 }),
             }
         }
@@ -227,6 +261,15 @@ pub struct MembershipRun {
     pub raw: RawMembershipResult,
 }
 
+/// A compression-scenario run: which server, compression on or off, which pace.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompressionRun {
+    pub kind: Kind,
+    pub compression: bool,
+    pub paced: bool,
+    pub result: FanoutResult,
+}
+
 /// Everything measured, run by run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -248,6 +291,8 @@ pub struct Results {
     pub join_leave: Vec<JoinLeaveResult>,
     /// A mass reconnect with `since`, one node.
     pub recovery: Vec<RecoveryResult>,
+    /// Chat messages to a large room, compression on and off.
+    pub compression: Vec<CompressionRun>,
     /// Runs that failed, with why.
     pub errors: Vec<String>,
     pub duration_s: f64,
@@ -263,6 +308,8 @@ pub struct SuiteOptions {
     pub quick: bool,
     /// Only the room-protocol scenarios (Roomcast).
     pub rooms_only: bool,
+    /// Only the compression scenario.
+    pub compression_only: bool,
     pub runs: Option<usize>,
     pub servers: Vec<Kind>,
     pub programs: Programs,
@@ -298,6 +345,10 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         sizes.runs, results.machine.loadgen_cpus, options.programs.cpu
     );
     for run in 1..=sizes.runs {
+        if options.compression_only {
+            compression(&mut results, run, &sizes, &options).await;
+            continue;
+        }
         let servers = if options.rooms_only { &[][..] } else { &options.servers[..] };
         for &kind in servers {
             let params = FanoutParams {
@@ -338,6 +389,9 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 reload_run(&mut results, run, &sizes, &options).await;
             }
             room_protocol(&mut results, run, &sizes, &options).await;
+        }
+        if !options.rooms_only {
+            compression(&mut results, run, &sizes, &options).await;
         }
     }
     results.duration_s = started.elapsed().as_secs_f64();
@@ -540,6 +594,73 @@ async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &
         Err(error) => {
             eprintln!("  run {run} Roomcast          reload   FAILED: {error:#}");
             results.errors.push(format!("reload run {run}: {error:#}"));
+        }
+    }
+}
+
+/// Per-message compression: the chat-message fan-out, saturated and paced, against
+/// every server that can compress, with compression on and off; clients offer it
+/// every time (as browsers do), and a server with compression off declines. Each
+/// run on a fresh server.
+async fn compression(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+    let Some(c) = &sizes.compression else {
+        return;
+    };
+    let variants: Vec<(Kind, bool)> = options
+        .servers
+        .iter()
+        .filter(|k| k.compresses())
+        .flat_map(|&k| [(k, true), (k, false)])
+        .collect();
+    for (kind, on) in variants {
+        for paced in [false, true] {
+            let mut params = if paced { c.paced.clone() } else { c.saturated.clone() };
+            if !paced && matches!(kind, Kind::Uws | Kind::Ws) {
+                params.messages = c.node_messages;
+            }
+            let what = format!(
+                "compression {} {}",
+                if on { "on " } else { "off" },
+                if paced { "paced" } else { "saturated" }
+            );
+            quiet(results).await;
+            let started = Instant::now();
+            let outcome = async {
+                let extras = Extras { compression: Some(on), ..Extras::default() };
+                let server = Server::start(kind, &options.programs, &extras).await?;
+                let result = async {
+                    let target = Target::new(server.addr, "/ws/chat".into())?.with_deflate();
+                    let conns = client::connect_all(&target, params.clients).await?;
+                    let negotiated = conns.iter().filter(|c| c.deflate.is_some()).count();
+                    anyhow::ensure!(
+                        negotiated == if on { conns.len() } else { 0 },
+                        "{negotiated} of {} connections negotiated compression",
+                        conns.len()
+                    );
+                    fanout::run(conns, &params, Some(server.pid)).await
+                }
+                .await;
+                server.stop().await?;
+                result
+            }
+            .await;
+            let took = started.elapsed().as_secs_f64();
+            match outcome {
+                Ok(result) => {
+                    eprintln!(
+                        "  run {run} {:<17} {what} {}, {:.0} B on the wire per delivery ({:.0} B inflated) ({took:.1} s)",
+                        kind.label(),
+                        fanout_line(&result),
+                        result.wire_bytes_per_delivery,
+                        result.payload_bytes_per_delivery
+                    );
+                    results.compression.push(CompressionRun { kind, compression: on, paced, result });
+                }
+                Err(error) => {
+                    eprintln!("  run {run} {:<17} {what} FAILED: {error:#}", kind.label());
+                    results.errors.push(format!("{} {what} run {run}: {error:#}", kind.label()));
+                }
+            }
         }
     }
 }
