@@ -50,7 +50,7 @@ impl Rng {
 
     /// Uniform in `0..n`.
     fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
 
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -73,6 +73,7 @@ impl Rng {
     }
 }
 
+#[rustfmt::skip]
 const WORDS: &[&str] = &[
     "the", "to", "and", "a", "I", "you", "it", "of", "is", "that", "in", "we", "for", "this", "on",
     "be", "have", "it's", "can", "with", "not", "just", "but", "so", "do", "are", "was", "if", "at",
@@ -82,32 +83,36 @@ const WORDS: &[&str] = &[
     "issue", "bug", "fix", "fixed", "broken", "server", "client", "latency", "queue", "room",
     "message", "messages", "config", "staging", "production", "rollback", "dashboard", "metrics",
     "alert", "page", "docs", "team", "lunch", "coffee", "weekend", "morning", "afternoon", "please",
-    "thanks", "sure", "sounds", "good", "great", "looks", "maybe", "probably", "actually", "already",
-    "still", "again", "before", "after", "because", "when", "then", "than", "more", "less", "some",
-    "any", "also", "only", "really", "very", "much", "need", "want", "look", "see", "said", "going",
-    "make", "made", "take", "check", "checked", "try", "tried", "run", "running", "works", "working",
-    "change", "changes", "update", "updated", "new", "old", "first", "last", "next", "week", "day",
-    "minutes", "hours", "customer", "customers", "users", "request", "requests", "error", "errors",
-    "timeout", "retry", "cache", "database", "migration", "schema", "index", "query", "slow", "fast",
-    "memory", "CPU", "disk", "network", "logs", "trace", "version", "plan", "question", "answer",
-    "idea", "problem", "reason", "point", "part", "case", "side", "way", "thing", "things", "people",
-    "someone", "everyone", "anyone", "here", "where", "which", "who", "how", "why", "right", "left",
-    "back", "down", "over", "into", "from", "by", "as", "or", "an", "our", "your", "their", "them",
-    "us", "him", "her", "he", "she", "has", "had", "did", "does", "been", "being", "were", "may",
-    "might", "must", "let's", "don't", "can't", "won't", "didn't", "isn't", "I'm", "I'll", "we're",
-    "that's", "there's", "ok", "okay", "hmm", "lol", "nice", "cool", "agreed", "exactly", "anyway",
+    "thanks", "sure", "sounds", "good", "great", "looks", "maybe", "probably", "actually",
+    "already", "still", "again", "before", "after", "because", "when", "then", "than", "more",
+    "less", "some", "any", "also", "only", "really", "very", "much", "need", "want", "look", "see",
+    "said", "going", "make", "made", "take", "check", "checked", "try", "tried", "run", "running",
+    "works", "working", "change", "changes", "update", "updated", "new", "old", "first", "last",
+    "next", "week", "day", "minutes", "hours", "customer", "customers", "users", "request",
+    "requests", "error", "errors", "timeout", "retry", "cache", "database", "migration", "schema",
+    "index", "query", "slow", "fast", "memory", "CPU", "disk", "network", "logs", "trace",
+    "version", "plan", "question", "answer", "idea", "problem", "reason", "point", "part", "case",
+    "side", "way", "thing", "things", "people", "someone", "everyone", "anyone", "here", "where",
+    "which", "who", "how", "why", "right", "left", "back", "down", "over", "into", "from", "by",
+    "as", "or", "an", "our", "your", "their", "them", "us", "him", "her", "he", "she", "has", "had",
+    "did", "does", "been", "being", "were", "may", "might", "must", "let's", "don't", "can't",
+    "won't", "didn't", "isn't", "I'm", "I'll", "we're", "that's", "there's", "ok", "okay", "hmm",
+    "lol", "nice", "cool", "agreed", "exactly", "anyway",
 ];
 
 /// Words by length, to end a text on exactly the right size.
+#[rustfmt::skip]
 const BY_LENGTH: &[&str] = &[
     "", "a", "ok", "the", "then", "about", "little", "another", "together", "something",
     "everything", "information", "neighborhood",
 ];
 
+#[rustfmt::skip]
 const FIRST: &[&str] = &[
     "Maria", "James", "Aiko", "Olu", "Sofia", "Liam", "Priya", "Chen", "Fatima", "Lukas", "Emma",
     "Mateo", "Zanele", "Noah", "Ines", "Arjun", "Hana", "Tomasz", "Lea", "Diego",
 ];
+#[rustfmt::skip]
 const LAST: &[&str] = &[
     "Lopez", "Smith", "Tanaka", "Adeyemi", "Rossi", "Murphy", "Sharma", "Wei", "Haddad", "Becker",
     "Dubois", "Garcia", "Dlamini", "Jensen", "Costa", "Patel", "Kim", "Nowak", "Martin", "Silva",
@@ -116,7 +121,8 @@ const ROOMS: &[&str] = &["general", "dev-backend", "incidents", "random", "relea
 const ROLES: &[&str] = &["member", "moderator", "admin", "guest"];
 const REACTIONS: &[&str] = &["thumbs_up", "heart", "laughing", "eyes", "tada", "rocket", "white_check_mark"];
 const PLATFORMS: &[&str] = &["web", "ios", "android", "desktop"];
-const SITES: &[&str] = &["github.com", "docs.rs", "news.example.org", "status.example.com", "wiki.example.net"];
+const SITES: &[&str] =
+    &["github.com", "docs.rs", "news.example.org", "status.example.com", "wiki.example.net"];
 
 /// Write message `g` into `out` (cleared first): `params.min..=params.max` bytes, the
 /// size uniform over that range, with 32 placeholder characters after [`PREFIX`] that
@@ -144,7 +150,11 @@ pub fn message(params: &ChatParams, g: u64, out: &mut Vec<u8>) {
     // messages are the id, room, time, author and a short text).
     let room_for = |s: &String, more: usize| s.len() + more + 40 <= size;
     if room_for(&s, 80) {
-        let _ = write!(s, ",\"avatar\":\"https://cdn.example.com/a/{user}.png\",\"roles\":[\"{}\"]", rng.pick(ROLES));
+        let _ = write!(
+            s,
+            ",\"avatar\":\"https://cdn.example.com/a/{user}.png\",\"roles\":[\"{}\"]",
+            rng.pick(ROLES)
+        );
     }
     s.push('}');
     if room_for(&s, 60) {
@@ -170,7 +180,8 @@ pub fn message(params: &ChatParams, g: u64, out: &mut Vec<u8>) {
     if room_for(&s, 120) && rng.chance(40) {
         s.push_str(",\"reactions\":{");
         for i in 0..1 + rng.below(3) {
-            let _ = write!(s, "{}\"{}\":{}", if i > 0 { "," } else { "" }, rng.pick(REACTIONS), 1 + rng.below(9));
+            let _ =
+                write!(s, "{}\"{}\":{}", if i > 0 { "," } else { "" }, rng.pick(REACTIONS), 1 + rng.below(9));
         }
         s.push('}');
     }
@@ -178,7 +189,12 @@ pub fn message(params: &ChatParams, g: u64, out: &mut Vec<u8>) {
         let site = rng.pick(SITES);
         let _ = write!(s, ",\"attachments\":[{{\"type\":\"link\",\"url\":\"https://{site}/");
         for i in 0..2 + rng.below(3) {
-            let _ = write!(s, "{}{}", if i > 0 { "/" } else { "" }, rng.word().to_ascii_lowercase().replace('\'', ""));
+            let _ = write!(
+                s,
+                "{}{}",
+                if i > 0 { "/" } else { "" },
+                rng.word().to_ascii_lowercase().replace('\'', "")
+            );
         }
         let _ = write!(s, "-{}\",\"title\":\"", rng.below(100_000));
         let words = 4 + rng.below(6);
@@ -266,8 +282,9 @@ mod tests {
             message(&params, g, &mut out);
             assert!((params.min..=params.max).contains(&out.len()), "message {g}: {} bytes", out.len());
             stamp(&mut out, 3, g as u32, 123_456_789);
-            let value: serde_json::Value = serde_json::from_slice(&out)
-                .unwrap_or_else(|e| panic!("message {g} is not JSON ({e}): {}", String::from_utf8_lossy(&out)));
+            let value: serde_json::Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                panic!("message {g} is not JSON ({e}): {}", String::from_utf8_lossy(&out))
+            });
             assert_eq!(value["type"], "message");
             assert!(value["user"]["name"].is_string());
             assert!(value["text"].as_str().unwrap().contains(' '));

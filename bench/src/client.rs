@@ -105,9 +105,10 @@ impl Deflate {
                     // Offered: this client never keeps a compression context anyway.
                     ("client_no_context_takeover", None) => {}
                     ("server_max_window_bits", Some(bits)) => {
-                        let bits: u8 = bits.parse().ok().filter(|b| (8..=15).contains(b)).with_context(|| {
-                            format!("server_max_window_bits={bits} in `{}`", deflate.response)
-                        })?;
+                        let bits: u8 =
+                            bits.parse().ok().filter(|b| (8..=15).contains(b)).with_context(|| {
+                                format!("server_max_window_bits={bits} in `{}`", deflate.response)
+                            })?;
                         deflate.server_max_window_bits = Some(bits);
                     }
                     // Allowed in an answer only if offered; this client sends raw
@@ -482,7 +483,11 @@ fn sample_hash(payload: &[u8]) -> u64 {
 
 /// Compress one message for a server (RSV1 set on its frame): raw deflate, a sync
 /// flush, the trailing `00 00 ff ff` taken off; no context kept between messages.
-pub fn deflate_message(compress: &mut flate2::Compress, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+pub fn deflate_message(
+    compress: &mut flate2::Compress,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
     use flate2::FlushCompress;
     compress.reset();
     out.clear();
@@ -493,7 +498,9 @@ pub fn deflate_message(compress: &mut flate2::Compress, payload: &[u8], out: &mu
             out.reserve(out.capacity().max(1024));
         }
         let before = compress.total_in();
-        compress.compress_vec(&payload[consumed..], out, FlushCompress::Sync).context("deflating a message")?;
+        compress
+            .compress_vec(&payload[consumed..], out, FlushCompress::Sync)
+            .context("deflating a message")?;
         consumed += (compress.total_in() - before) as usize;
         if consumed == payload.len() && out.len() < out.capacity() {
             break;
@@ -567,7 +574,8 @@ mod tests {
         .unwrap();
         assert!(d.server_no_context_takeover);
         assert_eq!(d.server_max_window_bits, None);
-        let d = Deflate::from_response("foo, permessage-deflate;server_max_window_bits=\"10\"").unwrap().unwrap();
+        let d =
+            Deflate::from_response("foo, permessage-deflate;server_max_window_bits=\"10\"").unwrap().unwrap();
         assert!(!d.server_no_context_takeover);
         assert_eq!(d.server_max_window_bits, Some(10));
         assert!(Deflate::from_response("permessage-deflate; server_max_window_bits=7").is_err());
@@ -641,4 +649,3 @@ mod tests {
         assert_eq!(compressed[0], 0xC1);
     }
 }
-

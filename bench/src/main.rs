@@ -258,9 +258,11 @@ impl FanoutArgs {
             grace: Duration::from_secs(10),
             max_duration: Duration::from_secs(120),
             room_protocol: self.room_protocol.then(|| self.room()),
-            chat: self
-                .chat
-                .then_some(chat::ChatParams { seed: self.chat_seed, min: self.chat_min, max: self.chat_max }),
+            chat: self.chat.then_some(chat::ChatParams {
+                seed: self.chat_seed,
+                min: self.chat_min,
+                max: self.chat_max,
+            }),
             compress_sends: self.compress_sends,
         }
     }

@@ -322,7 +322,13 @@ fn compression_variants(results: &Results) -> Vec<(Kind, bool)> {
 }
 
 /// Median of `f` over the compression runs of one server, on or off, paced or not.
-fn compression_med(results: &Results, kind: Kind, on: bool, paced: bool, f: impl Fn(&FanoutResult) -> f64) -> f64 {
+fn compression_med(
+    results: &Results,
+    kind: Kind,
+    on: bool,
+    paced: bool,
+    f: impl Fn(&FanoutResult) -> f64,
+) -> f64 {
     median(
         results
             .compression
@@ -343,7 +349,8 @@ fn compression(results: &Results) -> String {
         return out;
     }
     let variants = compression_variants(results);
-    let runs = results.compression.iter().filter(|r| r.kind == Kind::Roomcast && r.compression && r.paced).count();
+    let runs =
+        results.compression.iter().filter(|r| r.kind == Kind::Roomcast && r.compression && r.paced).count();
     let chat = c.saturated.chat.unwrap_or_default();
     let window = match c.saturated.pace {
         Pace::Saturated { window } => window,
@@ -387,12 +394,19 @@ fn compression(results: &Results) -> String {
     out.push('\n');
     let gap = "|".repeat(variants.len());
     let cells = |paced: bool, f: fn(&FanoutResult) -> f64, d: usize| {
-        variants.iter().map(move |&(k, on)| num(compression_med(results, k, on, paced, f), d)).collect::<Vec<_>>()
+        variants
+            .iter()
+            .map(move |&(k, on)| num(compression_med(results, k, on, paced, f), d))
+            .collect::<Vec<_>>()
     };
-    row(&mut out, "message bytes per delivery (inflated)", cells(true, |r| r.payload_bytes_per_delivery, 0));
     row(
         &mut out,
-        "**bytes on the wire per delivery** (frame as read from the socket)",
+        "paced run: message bytes per delivery (inflated)",
+        cells(true, |r| r.payload_bytes_per_delivery, 0),
+    );
+    row(
+        &mut out,
+        "paced run: **bytes on the wire per delivery** (frames as read from the socket)",
         cells(true, |r| r.wire_bytes_per_delivery, 0),
     );
     row(
@@ -402,7 +416,7 @@ fn compression(results: &Results) -> String {
     );
     row(
         &mut out,
-        "deliveries compressed, %",
+        "paced run: deliveries compressed, %",
         cells(true, |r| r.compressed_frames as f64 / r.data_frames.max(1) as f64 * 100.0, 1),
     );
     let _ = writeln!(
@@ -410,17 +424,25 @@ fn compression(results: &Results) -> String {
         "| **Saturated**: {} messages ({} for the Node servers), {} in flight | {gap}",
         c.saturated.messages, c.node_messages, window
     );
-    row(&mut out, "**server CPU µs per delivery** (lower is better)", cells(false, |r| r.cpu_us_per_delivery, 3));
-    row(&mut out, "deliveries/s (the load generator may be the limit)", cells(false, |r| r.deliveries_per_sec, 0));
+    row(
+        &mut out,
+        "**server CPU µs per delivery** (lower is better)",
+        cells(false, |r| r.cpu_us_per_delivery, 3),
+    );
+    row(
+        &mut out,
+        "deliveries/s (the load generator may be the limit)",
+        cells(false, |r| r.deliveries_per_sec, 0),
+    );
     row(&mut out, "latency p99, µs", cells(false, |r| r.latency.p99_us, 0));
     row(&mut out, "other programs' CPU during the phase, s (noise)", cells(false, |r| r.other_cpu_s, 2));
-    let _ = writeln!(
-        out,
-        "| **Paced**: {} deliveries/s ({} messages) | {gap}",
-        num(rate, 0),
-        c.paced.messages
+    let _ =
+        writeln!(out, "| **Paced**: {} deliveries/s ({} messages) | {gap}", num(rate, 0), c.paced.messages);
+    row(
+        &mut out,
+        "**server CPU µs per delivery** (lower is better)",
+        cells(true, |r| r.cpu_us_per_delivery, 3),
     );
-    row(&mut out, "**server CPU µs per delivery** (lower is better)", cells(true, |r| r.cpu_us_per_delivery, 3));
     row(&mut out, "latency p50, µs", cells(true, |r| r.latency.p50_us, 0));
     row(&mut out, "latency p99, µs", cells(true, |r| r.latency.p99_us, 0));
     row(&mut out, "latency max, µs", cells(true, |r| r.latency.max_us, 0));
@@ -441,8 +463,11 @@ fn compression(results: &Results) -> String {
     if !variants.contains(&ours) {
         return out;
     }
-    let others: Vec<(Kind, bool)> =
-        variants.iter().copied().filter(|&(k, on)| (k == Kind::Roomcast && !on) || (k != Kind::Roomcast && on)).collect();
+    let others: Vec<(Kind, bool)> = variants
+        .iter()
+        .copied()
+        .filter(|&(k, on)| (k == Kind::Roomcast && !on) || (k != Kind::Roomcast && on))
+        .collect();
     if !others.is_empty() {
         let _ = write!(out, "\n| Roomcast with compression ÷ |");
         for v in &others {
@@ -464,7 +489,11 @@ fn compression(results: &Results) -> String {
                 })
                 .collect::<Vec<_>>()
         };
-        row(&mut out, "CPU per delivery, saturated (< 1 is better)", ratios(false, |r| r.cpu_us_per_delivery));
+        row(
+            &mut out,
+            "CPU per delivery, saturated (< 1 is better)",
+            ratios(false, |r| r.cpu_us_per_delivery),
+        );
         row(&mut out, "CPU per delivery, paced (< 1 is better)", ratios(true, |r| r.cpu_us_per_delivery));
         row(&mut out, "bytes on the wire per delivery", ratios(true, |r| r.wire_bytes_per_delivery));
         row(&mut out, "latency p99, paced", ratios(true, |r| r.latency.p99_us));
@@ -1074,10 +1103,10 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 22 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 28 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
-         bench/run --compression-only # the compression scenario alone, about 5 minutes\n\
+         bench/run --compression-only # the compression scenario alone, about 6 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
