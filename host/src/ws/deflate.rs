@@ -124,6 +124,13 @@ fn window_bits(value: &str) -> Option<u8> {
     value.parse().ok().filter(|bits| (8..=15).contains(bits))
 }
 
+/// The most compressed bytes a message of at most `max` bytes may take: deflate's
+/// worst case (stored blocks: 5 bytes of framing per block of up to 64 KiB) with room
+/// for a sender that flushes more often, and a few bytes of end.
+pub fn compressed_bound(max: usize) -> usize {
+    max.saturating_add(max / 1024).saturating_add(64)
+}
+
 /// The bytes RFC 7692 has senders strip from the end of a message and receivers add.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
