@@ -108,6 +108,10 @@ pub struct Config {
     pub history_ttl: Duration,
     /// Bytes all rooms' histories may hold together.
     pub history_memory: u64,
+    /// Per-message compression (`permessage-deflate`) for clients that offer it.
+    pub compression: bool,
+    /// Messages smaller than this go uncompressed even to clients that negotiated it.
+    pub compression_threshold: usize,
     pub allowed_origins: OriginPolicy,
     pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
@@ -143,6 +147,8 @@ impl fmt::Debug for Config {
             .field("history_size", &self.history_size)
             .field("history_ttl", &self.history_ttl)
             .field("history_memory", &self.history_memory)
+            .field("compression", &self.compression)
+            .field("compression_threshold", &self.compression_threshold)
             .field("allowed_origins", &self.allowed_origins)
             // Tokens never appear in logs.
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
@@ -178,6 +184,8 @@ impl Default for Config {
             history_size: 0,
             history_ttl: Duration::from_secs(300),
             history_memory: 64 << 20,
+            compression: false,
+            compression_threshold: 256,
             allowed_origins: OriginPolicy::SameHost,
             admin_token: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -262,6 +270,12 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("history_ttl", "DURATION", "How long such a room keeps a message [default: 5m]"),
     ("history_memory", "SIZE", "Bytes all rooms' histories may hold together [default: 64MiB]"),
     (
+        "compression",
+        "on|off",
+        "Per-message compression (permessage-deflate) for clients that offer it [default: off]",
+    ),
+    ("compression_threshold", "SIZE", "Messages smaller than this are sent uncompressed [default: 256B]"),
+    (
         "allowed_origins",
         "LIST",
         "Comma-separated origins (https://*.example.com wildcards, * for any) [default: same host]",
@@ -337,6 +351,17 @@ impl Config {
             "history_size" => self.history_size = parse_count(&text, 0, 100_000).map_err(bad)? as usize,
             "history_ttl" => self.history_ttl = parse_positive_duration(&text).map_err(bad)?,
             "history_memory" => self.history_memory = parse_positive_size(&text).map_err(bad)?,
+            "compression" => {
+                self.compression = match text.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(bad(format!("`{text}` is not on or off"))),
+                }
+            }
+            "compression_threshold" => {
+                self.compression_threshold =
+                    usize::try_from(crate::units::parse_size(&text).map_err(bad)?).unwrap_or(usize::MAX)
+            }
             "allowed_origins" => self.allowed_origins = OriginPolicy::parse(&text).map_err(bad)?,
             "admin_token" => {
                 if text.trim().is_empty() {

@@ -302,7 +302,10 @@ async fn read_loop(
     limits: &Limits,
     shutdown: &CancellationToken,
 ) -> Ending {
-    let mut decoder = Decoder::new(limits.max_message_bytes);
+    let mut decoder = match peer.deflate {
+        Some(_) => Decoder::with_inflate(limits.max_message_bytes),
+        None => Decoder::new(limits.max_message_bytes),
+    };
     let mut heartbeat = Heartbeat::new(limits.heartbeat_interval, limits.pong_timeout, Instant::now());
     let sleep = tokio::time::sleep_until(heartbeat.next_wake());
     tokio::pin!(sleep);
@@ -340,7 +343,9 @@ async fn read_loop(
                 Err(error) => {
                     let reason = match error {
                         DecodeError::TooBig(_) => CloseReason::TooBig,
-                        DecodeError::Protocol(_) | DecodeError::InvalidUtf8 => CloseReason::Protocol,
+                        DecodeError::Protocol(_) | DecodeError::InvalidUtf8 | DecodeError::Corrupt => {
+                            CloseReason::Protocol
+                        }
                     };
                     return Ending::new(reason, error.close_code(), error.to_string());
                 }
@@ -575,7 +580,7 @@ mod tests {
         let session = Session {
             transport: Transport::Plain(Arc::new(stream)),
             read_ahead: Bytes::new(),
-            peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None, None)),
+            peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None, None, None)),
             room: Some("room".to_owned()),
             rooms_mode: None,
             rooms: Arc::new(Rooms::new(metrics.clone(), plugins, TaskTracker::new())),

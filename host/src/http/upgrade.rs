@@ -17,6 +17,7 @@ use crate::plugin::HandshakeRequest;
 use crate::protocol;
 use crate::room::Peer;
 use crate::session::{self, Session};
+use crate::ws::deflate;
 use crate::ws::handshake::{self, Rejection};
 use crate::ws::transport::Transport;
 
@@ -60,6 +61,12 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
             return rejection.into_response();
         }
     };
+    let deflate = if shared.rooms.negotiates_compression(valid.room.as_deref()) {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+        deflate::negotiate(offers.iter().filter_map(|value| value.to_str().ok()))
+    } else {
+        None
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
 
     let id = shared.next_member.fetch_add(1, Relaxed);
@@ -70,6 +77,7 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
         info.remote.to_string(),
         protocol.clone(),
         identity,
+        deflate.as_ref().map(|(agreement, _)| *agreement),
     ));
     let task_shared = shared.clone();
     shared.tracker.spawn(async move {
@@ -113,6 +121,9 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
         .header(header::SEC_WEBSOCKET_ACCEPT, valid.accept);
     if let Some(protocol) = protocol {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    if let Some((_, answer)) = deflate {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, answer);
     }
     response.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

@@ -75,6 +75,8 @@ pub struct Plugin {
     pub(crate) patterns: Vec<RoomPattern>,
     pub(crate) loaded_at: SystemTime,
     pub(crate) history: Option<HistorySettings>,
+    /// Whether its rooms' messages may be compressed (`compression` in `NAME.toml`).
+    pub(crate) compression: bool,
     /// Instances that answer handshakes. They hold no room: their `room` imports answer
     /// `unavailable`. One is taken out for each handshake (so concurrent handshakes do
     /// not wait on each other) and put back unless it failed.
@@ -122,6 +124,12 @@ impl Plugin {
     /// Its rooms' history (`[history]` in `NAME.toml`), if they keep one.
     pub fn history(&self) -> Option<HistorySettings> {
         self.history
+    }
+
+    /// Whether its rooms' messages may be compressed (`compression` in `NAME.toml`,
+    /// default true).
+    pub fn compression(&self) -> bool {
+        self.compression
     }
 
     /// Its limits (from `NAME.toml`, else the defaults).

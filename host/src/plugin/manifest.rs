@@ -20,12 +20,21 @@ pub(crate) struct Manifest {
     pub(crate) limits: Limits,
     /// `[history]`: the plugin's rooms keep history (`None`: they do not).
     pub(crate) history: Option<HistorySettings>,
+    /// `compression = false`: its rooms' messages go uncompressed even to clients that
+    /// negotiated `permessage-deflate`.
+    pub(crate) compression: bool,
 }
 
 impl Manifest {
     /// What a plugin without a `NAME.toml` gets.
     pub(crate) fn defaults(caps: &HostCaps) -> Manifest {
-        Manifest { rooms: None, config_json: "{}".to_owned(), limits: caps.default_limits(), history: None }
+        Manifest {
+            rooms: None,
+            config_json: "{}".to_owned(),
+            limits: caps.default_limits(),
+            history: None,
+            compression: true,
+        }
     }
 }
 
@@ -115,10 +124,16 @@ pub(crate) fn parse(text: &str, file: &Path, caps: &HostCaps) -> Result<Manifest
                 };
                 manifest.history = Some(parse_history(history).map_err(|error| format!("{file}: {error}"))?);
             }
+            "compression" => {
+                let toml::Value::Boolean(on) = value else {
+                    return Err(format!("{file}: `compression` must be true or false"));
+                };
+                manifest.compression = *on;
+            }
             other => {
                 return Err(format!(
                     "{file}: unknown key `{other}` (a plugin's TOML may set `rooms`, \
-                     `[config]`, `[limits]` and `[history]`)"
+                     `compression`, `[config]`, `[limits]` and `[history]`)"
                 ));
             }
         }
@@ -273,6 +288,13 @@ mod tests {
         assert_eq!(manifest.limits.memory, 1 << 20);
         assert_eq!(manifest.limits.deadline, Duration::from_millis(10));
         assert_eq!(parse_ok("rooms = []").rooms, Some(vec![]));
+    }
+
+    #[test]
+    fn compression_may_be_turned_off() {
+        assert!(parse_ok("").compression);
+        assert!(!parse_ok("compression = false").compression);
+        assert!(parse_err("compression = \"no\"").contains("`compression` must be true or false"));
     }
 
     #[test]

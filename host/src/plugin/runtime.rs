@@ -419,6 +419,7 @@ impl PluginRuntime {
             patterns,
             loaded_at: SystemTime::now(),
             history: manifest.history,
+            compression: manifest.compression,
             handshakes: Mutex::new(vec![sandbox]),
         };
         Ok(Prepared {

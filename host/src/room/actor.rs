@@ -69,6 +69,9 @@ pub(super) struct RoomActor {
     /// What the room's previous owner stored of its history, until the history is
     /// made (cluster mode).
     pub(super) stored_history: Option<Vec<crate::cluster::StoredEntry>>,
+    /// Deflate messages of at least this many bytes for members that negotiated
+    /// `permessage-deflate` (`None`: compression is off for this room).
+    pub(super) compress: Option<usize>,
     /// The join parameters of this node's members that gave any, so that presenting
     /// them again (a new plugin version, a fresh instance, a takeover) shows the same.
     pub(super) params: std::collections::HashMap<MemberId, Arc<str>>,
@@ -165,6 +168,7 @@ impl RoomActor {
             refused: Vec::new(),
             history: None,
             stored_history: None,
+            compress: None,
             params: std::collections::HashMap::new(),
         }
     }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::actor::RoomActor;
 use super::peer::{Frames, encode_tagged};
-use super::{Ending, Peer, encode};
+use super::{Ending, Peer};
 use crate::cluster::wire::Delivery;
 use crate::plugin::{MemberId, Payload};
 use crate::types::CloseReason;
@@ -36,20 +36,21 @@ impl RoomActor {
         if self.staged.is_empty() {
             return;
         }
-        // Each staged payload encoded once per kind of member present.
-        let raw = self.peers.iter().any(|p| !p.tagged);
-        let tagged = self.peers.iter().any(|p| p.tagged);
-        let encoded: Vec<(Option<Bytes>, Option<Bytes>)> = self
+        // Each staged payload encoded (and deflated) once per kind of member present.
+        let mut encoded: Vec<Frames> = self
             .staged
             .iter()
             .map(|(payload, _, preset)| {
-                let tagged_frame = tagged.then(|| match preset {
-                    Some(frame) => frame.clone(),
-                    None => encode_tagged(&self.room.name, payload, None),
-                });
-                (raw.then(|| encode(payload)), tagged_frame)
+                Frames::with_tagged(&self.room.name, payload, preset.clone(), self.compress)
             })
             .collect();
+        for peer in &self.peers {
+            for (frames, (_, target, _)) in encoded.iter_mut().zip(&self.staged) {
+                if target.includes(peer.id) {
+                    frames.prepare(peer);
+                }
+            }
+        }
         let mut frames = Vec::with_capacity(self.staged.len());
         let mut delivered = 0;
         for peer in &self.peers {
@@ -59,9 +60,7 @@ impl RoomActor {
                     .iter()
                     .zip(&encoded)
                     .filter(|((_, target, _), _)| target.includes(peer.id))
-                    .filter_map(
-                        |(_, (raw, tagged))| if peer.tagged { tagged.as_ref() } else { raw.as_ref() },
-                    ),
+                    .map(|(_, frames)| frames.get(peer)),
             );
             if !frames.is_empty() {
                 delivered += peer.deliver_batch(&frames);
@@ -138,7 +137,9 @@ impl RoomActor {
         let Some(peer) = self.local(to) else { return false };
         if self.staging {
             self.staged.push((payload.clone(), Target::One(to), None));
-        } else if peer.deliver(Frames::new(&self.room.name, payload).for_peer(peer), self.write_through) {
+        } else if peer
+            .deliver(Frames::new(&self.room.name, payload, self.compress).for_peer(peer), self.write_through)
+        {
             self.metrics.messages_out.fetch_add(1, Relaxed);
         }
         true
@@ -151,7 +152,7 @@ impl RoomActor {
             self.staged.push((payload.clone(), Target::Except(except.to_vec()), tagged));
             return;
         }
-        let mut frames = Frames::with_tagged(&self.room.name, payload, tagged);
+        let mut frames = Frames::with_tagged(&self.room.name, payload, tagged, self.compress);
         let mut delivered = 0;
         for peer in &self.peers {
             if !except.contains(&peer.id) && peer.deliver(frames.for_peer(peer), self.write_through) {

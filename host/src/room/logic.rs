@@ -31,6 +31,17 @@ impl RoomActor {
         };
         *self.room.plugin.lock().expect("room lock") = shown;
         self.refresh_history();
+        self.refresh_compression();
+    }
+
+    /// Compress as the server and the room's plugin say.
+    pub(super) fn refresh_compression(&mut self) {
+        let Some(rooms) = self.rooms.upgrade() else { return };
+        self.compress = match &self.logic {
+            Logic::Default => rooms.compression_for(None),
+            Logic::Plugin { instance, .. } => rooms.compression_for(Some(instance.plugin())),
+            Logic::Failed { plugin } => rooms.compression_for(Some(plugin)),
+        };
     }
 
     /// Keep history as the room's plugin (or, without one, the server) says: start

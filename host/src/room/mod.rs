@@ -45,7 +45,7 @@ pub use crate::plugin::MemberId;
 pub use crate::protocol::Since;
 pub use gate::Gate;
 pub use history::{History, HistoryBudget, HistoryLimits, Recovery};
-pub use peer::{Ending, Invite, Peer, encode};
+pub use peer::{Ending, Invite, Peer};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
 /// (its reader stops reading its socket) until the room catches up: backpressure on
@@ -184,6 +184,9 @@ pub struct Rooms {
     cluster: Option<Arc<Cluster>>,
     /// History of rooms without a plugin (`history_size`, `history_ttl`; `None`: off).
     default_history: Option<crate::plugin::HistorySettings>,
+    /// `compression` on: messages from this many bytes up are deflated for members
+    /// that negotiated it (`None`: off).
+    compression: Option<usize>,
     /// The most bytes one room's history holds: half a member's outbound queue, so
     /// that a replay fits an empty queue.
     history_bytes: usize,
@@ -219,6 +222,7 @@ impl Rooms {
             tracker,
             cluster: None,
             default_history: None,
+            compression: None,
             history_bytes: 512 << 10,
             budget,
             retained: Mutex::default(),
@@ -237,6 +241,29 @@ impl Rooms {
         self.history_bytes = room_bytes;
         self.budget = Arc::new(HistoryBudget { limit: memory, metrics: self.metrics.clone() });
         self
+    }
+
+    /// Compress messages of at least `threshold` bytes for members that negotiated
+    /// `permessage-deflate` (`None`: never).
+    pub fn with_compression(mut self, threshold: Option<usize>) -> Self {
+        self.compression = threshold;
+        self
+    }
+
+    /// The compression threshold of a room served by `plugin` (`None`: its messages go
+    /// uncompressed: compression is off, or the plugin's `NAME.toml` turned it off).
+    pub(crate) fn compression_for(&self, plugin: Option<&crate::plugin::Plugin>) -> Option<usize> {
+        self.compression.filter(|_| plugin.is_none_or(|plugin| plugin.compression()))
+    }
+
+    /// Whether an upgrade to `room` (`None`: `GET /ws`, rooms joined later) may
+    /// negotiate `permessage-deflate`: compression is on and, for a room, its plugin
+    /// does not turn it off.
+    pub(crate) fn negotiates_compression(&self, room: Option<&str>) -> bool {
+        match room {
+            Some(room) => self.compression_for(self.plugins.for_room(room).as_deref()).is_some(),
+            None => self.compression.is_some(),
+        }
     }
 
     /// The history limits of room `name` served by `plugin` (`None`: no history).

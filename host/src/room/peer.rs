@@ -24,6 +24,8 @@ pub struct Peer {
     /// Room-protocol mode (`roomcast.v1`): deliveries are tagged with their room, and a
     /// plugin's close ends one membership, not the session.
     pub tagged: bool,
+    /// What `permessage-deflate` negotiation agreed (`None`: not negotiated).
+    pub deflate: Option<crate::ws::deflate::Agreement>,
     /// Notified when something other than the session itself ends the session (slow
     /// consumer, a plugin's close) or one of its memberships; the session task owns
     /// the teardown.
@@ -81,6 +83,7 @@ impl Peer {
         remote_addr: String,
         protocol: Option<String>,
         identity: Option<Arc<str>>,
+        deflate: Option<crate::ws::deflate::Agreement>,
     ) -> Self {
         Self {
             id,
@@ -89,6 +92,7 @@ impl Peer {
             remote_addr,
             identity,
             tagged: protocol.as_deref() == Some(crate::protocol::SUBPROTOCOL),
+            deflate,
             protocol,
             kill: tokio::sync::Notify::new(),
             departures: Mutex::new(Departures::default()),
@@ -228,31 +232,79 @@ pub fn untag(frame: &Bytes) -> Option<Payload> {
 }
 
 /// A payload's frames, each encoded at most once per delivery: as raw members get it
-/// and, when a member in room-protocol mode is among the recipients, tagged.
+/// and, when a member in room-protocol mode is among the recipients, tagged; and each of
+/// those deflated at most once per window size, for members that negotiated
+/// `permessage-deflate` (a broadcast is compressed once, whatever the room's size).
 #[derive(Debug)]
 pub struct Frames<'a> {
     room: &'a str,
     payload: &'a Payload,
     raw: Option<Bytes>,
     tagged: Option<Bytes>,
+    /// Deflate frames whose payload has at least this many bytes (`None`: never).
+    compress: Option<usize>,
+    /// The deflated frames made so far, by kind (tagged or not) and window; `None`
+    /// where deflating did not make the frame smaller.
+    deflated: Vec<(bool, u8, Option<Bytes>)>,
 }
 
 impl<'a> Frames<'a> {
-    pub fn new(room: &'a str, payload: &'a Payload) -> Self {
-        Self::with_tagged(room, payload, None)
+    pub fn new(room: &'a str, payload: &'a Payload, compress: Option<usize>) -> Self {
+        Self::with_tagged(room, payload, None, compress)
     }
 
     /// With the tagged frame already encoded (it carries a history offset).
-    pub fn with_tagged(room: &'a str, payload: &'a Payload, tagged: Option<Bytes>) -> Self {
-        Self { room, payload, raw: None, tagged }
+    pub fn with_tagged(
+        room: &'a str,
+        payload: &'a Payload,
+        tagged: Option<Bytes>,
+        compress: Option<usize>,
+    ) -> Self {
+        Self { room, payload, raw: None, tagged, compress, deflated: Vec::new() }
     }
 
     /// The frame for `peer`.
     pub fn for_peer(&mut self, peer: &Peer) -> &Bytes {
-        if peer.tagged {
+        self.prepare(peer);
+        self.get(peer)
+    }
+
+    /// Encode (and deflate) the frame `peer` gets, if not done yet.
+    pub fn prepare(&mut self, peer: &Peer) {
+        let plain = if peer.tagged {
             self.tagged.get_or_insert_with(|| encode_tagged(self.room, self.payload, None))
         } else {
             self.raw.get_or_insert_with(|| encode(self.payload))
+        };
+        let Some(window) = deflate_window(self.compress, peer, plain) else { return };
+        if !self.deflated.iter().any(|(tagged, w, _)| *tagged == peer.tagged && *w == window) {
+            let deflated = frame::decode_server_frame(plain)
+                .and_then(|(opcode, payload)| crate::ws::deflate::compress_frame(opcode, &payload, window));
+            self.deflated.push((peer.tagged, window, deflated));
         }
     }
+
+    /// The frame `peer` gets, once [`Self::prepare`]d for it.
+    pub fn get(&self, peer: &Peer) -> &Bytes {
+        let plain = if peer.tagged { self.tagged.as_ref() } else { self.raw.as_ref() };
+        let plain = plain.expect("frames prepared for the peer");
+        let deflated = deflate_window(self.compress, peer, plain).and_then(|window| {
+            self.deflated.iter().find(|(tagged, w, _)| *tagged == peer.tagged && *w == window)?.2.as_ref()
+        });
+        deflated.unwrap_or(plain)
+    }
+}
+
+/// The window `peer`'s copy of `plain` is deflated with, if it is deflated: the room
+/// compresses (`compress`, its threshold), the peer negotiated it, and the payload is
+/// large enough.
+fn deflate_window(compress: Option<usize>, peer: &Peer, plain: &Bytes) -> Option<u8> {
+    let threshold = compress?;
+    let window = peer.deflate?.server_window?;
+    let header = match plain.get(1).map(|len| len & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    (plain.len().saturating_sub(header) >= threshold).then_some(window)
 }

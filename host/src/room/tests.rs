@@ -38,7 +38,7 @@ fn rooms(folder: &Folder) -> Arc<Rooms> {
 }
 
 fn peer(id: MemberId) -> Arc<Peer> {
-    Arc::new(Peer::new(id, 1 << 20, String::new(), "127.0.0.1:1".into(), None, None))
+    Arc::new(Peer::new(id, 1 << 20, String::new(), "127.0.0.1:1".into(), None, None, None))
 }
 
 /// The payload of the next data frame queued for `peer` (a server frame: no mask),

@@ -128,12 +128,17 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             gate: Arc::new(Gate::new(plugins.clone(), metrics.clone())),
             rooms: Arc::new(
-                Rooms::new(metrics.clone(), plugins, tracker.clone()).with_cluster(cluster).with_history(
-                    (config.history_size > 0)
-                        .then_some(HistorySettings { size: config.history_size, ttl: config.history_ttl }),
-                    usize::try_from(config.max_queue_bytes / 2).unwrap_or(usize::MAX),
-                    usize::try_from(config.history_memory).unwrap_or(usize::MAX),
-                ),
+                Rooms::new(metrics.clone(), plugins, tracker.clone())
+                    .with_cluster(cluster)
+                    .with_history(
+                        (config.history_size > 0).then_some(HistorySettings {
+                            size: config.history_size,
+                            ttl: config.history_ttl,
+                        }),
+                        usize::try_from(config.max_queue_bytes / 2).unwrap_or(usize::MAX),
+                        usize::try_from(config.history_memory).unwrap_or(usize::MAX),
+                    )
+                    .with_compression(config.compression.then_some(config.compression_threshold)),
             ),
             metrics,
             tracker,

@@ -1,6 +1,7 @@
 //! The RFC 6455 frame codec: decoding client frames and encoding server frames.
 //!
-//! The decoder is strict: reserved bits, unknown opcodes, unmasked client frames,
+//! The decoder is strict: reserved bits (but RSV1 on the first frame of a message
+//! when `permessage-deflate` was negotiated: see [`super::deflate`]), unknown opcodes, unmasked client frames,
 //! fragmented or oversized control frames, non-minimal lengths, misplaced
 //! continuations, invalid close codes and invalid UTF-8 are errors that carry the close
 //! code the server answers with. Server frames are never masked, so a broadcast frame
@@ -52,13 +53,15 @@ pub enum DecodeError {
     InvalidUtf8,
     #[error("message larger than {0} bytes")]
     TooBig(usize),
+    #[error("a compressed message that does not inflate")]
+    Corrupt,
 }
 
 impl DecodeError {
     pub fn close_code(&self) -> u16 {
         match self {
             Self::Protocol(_) => close_code::PROTOCOL,
-            Self::InvalidUtf8 => close_code::INVALID_DATA,
+            Self::InvalidUtf8 | Self::Corrupt => close_code::INVALID_DATA,
             Self::TooBig(_) => close_code::TOO_BIG,
         }
     }
@@ -68,6 +71,8 @@ impl DecodeError {
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
+    /// `permessage-deflate` was negotiated: RSV1 marks a compressed message.
+    inflate: bool,
     /// The message being received in fragments, if any.
     partial: Option<Partial>,
 }
@@ -76,6 +81,8 @@ pub struct Decoder {
 #[derive(Debug)]
 struct Partial {
     text: bool,
+    /// Its fragments are compressed: checked and inflated once it is whole.
+    compressed: bool,
     payload: BytesMut,
     /// For text: how many leading bytes of `payload` are known to be valid UTF-8. Each
     /// fragment is checked as it arrives (RFC 6455 8.1: fail fast), so only an
@@ -85,8 +92,8 @@ struct Partial {
 
 impl Partial {
     /// The first fragment of a message.
-    fn start(text: bool, payload: BytesMut) -> Result<Self, DecodeError> {
-        let mut partial = Self { text, payload, valid_up_to: 0 };
+    fn start(text: bool, compressed: bool, payload: BytesMut) -> Result<Self, DecodeError> {
+        let mut partial = Self { text, compressed, payload, valid_up_to: 0 };
         partial.check()?;
         Ok(partial)
     }
@@ -100,7 +107,7 @@ impl Partial {
     /// For text, fail as soon as the bytes so far cannot begin valid UTF-8 (an
     /// unfinished character at the end is not yet an error).
     fn check(&mut self) -> Result<(), DecodeError> {
-        if self.text {
+        if self.text && !self.compressed {
             match std::str::from_utf8(&self.payload[self.valid_up_to..]) {
                 Ok(_) => self.valid_up_to = self.payload.len(),
                 Err(e) if e.error_len().is_none() => self.valid_up_to += e.valid_up_to(),
@@ -111,7 +118,11 @@ impl Partial {
     }
 
     /// The whole message, once its last fragment arrived.
-    fn finish(self) -> Result<Event, DecodeError> {
+    fn finish(self, max_message: usize) -> Result<Event, DecodeError> {
+        if self.compressed {
+            let payload = super::deflate::inflate(&self.payload, max_message, self.text)?;
+            return Ok(Event::Message { text: self.text, payload });
+        }
         if self.text && self.valid_up_to != self.payload.len() {
             return Err(DecodeError::InvalidUtf8); // ends inside a character
         }
@@ -121,14 +132,19 @@ impl Partial {
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Self { max_message, partial: None }
+        Self { max_message, inflate: false, partial: None }
+    }
+
+    /// A decoder for a connection that negotiated `permessage-deflate`.
+    pub fn with_inflate(max_message: usize) -> Self {
+        Self { max_message, inflate: true, partial: None }
     }
 
     /// Decode the next complete event from `buf`, consuming its bytes. `Ok(None)` means
     /// more bytes are needed; the buffer is then reserved for the rest of the frame.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, DecodeError> {
         loop {
-            let Some(header) = parse_header(buf)? else {
+            let Some(header) = parse_header(buf, self.inflate)? else {
                 return Ok(None);
             };
             let is_control = header.opcode >= 0x8;
@@ -153,18 +169,25 @@ impl Decoder {
                         return Err(DecodeError::Protocol("new data frame inside a fragmented message"));
                     }
                     let text = header.opcode == OP_TEXT;
-                    if header.fin {
+                    if header.fin && !header.compressed {
                         return finish(text, payload.freeze()).map(Some);
                     }
-                    self.partial = Some(Partial::start(text, payload)?);
+                    let partial = Partial::start(text, header.compressed, payload)?;
+                    if header.fin {
+                        return partial.finish(self.max_message).map(Some);
+                    }
+                    self.partial = Some(partial);
                 }
                 OP_CONTINUATION => {
                     let Some(mut partial) = self.partial.take() else {
                         return Err(DecodeError::Protocol("continuation without a message in progress"));
                     };
+                    if header.compressed {
+                        return Err(DecodeError::Protocol("RSV1 set on a continuation frame"));
+                    }
                     partial.extend(&payload)?;
                     if header.fin {
-                        return partial.finish().map(Some);
+                        return partial.finish(self.max_message).map(Some);
                     }
                     self.partial = Some(partial);
                 }
@@ -209,18 +232,21 @@ pub fn valid_close_code(code: u16) -> bool {
 
 struct Header {
     fin: bool,
+    /// RSV1: the message this frame starts is compressed (`permessage-deflate`).
+    compressed: bool,
     opcode: u8,
     mask: [u8; 4],
     len: u64,
     header_len: usize,
 }
 
-fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
+fn parse_header(buf: &[u8], inflate: bool) -> Result<Option<Header>, DecodeError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    let compressed = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (compressed && !inflate) {
         return Err(DecodeError::Protocol("reserved bits set without a negotiated extension"));
     }
     let fin = b0 & 0x80 != 0;
@@ -228,6 +254,9 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
     match opcode {
         OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
         OP_CLOSE | OP_PING | OP_PONG => {
+            if compressed {
+                return Err(DecodeError::Protocol("RSV1 set on a control frame"));
+            }
             if !fin {
                 return Err(DecodeError::Protocol("fragmented control frame"));
             }
@@ -271,7 +300,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, DecodeError> {
     }
     let mask = buf[at..at + 4].try_into().expect("4 bytes");
     at += 4;
-    Ok(Some(Header { fin, opcode, mask, len, header_len: at }))
+    Ok(Some(Header { fin, compressed, opcode, mask, len, header_len: at }))
 }
 
 /// XOR the payload with the client's masking key, eight bytes at a time.
@@ -289,9 +318,16 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 
 /// Encode one unmasked, unfragmented server frame.
 pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
-    let len = payload.len();
-    let mut out = BytesMut::with_capacity(len + 10);
-    out.put_u8(0x80 | opcode);
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    put_header(&mut out, 0x80 | opcode, payload.len());
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// Write a server frame's header: its first byte (FIN, RSV bits, opcode) and the
+/// length of a payload of `len` bytes.
+pub fn put_header(out: &mut BytesMut, first: u8, len: usize) {
+    out.put_u8(first);
     if len < 126 {
         out.put_u8(len as u8);
     } else if len <= u16::MAX as usize {
@@ -301,8 +337,6 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
         out.put_u8(127);
         out.put_u64(len as u64);
     }
-    out.extend_from_slice(payload);
-    out.freeze()
 }
 
 /// The opcode and payload of one whole, unmasked frame that [`encode`] made; `None`
@@ -358,6 +392,90 @@ mod tests {
     use super::*;
 
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    /// A client frame with RSV1 set.
+    fn rsv1(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = encode_client(fin, opcode, payload, MASK);
+        frame[0] |= 0x40;
+        frame
+    }
+
+    /// The raw deflate of `text`, as a client would send it (sync flush, tail dropped).
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        let frame = super::super::deflate::compress_frame(OP_TEXT, text, 15).expect("compressible");
+        let plain = Bytes::from([&[frame[0] & !0x40][..], &frame[1..]].concat());
+        decode_server_frame(&plain).unwrap().1.to_vec()
+    }
+
+    #[test]
+    fn compressed_messages_with_permessage_deflate() {
+        let text = "bonjour ".repeat(200);
+        let data = deflated(text.as_bytes());
+        // Whole, then in three fragments (RSV1 on the first only).
+        let (a, b) = data.split_at(data.len() / 3);
+        let (b, c) = b.split_at(b.len() / 2);
+        let mut bytes = rsv1(true, OP_TEXT, &data);
+        bytes.extend(rsv1(false, OP_TEXT, a));
+        bytes.extend(encode_client(false, OP_CONTINUATION, b, MASK));
+        bytes.extend(encode_client(true, OP_PING, b"p", MASK));
+        bytes.extend(encode_client(true, OP_CONTINUATION, c, MASK));
+        let mut decoder = Decoder::with_inflate(1 << 20);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let whole = || Event::Message { text: true, payload: Bytes::from(text.clone()) };
+        assert_eq!(decoder.decode(&mut buf), Ok(Some(whole())));
+        assert_eq!(decoder.decode(&mut buf), Ok(Some(Event::Ping(Bytes::from_static(b"p")))));
+        assert_eq!(decoder.decode(&mut buf), Ok(Some(whole())));
+        // Plain messages still pass.
+        let mut buf = BytesMut::from(&encode_client(true, OP_TEXT, b"plain", MASK)[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Some(Event::Message { text: true, payload: Bytes::from("plain") }))
+        );
+        // The limit applies to the inflated size.
+        let mut buf = BytesMut::from(&rsv1(true, OP_TEXT, &data)[..]);
+        assert_eq!(Decoder::with_inflate(1000).decode(&mut buf), Err(DecodeError::TooBig(1000)));
+    }
+
+    #[test]
+    fn rsv1_where_it_may_not_be() {
+        let data = deflated("hello hello hello hello hello".as_bytes());
+        let cases: Vec<(&str, bool, Vec<u8>)> = vec![
+            ("not negotiated", false, rsv1(true, OP_TEXT, &data)),
+            (
+                "on a continuation",
+                true,
+                [rsv1(false, OP_TEXT, &data), rsv1(true, OP_CONTINUATION, b"")].concat(),
+            ),
+            ("on a ping", true, rsv1(true, OP_PING, b"")),
+            ("on a close", true, rsv1(true, OP_CLOSE, &1000u16.to_be_bytes())),
+        ];
+        for (name, inflate, bytes) in cases {
+            let mut decoder = if inflate { Decoder::with_inflate(1 << 20) } else { Decoder::new(1 << 20) };
+            let mut buf = BytesMut::from(&bytes[..]);
+            let result = loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    other => break other,
+                }
+            };
+            assert!(matches!(result, Err(DecodeError::Protocol(_))), "{name}: {result:?}");
+        }
+        // RSV2 and RSV3 stay reserved.
+        for bit in [0x20, 0x10] {
+            let mut frame = encode_client(true, OP_TEXT, b"x", MASK);
+            frame[0] |= bit;
+            let mut buf = BytesMut::from(&frame[..]);
+            assert!(matches!(Decoder::with_inflate(1024).decode(&mut buf), Err(DecodeError::Protocol(_))));
+        }
+        // A corrupt stream and invalid UTF-8 inside one are 1007.
+        let mut buf = BytesMut::from(&rsv1(true, OP_BINARY, &[0xff, 0xfe, 0xfd])[..]);
+        let error = Decoder::with_inflate(1024).decode(&mut buf).unwrap_err();
+        assert_eq!(error.close_code(), close_code::INVALID_DATA);
+        let mut bad = vec![b'a'; 500];
+        bad[250] = 0xc3;
+        let mut buf = BytesMut::from(&rsv1(true, OP_TEXT, &deflated(&bad))[..]);
+        assert_eq!(Decoder::with_inflate(1024).decode(&mut buf), Err(DecodeError::InvalidUtf8));
+    }
 
     fn decode_all(bytes: &[u8], max: usize) -> Vec<Result<Event, DecodeError>> {
         let mut decoder = Decoder::new(max);

@@ -3,6 +3,7 @@
 //! here knows about rooms or plugins; [`crate::session`] joins a connection to its
 //! rooms on top of it.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;
