@@ -9,10 +9,12 @@ offers, and checks:
 - the server's `Sec-WebSocket-Extensions` answer, parameter by parameter, against
   what Roomcast negotiates (below), and the extension the client then runs;
 - every message it sends comes back byte for byte, with its type;
-- each echo's first frame has RSV1 set exactly when it should be compressed: on a
+- each echo's first frame has RSV1 only where the server may compress: on a
   connection that negotiated the extension, a message of at least the threshold's
   size, unless the offer limited the server to a 256-byte window
-  (`server_max_window_bits=8`, which zlib cannot deflate with);
+  (`server_max_window_bits=8`, which zlib cannot deflate with); and it has RSV1 where
+  the server must: there, when deflate saves at least a tenth of the message (one
+  that does not shrink may go plain, as RFC 7692 allows for any message);
 - each compressed echo inflates with the window the server was limited to, and on its
   own (the server never keeps its context from one message to the next), since the
   client's inflater is sized and reset accordingly;
@@ -224,13 +226,17 @@ def unicode_text(size: int, seed) -> bytes:
     return bytes(out + b"x" * (size - len(out)))
 
 
+SIXTEEN = bytes(b"0123456789abcdef"[byte & 15] for byte in range(256))
+
+
 def periodic(size: int, seed, period: int) -> bytes:
-    """Random blocks of `period` bytes, each one repeated: a deflater may only refer
-    back `period` bytes, which a window smaller than that does not reach."""
+    """Random blocks of `period` bytes of 16 symbols (which deflate shrinks in any
+    window), each repeated: a deflater can refer back `period` bytes, which a window
+    smaller than that does not reach."""
     rng = rng_for("periodic", seed, period)
     out = bytearray()
     while len(out) < size:
-        block = rng.randbytes(period)
+        block = rng.randbytes(period).translate(SIXTEEN)
         out += block * 3
     return bytes(out[:size])
 
@@ -624,6 +630,22 @@ async def run_case(case: Case, args) -> str:
         await ws.close()
 
 
+def may_compress(data: bytes, threshold: int, server_bits: int | None) -> bool:
+    """Whether the server may send this message compressed: at least the threshold,
+    and a window zlib can deflate with."""
+    return len(data) >= threshold and server_bits != 8
+
+
+def must_compress(data: bytes, threshold: int, server_bits: int | None) -> bool:
+    """Whether it must: it may, and deflate saves at least a tenth of it (a message
+    that deflate does not shrink may go plain, as RFC 7692 allows any message to)."""
+    if not may_compress(data, threshold, server_bits):
+        return False
+    deflater = zlib.compressobj(wbits=-(server_bits or 15))
+    size = len(deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)) - 4
+    return size <= len(data) * 0.9
+
+
 def how_it_closed(closed: websockets.ConnectionClosed) -> str:
     server = f"the server closed with {closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd else "no close from the server"
     client = f"the client closed with {closed.sent.code} {closed.sent.reason!r}" if closed.sent else "no close from the client"
@@ -656,13 +678,13 @@ async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_
             )
         if negotiated:
             compressed = compressed_flags.popleft()
-            should = len(sent.data) >= threshold and server_bits != 8
-            if compressed != should:
+            if compressed and not may_compress(sent.data, threshold, server_bits):
                 raise CaseFailed(
-                    f"message {index} ({sent.describe()}): its echo came {'with' if compressed else 'without'} RSV1, "
-                    f"expected {'compressed' if should else 'uncompressed'} (threshold {threshold}"
-                    f"{', server_max_window_bits=8' if server_bits == 8 else ''})"
+                    f"message {index} ({sent.describe()}): its echo came compressed (RSV1), expected it plain "
+                    f"(threshold {threshold}{', server_max_window_bits=8' if server_bits == 8 else ''})"
                 )
+            if not compressed and must_compress(sent.data, threshold, server_bits):
+                raise CaseFailed(f"message {index} ({sent.describe()}): its echo came plain, expected it compressed")
 
     for index, message in enumerate(messages):
         while pending and (len(pending) >= 16 or in_flight + len(message.data) > 8 * MIB):
