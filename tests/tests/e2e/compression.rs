@@ -95,7 +95,7 @@ fn plain(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The first frame of a compressed message (RSV1 set), carrying deflated bytes.
-fn compressed(fin: bool, opcode: u8, deflated: &[u8]) -> Vec<u8> {
+pub(crate) fn compressed(fin: bool, opcode: u8, deflated: &[u8]) -> Vec<u8> {
     frame_with(RSV1, fin, opcode, deflated)
 }
 
