@@ -48,6 +48,7 @@ invalid and skipped.
 
 Usage: permessage_deflate.py --url ws://HOST:PORT [--room-prefix echo:]
        [--threshold 256] [--only ID-PREFIX] [--quick] [--list]
+       (or --url wss://HOST:PORT [--cafile CA.pem] over TLS)
 
 Prints one line per case and a summary line; exits 1 if any case failed.
 """
@@ -58,6 +59,7 @@ import argparse
 import asyncio
 import json
 import random
+import ssl
 import sys
 import time
 import zlib
@@ -540,11 +542,11 @@ def chunks(message: Message):
     yield data[at:]
 
 
-async def raw_answer(host: str, port: int, path: str, offers: list[ClientExtensionFactory]) -> str:
+async def raw_answer(host: str, port: int, path: str, offers: list[ClientExtensionFactory], tls) -> str:
     """The server's Sec-WebSocket-Extensions answer to these offers, read off a plain
     socket (for a failure message when the client could not run what it answered)."""
     header = ", ".join(show_params(o.name, o.get_request_params()) for o in offers)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     writer.write(
         (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -575,13 +577,14 @@ async def run_case(case: Case, args) -> str:
             open_timeout=TIMEOUT,
             ping_interval=None,
             close_timeout=TIMEOUT,
+            ssl=args.tls,
             max_size=64 * MIB,
             max_queue=64,
             write_limit=MIB,
         )
     except Exception as error:
         try:
-            answer = await raw_answer(host, int(port), f"/ws/{room}", case.offers)
+            answer = await raw_answer(host, int(port), f"/ws/{room}", case.offers, args.tls)
         except Exception as probe:  # noqa: BLE001
             answer = f"(could not read the answer again: {probe!r})"
         wanted = show_params(NAME, expected) if expected else "(none)"
@@ -706,7 +709,8 @@ async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="the server, ws://HOST:PORT")
+    parser.add_argument("--url", help="the server, ws://HOST:PORT or wss://HOST:PORT")
+    parser.add_argument("--cafile", help="over wss://, trust the server certificate's authority in this PEM file")
     parser.add_argument("--room-prefix", default="echo:", help="rooms of the echo plugin start with this")
     parser.add_argument("--threshold", type=int, default=256, help="the server's compression_threshold")
     parser.add_argument("--only", action="append", default=[], help="run the cases whose id starts with this")
@@ -725,6 +729,9 @@ async def main() -> int:
     if not args.url:
         parser.error("--url is required")
     args.url = args.url.rstrip("/")
+    args.tls = None
+    if args.url.startswith("wss://"):
+        args.tls = ssl.create_default_context(cafile=args.cafile)
     failed = []
     started = time.monotonic()
     for case in selected:

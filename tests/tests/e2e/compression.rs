@@ -1,13 +1,13 @@
 //! Per-message compression (RFC 7692) from the outside. The conformance suite
 //! (`tests/conformance/permessage_deflate.py`, on the pinned Python client that
 //! `scripts/setup --tests` installs) runs its Autobahn-style cases against a server
-//! with compression on; raw sockets with hand-made frames check what a library client
+//! with compression on, over plain TCP and (a quicker pass) over TLS; raw sockets with hand-made frames check what a library client
 //! would never send or would hide: the negotiation answer to each kind of offer, read
 //! off the 101 response; RSV1 on the wire (the threshold, a broadcast deflated once and
 //! the same bytes for every member, plain frames where nothing was negotiated or a
-//! plugin turned compression off); and hostile compressed input (a deflate bomb, bad
-//! UTF-8, a corrupt stream, RSV bits where they are not allowed) closed with the right
-//! code.
+//! plugin turned compression off, recovery replays, members on another node of a
+//! cluster); and hostile compressed input (a deflate bomb, bad UTF-8, a corrupt stream,
+//! RSV bits where they are not allowed) closed with the right code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -247,22 +247,30 @@ fn conformance() -> (PathBuf, PathBuf) {
     (dir, python)
 }
 
-/// The whole suite against a server with compression on and the echo plugin: every
-/// case's negotiation, every echo byte for byte, RSV1 where it belongs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_permessage_deflate_conformance_suite_passes() {
-    let (dir, python) = conformance();
-    // Messages of up to 4 MiB, echoed back: the limits and the echo plugin's leave.
-    let plugins = PluginDir::new(&[("echo", Some("[limits]\nmemory = \"128MiB\"\ndeadline = \"1s\"\n"))]);
-    let server = TestServer::start(Config {
+/// A server with compression on and the `echo` plugin, set for the suite's messages of
+/// up to 4 MiB echoed back (the limits, and the echo plugin's); `tls` serves wss://.
+async fn suite_server(plugins: &PluginDir, tls: Option<&tls::Issued>) -> TestServer {
+    TestServer::start(Config {
         max_message_bytes: 8 << 20,
         max_queue_bytes: 64 << 20,
-        ..compressing(Some(&plugins))
+        tls_cert: tls.map(|cert| cert.cert_file.clone()),
+        tls_key: tls.map(|cert| cert.key_file.clone()),
+        ..compressing(Some(plugins))
     })
-    .await;
+    .await
+}
+
+fn echo_plugin() -> PluginDir {
+    PluginDir::new(&[("echo", Some("[limits]\nmemory = \"128MiB\"\ndeadline = \"1s\"\n"))])
+}
+
+/// Run the suite with `args`; fails with its output unless every case passed.
+async fn run_suite(args: &[&str]) {
+    let (dir, python) = conformance();
     let run = tokio::process::Command::new(&python)
         .arg(dir.join("permessage_deflate.py"))
-        .args(["--url", &format!("ws://{}", server.addr), "--room-prefix", "echo:", "--threshold", "256"])
+        .args(["--room-prefix", "echo:", "--threshold", "256"])
+        .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -280,6 +288,34 @@ async fn the_permessage_deflate_conformance_suite_passes() {
         "the conformance suite: {}\n{stdout}\n{stderr}",
         output.status
     );
+}
+
+/// The whole suite against a server with compression on and the echo plugin: every
+/// case's negotiation, every echo byte for byte, RSV1 where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_permessage_deflate_conformance_suite_passes() {
+    let plugins = echo_plugin();
+    let server = suite_server(&plugins, None).await;
+    run_suite(&["--url", &format!("ws://{}", server.addr)]).await;
+    server.stop().await;
+}
+
+/// Over TLS (where the session writes through rustls instead of `send(2)`): sizes,
+/// the server's windows and fragmented messages, with fewer messages per case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_over_tls() {
+    let plugins = echo_plugin();
+    let ca = tls::TestCa::new();
+    let cert = ca.issue(&plugins.path, "server");
+    let ca_file = plugins.path.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = suite_server(&plugins, Some(&cert)).await;
+    let url = format!("wss://127.0.0.1:{}", server.addr.port());
+    let ca_file = ca_file.to_string_lossy();
+    run_suite(&[
+        "--url", &url, "--cafile", &ca_file, "--quick", "--only", "12.", "--only", "13.2.", "--only", "14.",
+    ])
+    .await;
     server.stop().await;
 }
 
@@ -490,10 +526,11 @@ async fn the_threshold_and_the_offer_decide_what_goes_compressed() {
 /// A broadcast is deflated once: every member that negotiated the same window gets the
 /// same bytes on the wire; one that asked for a smaller window gets a frame that
 /// inflates with it, and a member without compression (or with the 256-byte window)
-/// the plain frame.
+/// the plain frame. A backend's publish too.
 #[tokio::test]
 async fn a_broadcast_is_the_same_bytes_for_every_compressed_member() {
-    let server = TestServer::start(compressing(None)).await;
+    const TOKEN: &str = "compression-admin";
+    let server = TestServer::start(Config { admin_token: Some(TOKEN.into()), ..compressing(None) }).await;
     let room = "/ws/fanout";
     let (mut ann, _) = upgrade(server.addr, room, &["permessage-deflate"], "").await;
     let (mut ben, _) = upgrade(server.addr, room, &["permessage-deflate; client_max_window_bits"], "").await;
@@ -521,6 +558,25 @@ async fn a_broadcast_is_the_same_bytes_for_every_compressed_member() {
         assert_eq!(d.payload, message, "no offer, message {n}");
         assert!(d.wire == e.wire, "message {n}: window 8 gets the same plain frame as no offer");
     }
+
+    // A backend's publish is a broadcast like any other, the sender's socket included.
+    let body = String::from_utf8(chat_json(6000)).unwrap();
+    let publish = format!(
+        "POST /admin/rooms/fanout/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(status_of(&raw_request(server.addr, publish.as_bytes()).await.unwrap()), Some(202));
+    let (a, b, s) = (next_frame(&mut ann).await, next_frame(&mut ben).await, next_frame(&mut sender).await);
+    assert!(a.rsv1() && a.wire == b.wire && a.wire == s.wire, "a publish: {}", a.describe());
+    assert_eq!(a.message(15), body.as_bytes());
+    assert_eq!(next_frame(&mut cat).await.message(10), body.as_bytes());
+    let (d, e) = (next_frame(&mut dan).await, next_frame(&mut eve).await);
+    assert!(
+        !d.rsv1() && d.wire == e.wire && d.payload == body.as_bytes(),
+        "a publish, plain: {}",
+        d.describe()
+    );
     server.stop().await;
 }
 
@@ -566,6 +622,14 @@ async fn a_plugin_can_turn_compression_off_for_its_rooms() {
         assert_eq!(echo.rsv1(), should, "{room}: {}", echo.describe());
         let echo: serde_json::Value = serde_json::from_slice(&echo.message(15)).unwrap();
         assert_eq!((echo["room"].as_str(), echo["text"].as_str()), (Some(room), Some(text.as_str())));
+        // Binary: one byte of length, the room, the payload; the same both ways.
+        let mut binary = vec![room.len() as u8];
+        binary.extend_from_slice(room.as_bytes());
+        binary.extend_from_slice(text.as_bytes());
+        rooms.write_all(&compressed(true, OP_BINARY, &deflate(&binary, 15))).await.unwrap();
+        let echo = next_frame(&mut rooms).await;
+        assert_eq!((echo.opcode(), echo.rsv1()), (OP_BINARY, should), "{room}, binary: {}", echo.describe());
+        assert_eq!(echo.message(15), binary, "{room}, binary");
     }
     server.stop().await;
 }
