@@ -158,7 +158,7 @@ fn inflate_with(
     // A first guess at the size; it grows as needed, to at most one byte past `max`
     // (which is how going past it shows).
     let mut out: Vec<u8> =
-        Vec::with_capacity(compressed.len().saturating_mul(4).clamp(64, max.saturating_add(1)));
+        Vec::with_capacity(compressed.len().saturating_mul(4).max(64).min(max.saturating_add(1)));
     let mut valid_up_to = 0;
     'inputs: for input in [compressed, &TAIL[..]] {
         let mut consumed = 0;
