@@ -623,12 +623,12 @@ async def run_case(case: Case, args) -> str:
             ext.decode = recording_decode
 
         messages = case.messages(server_bits)
-        total = await exchange(ws, messages, expected is not None, server_bits, args.threshold, compressed_flags)
+        total, squeezed = await exchange(ws, messages, expected is not None, server_bits, args.threshold, compressed_flags)
         await ws.close()
         if ws.close_code != 1000:
             raise CaseFailed(f"closed with {ws.close_code} {ws.close_reason!r}, expected 1000")
         answer = ", ".join(headers) or "none"
-        return f"{len(messages)} messages, {total} bytes each way; answer: {answer}"
+        return f"{len(messages)} messages ({squeezed} echoes compressed), {total} bytes each way; answer: {answer}"
     finally:
         await ws.close()
 
@@ -655,14 +655,16 @@ def how_it_closed(closed: websockets.ConnectionClosed) -> str:
     return f"the connection closed: {server}, {client}"
 
 
-async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_flags) -> int:
-    """Send the messages, a few ahead of their echoes, and check each echo."""
+async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_flags) -> tuple[int, int]:
+    """Send the messages, a few ahead of their echoes, and check each echo; the bytes
+    sent and how many echoes came compressed."""
     pending: deque[tuple[int, Message]] = deque()
     in_flight = 0
     total = 0
+    squeezed = 0
 
     async def check_next():
-        nonlocal in_flight
+        nonlocal in_flight, squeezed
         index, sent = pending.popleft()
         in_flight -= len(sent.data)
         try:
@@ -681,6 +683,7 @@ async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_
             )
         if negotiated:
             compressed = compressed_flags.popleft()
+            squeezed += compressed
             if compressed and not may_compress(sent.data, threshold, server_bits):
                 raise CaseFailed(
                     f"message {index} ({sent.describe()}): its echo came compressed (RSV1), expected it plain "
@@ -704,7 +707,7 @@ async def exchange(ws, messages, negotiated, server_bits, threshold, compressed_
         total += len(message.data)
     while pending:
         await check_next()
-    return total
+    return total, squeezed
 
 
 async def main() -> int:
