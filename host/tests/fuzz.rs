@@ -1,5 +1,6 @@
 //! Property-based fuzzing of the parsers that face the network: the RFC 6455 frame
-//! decoder (`roomcast::ws::frame`), the upgrade-request checks
+//! decoder (`roomcast::ws::frame`, with compressed messages: `roomcast::ws::deflate`,
+//! against flate2's own encoder), the upgrade-request checks
 //! (`roomcast::ws::handshake`) and the room protocol's codec (`roomcast::protocol`).
 //!
 //! It runs on stable with `proptest`. Every property is checked against an independent
@@ -1794,4 +1795,109 @@ fn reference_server_payload(frame: &[u8]) -> Option<Vec<u8>> {
         len => (usize::from(len), rest),
     };
     (rest.len() == len).then(|| rest.to_vec())
+}
+
+// ---------------------------------------------------------------------------------
+// permessage-deflate: compressed client messages, and the server's deflated frames.
+// ---------------------------------------------------------------------------------
+
+/// `data` deflated as a client does (RFC 7692 7.2.1): a raw deflate stream with a sync
+/// flush, its `00 00 ff ff` tail removed. flate2's streaming encoder, not the host's.
+fn client_deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.flush().unwrap();
+    let mut out = encoder.get_ref().clone();
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Payloads that compress a lot or not at all, text or not.
+fn deflatable() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        (proptest::collection::vec(any::<u8>(), 1..8), 0usize..20_000).prop_map(|(unit, n)| unit
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect()),
+        any_text(2000).prop_map(String::into_bytes),
+        proptest::collection::vec(any::<u8>(), 0..3000),
+    ]
+}
+
+#[test]
+fn compressed_messages_inflate_exactly_or_fail_as_the_rfcs_say() {
+    fuzz(
+        "compressed_messages_inflate_exactly_or_fail_as_the_rfcs_say",
+        (deflatable(), any::<bool>(), 1usize..30_000, proptest::collection::vec(any::<Index>(), 0..4)),
+        |(payload, text, max, cuts)| {
+            let compressed = client_deflate(&payload);
+            // The compressed bytes in fragments; RSV1 on the first frame only.
+            let mut bounds: Vec<usize> = offsets(&cuts, compressed.len())
+                .into_iter()
+                .filter(|&p| p > 0 && p < compressed.len())
+                .collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            bounds.push(compressed.len());
+            let mut bytes = Vec::new();
+            let mut start = 0;
+            for (i, &end) in bounds.iter().enumerate() {
+                let opcode = match (i, text) {
+                    (0, true) => TEXT,
+                    (0, false) => BINARY,
+                    _ => CONTINUATION,
+                };
+                let mut frame =
+                    client_frame(i + 1 == bounds.len(), opcode, &compressed[start..end], [9, 8, 7, 6]);
+                if i == 0 {
+                    frame[0] |= 0x40;
+                }
+                bytes.extend(frame);
+                start = end;
+            }
+            let mut decoder = Decoder::with_inflate(max);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let result = decoder.decode(&mut buf);
+            let too_big =
+                compressed.len() > roomcast::ws::deflate::compressed_bound(max) || payload.len() > max;
+            let bad_text = text && !utf8(&payload);
+            match result {
+                Ok(Some(Event::Message { text: got_text, payload: got })) => {
+                    prop_assert!(!too_big && !bad_text, "accepted a message it should refuse");
+                    prop_assert_eq!(got_text, text);
+                    prop_assert_eq!(&got[..], &payload[..]);
+                }
+                Err(DecodeError::TooBig(_)) => prop_assert!(too_big, "refused as too big: {}", payload.len()),
+                Err(DecodeError::InvalidUtf8) => prop_assert!(bad_text, "refused valid UTF-8"),
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn arbitrary_compressed_bytes_never_inflate_past_the_limit() {
+    fuzz(
+        "arbitrary_compressed_bytes_never_inflate_past_the_limit",
+        (proptest::collection::vec(any::<u8>(), 0..600), any::<bool>(), 1usize..5000),
+        |(data, text, max)| {
+            let mut frame = client_frame(true, if text { TEXT } else { BINARY }, &data, [1, 2, 3, 4]);
+            frame[0] |= 0x40;
+            let mut buf = BytesMut::from(&frame[..]);
+            match Decoder::with_inflate(max).decode(&mut buf) {
+                Ok(Some(Event::Message { payload, .. })) => {
+                    prop_assert!(payload.len() <= max);
+                    prop_assert!(!text || utf8(&payload));
+                }
+                Ok(other) => prop_assert!(false, "a whole frame gave {:?}", other),
+                Err(error) => prop_assert!(matches!(error.close_code(), INVALID_DATA | TOO_BIG)),
+            }
+            Ok(())
+        },
+    );
 }

@@ -57,6 +57,11 @@ impl TestCa {
         issued
     }
 
+    /// The authority's certificate in PEM, for a client in another process to trust.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
     /// A TLS client configuration that trusts this authority only.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();

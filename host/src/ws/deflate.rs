@@ -124,6 +124,13 @@ fn window_bits(value: &str) -> Option<u8> {
     value.parse().ok().filter(|bits| (8..=15).contains(bits))
 }
 
+/// The most compressed bytes a message of at most `max` bytes may take: deflate's
+/// worst case (stored blocks: 5 bytes of framing per block of up to 64 KiB) with room
+/// for a sender that flushes more often, and a few bytes of end.
+pub fn compressed_bound(max: usize) -> usize {
+    max.saturating_add(max / 1024).saturating_add(64)
+}
+
 /// The bytes RFC 7692 has senders strip from the end of a message and receivers add.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
@@ -158,7 +165,7 @@ fn inflate_with(
     // A first guess at the size; it grows as needed, to at most one byte past `max`
     // (which is how going past it shows).
     let mut out: Vec<u8> =
-        Vec::with_capacity(compressed.len().saturating_mul(4).clamp(64, max.saturating_add(1)));
+        Vec::with_capacity(compressed.len().saturating_mul(4).max(64).min(max.saturating_add(1)));
     let mut valid_up_to = 0;
     'inputs: for input in [compressed, &TAIL[..]] {
         let mut consumed = 0;

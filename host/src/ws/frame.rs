@@ -150,7 +150,16 @@ impl Decoder {
             let is_control = header.opcode >= 0x8;
             if !is_control {
                 let so_far = self.partial.as_ref().map_or(0, |p| p.payload.len());
-                if so_far as u64 + header.len > self.max_message as u64 {
+                // A compressed message may take a little more than the limit before it
+                // inflates: deflate stores what does not compress, with a few bytes of
+                // framing per block. Its inflated size is held to the limit itself.
+                let compressed = self.partial.as_ref().map_or(header.compressed, |p| p.compressed);
+                let limit = if compressed {
+                    super::deflate::compressed_bound(self.max_message)
+                } else {
+                    self.max_message
+                };
+                if so_far as u64 + header.len > limit as u64 {
                     return Err(DecodeError::TooBig(self.max_message));
                 }
             }

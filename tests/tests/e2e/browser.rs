@@ -4,8 +4,9 @@
 //! a room spread over two nodes; the page survives a server restart by reconnecting;
 //! two pages each in two rooms on one connection keep each room's messages apart and
 //! re-join both after a restart; a page that lost its connection shows what it missed
-//! (or says it could not); the README's snippets run as written. Screenshots
-//! land in `target/screenshots/`.
+//! (or says it could not); the README's snippets run as written; with compression on,
+//! Chromium negotiates `permessage-deflate` and the demo and the dashboard work, long
+//! lines going compressed both ways. Screenshots land in `target/screenshots/`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -566,6 +567,104 @@ async fn a_page_that_lost_its_connection_shows_what_it_missed() -> anyhow::Resul
     wait_line(&ada, "ada", "li.say", "carol", "new history").await?;
     assert_eq!(said(&ada).await?.last().map(String::as_str), Some("new history"), "not marked recovered");
 
+    ada.close().await?;
+    server.stop().await;
+    Ok(())
+}
+
+/// Keep every WebSocket the page opens in `window.sockets`, so a test can read what it
+/// negotiated (`extensions`).
+const RECORD_SOCKETS: &str = "\
+    const Real = window.WebSocket;\
+    window.sockets = [];\
+    window.WebSocket = class extends Real {\
+      constructor(url, protocols) { super(url, protocols); window.sockets.push(this); }\
+    };";
+
+/// With compression on, Chromium negotiates `permessage-deflate` (its own offer, on the
+/// demo's connection and on a socket the page opens itself), the demo's messages above
+/// the threshold go both ways compressed (a raw member of the same room sees RSV1 on
+/// the wire and sends compressed too), and the dashboard works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_compression_on_the_demo_and_the_dashboard_work_compressed() -> anyhow::Result<()> {
+    use crate::compression::{ANSWER, answer_of, compressed, deflate, next_frame, upgrade};
+    use roomcast::ws::frame::OP_TEXT;
+    use tokio::io::AsyncWriteExt as _;
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = PluginDir::new(&[("chat", None)]);
+    let server = TestServer::start(Config { compression: true, ..config(&dir) }).await;
+    let (mut bob, head) =
+        upgrade(server.addr, "/ws/chat:squeeze?name=bob", &["permessage-deflate"], "").await;
+    assert_eq!(answer_of(&head), Some(ANSWER));
+    // Bob's next `say` from the chat plugin, and whether it came compressed.
+    async fn next_say(bob: &mut tokio::net::TcpStream) -> (Value, bool) {
+        loop {
+            let frame = next_frame(bob).await;
+            let message: Value = serde_json::from_slice(&frame.message(15)).unwrap();
+            if message["type"] == "say" {
+                return (message, frame.rsv1());
+            }
+        }
+    }
+
+    let driver = Driver::start().await?;
+    let ada = driver.open().await?;
+    ada.goto(&format!("http://{}/", server.addr)).await?;
+    ada.eval(RECORD_SOCKETS, json!([])).await?;
+    ada.type_into("#name", "ada").await?;
+    ada.type_into("#room", "squeeze").await?;
+    ada.click("#join").await?;
+    wait_connected(&ada, "ada").await?;
+    wait_members(&ada, "ada", "ada,bob").await?;
+    let extensions = ada.eval("return window.sockets.map(s => s.extensions)", json!([])).await?;
+    assert_eq!(extensions, json!([ANSWER]), "the demo's one socket negotiated permessage-deflate");
+
+    // The page's words, over the threshold, reach Bob compressed; and his, sent
+    // compressed, show on the page.
+    let long = "Compression keeps long chat lines cheap on the wire. ".repeat(12).trim_end().to_owned();
+    say(&ada, &long).await?;
+    let (said, was_compressed) = next_say(&mut bob).await;
+    assert_eq!((said["name"].as_str(), said["text"].as_str()), (Some("ada"), Some(long.as_str())));
+    assert!(was_compressed, "a {}-byte line goes compressed", long.len());
+    let reply = "And the browser inflates them without a word. ".repeat(10).trim_end().to_owned();
+    let body = json!({ "say": reply }).to_string();
+    bob.write_all(&compressed(true, OP_TEXT, &deflate(body.as_bytes(), 15))).await?;
+    let (own, was_compressed) = next_say(&mut bob).await;
+    assert_eq!(
+        (own["name"].as_str(), own["text"].as_str(), was_compressed),
+        (Some("bob"), Some(reply.as_str()), true)
+    );
+    wait_line(&ada, "ada", "li.say", "bob", &reply).await?;
+    wait_line(&ada, "ada", "li.say.mine", "ada", &long).await?;
+    // A short one, under the threshold, still arrives.
+    say(&ada, "short").await?;
+    assert_eq!(
+        next_say(&mut bob).await,
+        (json!({"type": "say", "from": said["from"], "name": "ada", "text": "short"}), false)
+    );
+
+    // A socket the page opens itself: Chromium's default offer, answered the same.
+    let open = "window.probe = new WebSocket(`ws://${location.host}/ws/probe`);";
+    ada.eval(open, json!([])).await?;
+    let opened = "return window.probe.readyState === 1 && window.probe.extensions";
+    let answered = ada.wait_for("the page's own socket opens", opened, json!([]), WAIT).await?;
+    assert_eq!(answered, json!(ANSWER));
+
+    // The dashboard, with compression on, as before.
+    let board = driver.open().await?;
+    board.goto(&format!("http://{}/dashboard", server.addr)).await?;
+    board.type_into("#token", TOKEN).await?;
+    board.click("#sign-in").await?;
+    wait_css(&board, "the dashboard is live", "#live[data-state='connected']").await?;
+    let rooms = "return document.querySelector(\"#rooms tr[data-room='chat:squeeze']\")?.textContent ?? ''";
+    let row = board.wait_for("chat:squeeze's members", rooms, json!([]), WAIT).await?;
+    let row = row.as_str().unwrap_or_default();
+    assert!(row.contains("ada") && row.contains("bob"), "{row}");
+    let busy = "return parseFloat(document.getElementById('rate-in').textContent) >= 0";
+    board.wait_for("the message rate shows", busy, json!([]), WAIT).await?;
+
+    board.close().await?;
     ada.close().await?;
     server.stop().await;
     Ok(())

@@ -12,6 +12,7 @@ mod broadcast;
 mod browser;
 mod churn;
 mod cluster;
+mod compression;
 mod conformance;
 mod contract;
 mod dashboard;
