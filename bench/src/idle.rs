@@ -80,6 +80,7 @@ pub async fn run(target: &Target, params: &IdleParams, server_pid: u32) -> anyho
                 .arg(params.concurrency.to_string())
                 .arg("--source-offset")
                 .arg((w * 97).to_string())
+                .args(target.deflate.then_some("--deflate"))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true)

@@ -61,6 +61,9 @@ enum Command {
         /// The server's process id, to read its RSS from /proc
         #[arg(long)]
         server_pid: u32,
+        /// Offer permessage-deflate (what an idle compressed connection costs)
+        #[arg(long)]
+        deflate: bool,
     },
     /// Holds a share of the idle connections for `idle` (one process per 19,700).
     #[command(hide = true)]
@@ -73,6 +76,8 @@ enum Command {
         concurrency: usize,
         #[arg(long, default_value_t = 0)]
         source_offset: u32,
+        #[arg(long)]
+        deflate: bool,
     },
     /// Clients join and leave while the room broadcasts: connects/s, fds and RSS before/after.
     Churn {
@@ -352,14 +357,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let result = fanout::run(conns, &params, fanout.server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
-        Command::Idle { url, connections, hold, concurrency, server_pid } => {
+        Command::Idle { url, connections, hold, concurrency, server_pid, deflate } => {
             let params = idle::IdleParams { connections, hold, concurrency };
-            let result = idle::run(&Target::parse(&url)?, &params, server_pid).await?;
+            let mut target = Target::parse(&url)?;
+            if deflate {
+                target = target.with_deflate();
+            }
+            let result = idle::run(&target, &params, server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
-        Command::IdleWorker { url, connections, concurrency, source_offset } => {
+        Command::IdleWorker { url, connections, concurrency, source_offset, deflate } => {
             client::offset_sources(source_offset);
-            idle::worker(&Target::parse(&url)?, connections, concurrency).await?;
+            let mut target = Target::parse(&url)?;
+            if deflate {
+                target = target.with_deflate();
+            }
+            idle::worker(&target, connections, concurrency).await?;
         }
         Command::Churn { url, members, rate, duration, concurrency, server_pid } => {
             let params = churn::ChurnParams {
