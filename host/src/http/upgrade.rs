@@ -79,40 +79,39 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
         identity,
         deflate.as_ref().map(|(agreement, _)| *agreement),
     ));
-    let task_shared = shared.clone();
-    shared.tracker.spawn(async move {
+    let connection = async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
                 tracing::debug!(%error, "upgrade failed");
-                return;
+                return None;
             }
         };
-        let Ok((transport, read_ahead)) = Transport::from_upgraded(upgraded) else {
+        let Ok(connection) = Transport::from_upgraded(upgraded) else {
             tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-            return;
+            return None;
         };
-        Session {
-            transport,
-            read_ahead,
-            peer,
-            room: valid.room,
-            rooms_mode: upgrade_request.map(|upgrade| {
-                Box::new(session::RoomProtocol {
-                    upgrade,
-                    gate: task_shared.gate.clone(),
-                    max_rooms: task_shared.config.max_rooms_per_connection,
-                })
-            }),
-            rooms: task_shared.rooms.clone(),
-            metrics: task_shared.metrics.clone(),
-            limits: task_shared.session_limits.clone(),
-            shutdown: task_shared.shutdown.clone(),
-            permit,
-        }
-        .run()
-        .await;
-    });
+        Some(connection)
+    };
+    let session = Session {
+        connection,
+        peer,
+        room: valid.room,
+        rooms_mode: upgrade_request.map(|upgrade| {
+            Box::new(session::RoomProtocol {
+                upgrade,
+                gate: shared.gate.clone(),
+                max_rooms: shared.config.max_rooms_per_connection,
+            })
+        }),
+        rooms: shared.rooms.clone(),
+        metrics: shared.metrics.clone(),
+        limits: shared.session_limits.clone(),
+        shutdown: shared.shutdown.clone(),
+        permit,
+    };
+    // The session's own future, not one around it: see `Session::connection`.
+    shared.tracker.spawn(session.run());
 
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

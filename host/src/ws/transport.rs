@@ -89,7 +89,12 @@ impl Reader<'_> {
         };
         match self {
             Self::Plain(half) => {
-                half.readable().await?;
+                // The socket's own read slot (`poll_read_ready`), not a waiter
+                // (`readable`): the first wait replaces the waker that hyper's
+                // connection task left there while it served the upgrade. That waker
+                // kept the finished task's memory (1.5 KiB) until the socket next
+                // became readable, so an idle connection held it until its first pong.
+                std::future::poll_fn(|cx| half.poll_read_ready(cx)).await?;
                 reserve(buf);
                 half.try_read_buf(buf)
             }
@@ -185,4 +190,47 @@ pub fn send_frames(socket: &TcpStream, frames: &[impl AsRef<[u8]>]) -> io::Resul
         *slice = IoSlice::new(frame.as_ref());
     }
     socket.send_vectored(&slices[..count])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll, Wake, Waker};
+    use tokio::net::TcpListener;
+
+    /// A waker that only counts who holds it.
+    struct Held;
+
+    impl Wake for Held {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    /// hyper's connection task polls the socket for reading while it serves the
+    /// upgrade, and tokio keeps that task's waker until the socket next becomes
+    /// readable; the waker keeps the finished task's memory. The session's first wait
+    /// must take the slot over, or an idle connection holds that memory until its
+    /// client sends something.
+    #[tokio::test]
+    async fn the_first_wait_for_bytes_drops_the_waker_left_on_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        // An accepted socket starts out assumed readable; one read finds out.
+        let nothing = stream.try_read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(nothing.kind(), io::ErrorKind::WouldBlock);
+        let held = Arc::new(Held);
+        let waker = Waker::from(held.clone());
+        assert!(stream.poll_read_ready(&mut Context::from_waker(&waker)).is_pending());
+        drop(waker);
+        assert_eq!(Arc::strong_count(&held), 2, "the socket keeps the waker");
+
+        let mut transport = Transport::Plain(Arc::new(stream));
+        let (mut reader, _writer) = transport.split();
+        let mut buf = BytesMut::new();
+        let read = reader.read_buf(&mut buf, 4096);
+        tokio::pin!(read);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "nothing to read yet");
+        assert_eq!(Arc::strong_count(&held), 1, "the session's wait replaced the waker");
+    }
 }
