@@ -95,7 +95,9 @@ enum Command {
         #[arg(long)]
         server_pid: u32,
     },
-    /// A paced fan-out through a plugin while its .wasm is replaced every second.
+    /// A paced fan-out through a plugin while its .wasm is replaced every second: lost
+    /// and duplicated deliveries, and (with the admin token) how long each new version
+    /// took to serve the room.
     Reload {
         #[command(flatten)]
         fanout: FanoutArgs,
@@ -107,9 +109,12 @@ enum Command {
         name: String,
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         every: Duration,
-        /// Admin token, to count the versions the server loaded
+        /// Admin token, to count the versions the server loaded and time each reload
         #[arg(long, env = "ROOMCAST_ADMIN_TOKEN")]
         admin_token: Option<String>,
+        /// First run the same fan-out without replacements, to compare its latency
+        #[arg(long)]
+        baseline: bool,
     },
     /// Room protocol (Roomcast): N connections on /ws join one room each, then K each;
     /// the server's RSS per connection and per extra membership.
@@ -312,7 +317,7 @@ struct SuiteArgs {
     peers_dir: PathBuf,
     #[arg(long, default_value = "node")]
     node: String,
-    /// Where relay.wasm and moderation.wasm are
+    /// Where relay.wasm, moderation.wasm and lobby.wasm are
     #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
     wasm_dir: PathBuf,
     #[arg(long, default_value = "target/bench-work")]
@@ -385,7 +390,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let result = churn::run(&Target::parse(&url)?, &params, server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
-        Command::Reload { fanout, plugins, name, every, admin_token } => {
+        Command::Reload { fanout, plugins, name, every, admin_token, baseline } => {
             let target = fanout.target()?;
             let server_pid = fanout.server_pid.context("--server-pid is needed")?;
             let mut params = fanout.params();
@@ -393,9 +398,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 params.pace = Pace::Paced { deliveries_per_sec: 50_000.0 };
             }
             let admin = admin_token.map(|token| reload::Admin { addr: target.addr, token });
-            let params = reload::ReloadParams { fanout: params, every };
-            let result = reload::run(&target, &params, &plugins, &name, admin.as_ref(), server_pid).await?;
+            let params = reload::ReloadParams { fanout: params, every, plugin: name, baseline };
+            let result = reload::run(&target, &params, &plugins, admin.as_ref(), server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
+            for (what, ms) in [
+                ("live after", &result.live_ms),
+                ("compile", &result.compile_ms),
+                ("load", &result.load_ms),
+                ("optimized after", &result.optimized_ms),
+            ] {
+                if let Some(s) = reload::Spread::of(ms) {
+                    eprintln!(
+                        "{what:<15} {} reloads: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                        ms.len(),
+                        s.p50,
+                        s.p99,
+                        s.max
+                    );
+                }
+            }
         }
         Command::Memberships {
             url,

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::fanout::{FanoutResult, Pace};
+use crate::reload::{ReloadResult, Spread};
 use crate::servers::Kind;
 use crate::stats::median;
 use crate::suite::Results;
@@ -303,6 +304,7 @@ pub fn tables(results: &Results) -> String {
         }
     }
 
+    out.push_str(&reload_latency(results));
     out.push_str(&room_protocol(results));
     out.push_str(&compression(results));
     out.push_str(&targets(results, &m));
@@ -536,6 +538,80 @@ fn compression(results: &Results) -> String {
             );
         }
     }
+    out
+}
+
+/// Every reload-latency sample of all runs, ms.
+fn pooled(results: &Results, samples: fn(&ReloadResult) -> &Vec<f64>) -> Vec<f64> {
+    results.reload_latency.iter().flat_map(|r| samples(r).iter().copied()).collect()
+}
+
+/// The realistic plugin replaced during a paced fan-out through it: how long each
+/// version took to go live, and what the reloads cost the live traffic.
+fn reload_latency(results: &Results) -> String {
+    let mut out = String::new();
+    let Some(p) = results.sizes.as_ref().and_then(|s| s.reload_latency.as_ref()) else {
+        return out;
+    };
+    if results.reload_latency.is_empty() {
+        return out;
+    }
+    let rate = match p.fanout.pace {
+        Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+        Pace::Saturated { .. } => f64::NAN,
+    };
+    let kb = results.reload_latency[0].plugin_bytes as f64 / 1000.0;
+    let _ = writeln!(
+        out,
+        "\n### Reload latency (Roomcast, `{}.wasm` of {} KB replaced every {} s during a paced fan-out of {} deliveries/s through it to {} clients)\n\n\
+         *Live after*: from the rename to `GET /admin/rooms` showing the room on the new version \
+         (polled every 2 ms). *Compile* and *load* (compile, link, `init`) as the server reports \
+         them in `/admin/plugins`; *optimised after*: from the rename to new instances getting \
+         Cranelift's code, for versions that went live on Winch's. The same fan-out runs first \
+         without replacements, on the same server.\n\n\
+         | run | reloads | seen live | live after p50 / p99 / max, ms | compile p50 / max, ms | load p50 / max, ms | optimised after p50 / max, ms | traffic p99 without → with reloads, µs | lost / duplicated |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        p.plugin,
+        num(kb, 0),
+        p.every.as_secs_f64(),
+        num(rate, 0),
+        p.fanout.clients
+    );
+    let three = |ms: &[f64]| match Spread::of(ms) {
+        Some(s) => format!("{} / {} / {}", num(s.p50, 0), num(s.p99, 0), num(s.max, 0)),
+        None => "–".into(),
+    };
+    let two = |ms: &[f64]| match Spread::of(ms) {
+        Some(s) => format!("{} / {}", num(s.p50, 0), num(s.max, 0)),
+        None => "–".into(),
+    };
+    for (i, r) in results.reload_latency.iter().enumerate() {
+        let without = r.baseline.as_ref().map_or("–".into(), |b| num(b.latency.p99_us, 0));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {without} → {} | {} / {} |",
+            i + 1,
+            r.replacements,
+            r.live_ms.len(),
+            three(&r.live_ms),
+            two(&r.compile_ms),
+            two(&r.load_ms),
+            two(&r.optimized_ms),
+            num(r.fanout.latency.p99_us, 0),
+            r.fanout.lost + r.baseline.as_ref().map_or(0, |b| b.lost),
+            r.fanout.duplicates + r.baseline.as_ref().map_or(0, |b| b.duplicates),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| all | {} | {} | {} | {} | {} | {} | | |",
+        results.reload_latency.iter().map(|r| r.replacements).sum::<u64>(),
+        pooled(results, |r| &r.live_ms).len(),
+        three(&pooled(results, |r| &r.live_ms)),
+        two(&pooled(results, |r| &r.compile_ms)),
+        two(&pooled(results, |r| &r.load_ms)),
+        two(&pooled(results, |r| &r.optimized_ms)),
+    );
     out
 }
 
@@ -815,6 +891,23 @@ fn targets(results: &Results, m: &[Medians]) -> String {
             verdict(m[rc].idle_kib_per_conn <= 4.0).to_owned()
         }
     );
+    if let Some(live) = Spread::of(&pooled(results, |r| &r.live_ms)) {
+        let r = &results.reload_latency[0];
+        let plugin =
+            results.sizes.as_ref().and_then(|s| s.reload_latency.as_ref()).map_or("?", |p| &p.plugin);
+        let unseen: u64 = results.reload_latency.iter().map(|r| r.unseen).sum();
+        let _ = writeln!(
+            out,
+            "| reload of a realistic plugin (`{plugin}`, {} KB, serde_json) live in p99 < 200 ms (issue 16) | {} ms \
+             ({} reloads{}) | 200 ms | {} ({}) |",
+            num(r.plugin_bytes as f64 / 1000.0, 0),
+            num(live.p99, 0),
+            pooled(results, |r| &r.live_ms).len(),
+            if unseen > 0 { format!(", {unseen} not live within 0.9 s") } else { String::new() },
+            verdict(live.p99 < 200.0 && unseen == 0),
+            ratio(live.p99, 200.0)
+        );
+    }
     if let Some(sizes) = results.sizes.as_ref().filter(|_| !results.plugins.is_empty()) {
         for params in [&sizes.fanout, &sizes.small_room] {
             let n = params.clients;
@@ -912,6 +1005,12 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
     }
     for r in &results.reload {
         fan("Roomcast", "reload", &r.fanout);
+    }
+    for r in &results.reload_latency {
+        if let Some(b) = &r.baseline {
+            fan("Roomcast", "reload latency, no reloads", b);
+        }
+        fan("Roomcast", "reload latency, reloading", &r.fanout);
     }
     for (k, r) in &results.churn {
         fan(k.label(), "churn broadcast", &r.broadcast);
@@ -1141,6 +1240,11 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            every second (written under a temporary name, renamed over the old one; each copy\n\
            carries a different custom section so its content hash changes); lost and duplicated\n\
            deliveries are counted per member and per message.\n\
+         - **Reload latency**: the same with the `lobby` plugin (about 160 KB, serde_json: it\n\
+           parses every message), replaced 35 times while a paced fan-out runs through it; each\n\
+           replacement is timed from the rename to `GET /admin/rooms` showing the room on the new\n\
+           version, and the fan-out's latency is compared with the same fan-out without\n\
+           replacements just before, on the same server.\n\
          - **One connection, many rooms** (Roomcast only: the peers have no room protocol).\n\
            *Memory*: N connections offer `roomcast.v1` on `GET /ws` and join one room each,\n\
            then nine more (connection i is in rooms i to i + 9 of R, so the first joins\n\

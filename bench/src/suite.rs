@@ -39,6 +39,10 @@ pub struct Sizes {
     /// sends, so the per-message cost (and a plugin call is one) weighs more.
     pub small_room: FanoutParams,
     pub reload: ReloadParams,
+    /// How long a realistic plugin (`lobby`, about 160 KB, serde_json) takes to go live
+    /// when replaced, during a paced fan-out through it.
+    #[serde(default)]
+    pub reload_latency: Option<ReloadParams>,
     /// Room protocol (Roomcast only): memory per membership. The fan-out and paced
     /// sizes above are also run in room-protocol mode against raw mode.
     #[serde(default)]
@@ -106,6 +110,12 @@ impl Sizes {
             params.size = ChatParams::default().max;
             params
         };
+        let reload = |plugin: &str, fanout, baseline| ReloadParams {
+            fanout,
+            every: Duration::from_secs(1),
+            plugin: plugin.into(),
+            baseline,
+        };
         if quick {
             Sizes {
                 runs: runs.unwrap_or(1),
@@ -121,7 +131,8 @@ impl Sizes {
                     settle: Duration::from_secs(2),
                 },
                 small_room: saturated(10, 10, 20_000, 256),
-                reload: ReloadParams { fanout: paced(50, 2, 20_000.0, 3.5), every: Duration::from_secs(1) },
+                reload: reload("relay", paced(50, 2, 20_000.0, 3.5), false),
+                reload_latency: Some(reload("lobby", paced(50, 2, 20_000.0, 5.5), true)),
                 memberships: Some(MembershipParams {
                     connections: 1000,
                     rooms_per_connection: 10,
@@ -166,7 +177,9 @@ impl Sizes {
                     settle: Duration::from_secs(2),
                 },
                 small_room: saturated(10, 10, 200_000, 1024),
-                reload: ReloadParams { fanout: paced(100, 4, 50_000.0, 10.0), every: Duration::from_secs(1) },
+                reload: reload("relay", paced(100, 4, 50_000.0, 10.0), false),
+                // 35 reloads a run: over 3 runs, the p99 of 105 is not just the slowest.
+                reload_latency: Some(reload("lobby", paced(100, 4, 50_000.0, 35.5), true)),
                 memberships: Some(MembershipParams {
                     connections: 10_000,
                     rooms_per_connection: 10,
@@ -284,6 +297,7 @@ pub struct Results {
     pub churn: Vec<(Kind, ChurnResult)>,
     pub plugins: Vec<PluginRun>,
     pub reload: Vec<ReloadResult>,
+    pub reload_latency: Vec<ReloadResult>,
     /// Roomcast's fan-outs in raw and in room-protocol mode, on one server per run.
     pub room_protocol: Vec<ModeRun>,
     /// Roomcast's memory per membership, and the raw reference.
@@ -313,7 +327,7 @@ pub struct SuiteOptions {
     pub runs: Option<usize>,
     pub servers: Vec<Kind>,
     pub programs: Programs,
-    /// The folder with the built `relay.wasm` and `moderation.wasm`.
+    /// The folder with the built `relay.wasm`, `moderation.wasm` and `lobby.wasm`.
     pub wasm_dir: PathBuf,
     /// Scratch space (plugin folders); emptied at the start.
     pub work_dir: PathBuf,
@@ -386,7 +400,10 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         if options.servers.contains(&Kind::Roomcast) {
             if !options.rooms_only {
                 plugins(&mut results, run, &sizes, &options).await;
-                reload_run(&mut results, run, &sizes, &options).await;
+                reload_run(&mut results, run, &sizes.reload, &options, false).await;
+                if let Some(params) = &sizes.reload_latency {
+                    reload_run(&mut results, run, params, &options, true).await;
+                }
             }
             room_protocol(&mut results, run, &sizes, &options).await;
         }
@@ -510,12 +527,16 @@ fn fanout_line(r: &FanoutResult) -> String {
     )
 }
 
-/// The plugins folder for the plugin scenarios: relay, moderation and its manifest.
+/// The plugins folder for the plugin scenarios: relay, moderation and its manifest,
+/// lobby.
 fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> {
     let dir = options.work_dir.join(name);
-    let relay = options.wasm_dir.join("relay.wasm");
-    let moderation = options.wasm_dir.join("moderation.wasm");
-    crate::servers::plugins_folder(&dir, &[(&relay, "relay.wasm"), (&moderation, "moderation.wasm")])?;
+    let wasm = |name: &str| options.wasm_dir.join(format!("{name}.wasm"));
+    let (relay, moderation, lobby) = (wasm("relay"), wasm("moderation"), wasm("lobby"));
+    crate::servers::plugins_folder(
+        &dir,
+        &[(&relay, "relay.wasm"), (&moderation, "moderation.wasm"), (&lobby, "lobby.wasm")],
+    )?;
     // Checks every message; limits set so that none of the load is dropped.
     std::fs::write(
         dir.join("moderation.toml"),
@@ -564,36 +585,50 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
     }
 }
 
-/// Paced fan-out through relay while relay.wasm is replaced every second.
-async fn reload_run(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
+/// A paced fan-out through a plugin while its file is replaced every second: relay
+/// (`latency` false: the reload-under-load scenario) or the realistic lobby (`latency`
+/// true: the reload-latency one).
+async fn reload_run(
+    results: &mut Results,
+    run: usize,
+    params: &ReloadParams,
+    options: &SuiteOptions,
+    latency: bool,
+) {
+    let label = if latency { "latency" } else { "reload" };
     quiet(results).await;
     let outcome = async {
-        let dir = plugin_folder(options, "reload")?;
+        let dir = plugin_folder(options, label)?;
         let token = format!("bench-{}", std::process::id());
         let extras =
             Extras { plugins: Some(dir.clone()), admin_token: Some(token.clone()), ..Extras::default() };
         let server = Server::start(Kind::Roomcast, &options.programs, &extras).await?;
-        let target = Target::new(server.addr, "/ws/relay".into())?;
+        let target = Target::new(server.addr, format!("/ws/{}", params.plugin))?;
         let admin = Admin { addr: server.addr, token };
-        let result = reload::run(&target, &sizes.reload, &dir, "relay", Some(&admin), server.pid).await;
+        let result = reload::run(&target, params, &dir, Some(&admin), server.pid).await;
         server.stop().await?;
         result
     }
     .await;
     match outcome {
         Ok(r) => {
+            let live = reload::Spread::of(&r.live_ms).unwrap_or_default();
             eprintln!(
-                "  run {run} Roomcast          reload   {} replacements, versions {:?} -> {:?}, {}",
+                "  run {run} Roomcast          {label:<8} {} replacements, versions {:?} -> {:?}, live after \
+                 p50 {:.0} ms p99 {:.0} ms ({} unseen), {}",
                 r.replacements,
                 r.versions_before,
                 r.versions_after,
+                live.p50,
+                live.p99,
+                r.unseen,
                 fanout_line(&r.fanout)
             );
-            results.reload.push(r);
+            if latency { results.reload_latency.push(r) } else { results.reload.push(r) }
         }
         Err(error) => {
-            eprintln!("  run {run} Roomcast          reload   FAILED: {error:#}");
-            results.errors.push(format!("reload run {run}: {error:#}"));
+            eprintln!("  run {run} Roomcast          {label:<8} FAILED: {error:#}");
+            results.errors.push(format!("{label} run {run}: {error:#}"));
         }
     }
 }

@@ -20,6 +20,10 @@ pub(crate) fn plugins_json(shared: &Shared) -> Value {
                 "sha256": current.map(|p| p.sha256()),
                 "describe": current.map(|p| format!("{} {}", p.info().name, p.info().version)),
                 "loaded_at": current.map(|p| rfc3339(p.loaded_at())),
+                "compiler": current.map(|p| p.compiler().label()),
+                "compile_ms": current.and_then(|p| p.compiled_in()).map(ms),
+                "load_ms": record.loaded_in.map(ms),
+                "optimize_ms": current.and_then(|p| p.optimized_in()).map(ms),
                 "version": record.current.as_ref().map(|(_, v)| v),
                 "versions": record.versions,
                 "rooms": rooms
@@ -33,6 +37,11 @@ pub(crate) fn plugins_json(shared: &Shared) -> Value {
         })
         .collect();
     Value::Array(list)
+}
+
+/// A duration in milliseconds, to the microsecond.
+fn ms(duration: std::time::Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// This node's rooms, one JSON object each.

@@ -3,7 +3,7 @@
 //! memory limiter and the deadline, and how a failed call is classified.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use wasmtime::Store;
@@ -33,10 +33,42 @@ pub(super) const MAX_RANDOM_BYTES: u64 = 1 << 20;
 /// Rooms with more members than this get a hash set for membership checks.
 pub(super) const LINEAR_MEMBER_SCAN: usize = 32;
 
+/// Which of wasmtime's compilers made a plugin's machine code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compiler {
+    /// Winch, the baseline compiler: a hot reload goes live on its code, which it
+    /// compiles about five times faster than Cranelift and which runs slower.
+    Winch,
+    /// Cranelift, the optimising compiler: the code plugins load with at start-up and
+    /// from the compiled-plugin cache, and that replaces Winch's after a hot reload.
+    Cranelift,
+}
+
+impl Compiler {
+    /// `winch` or `cranelift`, as the admin API and the log show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Compiler::Winch => "winch",
+            Compiler::Cranelift => "cranelift",
+        }
+    }
+}
+
+/// The linked code new instances of a plugin are made from.
+pub(crate) struct Tier {
+    pub(crate) linked: Linked,
+    pub(crate) compiler: Compiler,
+    /// How long Cranelift took, when it replaced Winch's code after a hot reload.
+    pub(crate) optimized_in: Option<Duration>,
+}
+
 /// Everything needed to make sandboxes of one plugin: its code, limits and config.
 pub(crate) struct Code {
     pub(crate) name: String,
-    pub(crate) linked: Linked,
+    /// What new sandboxes are made from. Replaced once, when Cranelift's code takes
+    /// over from Winch's (see `PluginRuntime::optimize`); a sandbox keeps running the
+    /// code it was made from (its store belongs to that code's engine).
+    pub(crate) tier: RwLock<Tier>,
     pub(crate) limits: Limits,
     /// `limits.deadline` in epoch ticks (see `runtime::ticks`), for the hooks.
     pub(crate) deadline_ticks: u64,
@@ -53,6 +85,11 @@ pub(crate) struct Code {
 }
 
 impl Code {
+    /// The linked code new sandboxes are made from now.
+    pub(crate) fn linked(&self) -> Linked {
+        self.tier.read().unwrap_or_else(|e| e.into_inner()).linked.clone()
+    }
+
     pub(super) fn is_setup(hook: &str) -> bool {
         matches!(hook, "instantiation" | "init" | "describe" | "snapshot" | "restore")
     }
@@ -74,6 +111,9 @@ pub struct Plugin {
     pub(crate) info: PluginInfo,
     pub(crate) patterns: Vec<RoomPattern>,
     pub(crate) loaded_at: SystemTime,
+    /// How long compiling it took before it went live; `None` when the compiled-plugin
+    /// cache had it.
+    pub(crate) compiled_in: Option<Duration>,
     pub(crate) history: Option<HistorySettings>,
     /// Whether its rooms' messages may be compressed (`compression` in `NAME.toml`).
     pub(crate) compression: bool,
@@ -147,10 +187,34 @@ impl Plugin {
         self.loaded_at
     }
 
+    /// How long compiling this version took before it went live; `None` when it came
+    /// from the compiled-plugin cache.
+    pub fn compiled_in(&self) -> Option<Duration> {
+        self.compiled_in
+    }
+
+    /// The compiler whose code new instances of it run.
+    pub fn compiler(&self) -> Compiler {
+        self.code.tier.read().unwrap_or_else(|e| e.into_inner()).compiler
+    }
+
+    /// How long Cranelift took to replace Winch's code, after a hot reload.
+    pub fn optimized_in(&self) -> Option<Duration> {
+        self.code.tier.read().unwrap_or_else(|e| e.into_inner()).optimized_in
+    }
+
+    /// Make new instances from `tier` (Cranelift's code, after a hot reload went live
+    /// on Winch's). `sandbox`, made from it, replaces the idle handshake instances.
+    pub(crate) fn replace_tier(&self, tier: Tier, sandbox: Sandbox) {
+        *self.code.tier.write().unwrap_or_else(|e| e.into_inner()) = tier;
+        let mut idle = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        *idle = vec![sandbox];
+    }
+
     /// Whether it was built for `roomcast:plugin@0.1.0`: its `handshake` hook decides
     /// room-protocol joins too, since its `join` cannot refuse.
     pub fn legacy(&self) -> bool {
-        self.code.linked.contract() == super::bindings::Contract::Legacy
+        self.code.linked().contract() == super::bindings::Contract::Legacy
     }
 
     /// Decide an upgrade request, on an instance that holds no room state.

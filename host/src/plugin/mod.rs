@@ -7,8 +7,9 @@
 //! Reading order, top-down like wasmtime's embedding docs:
 //!
 //! - `bindings.rs`: the WIT world, the host side of the `room` interface, conversions;
-//! - `runtime.rs`: the engine (epoch interruption, single-threaded compiles), the epoch
-//!   ticker, compiling and linking a plugin file, `roomcast plugin check`;
+//! - `runtime.rs`: the engines (Cranelift's and Winch's; epoch interruption,
+//!   single-threaded compiles), the epoch ticker, compiling and linking a plugin file,
+//!   `roomcast plugin check`;
 //! - `source.rs`: reading a plugin's `NAME.wasm` and `NAME.toml`, once, regular files
 //!   only and bounded in size;
 //! - `manifest.rs`: the optional `NAME.toml` beside a plugin;
@@ -62,7 +63,7 @@ use std::time::Duration;
 
 pub use crate::types::{MemberId, Payload};
 pub use error::{FailureKind, PluginError};
-pub use instance::{Plugin, RoomInstance};
+pub use instance::{Compiler, Plugin, RoomInstance};
 pub use runtime::{CheckReport, PluginRuntime, WIT_PACKAGE};
 pub use set::{PluginSet, RoomPattern};
 pub use source::{MAX_MANIFEST_BYTES, MAX_PLUGIN_BYTES, PluginSource, SourceError};

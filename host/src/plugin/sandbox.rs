@@ -7,7 +7,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::{ResourceLimiter, Store, Trap};
 
-use super::bindings::Exports;
+use super::bindings::{Exports, Linked};
 use super::instance::*;
 use super::state::*;
 use super::{Action, FailureKind, PluginError, PluginInfo};
@@ -26,14 +26,22 @@ impl Sandbox {
     /// Instantiate `code` in a new store and call `init` with its config. Returns the
     /// actions `init` recorded (timers, in a room instance).
     pub(crate) fn create(code: &Code, room: Option<&str>) -> Result<(Sandbox, Vec<Action>), PluginError> {
-        let engine = code.linked.engine();
+        Sandbox::create_from(code, &code.linked(), room)
+    }
+
+    /// [`create`](Sandbox::create) from `linked` rather than the code's current tier.
+    pub(crate) fn create_from(
+        code: &Code,
+        linked: &Linked,
+        room: Option<&str>,
+    ) -> Result<(Sandbox, Vec<Action>), PluginError> {
         let state = HostState::new(&code.name, room, code.limits.memory, code.shared.store_key());
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(linked.engine(), state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
         store.data_mut().begin_call(code.setup_ticks);
         store.set_epoch_deadline(code.setup_ticks);
-        let exports = match code.shared.running(|| code.linked.instantiate(&mut store)) {
+        let exports = match code.shared.running(|| linked.instantiate(&mut store)) {
             Ok(exports) => exports,
             Err(error) => {
                 let kind = classify(&error, store.data().limiter.refused);

@@ -207,6 +207,47 @@ async fn a_stateful_plugin_keeps_its_count_across_reloads() {
 }
 
 #[tokio::test]
+async fn a_reload_goes_live_on_winch_then_new_instances_get_cranelift() {
+    let dir = PluginDir::new(&[("counter", None)]);
+    let server = start(&dir).await;
+    let mut client = server.connect("counter").await;
+    send_text(&mut client, "x").await;
+    assert_eq!(serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"], 1);
+    // The same code with one more custom section: new content, so it is compiled.
+    let mut wasm = std::fs::read(built_plugins().join("counter.wasm")).unwrap();
+    wasm.extend_from_slice(&[0, 3, 1, b'x', 2]);
+    let temp = dir.path.join(".counter.wasm.tmp");
+    std::fs::write(&temp, &wasm).unwrap();
+    std::fs::rename(&temp, dir.path.join("counter.wasm")).unwrap();
+    // Live on Winch's code first; Cranelift's follows, and only a tier-up reports
+    // `optimize_ms`.
+    let landed = Instant::now();
+    let counter = loop {
+        let plugins = admin(&server, "/admin/plugins").await;
+        let counter = plugin(&plugins, "counter").clone();
+        if counter["version"] == 2 && counter["optimize_ms"].is_number() {
+            break counter;
+        }
+        assert!(
+            landed.elapsed() < Duration::from_secs(10),
+            "counter v2 never got Cranelift's code: {counter}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(counter["compiler"], "cranelift");
+    assert!(counter["compile_ms"].is_number(), "{counter}");
+    // The live room switched once, to Winch's code, and kept its count; a room made
+    // now runs Cranelift's.
+    assert_eq!(admin(&server, "/admin/rooms").await[0]["version"], 2);
+    send_text(&mut client, "x").await;
+    assert_eq!(serde_json::from_str::<Value>(&recv_text(&mut client).await).unwrap()["count"], 2);
+    let mut other = server.connect("counter:b").await;
+    send_text(&mut other, "x").await;
+    assert_eq!(serde_json::from_str::<Value>(&recv_text(&mut other).await).unwrap()["count"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn broken_files_leave_the_old_version_serving() {
     let dir = PluginDir::new(&[("taga", None)]);
     let server = start(&dir).await;
@@ -321,6 +362,10 @@ async fn admin_api_needs_the_token_and_publishes() {
     assert_eq!(chat["sha256"].as_str().unwrap().len(), 64);
     assert!(chat["loaded_at"].as_str().unwrap().ends_with('Z'));
     assert!(chat["last_error"].is_null());
+    // Loaded at start-up: compiled with Cranelift at once, nothing to optimise later.
+    assert_eq!(chat["compiler"], "cranelift");
+    assert!(chat["load_ms"].as_f64().unwrap() >= chat["compile_ms"].as_f64().unwrap(), "{chat}");
+    assert!(chat["optimize_ms"].is_null());
 
     let publish = |content_type: &'static str, body: &'static [u8]| {
         let addr = server.addr;

@@ -10,6 +10,16 @@
 //! at any step is logged with its reason and recorded for the admin API, and the
 //! previous version keeps serving.
 //!
+//! A reload goes live on Winch's code (unless the compiled-plugin cache has
+//! Cranelift's); once no other reload waits, the same thread compiles it with Cranelift
+//! and new instances of that version are made from Cranelift's code from then on
+//! ([`LivePlugins::optimize_next`]). That publishes nothing: no room switches, and the
+//! rooms that switched to the new version keep the instance they have (a live instance
+//! cannot change compilers: its store belongs to one engine) until their next one,
+//! when the room is created again or recovers from a failed call. A room would
+//! otherwise switch twice per reload, and a plugin without `snapshot` would lose its
+//! state twice.
+//!
 //! Gone and broken are different things. Only a `NAME.wasm` that is gone (no entry of
 //! that name at all) takes its rooms back to the default broadcast. A file that exists
 //! but cannot be read (a symlink loop, a dangling symlink, a folder, a FIFO, a device,
@@ -39,7 +49,7 @@ mod tests;
 mod watch;
 
 use crate::metrics::Metrics;
-use crate::plugin::{HostCaps, Plugin, PluginError, PluginRuntime, PluginSet, PluginSource};
+use crate::plugin::{Compiler, HostCaps, Plugin, PluginError, PluginRuntime, PluginSet, PluginSource};
 
 use watch::Stamp;
 pub use watch::Watcher;
@@ -105,6 +115,9 @@ pub struct PluginRecord {
     pub versions: u64,
     /// The version now serving, if any.
     pub current: Option<(Arc<Plugin>, u64)>,
+    /// How long loading the version serving took: compiling (see
+    /// [`Plugin::compiled_in`]), linking, its `init` and `describe`.
+    pub loaded_in: Option<Duration>,
     /// The latest failure to load it, with when it happened (cleared when its
     /// `NAME.wasm` is gone).
     pub last_error: Option<(SystemTime, String)>,
@@ -141,8 +154,14 @@ pub struct LivePlugins {
     events: Mutex<VecDeque<ReloadEvent>>,
     /// Called after each publish (the server tells every live room).
     on_publish: Mutex<Option<Callback>>,
+    /// Versions that went live on Winch's code, to compile with Cranelift when no
+    /// reload waits; oldest first, at most one per plugin.
+    unoptimized: Mutex<VecDeque<Unoptimized>>,
     metrics: Arc<Metrics>,
 }
+
+/// A version serving on Winch's code, and the bytes it was loaded from.
+type Unoptimized = (Arc<Plugin>, Arc<[u8]>);
 
 /// A callback run after each publish.
 struct Callback(Box<dyn Fn() + Send + Sync>);
@@ -182,14 +201,16 @@ impl LivePlugins {
             records: Mutex::new(BTreeMap::new()),
             events: Mutex::new(VecDeque::with_capacity(RELOAD_LOG)),
             on_publish: Mutex::new(None),
+            unoptimized: Mutex::new(VecDeque::new()),
             metrics,
         };
         if let Some(dir) = dir {
             let started = Instant::now();
             let names = plugin_names(dir)
                 .map_err(|error| PluginsError::UnreadableDir { dir: dir.to_owned(), error })?;
+            // Nothing serves yet: compile with Cranelift (or load from the cache) at once.
             for name in names {
-                live.reload(dir, &name);
+                live.load_one(dir, &name, false);
             }
             tracing::info!(plugins = live.current().len(), took = ?started.elapsed(), "plugins loaded");
         }
@@ -305,8 +326,53 @@ impl LivePlugins {
     /// remove a deleted one. Returns whether the live set changed.
     ///
     /// The files are read once (regular files only, bounded); unchanged content is not
-    /// compiled again, and a failure exactly like the last one is skipped silently.
+    /// compiled again, and a failure exactly like the last one is skipped silently. A
+    /// new version goes live on Winch's code (see [`LivePlugins::optimize_next`]).
     pub fn reload(&self, dir: &Path, name: &str) -> bool {
+        self.load_one(dir, name, true)
+    }
+
+    /// Compile, with Cranelift, the oldest version still serving on Winch's code, and
+    /// make its new instances from that code. Returns whether there was one. The
+    /// watcher calls it when no reload waits: a reload never waits for more than the
+    /// one that runs.
+    pub fn optimize_next(&self) -> bool {
+        let next = loop {
+            let Some((plugin, wasm)) = self.unoptimized.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+            else {
+                return false;
+            };
+            // A version replaced (or removed) meanwhile is not worth compiling.
+            if self.version_of(&plugin) != 0 {
+                break (plugin, wasm);
+            }
+        };
+        let (plugin, wasm) = next;
+        let started = Instant::now();
+        match self.runtime.optimize(&plugin, &wasm) {
+            Ok(took) => tracing::info!(
+                plugin = plugin.name(),
+                load = self.version_of(&plugin),
+                compile = ?took,
+                took = ?started.elapsed(),
+                "plugin optimised: new instances run Cranelift's code"
+            ),
+            // Not expected (Winch compiled the same bytes); the version keeps serving on
+            // Winch's code.
+            Err(error) => {
+                tracing::warn!(plugin = plugin.name(), %error, "cannot optimise the plugin; it keeps Winch's code")
+            }
+        }
+        true
+    }
+
+    /// Whether a version serves on Winch's code and waits for Cranelift's.
+    pub fn unoptimized(&self) -> bool {
+        !self.unoptimized.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// [`reload`](LivePlugins::reload), going live on Winch's code when `fast`.
+    fn load_one(&self, dir: &Path, name: &str, fast: bool) -> bool {
         let wasm = dir.join(format!("{name}.wasm"));
         // Stamped before the read, so a change during it is a change next time too.
         let stamps = [Stamp::of(&wasm), Stamp::of(&wasm.with_extension("toml"))];
@@ -335,9 +401,18 @@ impl LivePlugins {
             }
         }
         let started = Instant::now();
+        let mut bytes = None;
         let loaded = source
             .map_err(|error| PluginError::load(name, error.to_string()))
-            .and_then(|source| self.runtime.load_source(&source))
+            .and_then(|source| {
+                if fast {
+                    let plugin = self.runtime.load_source_fast(&source)?;
+                    bytes = (plugin.compiler() == Compiler::Winch).then(|| Arc::from(source.wasm()));
+                    Ok(plugin)
+                } else {
+                    self.runtime.load_source(&source)
+                }
+            })
             .and_then(|plugin| {
                 let mut set = (*self.current()).clone();
                 set.insert(plugin.clone()).map(|_| (plugin, set))
@@ -346,10 +421,12 @@ impl LivePlugins {
             Ok((plugin, set)) => {
                 let content = attempt.read.ok();
                 let mut version = 0;
+                let took = started.elapsed();
                 self.record(name, |r| {
                     r.versions += 1;
                     version = r.versions;
                     r.current = Some((plugin.clone(), r.versions));
+                    r.loaded_in = Some(took);
                     r.content = content;
                     r.failed = None;
                 });
@@ -362,10 +439,17 @@ impl LivePlugins {
                     load = version,
                     sha256 = plugin.sha256(),
                     rooms = ?plugin.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>(),
-                    took = ?started.elapsed(),
+                    compiler = plugin.compiler().label(),
+                    compile = ?plugin.compiled_in(),
+                    took = ?took,
                     "plugin loaded"
                 );
                 self.log_event(name, ReloadKind::Loaded, Some(version), None);
+                if let Some(bytes) = bytes {
+                    let mut queue = self.unoptimized.lock().unwrap_or_else(|e| e.into_inner());
+                    queue.retain(|(queued, _)| queued.name() != name);
+                    queue.push_back((plugin.clone(), bytes));
+                }
                 self.publish(set);
                 true
             }
@@ -390,6 +474,7 @@ impl LivePlugins {
     fn remove(&self, name: &str, wasm: &Path) -> bool {
         if let Some(record) = self.records.lock().unwrap_or_else(|e| e.into_inner()).get_mut(name) {
             record.current = None;
+            record.loaded_in = None;
             record.content = None;
             record.failed = None;
             record.last_error = None;

@@ -128,6 +128,88 @@ fn an_unreadable_file_is_an_error_reported_once_and_the_previous_version_serves(
     assert!(live.records()["echo"].last_error.is_none());
 }
 
+/// `wasm` with one more custom section: the same code, other content.
+fn with_custom_section(wasm: &[u8], payload: u8) -> Vec<u8> {
+    let mut out = wasm.to_vec();
+    // Section id 0, 3 bytes: a name of 1 byte (`x`), then the payload.
+    out.extend_from_slice(&[0, 3, 1, b'x', payload]);
+    out
+}
+
+/// What a fresh instance of counter restored from `count` snapshots: the guest's code
+/// runs.
+fn round_trip(plugin: &Arc<Plugin>, count: u64) -> Vec<u8> {
+    let mut instance = plugin.instantiate("counter").unwrap();
+    instance.restore(&count.to_le_bytes()).unwrap();
+    instance.snapshot().unwrap().unwrap()
+}
+
+#[test]
+fn a_reload_goes_live_on_winch_and_new_instances_then_get_cranelift() {
+    let scratch = Scratch::new("tiers");
+    let dir = &scratch.0;
+    let counter = std::fs::read(crate::plugin::tests::plugin_file("counter")).unwrap();
+    std::fs::write(dir.join("counter.wasm"), &counter).unwrap();
+    let live = live(dir);
+    // Start-up compiles with Cranelift: nothing is left to optimise.
+    assert_eq!(live.for_room("counter").unwrap().compiler(), Compiler::Cranelift);
+    assert!(!live.unoptimized() && !live.optimize_next());
+
+    // Two reloads before the reload thread is free: only the version serving is
+    // compiled again.
+    for n in 1..=2 {
+        std::fs::write(dir.join("counter.wasm"), with_custom_section(&counter, n)).unwrap();
+        assert!(live.reload(dir, "counter"));
+    }
+    let serving = live.for_room("counter").unwrap();
+    assert_eq!((live.version_of(&serving), serving.compiler()), (3, Compiler::Winch));
+    assert!(serving.compiled_in().is_some() && serving.optimized_in().is_none());
+    let mut before = serving.instantiate("counter").unwrap();
+    before.restore(&5u64.to_le_bytes()).unwrap();
+
+    assert!(live.unoptimized());
+    let generation = live.generation();
+    assert!(live.optimize_next());
+    assert!(!live.unoptimized() && !live.optimize_next());
+    // Nothing was published: the same version serves, and rooms do not switch.
+    assert_eq!(live.generation(), generation);
+    assert!(Arc::ptr_eq(&live.for_room("counter").unwrap(), &serving));
+    assert_eq!(serving.compiler(), Compiler::Cranelift);
+    assert!(serving.optimized_in().is_some());
+    // The instance made before keeps its code and state; new ones run Cranelift's.
+    assert_eq!(before.snapshot().unwrap().unwrap(), 5u64.to_le_bytes());
+    assert_eq!(round_trip(&serving, 7), 7u64.to_le_bytes());
+    let decision = serving.handshake(&crate::plugin::HandshakeRequest::default()).unwrap();
+    assert!(matches!(decision, crate::plugin::HandshakeDecision::Accept { .. }));
+}
+
+#[test]
+fn a_reload_the_cache_knows_goes_live_on_cranelift() {
+    let scratch = Scratch::new("tiers-cache");
+    let dir = &scratch.0;
+    let cache = Scratch::new("tiers-cache-dir");
+    let counter = std::fs::read(crate::plugin::tests::plugin_file("counter")).unwrap();
+    std::fs::write(dir.join("counter.wasm"), &counter).unwrap();
+    let live = LivePlugins::load(
+        Some(dir),
+        HostCaps::default(),
+        Some(cache.0.clone()),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    std::fs::write(dir.join("counter.wasm"), with_custom_section(&counter, 1)).unwrap();
+    assert!(live.reload(dir, "counter"));
+    assert_eq!(live.for_room("counter").unwrap().compiler(), Compiler::Winch);
+    assert!(live.optimize_next());
+    // Back to the first version: Cranelift compiled it at start-up and cached it.
+    std::fs::write(dir.join("counter.wasm"), &counter).unwrap();
+    assert!(live.reload(dir, "counter"));
+    let serving = live.for_room("counter").unwrap();
+    assert_eq!((serving.compiler(), serving.compiled_in()), (Compiler::Cranelift, None));
+    assert!(!live.unoptimized());
+    assert_eq!(round_trip(&serving, 3), 3u64.to_le_bytes());
+}
+
 #[test]
 fn a_broken_file_without_a_version_is_listed_until_it_is_gone() {
     let scratch = Scratch::new("broken");

@@ -180,9 +180,11 @@ pub(super) fn watch_loop(
         if stop.load(Ordering::Acquire) {
             return;
         }
-        // Wait for an event, a pending name to become due, or the rescan.
+        // Wait for an event, a pending name to become due, or the rescan; only look for
+        // events when a version waits for Cranelift's code and no reload is pending.
         let due = pending.values().map(|(at, _)| *at).min().unwrap_or(next_rescan).min(next_rescan);
-        let timeout = due.saturating_duration_since(Instant::now());
+        let optimize = pending.is_empty() && plugins.unoptimized();
+        let timeout = if optimize { Duration::ZERO } else { due.saturating_duration_since(Instant::now()) };
         match rx.recv_timeout(timeout) {
             Ok(WatchEvent::Stop) => return,
             Ok(WatchEvent::Changed(path, complete)) => {
@@ -254,6 +256,11 @@ pub(super) fn watch_loop(
                     last_scan.remove(&file);
                 }
             }
+        }
+        // One at a time, so that a reload arriving meanwhile waits for one compile at
+        // most: it is received at the top of the loop before the next.
+        if pending.is_empty() && !stop.load(Ordering::Acquire) {
+            plugins.optimize_next();
         }
     }
 }
