@@ -392,6 +392,24 @@ impl Redis {
         Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_owned())
     }
 
+    /// How many subscribers Redis counts on `channel` (`PUBSUB NUMSUB`).
+    pub async fn subscribers(&self, channel: &str) -> Option<u64> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        stream.write_all(format!("PUBSUB NUMSUB {channel}\r\n").as_bytes()).await.ok()?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        // `*2`, the channel as a bulk string, then `:COUNT`.
+        while !reply.ends_with(b"\r\n") || !reply.split(|&b| b == b'\n').any(|line| line.starts_with(b":")) {
+            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await.ok()?.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&reply);
+        text.lines().find_map(|line| line.strip_prefix(':')?.parse().ok())
+    }
+
     /// Send one inline command; the first reply line.
     pub async fn command(&self, command: &str) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
