@@ -213,15 +213,7 @@ pub fn message(params: &ChatParams, g: u64, out: &mut Vec<u8>) {
         if !s.ends_with('"') {
             s.push(' ');
         }
-        if capital {
-            let mut chars = word.chars();
-            if let Some(c) = chars.next() {
-                s.push(c.to_ascii_uppercase());
-                s.push_str(chars.as_str());
-            }
-        } else {
-            s.push_str(word);
-        }
+        push_word(&mut s, word, capital);
         capital = false;
         if rng.chance(9) {
             s.push_str(rng.pick(&[".", ".", ".", "?", "!", ","]));
@@ -240,22 +232,25 @@ pub fn message(params: &ChatParams, g: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// Append `word`, with a capital first letter when `capital`.
+fn push_word(s: &mut String, word: &str, capital: bool) {
+    let mut chars = word.chars();
+    match chars.next() {
+        Some(first) if capital => {
+            s.push(first.to_ascii_uppercase());
+            s.push_str(chars.as_str());
+        }
+        _ => s.push_str(word),
+    }
+}
+
 /// `words` words of ordinary text (a capital first, a full stop last when `full`).
 fn sentence(rng: &mut Rng, s: &mut String, words: usize, full: bool) {
     for i in 0..words {
         if i > 0 {
             s.push(' ');
         }
-        let word = rng.word();
-        if i == 0 {
-            let mut chars = word.chars();
-            if let Some(c) = chars.next() {
-                s.push(c.to_ascii_uppercase());
-                s.push_str(chars.as_str());
-            }
-        } else {
-            s.push_str(word);
-        }
+        push_word(s, rng.word(), i == 0);
     }
     if full {
         s.push('.');
