@@ -244,8 +244,10 @@ fn an_idle_watcher_reads_nothing_and_reports_a_broken_file_once() {
     std::thread::sleep(Duration::from_secs(3));
     let read = bytes_read(pid) - before;
     assert!(read < 16 * 1024, "an idle server read {read} bytes in 3 s; log:\n{}", server.log());
-    let loaded: Vec<String> =
-        log_lines(&server, "INFO", "echo").into_iter().filter(|line| line.contains("plugin loaded")).collect();
+    let loaded: Vec<String> = log_lines(&server, "INFO", "echo")
+        .into_iter()
+        .filter(|line| line.contains("plugin loaded"))
+        .collect();
     assert_eq!(loaded.len(), 1, "echo loaded once: {loaded:#?}");
     let errors = log_lines(&server, "ERROR", "junk");
     assert_eq!(errors.len(), 1, "junk.wasm reported once: {errors:#?}");
