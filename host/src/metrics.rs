@@ -105,6 +105,8 @@ pub struct Metrics {
     pub room_members: GaugeCell,
     pub messages_in: CounterCell,
     pub messages_out: CounterCell,
+    /// Data messages a room handled together with others that waited in its inbox.
+    pub messages_batched: CounterCell,
     /// Messages and bytes held by rooms' histories (recovery).
     pub history_messages: GaugeCell,
     pub history_bytes: GaugeCell,
@@ -182,6 +184,11 @@ impl Default for Metrics {
             "roomcast_messages_out",
             "Data messages queued to clients, one per recipient",
         );
+        let messages_batched = counter(
+            &mut registry,
+            "roomcast_messages_batched",
+            "Data messages a room handled in a batch with others that waited (each member got them in one write)",
+        );
 
         let history_messages =
             gauge(&mut registry, "roomcast_history_messages", "Messages held by rooms' histories");
@@ -208,6 +215,7 @@ impl Default for Metrics {
             room_members,
             messages_in,
             messages_out,
+            messages_batched,
             history_messages,
             history_bytes,
             recoveries,
@@ -312,6 +320,7 @@ mod tests {
             ("roomcast_handshakes_rejected_total", "counter"),
             ("roomcast_messages_in_total", "counter"),
             ("roomcast_messages_out_total", "counter"),
+            ("roomcast_messages_batched_total", "counter"),
             ("roomcast_plugin_calls_total", "counter"),
             ("roomcast_history_messages", "gauge"),
             ("roomcast_history_bytes", "gauge"),
@@ -319,7 +328,7 @@ mod tests {
         ] {
             assert_eq!(type_of(name), Some(kind), "{name}");
         }
-        assert_eq!(types.len(), 11, "one TYPE line per family: {types:?}");
+        assert_eq!(types.len(), 12, "one TYPE line per family: {types:?}");
 
         let mut expected: Vec<String> = [
             "connections",
@@ -327,6 +336,7 @@ mod tests {
             "room_members",
             "messages_in_total",
             "messages_out_total",
+            "messages_batched_total",
             "history_messages",
             "history_bytes",
             "recoveries_total{outcome=\"recovered\"}",

@@ -124,3 +124,51 @@ fn a_tagged_frame_gives_back_its_payload() {
     assert_eq!(super::peer::untag(&Bytes::from_static(b"\x81\x05ab")), None, "a short frame");
     assert_eq!(super::peer::untag(&crate::ws::frame::encode(crate::ws::frame::OP_TEXT, b"not json")), None);
 }
+
+/// Two members' messages that are ready at once reach a large room as one batch, even
+/// though the first sender's task wakes the room's actor and tokio runs a task woken
+/// that way ahead of every other ready one (the "LIFO slot"): the actor lets the second
+/// message arrive before it sends the first on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn messages_ready_together_reach_a_large_room_as_one_batch() {
+    let metrics = Arc::new(Metrics::default());
+    let plugins = LivePlugins::load(None, HostCaps::default(), None, metrics.clone()).expect("no plugins");
+    let rooms = Arc::new(Rooms::new(metrics.clone(), Arc::new(plugins), TaskTracker::new()));
+    let peers: Vec<Arc<Peer>> = (1..=super::actor::GATHER_MEMBERS as MemberId).map(peer).collect();
+    let mut room = None;
+    for peer in &peers {
+        room = Some(rooms.join("big", Joining::plain(peer)).await);
+    }
+    let room = room.expect("a room");
+    // Once a first message went round, every join was handled and the actor waits
+    // on an empty inbox.
+    room.send(peers[0].id, Payload::text("warm")).await;
+    assert_eq!(next_text(&peers[2]).await, "warm");
+    let (batched, out) = (metrics.messages_batched.load(Relaxed), metrics.messages_out.load(Relaxed));
+
+    // One task on the runtime's one worker starts both senders: the first one's send
+    // wakes the actor while the second is ready to run.
+    let (a, b) = (peers[0].id, peers[1].id);
+    let sending = room.clone();
+    tokio::spawn(async move {
+        let first = tokio::spawn({
+            let room = sending.clone();
+            async move { room.send(a, Payload::text("first")).await }
+        });
+        let second = tokio::spawn(async move { sending.send(b, Payload::text("second")).await });
+        let _ = (first.await, second.await);
+    })
+    .await
+    .expect("senders");
+
+    // A third member hears both (in the order the runtime ran the senders).
+    let mut heard = [next_text(&peers[2]).await, next_text(&peers[2]).await];
+    heard.sort();
+    assert_eq!(heard, ["first", "second"]);
+    assert_eq!(
+        metrics.messages_batched.load(Relaxed) - batched,
+        2,
+        "both messages were handled as one batch"
+    );
+    assert_eq!(metrics.messages_out.load(Relaxed) - out, 2 * (peers.len() as u64 - 1));
+}
