@@ -36,8 +36,11 @@ use super::{HostCaps, PluginError, PluginInfo};
 /// The WIT package plugins are built against today. The host also runs plugins built
 /// for `roomcast:plugin@0.1.0` (see [`bindings::Contract`]).
 pub const WIT_PACKAGE: &str = "roomcast:plugin@0.2.0";
-/// How often the epoch ticks; deadlines are counted in ticks.
+/// The epoch's unit: deadlines are counted in ticks of real time.
 pub(crate) const TICK: Duration = Duration::from_millis(1);
+/// The longest the ticker sleeps between two looks while calls are short (see
+/// [`EpochTicker`]); shorter when a loaded plugin's deadline is.
+const MAX_COARSE_TICKS: u64 = 10;
 
 /// What `roomcast plugin check FILE.wasm` reports about a plugin that loads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +120,21 @@ impl Shared {
         hasher.finalize().into()
     }
 
+    /// What to add to a deadline in ticks so that it counts from now: how far the
+    /// engines' epoch lags real time while the ticker sleeps between looks.
+    pub(crate) fn epoch_lag(&self) -> u64 {
+        self.ticker.as_ref().map_or(0, |ticker| ticker.state.lag())
+    }
+
+    /// A plugin with this deadline per call is loaded: the ticker looks at least that
+    /// often, so such a call is still stopped within a tick of its deadline.
+    fn deadline_loaded(&self, deadline_ticks: u64) {
+        if let Some(ticker) = &self.ticker {
+            // `ticks` added one tick of slack: the look must come a tick before.
+            ticker.state.coarse.fetch_min(deadline_ticks.saturating_sub(1).max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Run `guest` (a call into guest code): the epoch ticks meanwhile.
     pub(crate) fn running<R>(&self, guest: impl FnOnce() -> R) -> R {
         if let Some(ticker) = &self.ticker {
@@ -157,18 +175,27 @@ impl Drop for Shared {
 }
 
 /// After this many ticks without a call into a guest, the ticker sleeps until the next
-/// call: an idle server (or one without plugins) has no thread waking 1000 times a
-/// second. Steady traffic through plugins never lets it sleep.
-const IDLE_TICKS: u32 = 100;
+/// call: an idle server (or one without plugins) has no thread waking at all.
+const IDLE_TICKS: u64 = 100;
 
-/// A thread that advances the engines' epochs every [`TICK`] while guest code runs (and
-/// for [`IDLE_TICKS`] after); stopped by [`EpochTicker::stop`].
+/// The thread that keeps the engines' epochs in step with real time (one epoch per
+/// [`TICK`] since it started); stopped by [`EpochTicker::stop`].
+///
+/// It does not wake every tick. Between two looks it sleeps `coarse` ticks (at most
+/// [`MAX_COARSE_TICKS`], and less than the shortest deadline of any loaded plugin),
+/// then advances the epochs by every tick that passed. A call's deadline is set from
+/// real time (the lag is added, [`Shared::epoch_lag`]), so a late advance only ever
+/// reaches deadlines that are due. When a look finds guest code running, the ticker
+/// looks every tick until none runs: a call that outlives its deadline is seen
+/// running at a look no later than that deadline, and is stopped within a tick of it,
+/// as with a ticker that ticked every millisecond. Steady traffic of short calls thus
+/// costs `1000 / coarse` wake-ups a second instead of 1000 (each one preempts whatever
+/// shares the ticker's core: a worker, when the server is pinned to one core).
 struct EpochTicker {
     state: Arc<TickerState>,
     thread: JoinHandle<()>,
 }
 
-#[derive(Default)]
 struct TickerState {
     stop: AtomicBool,
     /// Calls into guests running now.
@@ -177,16 +204,49 @@ struct TickerState {
     started: AtomicU64,
     /// The thread is parked or about to park.
     parked: AtomicBool,
+    /// When tick 0 was.
+    origin: Instant,
+    /// The engines' epoch: ticks since `origin` as of the ticker's last look.
+    epoch: AtomicU64,
+    /// Ticks between two looks while no guest code runs.
+    coarse: AtomicU64,
+    /// Looks so far (what tests count).
+    looks: AtomicU64,
+}
+
+impl TickerState {
+    fn new() -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            origin: Instant::now(),
+            epoch: AtomicU64::new(0),
+            coarse: AtomicU64::new(MAX_COARSE_TICKS),
+            looks: AtomicU64::new(0),
+        }
+    }
+
+    /// Ticks since `origin`.
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos() / TICK.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn lag(&self) -> u64 {
+        self.now().saturating_sub(self.epoch.load(Ordering::Acquire))
+    }
 }
 
 impl EpochTicker {
     fn start(engines: [Engine; 2]) -> std::io::Result<EpochTicker> {
-        let state = Arc::new(TickerState::default());
+        let state = Arc::new(TickerState::new());
         let shared = Arc::clone(&state);
         let thread = std::thread::Builder::new().name("roomcast-epoch".to_owned()).spawn(move || {
             let state = shared;
             let mut idle = 0;
             let mut seen = 0;
+            let mut running = false;
             while !state.stop.load(Ordering::Acquire) {
                 if idle >= IDLE_TICKS {
                     state.parked.store(true, Ordering::SeqCst);
@@ -197,13 +257,23 @@ impl EpochTicker {
                     idle = 0;
                     continue;
                 }
-                std::thread::sleep(TICK);
+                let ticks = if running { 1 } else { state.coarse.load(Ordering::Relaxed).max(1) };
+                std::thread::sleep(TICK * u32::try_from(ticks).unwrap_or(1));
+                // Every tick that passed, also those slept through while parked; a call
+                // that started meanwhile counted its deadline from real time.
+                let now = state.now();
+                let passed = now.saturating_sub(state.epoch.load(Ordering::Relaxed));
                 for engine in &engines {
-                    engine.increment_epoch();
+                    for _ in 0..passed {
+                        engine.increment_epoch();
+                    }
                 }
+                state.epoch.store(now, Ordering::Release);
+                state.looks.fetch_add(1, Ordering::Relaxed);
+                running = state.calls.load(Ordering::SeqCst) > 0;
                 let started = state.started.load(Ordering::Relaxed);
-                if started == seen && state.calls.load(Ordering::Relaxed) == 0 {
-                    idle += 1;
+                if started == seen && !running {
+                    idle += passed;
                 } else {
                     (idle, seen) = (0, started);
                 }
@@ -221,6 +291,11 @@ impl EpochTicker {
     #[cfg(test)]
     fn is_parked(&self) -> bool {
         self.state.parked.load(Ordering::SeqCst)
+    }
+
+    #[cfg(test)]
+    fn looks(&self) -> u64 {
+        self.state.looks.load(Ordering::Relaxed)
     }
 }
 
@@ -261,6 +336,12 @@ impl PluginRuntime {
     #[cfg(test)]
     pub(crate) fn ticker_parked(&self) -> bool {
         self.shared.ticker.as_ref().is_some_and(EpochTicker::is_parked)
+    }
+
+    /// How often the epoch ticker has woken to advance the epochs.
+    #[cfg(test)]
+    pub(crate) fn ticker_looks(&self) -> u64 {
+        self.shared.ticker.as_ref().map_or(0, EpochTicker::looks)
     }
 
     /// Cranelift's and Winch's engines, with epoch interruption and a 1 ms ticker
@@ -432,6 +513,7 @@ impl PluginRuntime {
             config_json: manifest.config_json,
             shared: Arc::clone(&self.shared),
         };
+        self.shared.deadline_loaded(code.deadline_ticks);
         let (mut sandbox, _) = Sandbox::create(&code, None)?;
         let info = sandbox.describe(&code)?;
         let plugin = Plugin {

@@ -40,7 +40,7 @@ impl Sandbox {
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline_reached()));
         store.data_mut().begin_call(code.setup_ticks);
-        store.set_epoch_deadline(code.setup_ticks);
+        store.set_epoch_deadline(code.setup_ticks + code.shared.epoch_lag());
         let exports = match code.shared.running(|| linked.instantiate(&mut store)) {
             Ok(exports) => exports,
             Err(error) => {
@@ -90,7 +90,7 @@ impl Sandbox {
         }
         let ticks = code.ticks_for(hook);
         self.store.data_mut().begin_call(ticks);
-        self.store.set_epoch_deadline(ticks);
+        self.store.set_epoch_deadline(ticks + code.shared.epoch_lag());
         let result = code.shared.running(|| body(&self.exports, &mut self.store));
         let state = self.store.data_mut();
         state.end_call();

@@ -343,6 +343,36 @@ fn the_epoch_ticker_sleeps_while_idle_and_deadlines_still_hold() {
 }
 
 #[test]
+fn steady_short_calls_wake_the_ticker_once_per_deadline_not_every_tick() {
+    let runtime = runtime();
+    let plugin = load_default(&runtime, "chaos");
+    let room = Room::new("chaos", &[1]);
+    let mut instance = plugin.instantiate("chaos").expect("instantiate");
+    // Short calls, a few thousand a second, for 300 ms: a ticker that woke every 1 ms
+    // tick would look about 300 times; with the default 10 ms deadline it looks every 9
+    // ticks (and every tick after a look that found a call running, which is rare when
+    // calls take a few µs of every 100).
+    let start = Instant::now();
+    let looks = runtime.ticker_looks();
+    let mut calls = 0u64;
+    while start.elapsed() < Duration::from_millis(300) {
+        instance.message(&room.view(), Origin::Member(1), &Payload::text("hello")).expect("a short call");
+        calls += 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let looked = runtime.ticker_looks() - looks;
+    // Bounded loosely: a loaded machine preempts calls and so finds more of them
+    // running; a ticker of 1 ms ticks would still look far more often.
+    assert!(looked <= 100, "{looked} looks for {calls} calls in 300 ms");
+    // And the deadline holds for a call that starts while the ticker sleeps between
+    // two looks: the spin is stopped.
+    let error = instance
+        .message(&room.view(), Origin::Member(1), &Payload::text("spin"))
+        .expect_err("spin must be interrupted");
+    assert_eq!(error.kind, FailureKind::Timeout);
+}
+
+#[test]
 fn chaos_hog_hits_the_memory_cap() {
     // Filling 32 MiB takes longer than the default 10ms deadline (which would report a
     // timeout): give it time to reach the cap.
