@@ -373,7 +373,8 @@ fn compression(results: &Results) -> String {
          uWebSockets.js `SHARED_COMPRESSOR` (it has no threshold: every message is \
          compressed, for each subscriber), Node ws `perMessageDeflate` with threshold {} B, \
          no context takeover, zlib's default level. *Off*: the same clients, the server \
-         declines. tokio-tungstenite has no permessage-deflate and is left out. Medians of \
+         declines. tokio-tungstenite and fastwebsockets have no permessage-deflate and are \
+         left out. Medians of \
          {runs} runs, each on a fresh server.\n",
         c.saturated.clients,
         c.saturated.senders,
@@ -937,6 +938,7 @@ fn machine(results: &Results) -> String {
          | kernel | {} |\n| pinning | servers on CPU {}, load generator on CPU {} (`taskset`), both at nice {} |\n\
          | Rust | {} |\n| Node | {} |\n| uWebSockets.js | npm `uwebsockets@{}`, integrity `{}` |\n\
          | Node ws | `ws@{}` |\n| tokio-tungstenite | 0.30 (bench/src/bin/tungstenite-peer.rs, 4 KiB read buffer) |\n\
+         | fastwebsockets | 0.10 (bench/src/bin/fastwebsockets-peer.rs, upgrade through hyper 1, split halves) |\n\
          | load average before → after | {} → {} |\n",
         m.date,
         m.commit,
@@ -1279,8 +1281,12 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            with compression as without.\n\n\
          The peers: uWebSockets.js from npm `uwebsockets@3.0.6` (`bench/peers/uws.js`, rooms as\n\
          topics, `maxBackpressure` raised to 64 MiB), Node `ws` 8 (`bench/peers/ws.js`, the usual\n\
-         ping/terminate heartbeat) and a minimal tokio-tungstenite server\n\
-         (`bench/src/bin/tungstenite-peer.rs`). Roomcast runs with `--max-queue-bytes 64MiB`.\n",
+         ping/terminate heartbeat), a minimal tokio-tungstenite server\n\
+         (`bench/src/bin/tungstenite-peer.rs`) and a minimal fastwebsockets server\n\
+         (`bench/src/bin/fastwebsockets-peer.rs`: the handshake through hyper 1, then the\n\
+         socket split so that one task reads while it writes; fastwebsockets' reads are not\n\
+         cancel-safe). Both Rust peers keep one queue per member, drained by the member's task\n\
+         and flushed once per batch. Roomcast runs with `--max-queue-bytes 64MiB`.\n",
     );
     out
 }

@@ -367,7 +367,7 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         for &kind in servers {
             let params = FanoutParams {
                 messages: match kind {
-                    Kind::Roomcast | Kind::Tungstenite => sizes.fanout.messages,
+                    Kind::Roomcast | Kind::Tungstenite | Kind::Fastwebsockets => sizes.fanout.messages,
                     Kind::Uws | Kind::Ws => sizes.node_messages,
                 },
                 ..sizes.fanout.clone()
