@@ -191,6 +191,41 @@ impl Server {
     }
 }
 
+/// A busy loop pinned to the servers' CPU at their priority (it inherits the load
+/// generator's nice value, as every server does), so that the server gets about half of
+/// its core.
+#[derive(Debug)]
+pub struct Contender {
+    pub pid: u32,
+    child: tokio::process::Child,
+}
+
+impl Contender {
+    /// Start it on `cpu`; should nobody stop it, it ends by itself after `limit`.
+    pub fn start(cpu: &str, limit: Duration) -> anyhow::Result<Self> {
+        let script =
+            format!("end=$((SECONDS + {})); while ((SECONDS < end)); do :; done", limit.as_secs() + 1);
+        let child = tokio::process::Command::new("taskset")
+            .args(["-c", cpu, "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the busy loop")?;
+        // taskset execs bash, so the pid is the loop's own.
+        let pid = child.id().context("busy loop pid")?;
+        Ok(Self { pid, child })
+    }
+
+    /// Kill it and wait for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.child.start_kill();
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
 /// A port nobody listens on right now.
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
