@@ -34,7 +34,7 @@ fn short(kind: Kind) -> &'static str {
     match kind {
         Kind::Roomcast => "Roomcast",
         Kind::Tungstenite => "tokio-tung.",
-        Kind::Fastwebsockets => "fastwebsock.",
+        Kind::Fastwebsockets => "fastwebs.",
         Kind::Uws => "uWS.js",
         Kind::Ws => "Node ws",
     }

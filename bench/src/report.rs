@@ -552,8 +552,9 @@ fn paced_notes(results: &Results) -> String {
              own core per delivery ({} µs, median of these paced runs) and cannot pace above about \
              300,000 deliveries/s, so without the busy loop the server's core never saturates on this \
              2-core machine. The busy loop (`bash`, pinned to the server's CPU at the same nice value, \
-             running only during the measured phase) leaves the server about half a core, so every \
-             server is past its knee: what is measured is how each degrades, by batching or by queueing.",
+             running only during the measured phase) leaves the server about half a core when it needs \
+             more (the *share of the core* row shows what each used), so every server is past its \
+             knee: what is measured is how each degrades, by batching or by queueing.",
             num(loadgen, 2)
         );
     }
