@@ -34,6 +34,7 @@ fn short(kind: Kind) -> &'static str {
     match kind {
         Kind::Roomcast => "Roomcast",
         Kind::Tungstenite => "tokio-tung.",
+        Kind::Fastwebsockets => "fastwebs.",
         Kind::Uws => "uWS.js",
         Kind::Ws => "Node ws",
     }
@@ -57,7 +58,11 @@ pub fn draw(results: &Results, path: &Path, font: &Path) -> anyhow::Result<()> {
             target: None,
         },
         Panel {
-            title: format!("Latency p50 | p99, paced fan-out to {}", sizes.paced.clients),
+            title: format!(
+                "Latency p50 | p99, paced {}k deliveries/s to {}",
+                sizes.base_paced().pace.rate() / 1000.0,
+                sizes.base_paced().clients
+            ),
             unit: "µs",
             series: vec![|m| m.paced_p50_us, |m| m.paced_p99_us],
             decimals: 0,

@@ -38,6 +38,16 @@ pub enum Pace {
     Paced { deliveries_per_sec: f64 },
 }
 
+impl Pace {
+    /// The paced rate in deliveries per second; NaN when saturated.
+    pub fn rate(self) -> f64 {
+        match self {
+            Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
+            Pace::Saturated { .. } => f64::NAN,
+        }
+    }
+}
+
 /// One fan-out run's shape.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FanoutParams {
@@ -105,6 +115,8 @@ impl Envelope {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FanoutResult {
+    /// How the senders sent (absent from results written before it was recorded).
+    pub pace: Option<Pace>,
     pub messages: u64,
     /// Deliveries owed: each message to every member but its sender.
     pub expected: u64,
@@ -132,6 +144,9 @@ pub struct FanoutResult {
     /// shows here (kernel threads are not counted; without a server pid, the server's
     /// own CPU is counted here too).
     pub other_cpu_s: f64,
+    /// CPU of the busy process that shared the server's core over the same phase (the
+    /// contended-core scenario; not counted in `other_cpu_s`).
+    pub contender_cpu_s: f64,
     /// The server's answer to the compression offer (first connection), when it
     /// accepted; `None` when it declined or none was offered.
     pub negotiated: Option<String>,
@@ -209,6 +224,17 @@ pub async fn run(
     params: &FanoutParams,
     server_pid: Option<u32>,
 ) -> anyhow::Result<FanoutResult> {
+    run_beside(conns, params, server_pid, None).await
+}
+
+/// [`run`] while the process `contender` (a busy loop) shares the server's core: its
+/// CPU over the phase is measured apart from other programs'.
+pub async fn run_beside(
+    conns: Vec<Conn>,
+    params: &FanoutParams,
+    server_pid: Option<u32>,
+    contender: Option<u32>,
+) -> anyhow::Result<FanoutResult> {
     let clients = conns.len();
     anyhow::ensure!(clients >= 2, "fan-out needs at least two clients");
     anyhow::ensure!(
@@ -266,8 +292,9 @@ pub async fn run(
     let cpu_before = server_pid.map(procfs::cpu_secs).transpose()?;
     let me = std::process::id();
     let own_before = procfs::cpu_secs(me)?;
-    let exclude = [me, server_pid.unwrap_or(me)];
+    let exclude = [me, server_pid.unwrap_or(me), contender.unwrap_or(me)];
     let others_before = procfs::others_cpu_secs(&exclude);
+    let contender_before = contender.map(procfs::cpu_secs).transpose()?;
     let start = Instant::now();
     let start_ns = shared.now_ns();
     let pump = tokio::spawn(pump(writers, shared.clone(), params.clone(), layout, start));
@@ -297,15 +324,18 @@ pub async fn run(
     let cpu_after = server_pid.map(procfs::cpu_secs).transpose()?;
     let own_after = procfs::cpu_secs(me)?;
     let others_after = procfs::others_cpu_secs(&exclude);
+    let contender_after = contender.map(procfs::cpu_secs).transpose()?;
     let _ = stop_tx.send(true);
     pump.abort();
 
     let mut result = FanoutResult {
+        pace: Some(params.pace),
         messages: shared.sent.load(Relaxed),
         expected,
         timed_out,
         client_cpu_s: own_after - own_before,
         other_cpu_s: (others_after - others_before).max(0.0),
+        contender_cpu_s: contender_after.zip(contender_before).map_or(0.0, |(a, b)| a - b),
         negotiated,
         compressed_conns,
         ..FanoutResult::default()

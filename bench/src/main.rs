@@ -307,12 +307,14 @@ struct SuiteArgs {
     #[arg(long)]
     runs: Option<usize>,
     /// Servers to run, comma-separated
-    #[arg(long, default_value = "roomcast,tungstenite,uws,ws", value_delimiter = ',')]
+    #[arg(long, default_value = "roomcast,tungstenite,fastwebsockets,uws,ws", value_delimiter = ',')]
     servers: Vec<String>,
     #[arg(long, default_value = "target/release/roomcast")]
     roomcast: PathBuf,
     #[arg(long, default_value = "target/release/tungstenite-peer")]
     tungstenite_peer: PathBuf,
+    #[arg(long, default_value = "target/release/fastwebsockets-peer")]
+    fastwebsockets_peer: PathBuf,
     #[arg(long, default_value = "bench/peers")]
     peers_dir: PathBuf,
     #[arg(long, default_value = "node")]
@@ -501,6 +503,7 @@ fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
         programs: Programs {
             roomcast: args.roomcast,
             tungstenite_peer: args.tungstenite_peer,
+            fastwebsockets_peer: args.fastwebsockets_peer,
             peers_dir: args.peers_dir,
             node: args.node,
             logs: args.work_dir.join("logs"),

@@ -17,18 +17,20 @@ use serde::{Deserialize, Serialize};
 pub enum Kind {
     Roomcast,
     Tungstenite,
+    Fastwebsockets,
     Uws,
     Ws,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Roomcast, Kind::Tungstenite, Kind::Uws, Kind::Ws];
+    pub const ALL: [Kind; 5] = [Kind::Roomcast, Kind::Tungstenite, Kind::Fastwebsockets, Kind::Uws, Kind::Ws];
 
     /// The short name used on the command line.
     pub fn id(self) -> &'static str {
         match self {
             Kind::Roomcast => "roomcast",
             Kind::Tungstenite => "tungstenite",
+            Kind::Fastwebsockets => "fastwebsockets",
             Kind::Uws => "uws",
             Kind::Ws => "ws",
         }
@@ -39,16 +41,17 @@ impl Kind {
         match self {
             Kind::Roomcast => "Roomcast",
             Kind::Tungstenite => "tokio-tungstenite",
+            Kind::Fastwebsockets => "fastwebsockets",
             Kind::Uws => "uWebSockets.js",
             Kind::Ws => "Node ws",
         }
     }
 
     pub fn parse(id: &str) -> anyhow::Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.id() == id)
-            .with_context(|| format!("unknown server `{id}` (roomcast, tungstenite, uws, ws)"))
+        Self::ALL.into_iter().find(|k| k.id() == id).with_context(|| {
+            let known: Vec<&str> = Self::ALL.iter().map(|k| k.id()).collect();
+            format!("unknown server `{id}` ({})", known.join(", "))
+        })
     }
 }
 
@@ -57,6 +60,7 @@ impl Kind {
 pub struct Programs {
     pub roomcast: PathBuf,
     pub tungstenite_peer: PathBuf,
+    pub fastwebsockets_peer: PathBuf,
     /// The folder with `uws.js`, `ws.js` and their `node_modules`.
     pub peers_dir: PathBuf,
     pub node: String,
@@ -87,7 +91,7 @@ pub const COMPRESSION_THRESHOLD: usize = 256;
 impl Kind {
     /// Whether the server can compress messages (permessage-deflate).
     pub fn compresses(self) -> bool {
-        !matches!(self, Kind::Tungstenite)
+        !matches!(self, Kind::Tungstenite | Kind::Fastwebsockets)
     }
 }
 
@@ -133,6 +137,9 @@ impl Server {
             Kind::Tungstenite => {
                 command.arg(&programs.tungstenite_peer).arg(port.to_string());
             }
+            Kind::Fastwebsockets => {
+                command.arg(&programs.fastwebsockets_peer).arg(port.to_string());
+            }
             Kind::Uws | Kind::Ws => {
                 let script = programs.peers_dir.join(format!("{}.js", kind.id()));
                 command.arg(&programs.node).arg(script).arg(port.to_string());
@@ -174,6 +181,41 @@ impl Server {
         // Let start-up work (plugin compilation, JIT warm-up of the module) finish.
         tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(Self { pid, addr, child })
+    }
+
+    /// Kill it and wait for it to exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.child.start_kill();
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// A busy loop pinned to the servers' CPU at their priority (it inherits the load
+/// generator's nice value, as every server does), so that the server gets about half of
+/// its core.
+#[derive(Debug)]
+pub struct Contender {
+    pub pid: u32,
+    child: tokio::process::Child,
+}
+
+impl Contender {
+    /// Start it on `cpu`; should nobody stop it, it ends by itself after `limit`.
+    pub fn start(cpu: &str, limit: Duration) -> anyhow::Result<Self> {
+        let script =
+            format!("end=$((SECONDS + {})); while ((SECONDS < end)); do :; done", limit.as_secs() + 1);
+        let child = tokio::process::Command::new("taskset")
+            .args(["-c", cpu, "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the busy loop")?;
+        // taskset execs bash, so the pid is the loop's own.
+        let pid = child.id().context("busy loop pid")?;
+        Ok(Self { pid, child })
     }
 
     /// Kill it and wait for it to exit.

@@ -20,7 +20,7 @@ use crate::reload::{self, Admin, ReloadParams, ReloadResult};
 use crate::rooms::{
     self, JoinLeaveParams, JoinLeaveResult, MembershipParams, MembershipResult, RawMembershipResult,
 };
-use crate::servers::{COMPRESSION_THRESHOLD, Extras, Kind, Programs, Server};
+use crate::servers::{COMPRESSION_THRESHOLD, Contender, Extras, Kind, Programs, Server};
 use crate::{chart, procfs, report};
 
 /// The size of every scenario.
@@ -32,7 +32,14 @@ pub struct Sizes {
     /// slower per delivery: the same window and room, fewer messages, so that their
     /// runs do not take minutes.
     pub node_messages: usize,
-    pub paced: FanoutParams,
+    /// The paced fan-out, one run per rate, lowest first (the room-protocol scenario runs
+    /// the first). A server that could not keep up at one rate is not run at the next.
+    #[serde(deserialize_with = "one_or_more")]
+    pub paced: Vec<FanoutParams>,
+    /// The paced fan-out while a busy loop at the servers' priority shares the server's
+    /// core: every server past its knee.
+    #[serde(default)]
+    pub contended: Option<FanoutParams>,
     pub idle: IdleParams,
     pub churn: ChurnParams,
     /// The plugin scenario runs `fanout` and this: a small room where every member
@@ -59,6 +66,20 @@ pub struct Sizes {
     pub compression: Option<CompressionSizes>,
 }
 
+/// The paced sizes: a list, or the one rate of results from before there were several.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<FanoutParams>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(Box<FanoutParams>),
+        More(Vec<FanoutParams>),
+    }
+    Ok(match OneOrMore::deserialize(deserializer)? {
+        OneOrMore::One(params) => vec![*params],
+        OneOrMore::More(list) => list,
+    })
+}
+
 /// The compression scenario's sizes: the same chat messages, saturated and paced.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CompressionSizes {
@@ -76,7 +97,7 @@ pub struct CompressionSizes {
 pub const RECOVERY_HISTORY: usize = 200;
 
 impl Sizes {
-    /// The full run (about 28 minutes here, 7 of them the room-protocol scenarios and 6
+    /// The full run (about 45 minutes here, 7 of them the room-protocol scenarios and 6
     /// the compression scenario) or a smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
@@ -121,7 +142,8 @@ impl Sizes {
                 runs: runs.unwrap_or(1),
                 fanout: saturated(200, 4, 1000, 64),
                 node_messages: 500,
-                paced: paced(200, 4, 20_000.0, 2.0),
+                paced: vec![paced(200, 4, 20_000.0, 2.0), paced(200, 4, 40_000.0, 2.0)],
+                contended: Some(paced(200, 4, 50_000.0, 2.0)),
                 idle: IdleParams { connections: 2000, hold: Duration::from_secs(2), concurrency: 128 },
                 churn: ChurnParams {
                     members: 50,
@@ -167,7 +189,14 @@ impl Sizes {
                 runs: runs.unwrap_or(3),
                 fanout: saturated(1000, 10, 4000, 256),
                 node_messages: 1500,
-                paced: paced(1000, 10, 50_000.0, 6.0),
+                paced: [50_000.0, 100_000.0, 150_000.0, 200_000.0]
+                    .into_iter()
+                    .map(|rate| paced(1000, 10, rate, 6.0))
+                    .collect(),
+                // The load generator spends about 2.9 µs of its own core per delivery and
+                // cannot pace above about 300,000 deliveries/s: on 2 cores, only a busy
+                // loop beside the server takes it past its knee.
+                contended: Some(paced(1000, 10, 250_000.0, 6.0)),
                 idle: IdleParams { connections: 19_000, hold: Duration::from_secs(12), concurrency: 128 },
                 churn: ChurnParams {
                     members: 100,
@@ -213,6 +242,14 @@ impl Sizes {
                 }),
             }
         }
+    }
+}
+
+impl Sizes {
+    /// The first (lowest) paced rate: the one the chart, the targets and the
+    /// room-protocol scenario use.
+    pub fn base_paced(&self) -> &FanoutParams {
+        self.paced.first().expect("at least one paced rate")
     }
 }
 
@@ -283,6 +320,28 @@ pub struct CompressionRun {
     pub result: FanoutResult,
 }
 
+/// A paced rate a server was not run at.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PacedSkip {
+    pub kind: Kind,
+    pub run: usize,
+    pub deliveries_per_sec: f64,
+    /// How it fell behind at a lower rate.
+    pub reason: String,
+}
+
+/// How a paced run shows that the server could not keep up with its rate, if it did
+/// not: it delivered less than 90% of the rate over the phase, or not everything.
+pub fn fell_behind(r: &FanoutResult, rate: f64) -> Option<String> {
+    if r.timed_out || r.lost > 0 {
+        Some(format!("{} of {} deliveries arrived", r.delivered, r.expected))
+    } else if r.deliveries_per_sec < 0.9 * rate {
+        Some(format!("it delivered {:.0}/s, p99 {:.0} ms", r.deliveries_per_sec, r.latency.p99_us / 1e3))
+    } else {
+        None
+    }
+}
+
 /// Everything measured, run by run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -292,7 +351,12 @@ pub struct Results {
     pub sizes: Option<Sizes>,
     pub servers: Vec<Kind>,
     pub fanout: Vec<(Kind, FanoutResult)>,
+    /// Every paced rate (each result records its pace).
     pub paced: Vec<(Kind, FanoutResult)>,
+    /// Paced rates a server was not run at, and why.
+    pub paced_skipped: Vec<PacedSkip>,
+    /// The paced fan-out on a contended core.
+    pub contended: Vec<(Kind, FanoutResult)>,
     pub idle: Vec<(Kind, IdleResult)>,
     pub churn: Vec<(Kind, ChurnResult)>,
     pub plugins: Vec<PluginRun>,
@@ -367,7 +431,7 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
         for &kind in servers {
             let params = FanoutParams {
                 messages: match kind {
-                    Kind::Roomcast | Kind::Tungstenite => sizes.fanout.messages,
+                    Kind::Roomcast | Kind::Tungstenite | Kind::Fastwebsockets => sizes.fanout.messages,
                     Kind::Uws | Kind::Ws => sizes.node_messages,
                 },
                 ..sizes.fanout.clone()
@@ -379,13 +443,43 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 Ok(Outcome::Fanout(r))
             })
             .await;
-            scenario(&mut results, kind, run, "paced", &options, async |server| {
-                let target = Target::new(server.addr, "/ws/bench".into())?;
-                let conns = client::connect_all(&target, sizes.paced.clients).await?;
-                let r = fanout::run(conns, &sizes.paced, Some(server.pid)).await?;
-                Ok(Outcome::Paced(r))
-            })
-            .await;
+            // Lowest rate first; once the server fell behind, the higher rates are skipped
+            // (and the report says so).
+            let mut behind: Option<String> = None;
+            for params in &sizes.paced {
+                let rate = params.pace.rate();
+                let name = format!("paced {}k", rate / 1000.0);
+                if let Some(reason) = &behind {
+                    eprintln!("  run {run} {:<17} {name:<8} skipped: {reason}", kind.label());
+                    let reason = reason.clone();
+                    results.paced_skipped.push(PacedSkip { kind, run, deliveries_per_sec: rate, reason });
+                    continue;
+                }
+                let before = results.paced.len();
+                scenario(&mut results, kind, run, &name, &options, async |server| {
+                    let target = Target::new(server.addr, "/ws/bench".into())?;
+                    let conns = client::connect_all(&target, params.clients).await?;
+                    let r = fanout::run(conns, params, Some(server.pid)).await?;
+                    Ok(Outcome::Paced(r))
+                })
+                .await;
+                if let Some((_, r)) = results.paced.get(before) {
+                    behind = fell_behind(r, rate).map(|why| format!("at {rate:.0} deliveries/s {why}"));
+                }
+            }
+            if let Some(params) = &sizes.contended {
+                scenario(&mut results, kind, run, "contended", &options, async |server| {
+                    let target = Target::new(server.addr, "/ws/bench".into())?;
+                    let conns = client::connect_all(&target, params.clients).await?;
+                    // Only for the measurement: the busy loop starts once every client
+                    // is in, and is killed as soon as the phase ends.
+                    let busy = Contender::start(&options.programs.cpu, params.max_duration)?;
+                    let r = fanout::run_beside(conns, params, Some(server.pid), Some(busy.pid)).await;
+                    busy.stop().await?;
+                    Ok(Outcome::Contended(r?))
+                })
+                .await;
+            }
             scenario(&mut results, kind, run, "idle", &options, async |server| {
                 let target = Target::new(server.addr, "/ws/idle".into())?;
                 Ok(Outcome::Idle(idle::run(&target, &sizes.idle, server.pid).await?))
@@ -449,6 +543,7 @@ async fn quiet(results: &mut Results) {
 enum Outcome {
     Fanout(FanoutResult),
     Paced(FanoutResult),
+    Contended(FanoutResult),
     Idle(IdleResult),
     Churn(ChurnResult),
 }
@@ -481,6 +576,16 @@ async fn scenario(
         Ok(Outcome::Paced(r)) => {
             let line = fanout_line(&r);
             results.paced.push((kind, r));
+            line
+        }
+        Ok(Outcome::Contended(r)) => {
+            let line = format!(
+                "{}; the server had {:.2} of its core, the busy loop {:.2}",
+                fanout_line(&r),
+                r.server_cpu_s / r.elapsed_s,
+                r.contender_cpu_s / r.elapsed_s
+            );
+            results.contended.push((kind, r));
             line
         }
         Ok(Outcome::Idle(r)) => {
@@ -709,7 +814,8 @@ async fn room_protocol(results: &mut Results, run: usize, sizes: &Sizes, options
         modes.rotate_left((run - 1) % 2);
         let mut runs = Vec::new();
         for protocol in modes {
-            for (paced, params) in [(false, &sizes.fanout), (true, &sizes.paced), (false, &sizes.small_room)]
+            for (paced, params) in
+                [(false, &sizes.fanout), (true, sizes.base_paced()), (false, &sizes.small_room)]
             {
                 let mut target = Target::new(server.addr, "/ws/bench".into())?;
                 let mut params = params.clone();
