@@ -6,7 +6,7 @@
 //! offer per-message compression (RFC 7692) and inflate what a server compressed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -183,10 +183,22 @@ pub async fn connect_all(target: &Target, n: usize) -> anyhow::Result<Vec<Conn>>
 }
 
 async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
+    let stream = open(target).await?;
+    upgrade(stream, target).await
+}
+
+/// Open a TCP connection to the target from the next source address (no delay on).
+pub async fn open(target: &Target) -> anyhow::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(next_source()), 0))?;
-    let mut stream = socket.connect(target.addr).await?;
+    let stream = socket.connect(target.addr).await?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The opening handshake on an open stream: a fresh `Sec-WebSocket-Key`, and a `101`
+/// whose `Sec-WebSocket-Accept` answers it.
+pub async fn upgrade(mut stream: TcpStream, target: &Target) -> anyhow::Result<Conn> {
     let mut extra = String::new();
     if target.room_protocol {
         extra.push_str(&format!("Sec-WebSocket-Protocol: {ROOM_PROTOCOL}\r\n"));
@@ -194,9 +206,10 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
     if target.deflate {
         extra.push_str(&format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n"));
     }
+    let key = new_key();
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
         target.path, target.addr
     );
     stream.write_all(request.as_bytes()).await?;
@@ -209,6 +222,10 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
             if !head.starts_with(b"HTTP/1.1 101") {
                 let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
                 bail!("upgrade refused: {}", String::from_utf8_lossy(line));
+            }
+            let accept = header(&head[..end], "sec-websocket-accept");
+            if accept.as_deref() != Some(accept_for(&key).as_str()) {
+                bail!("Sec-WebSocket-Accept {accept:?} does not answer the key {key}");
             }
             if target.room_protocol && find(&head[..end], ROOM_PROTOCOL.as_bytes()).is_none() {
                 bail!("the server did not answer with the {ROOM_PROTOCOL} subprotocol");
@@ -229,6 +246,39 @@ async fn connect_inner(target: &Target) -> anyhow::Result<Conn> {
         }
         head.reserve(512);
     }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 bytes that differ from one handshake to the next
+/// (a counter through a mixing function, seeded by the clock), base64.
+fn new_key() -> String {
+    use base64::Engine as _;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    });
+    let n = COUNTER.fetch_add(1, Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&splitmix(seed ^ n).to_le_bytes());
+    bytes[8..].copy_from_slice(&splitmix(seed.rotate_left(32) ^ !n).to_le_bytes());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The `Sec-WebSocket-Accept` a server must answer `key` with (RFC 6455, 4.2.2).
+pub fn accept_for(key: &str) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let mut sha = sha1::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
 /// The values of every `name:` line of a response head, joined with `, ` (the name in
@@ -631,6 +681,14 @@ mod tests {
             assert_ne!(memo.inflate(&twisted).ok(), Some(&a[..]));
         }
         assert!(memo.inflate(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn answers_keys_as_rfc_6455_does() {
+        assert_eq!(accept_for("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod chart;
 mod chat;
 mod churn;
 mod client;
+mod connect_rate;
 mod fanout;
 mod http;
 mod idle;
@@ -94,6 +95,25 @@ enum Command {
         concurrency: usize,
         #[arg(long)]
         server_pid: u32,
+    },
+    /// New connections per second: connect, upgrade, one message (which a listener in
+    /// the room must receive), clean close, with a fixed number of attempts in flight;
+    /// latency, server CPU per connection, errors, listen-queue overflows.
+    ConnectRate {
+        /// ws://127.0.0.1:PORT/ws/ROOM: each slot uses the room ROOM-SLOT
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        server_pid: u32,
+        /// Attempts in flight at once
+        #[arg(long, default_value_t = 200)]
+        in_flight: usize,
+        /// How long new attempts start
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Text bytes of the one message (at least 32)
+        #[arg(long, default_value_t = 32)]
+        size: usize,
     },
     /// A paced fan-out through a plugin while its .wasm is replaced every second: lost
     /// and duplicated deliveries, and (with the admin token) how long each new version
@@ -390,6 +410,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 settle: Duration::from_secs(2),
             };
             let result = churn::run(&Target::parse(&url)?, &params, server_pid).await?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+        Command::ConnectRate { url, server_pid, in_flight, duration, size } => {
+            let params = connect_rate::ConnectRateParams { in_flight, duration, size };
+            let result = connect_rate::run(&Target::parse(&url)?, &params, server_pid).await?;
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         Command::Reload { fanout, plugins, name, every, admin_token, baseline } => {

@@ -1,6 +1,7 @@
 //! What the load generator reads from `/proc`: a process's CPU time (utime + stime of
 //! all its threads), resident memory and open file descriptors, the CPU every other
-//! process used, and its own nice value and open-file limit.
+//! process used, the kernel's listen-queue counters, and its own nice value and
+//! open-file limit.
 
 use std::sync::OnceLock;
 
@@ -80,6 +81,28 @@ pub fn fd_count(pid: u32) -> anyhow::Result<usize> {
         .count())
 }
 
+/// The kernel's listen-queue counters (`TcpExt` in `/proc/net/netstat`, for the whole
+/// network namespace): connections dropped because an accept queue was full, and every
+/// connection a listening socket dropped (overflows included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenCounters {
+    pub overflows: u64,
+    pub drops: u64,
+}
+
+pub fn listen_counters() -> anyhow::Result<ListenCounters> {
+    let text = std::fs::read_to_string("/proc/net/netstat").context("reading /proc/net/netstat")?;
+    parse_listen_counters(&text).context("no TcpExt ListenOverflows / ListenDrops in /proc/net/netstat")
+}
+
+fn parse_listen_counters(text: &str) -> Option<ListenCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let pairs: Vec<(&str, &str)> = names.split_whitespace().zip(values.split_whitespace()).skip(1).collect();
+    let get = |name: &str| pairs.iter().find(|(n, _)| *n == name)?.1.parse().ok();
+    Some(ListenCounters { overflows: get("ListenOverflows")?, drops: get("ListenDrops")? })
+}
+
 /// This process's nice value (field 19 of `/proc/self/stat`).
 pub fn nice() -> i64 {
     stat_after_name("self").and_then(|after| after.split_whitespace().nth(16)?.parse().ok()).unwrap_or(0)
@@ -126,5 +149,9 @@ mod tests {
         assert!(rss_kib(me).unwrap() > 0);
         assert!(fd_count(me).unwrap() >= 3);
         assert!(open_files_limit() > 0);
+        assert!(listen_counters().is_ok());
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 3 5\n\
+                       IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(parse_listen_counters(netstat), Some(ListenCounters { overflows: 3, drops: 5 }));
     }
 }

@@ -79,6 +79,10 @@ pub struct Medians {
     pub idle_kib_per_conn: f64,
     pub idle_opened: f64,
     pub churn_per_sec: f64,
+    pub rate_per_sec: f64,
+    pub rate_p50_us: f64,
+    pub rate_p99_us: f64,
+    pub rate_cpu_us: f64,
     pub fanout_other_s: f64,
 }
 
@@ -94,6 +98,10 @@ pub fn medians(results: &Results, kind: Kind) -> Medians {
         idle_kib_per_conn: med(&results.idle, kind, |r| r.rss_per_conn_kib),
         idle_opened: med(&results.idle, kind, |r| r.opened as f64),
         churn_per_sec: med(&results.churn, kind, |r| r.connects_per_sec),
+        rate_per_sec: med(&results.connect_rate, kind, |r| r.connections_per_sec),
+        rate_p50_us: med(&results.connect_rate, kind, |r| r.latency.p50_us),
+        rate_p99_us: med(&results.connect_rate, kind, |r| r.latency.p99_us),
+        rate_cpu_us: med(&results.connect_rate, kind, |r| r.cpu_us_per_connection),
         fanout_other_s: med(&results.fanout, kind, |r| r.other_cpu_s),
     }
 }
@@ -233,6 +241,56 @@ pub fn tables(results: &Results) -> String {
         }),
     );
     row(&mut out, "broadcast lost during churn, each run", churn_cells(|r| r.broadcast.lost.to_string()));
+    if let Some(p) = sizes.connect_rate.as_ref().filter(|_| !results.connect_rate.is_empty()) {
+        let _ = writeln!(
+            out,
+            "| **Connection rate**: connect, upgrade, one {} B text message until a listener in the room \
+             has it, clean close; {} in flight for {} s | {}",
+            p.size,
+            p.in_flight,
+            p.duration.as_secs_f64(),
+            "|".repeat(servers.len())
+        );
+        row(&mut out, "connections/s (higher is better)", cell(|x| x.rate_per_sec, 0));
+        row(&mut out, "connect → message at the listener, p50, µs", cell(|x| x.rate_p50_us, 0));
+        row(&mut out, "connect → message at the listener, p99, µs", cell(|x| x.rate_p99_us, 0));
+        row(
+            &mut out,
+            "server CPU µs per connection (accept, upgrade, message, close)",
+            cell(|x| x.rate_cpu_us, 1),
+        );
+        let rate_cells = |g: fn(&crate::connect_rate::ConnectRateResult) -> f64, d: usize| {
+            servers.iter().map(move |&k| num(med(&results.connect_rate, k, g), d)).collect::<Vec<_>>()
+        };
+        row(
+            &mut out,
+            "load generator CPU, share of the phase (near 1: it was the limit)",
+            rate_cells(|r| r.client_cpu_s / r.elapsed_s, 2),
+        );
+        let rate_sum = |k: Kind, g: fn(&crate::connect_rate::ConnectRateResult) -> u64| {
+            results.connect_rate.iter().filter(|(s, _)| *s == k).map(|(_, r)| g(r)).sum::<u64>()
+        };
+        row(
+            &mut out,
+            "failed connects / upgrades / messages (all runs)",
+            servers.iter().map(|&k| {
+                format!(
+                    "{} / {} / {}",
+                    rate_sum(k, |r| r.connect_errors),
+                    rate_sum(k, |r| r.upgrade_errors),
+                    rate_sum(k, |r| r.message_errors)
+                )
+            }),
+        );
+        row(
+            &mut out,
+            "listen-queue overflows / drops (all runs)",
+            servers.iter().map(|&k| {
+                format!("{} / {}", rate_sum(k, |r| r.listen_overflows), rate_sum(k, |r| r.listen_drops))
+            }),
+        );
+        row(&mut out, "other programs' CPU during the phase, s (noise)", rate_cells(|r| r.other_cpu_s, 2));
+    }
 
     out.push_str(&paced_notes(results));
 
@@ -297,6 +355,10 @@ pub fn tables(results: &Results) -> String {
             }
             row(&mut out, "RSS per idle connection (< 1 is better)", ratios(|x| x.idle_kib_per_conn));
             row(&mut out, "connects/s under churn (> 1 is better)", ratios(|x| x.churn_per_sec));
+            if !results.connect_rate.is_empty() {
+                row(&mut out, "connections/s, connection rate (> 1 is better)", ratios(|x| x.rate_per_sec));
+                row(&mut out, "CPU per new connection (< 1 is better)", ratios(|x| x.rate_cpu_us));
+            }
         }
     }
 
@@ -1090,7 +1152,11 @@ fn room_protocol(results: &Results) -> String {
     out
 }
 
-/// Issue 5's targets, met or not, from the medians.
+/// fastwebsockets' connection rate as measured on this machine with 200 handshakes in
+/// flight: the target's reference until fastwebsockets runs in the suite itself.
+const FASTWEBSOCKETS_RATE: f64 = 26_000.0;
+
+/// Issue 5's targets (and later ones), met or not, from the medians.
 fn targets(results: &Results, m: &[Medians]) -> String {
     let mut out = String::new();
     let servers = &results.servers;
@@ -1139,6 +1205,31 @@ fn targets(results: &Results, m: &[Medians]) -> String {
             verdict(m[rc].idle_kib_per_conn <= 4.0).to_owned()
         }
     );
+    if !results.connect_rate.is_empty() {
+        // fastwebsockets' rate measured here once; its own runs, when it is a server of this
+        // run, are the reference instead.
+        let fast = servers.iter().position(|&k| k == Kind::Fastwebsockets);
+        let (reference, source) = match fast {
+            Some(i) if m[i].rate_per_sec.is_finite() => (m[i].rate_per_sec, "fastwebsockets, this run"),
+            _ => (FASTWEBSOCKETS_RATE, "fastwebsockets, measured earlier"),
+        };
+        let overflows: u64 = results
+            .connect_rate
+            .iter()
+            .filter(|(k, _)| *k == Kind::Roomcast)
+            .map(|(_, r)| r.listen_overflows + r.listen_drops)
+            .sum();
+        let ours = m[rc].rate_per_sec;
+        let _ = writeln!(
+            out,
+            "| connection rate (connect, upgrade, first message) ≥ fastwebsockets, no listen-queue \
+             overflow | {}/s, {overflows} overflows + drops | {}/s ({source}) | {} ({}) |",
+            num(ours, 0),
+            num(reference, 0),
+            verdict(ours >= reference && overflows == 0),
+            ratio(ours, reference)
+        );
+    }
     if let Some(live) = Spread::of(&pooled(results, |r| &r.live_ms)) {
         let r = &results.reload_latency[0];
         let plugin =
@@ -1305,6 +1396,54 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
             r.rss_after_kib
         );
     }
+    if !results.connect_rate.is_empty() {
+        out.push_str(
+            "\n| server | in flight | connections | per second | p50 / p99 / max µs | upgrade p50 / p99 µs | \
+             server CPU µs each | failed connect / upgrade / message | close timeouts | listeners lost | \
+             listen overflows / drops | load generator CPU s | other CPU s | server fds before → after |\n\
+             |---|---:|---:|---:|---|---|---:|---|---:|---:|---|---:|---:|---|\n",
+        );
+        for (k, r) in &results.connect_rate {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {} / {} / {} | {} | {} | \
+                 {} / {} | {:.2} of {:.2} | {:.2} | {} → {} |",
+                k.label(),
+                r.in_flight,
+                r.connections,
+                r.connections_per_sec,
+                r.latency.p50_us,
+                r.latency.p99_us,
+                r.latency.max_us,
+                r.upgrade.p50_us,
+                r.upgrade.p99_us,
+                r.cpu_us_per_connection,
+                r.connect_errors,
+                r.upgrade_errors,
+                r.message_errors,
+                r.close_timeouts,
+                r.listeners_lost,
+                r.listen_overflows,
+                r.listen_drops,
+                r.client_cpu_s,
+                r.elapsed_s,
+                r.other_cpu_s,
+                r.fds_before,
+                r.fds_after
+            );
+        }
+        let samples: Vec<String> = results
+            .connect_rate
+            .iter()
+            .flat_map(|(k, r)| r.error_samples.iter().map(move |e| format!("{}: {e}", k.label())))
+            .collect();
+        if !samples.is_empty() {
+            out.push_str("\nConnection-rate errors (samples):\n\n");
+            for e in samples.iter().take(20) {
+                let _ = writeln!(out, "- {e}");
+            }
+        }
+    }
     if !results.compression.is_empty() {
         out.push_str(
             "\n| server | compression | scenario | deliveries/s | server CPU µs/delivery | wire B/delivery | \
@@ -1456,7 +1595,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 45 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 47 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          bench/run --compression-only # the compression scenario alone, about 6 minutes\n\
@@ -1498,6 +1637,21 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          - **Churn**: clients join and leave the room (half with a close frame, half by dropping\n\
            the TCP connection) while it broadcasts; the server's open descriptors and RSS before\n\
            the run and after everyone left show leaks.\n\
+         - **Connection rate**: new connections per second with a fixed number of attempts in\n\
+           flight (200, as fastwebsockets' 26,000/s here was measured). Every server sends a\n\
+           message to the *other* members of its room, so each in-flight slot has its own room\n\
+           with one long-lived listener in it; a slot, over and over, opens a TCP connection\n\
+           (source addresses spread over 127.0.0.x), upgrades it (a fresh `Sec-WebSocket-Key`;\n\
+           the `101` and its `Sec-WebSocket-Accept` are checked), sends one 32-byte text message,\n\
+           waits until the room's listener has read it, then closes cleanly: a close frame, and\n\
+           reading until the server closes the TCP connection (the server closes first, so the\n\
+           TIME_WAIT sockets are its own). A connection counts when its message reached the\n\
+           listener; its latency runs from the start of the connect to that read. *Server CPU\n\
+           per connection* covers accept, upgrade, forwarding the message to one member and the\n\
+           close handshake; on loopback part of the kernel's TCP work (the SYN and its answer)\n\
+           runs on the load generator's CPU and is not in it, for every server alike.\n\
+           *Listen-queue overflows / drops* are `ListenOverflows` and `ListenDrops` from\n\
+           `/proc/net/netstat` (system-wide) over the phase.\n\
          - **Plugins**: the saturated fan-out through `relay` (passes everything on, the same\n\
            semantics as no plugin) and `moderation` (checks every message; limits set so none is\n\
            dropped) against no plugin, on one Roomcast.\n\

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::ChatParams;
 use crate::churn::{self, ChurnParams, ChurnResult};
 use crate::client::{self, Target};
+use crate::connect_rate::{self, ConnectRateParams, ConnectRateResult};
 use crate::fanout::{self, FanoutParams, FanoutResult, Pace};
 use crate::idle::{self, IdleParams, IdleResult};
 use crate::recovery::{self, RecoveryParams, RecoveryResult};
@@ -42,6 +43,9 @@ pub struct Sizes {
     pub contended: Option<FanoutParams>,
     pub idle: IdleParams,
     pub churn: ChurnParams,
+    /// New connections per second: connect, upgrade, one message, close.
+    #[serde(default)]
+    pub connect_rate: Option<ConnectRateParams>,
     /// The plugin scenario runs `fanout` and this: a small room where every member
     /// sends, so the per-message cost (and a plugin call is one) weighs more.
     pub small_room: FanoutParams,
@@ -97,7 +101,7 @@ pub struct CompressionSizes {
 pub const RECOVERY_HISTORY: usize = 200;
 
 impl Sizes {
-    /// The full run (about 45 minutes here, 7 of them the room-protocol scenarios and 6
+    /// The full run (about 47 minutes here, 7 of them the room-protocol scenarios and 6
     /// the compression scenario) or a smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
@@ -152,6 +156,11 @@ impl Sizes {
                     concurrency: 32,
                     settle: Duration::from_secs(2),
                 },
+                connect_rate: Some(ConnectRateParams {
+                    in_flight: 200,
+                    duration: Duration::from_secs(2),
+                    size: client::STAMP_LEN,
+                }),
                 small_room: saturated(10, 10, 20_000, 256),
                 reload: reload("relay", paced(50, 2, 20_000.0, 3.5), false),
                 reload_latency: Some(reload("lobby", paced(50, 2, 20_000.0, 5.5), true)),
@@ -205,6 +214,12 @@ impl Sizes {
                     concurrency: 32,
                     settle: Duration::from_secs(2),
                 },
+                // 200 handshakes in flight, as fastwebsockets' 26,000/s was measured.
+                connect_rate: Some(ConnectRateParams {
+                    in_flight: 200,
+                    duration: Duration::from_secs(5),
+                    size: client::STAMP_LEN,
+                }),
                 small_room: saturated(10, 10, 200_000, 1024),
                 reload: reload("relay", paced(100, 4, 50_000.0, 10.0), false),
                 // 35 reloads a run: over 3 runs, the p99 of 105 is not just the slowest.
@@ -359,6 +374,7 @@ pub struct Results {
     pub contended: Vec<(Kind, FanoutResult)>,
     pub idle: Vec<(Kind, IdleResult)>,
     pub churn: Vec<(Kind, ChurnResult)>,
+    pub connect_rate: Vec<(Kind, ConnectRateResult)>,
     pub plugins: Vec<PluginRun>,
     pub reload: Vec<ReloadResult>,
     pub reload_latency: Vec<ReloadResult>,
@@ -490,6 +506,13 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 Ok(Outcome::Churn(churn::run(&target, &sizes.churn, server.pid).await?))
             })
             .await;
+            if let Some(params) = &sizes.connect_rate {
+                scenario(&mut results, kind, run, "rate", &options, async |server| {
+                    let target = Target::new(server.addr, "/ws/rate".into())?;
+                    Ok(Outcome::ConnectRate(connect_rate::run(&target, params, server.pid).await?))
+                })
+                .await;
+            }
         }
         if options.servers.contains(&Kind::Roomcast) {
             if !options.rooms_only {
@@ -546,6 +569,7 @@ enum Outcome {
     Contended(FanoutResult),
     Idle(IdleResult),
     Churn(ChurnResult),
+    ConnectRate(ConnectRateResult),
 }
 
 /// Start a fresh server, run one scenario against it, stop it, record the outcome.
@@ -607,6 +631,25 @@ async fn scenario(
                 r.broadcast.lost
             );
             results.churn.push((kind, r));
+            line
+        }
+        Ok(Outcome::ConnectRate(r)) => {
+            let line = format!(
+                "{:.0} connections/s, p50 {:.0} µs p99 {:.0} µs, {:.1} µs CPU/connection, {} errors, \
+                 listen overflows {} drops {}, load generator CPU {:.2} s of {:.2}, other CPU {:.2} s{}",
+                r.connections_per_sec,
+                r.latency.p50_us,
+                r.latency.p99_us,
+                r.cpu_us_per_connection,
+                r.errors(),
+                r.listen_overflows,
+                r.listen_drops,
+                r.client_cpu_s,
+                r.elapsed_s,
+                r.other_cpu_s,
+                r.error_samples.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
+            );
+            results.connect_rate.push((kind, r));
             line
         }
         Err(error) => {
