@@ -100,7 +100,14 @@ async fn session(stream: TcpStream, id: u64, rooms: Arc<Rooms>, heartbeat: Durat
                         }
                     }
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Close(_))) => {
+                    // tungstenite queued the close reply when it read the close frame:
+                    // send it (RFC 6455, 5.5.1) before the connection is dropped, as the
+                    // other servers do.
+                    let _ = ws.flush().await;
+                    break;
+                }
+                Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
             Some(message) = rx.recv() => {
