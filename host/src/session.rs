@@ -166,8 +166,16 @@ impl<C: Future<Output = Option<(Transport, Bytes)>>> Session<C> {
                 } else {
                     peer.outbound.close_after_data(frame);
                 }
+                // The client closed first over plain TCP: it sends nothing more, so once
+                // the echo is written the socket is closed at once and the server holds
+                // TIME_WAIT (RFC 6455 7.1.1), without a half-close and a wait for the
+                // client's FIN.
+                let echo_only = ending.reason == CloseReason::Client && writer.is_plain();
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                    if flush(&mut writer, &peer.outbound).await.is_ok() && writer.shutdown().await.is_ok() {
+                    if flush(&mut writer, &peer.outbound).await.is_ok()
+                        && !echo_only
+                        && writer.shutdown().await.is_ok()
+                    {
                         // Read and discard until the client closes its side, so the kernel
                         // does not answer unread bytes with a reset that would destroy the
                         // close frame before the client reads it.

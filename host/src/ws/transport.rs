@@ -96,7 +96,25 @@ impl Reader<'_> {
                 // became readable, so an idle connection held it until its first pong.
                 std::future::poll_fn(|cx| half.poll_read_ready(cx)).await?;
                 reserve(buf);
-                half.try_read_buf(buf)
+                // A read that did not fill the room it was given emptied the socket:
+                // readiness is cleared then (the closure's `WouldBlock` makes `try_io`
+                // clear it, unless an event came meanwhile), as tokio's own `poll_read`
+                // does, so the next read waits instead of costing a `recvfrom` that
+                // returns EAGAIN.
+                let room = buf.capacity() - buf.len();
+                let mut short = None;
+                let read = half.try_io(Interest::READABLE, || {
+                    let n = half.try_read_buf(buf)?;
+                    if n > 0 && n < room {
+                        short = Some(n);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match (read, short) {
+                    (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+                    (read, _) => read,
+                }
             }
             Self::Tls(half) => {
                 reserve(buf);
@@ -165,6 +183,11 @@ impl Writer<'_> {
     }
 
     /// Close the sending side: a TLS `close_notify`, then the TCP FIN.
+    /// Whether this is plain TCP (no TLS session to end).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Self::Plain(_))
+    }
+
     pub async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Self::Plain(stream) => SockRef::from(*stream).shutdown(Shutdown::Write),
@@ -232,5 +255,32 @@ mod tests {
         let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
         assert!(polled.is_pending(), "nothing to read yet");
         assert_eq!(Arc::strong_count(&held), 1, "the session's wait replaced the waker");
+    }
+
+    /// A read that leaves room in the buffer emptied the socket: the next read waits
+    /// for bytes instead of returning at once with `WouldBlock` (a `recvfrom` that
+    /// finds nothing, once per message).
+    #[tokio::test]
+    async fn after_a_short_read_the_next_read_waits_for_bytes() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut transport = Transport::Plain(Arc::new(stream));
+        let (mut reader, _writer) = transport.split();
+        let mut buf = BytesMut::new();
+        client.write_all(b"0123456789").await.unwrap();
+        assert_eq!(reader.read_buf(&mut buf, 4096).await.unwrap(), 10);
+        assert_eq!(&buf[..], b"0123456789");
+
+        {
+            let read = reader.read_buf(&mut buf, 4096);
+            tokio::pin!(read);
+            let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "the socket is empty: the read waits ({polled:?})");
+            client.write_all(b"abc").await.unwrap();
+            assert_eq!(read.await.unwrap(), 3);
+        }
+        assert_eq!(&buf[..], &b"0123456789abc"[..]);
     }
 }
