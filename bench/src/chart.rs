@@ -69,7 +69,10 @@ pub fn draw(results: &Results, path: &Path, font: &Path) -> anyhow::Result<()> {
             target: None,
         },
         Panel {
-            title: format!("Server RSS per idle connection, {} open", sizes.idle.connections),
+            title: format!(
+                "Server RSS per idle connection, {} open",
+                sizes.largest_idle().map_or(0, |p| p.connections)
+            ),
             unit: "KiB",
             series: vec![|m| m.idle_kib_per_conn],
             decimals: 2,

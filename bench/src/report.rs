@@ -3,11 +3,12 @@
 
 use std::fmt::Write as _;
 
-use crate::fanout::{FanoutResult, Pace};
+use crate::fanout::{FanoutParams, FanoutResult, Pace};
+use crate::idle::IdleResult;
 use crate::reload::{ReloadResult, Spread};
 use crate::servers::Kind;
 use crate::stats::median;
-use crate::suite::Results;
+use crate::suite::{PluginRun, Results, Sizes, window_of};
 
 /// Median of `f` over the runs of `kind`.
 fn med<T>(runs: &[(Kind, T)], kind: Kind, f: impl Fn(&T) -> f64) -> f64 {
@@ -51,11 +52,48 @@ fn thousands(v: f64) -> String {
     if v < 0.0 { format!("-{out}") } else { out }
 }
 
-/// Median of `f` over the plugin runs through `plugin`.
-pub fn plugin_med(results: &Results, plugin: &str, clients: usize, f: impl Fn(&FanoutResult) -> f64) -> f64 {
-    median(
-        results.plugins.iter().filter(|p| p.plugin == plugin && p.clients == clients).map(|p| f(&p.result)),
-    )
+/// The plugin runs through `plugin` in the shape of `params` (runs from before the
+/// window was recorded: the large or the small room with its usual window).
+fn plugin_runs<'a>(
+    results: &'a Results,
+    plugin: &'a str,
+    params: &FanoutParams,
+) -> impl Iterator<Item = &'a PluginRun> {
+    let (clients, window) = (params.clients, window_of(params));
+    let usual = |clients: usize| {
+        results.sizes.as_ref().and_then(|s| {
+            [&s.fanout, &s.small_room].into_iter().find(|p| p.clients == clients).map(window_of)
+        })
+    };
+    results.plugins.iter().filter(move |p| {
+        p.plugin == plugin
+            && p.clients == clients
+            && (p.window == window || (p.window == 0 && usual(clients) == Some(window)))
+    })
+}
+
+/// Median of `f` over the plugin runs through `plugin` in the shape of `params`.
+pub fn plugin_med(
+    results: &Results,
+    plugin: &str,
+    params: &FanoutParams,
+    f: impl Fn(&FanoutResult) -> f64,
+) -> f64 {
+    median(plugin_runs(results, plugin, params).map(|p| f(&p.result)))
+}
+
+/// Median of `f` over the idle runs of `kind` with `connections` connections.
+pub fn idle_med(results: &Results, kind: Kind, connections: usize, f: impl Fn(&IdleResult) -> f64) -> f64 {
+    median(results.idle.iter().filter(|(k, r)| *k == kind && r.connections == connections).map(|(_, r)| f(r)))
+}
+
+/// The idle sizes of the run, smallest first.
+fn idle_sizes(results: &Results) -> Vec<usize> {
+    let mut sizes: Vec<usize> =
+        results.sizes.as_ref().map(|s| s.idle.iter().map(|p| p.connections).collect()).unwrap_or_default();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
 }
 
 /// A number with `d` decimals, or `–` when there is none.
@@ -87,16 +125,17 @@ pub struct Medians {
 }
 
 pub fn medians(results: &Results, kind: Kind) -> Medians {
-    // The chart and the targets show the first paced rate.
+    // The chart and the targets show the first paced rate, and the largest idle size.
     let rate = paced_rates(results).first().copied().unwrap_or(f64::NAN);
+    let idle = idle_sizes(results).last().copied().unwrap_or(0);
     Medians {
         cpu_us_per_delivery: med(&results.fanout, kind, |r| r.cpu_us_per_delivery),
         deliveries_per_sec: med(&results.fanout, kind, |r| r.deliveries_per_sec),
         saturated_p99_us: med(&results.fanout, kind, |r| r.latency.p99_us),
         paced_p50_us: paced_med(results, kind, rate, |r| r.latency.p50_us),
         paced_p99_us: paced_med(results, kind, rate, |r| r.latency.p99_us),
-        idle_kib_per_conn: med(&results.idle, kind, |r| r.rss_per_conn_kib),
-        idle_opened: med(&results.idle, kind, |r| r.opened as f64),
+        idle_kib_per_conn: idle_med(results, kind, idle, |r| r.rss_per_conn_kib),
+        idle_opened: idle_med(results, kind, idle, |r| r.opened as f64),
         churn_per_sec: med(&results.churn, kind, |r| r.connects_per_sec),
         rate_per_sec: med(&results.connect_rate, kind, |r| r.connections_per_sec),
         rate_p50_us: med(&results.connect_rate, kind, |r| r.latency.p50_us),
@@ -197,12 +236,25 @@ pub fn tables(results: &Results) -> String {
     let _ = writeln!(
         out,
         "| **Idle**: {} connections held {} s, heartbeat on | {}",
-        sizes.idle.connections,
-        sizes.idle.hold.as_secs(),
+        idle_sizes(results).iter().map(|&n| thousands(n as f64)).collect::<Vec<_>>().join(" or "),
+        sizes.idle.first().map_or(0, |p| p.hold.as_secs()),
         "|".repeat(servers.len())
     );
-    row(&mut out, "server RSS per connection, KiB (lower is better)", cell(|x| x.idle_kib_per_conn, 2));
-    row(&mut out, "connections open (median)", cell(|x| x.idle_opened, 0));
+    for n in idle_sizes(results) {
+        let cells = |f: fn(&IdleResult) -> f64, d: usize| {
+            servers.iter().map(move |&k| num(idle_med(results, k, n, f), d)).collect::<Vec<_>>()
+        };
+        row(
+            &mut out,
+            &format!("server RSS per connection at {}, KiB (lower is better)", thousands(n as f64)),
+            cells(|r| r.rss_per_conn_kib, 2),
+        );
+        row(
+            &mut out,
+            &format!("connections open of {} (median)", thousands(n as f64)),
+            cells(|r| r.opened as f64, 0),
+        );
+    }
     let c = &sizes.churn;
     let _ = writeln!(
         out,
@@ -353,7 +405,16 @@ pub fn tables(results: &Results) -> String {
                     contended_ratios(|r| r.cpu_us_per_delivery),
                 );
             }
-            row(&mut out, "RSS per idle connection (< 1 is better)", ratios(|x| x.idle_kib_per_conn));
+            for n in idle_sizes(results) {
+                let f = |r: &IdleResult| r.rss_per_conn_kib;
+                row(
+                    &mut out,
+                    &format!("RSS per idle connection at {} (< 1 is better)", thousands(n as f64)),
+                    peers.iter().map(|&i| {
+                        ratio(idle_med(results, Kind::Roomcast, n, f), idle_med(results, servers[i], n, f))
+                    }),
+                );
+            }
             row(&mut out, "connects/s under churn (> 1 is better)", ratios(|x| x.churn_per_sec));
             if !results.connect_rate.is_empty() {
                 row(&mut out, "connections/s, connection rate (> 1 is better)", ratios(|x| x.rate_per_sec));
@@ -370,24 +431,24 @@ pub fn tables(results: &Results) -> String {
              | room | served by | deliveries/s | % of no plugin | CPU µs per delivery | CPU vs no plugin | lost |\n\
              |---|---|---:|---:|---:|---:|---:|"
         );
-        for params in [&sizes.fanout, &sizes.small_room] {
-            let n = params.clients;
-            let base_tp = plugin_med(results, "none", n, |r| r.deliveries_per_sec);
-            let base_cpu = plugin_med(results, "none", n, |r| r.cpu_us_per_delivery);
+        for params in sizes.plugin_shapes() {
+            if plugin_runs(results, "none", params).next().is_none()
+                && plugin_runs(results, "relay", params).next().is_none()
+            {
+                // A shape the results predate.
+                continue;
+            }
+            let base_tp = plugin_med(results, "none", params, |r| r.deliveries_per_sec);
+            let base_cpu = plugin_med(results, "none", params, |r| r.cpu_us_per_delivery);
             for plugin in ["none", "relay", "moderation"] {
-                let tp = plugin_med(results, plugin, n, |r| r.deliveries_per_sec);
-                let cpu = plugin_med(results, plugin, n, |r| r.cpu_us_per_delivery);
-                let lost: u64 = results
-                    .plugins
-                    .iter()
-                    .filter(|p| p.plugin == plugin && p.clients == n)
-                    .map(|p| p.result.lost)
-                    .sum();
+                let tp = plugin_med(results, plugin, params, |r| r.deliveries_per_sec);
+                let cpu = plugin_med(results, plugin, params, |r| r.cpu_us_per_delivery);
+                let lost: u64 = plugin_runs(results, plugin, params).map(|p| p.result.lost).sum();
                 let name = if plugin == "none" { "no plugin" } else { plugin };
                 let _ = writeln!(
                     out,
-                    "| {n} members, {} senders | {name} | {} | {}% | {} | {} | {lost} |",
-                    params.senders,
+                    "| {} | {name} | {} | {}% | {} | {} | {lost} |",
+                    plugin_shape(params),
                     num(tp, 0),
                     num(tp / base_tp * 100.0, 1),
                     num(cpu, 3),
@@ -437,7 +498,13 @@ pub fn tables(results: &Results) -> String {
     out.push_str(&room_protocol(results));
     out.push_str(&compression(results));
     out.push_str(&targets(results, &m));
+    out.push_str(&targets_16(results));
     out
+}
+
+/// `1000 members, 10 senders, 256 in flight`.
+fn plugin_shape(params: &FanoutParams) -> String {
+    format!("{} members, {} senders, {} in flight", params.clients, params.senders, window_of(params))
 }
 
 /// The paced fan-out's rows of the side-by-side table: latency and CPU per delivery at
@@ -1230,31 +1297,14 @@ fn targets(results: &Results, m: &[Medians]) -> String {
             ratio(ours, reference)
         );
     }
-    if let Some(live) = Spread::of(&pooled(results, |r| &r.live_ms)) {
-        let r = &results.reload_latency[0];
-        let plugin =
-            results.sizes.as_ref().and_then(|s| s.reload_latency.as_ref()).map_or("?", |p| &p.plugin);
-        let unseen: u64 = results.reload_latency.iter().map(|r| r.unseen).sum();
-        let _ = writeln!(
-            out,
-            "| reload of a realistic plugin (`{plugin}`, {} KB, serde_json) live in p99 < 200 ms (issue 16) | {} ms \
-             ({} reloads{}) | 200 ms | {} ({}) |",
-            num(r.plugin_bytes as f64 / 1000.0, 0),
-            num(live.p99, 0),
-            pooled(results, |r| &r.live_ms).len(),
-            if unseen > 0 { format!(", {unseen} not live within 0.9 s") } else { String::new() },
-            verdict(live.p99 < 200.0 && unseen == 0),
-            ratio(live.p99, 200.0)
-        );
-    }
     if let Some(sizes) = results.sizes.as_ref().filter(|_| !results.plugins.is_empty()) {
         for params in [&sizes.fanout, &sizes.small_room] {
             let n = params.clients;
-            let pct = plugin_med(results, "relay", n, |r| r.deliveries_per_sec)
-                / plugin_med(results, "none", n, |r| r.deliveries_per_sec)
+            let pct = plugin_med(results, "relay", params, |r| r.deliveries_per_sec)
+                / plugin_med(results, "none", params, |r| r.deliveries_per_sec)
                 * 100.0;
-            let cpu = plugin_med(results, "none", n, |r| r.cpu_us_per_delivery)
-                / plugin_med(results, "relay", n, |r| r.cpu_us_per_delivery)
+            let cpu = plugin_med(results, "none", params, |r| r.cpu_us_per_delivery)
+                / plugin_med(results, "relay", params, |r| r.cpu_us_per_delivery)
                 * 100.0;
             let _ = writeln!(
                 out,
@@ -1265,6 +1315,281 @@ fn targets(results: &Results, m: &[Medians]) -> String {
                 verdict(pct >= 90.0 && cpu >= 90.0)
             );
         }
+    }
+    out
+}
+
+/// The rate issue 16's tail-latency targets are set at.
+const TAIL_RATE: f64 = 200_000.0;
+
+/// The sizes of the full run: issue 16's targets are set at its idle sizes and paced
+/// rates, and a run without them (a quick one) shows them as not measured.
+fn full_sizes() -> Sizes {
+    Sizes::new(false, None)
+}
+
+/// `targets` and the values of this run not among them, sorted, each with whether it is
+/// one of the targets.
+fn with_targets(targets: Vec<f64>, this_run: Vec<f64>) -> Vec<(f64, bool)> {
+    let mut all: Vec<(f64, bool)> = targets.iter().map(|&v| (v, true)).collect();
+    all.extend(this_run.into_iter().filter(|v| !targets.contains(v)).map(|v| (v, false)));
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    all
+}
+
+/// `12.3 µs`, or "not measured".
+fn measured(v: f64, d: usize, unit: &str) -> String {
+    if v.is_finite() { format!("{} {unit}", num(v, d)).trim_end().to_owned() } else { "not measured".into() }
+}
+
+/// A target's verdict: met, not met, or not measured (no data).
+fn verdict_16(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// One row of issue 16's table: Roomcast's value against a named reference, lower (or
+/// higher) is better; "not measured" when either is missing.
+struct Compare<'a> {
+    name: String,
+    ours: f64,
+    /// The reference's value and who it is.
+    reference: (f64, &'a str),
+    unit: &'a str,
+    decimals: usize,
+    /// The verdict when both were measured.
+    ok: fn(f64, f64) -> bool,
+}
+
+impl Compare<'_> {
+    fn write(&self, out: &mut String) {
+        let (theirs, who) = self.reference;
+        let reference = if theirs.is_finite() {
+            format!("{} ({who})", measured(theirs, self.decimals, self.unit))
+        } else {
+            format!("not measured ({who})")
+        };
+        let ok = (self.ours.is_finite() && theirs.is_finite()).then(|| (self.ok)(self.ours, theirs));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {reference} | {} | {} |",
+            self.name,
+            measured(self.ours, self.decimals, self.unit),
+            ratio(self.ours, theirs),
+            verdict_16(ok)
+        );
+    }
+}
+
+/// Issue 16's targets, met or not, from the medians of this run; each reference is the
+/// best peer of the same run unless the target names one. A server or scenario that did
+/// not run leaves its rows "not measured".
+fn targets_16(results: &Results) -> String {
+    let mut out = String::new();
+    let servers = &results.servers;
+    let Some(sizes) = results.sizes.as_ref().filter(|_| servers.contains(&Kind::Roomcast)) else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "\n### Targets (issue 16)\n\n\
+         | target | Roomcast | reference | ratio | verdict |\n|---|---:|---:|---:|---|"
+    );
+    let peers: Vec<Kind> = servers.iter().copied().filter(|&k| k != Kind::Roomcast).collect();
+    // The best peer by `f` (the lowest, or the highest when `higher`), with its name.
+    let best = |f: &dyn Fn(Kind) -> f64, higher: bool| -> (f64, &'static str) {
+        peers
+            .iter()
+            .map(|&k| (f(k), k.label()))
+            .filter(|(v, _)| v.is_finite())
+            .min_by(|a, b| if higher { b.0.total_cmp(&a.0) } else { a.0.total_cmp(&b.0) })
+            .unwrap_or((f64::NAN, "best peer"))
+    };
+    let below = |a: f64, b: f64| a < b;
+
+    // Memory per idle connection, against uWebSockets.js at the same size.
+    let full = full_sizes();
+    let idle = with_targets(
+        full.idle.iter().map(|p| p.connections as f64).collect(),
+        idle_sizes(results).into_iter().map(|n| n as f64).collect(),
+    );
+    for (n, target) in idle {
+        let n = n as usize;
+        let rss = |k: Kind| idle_med(results, k, n, |r| r.rss_per_conn_kib);
+        let uws = if servers.contains(&Kind::Uws) { rss(Kind::Uws) } else { f64::NAN };
+        let size = if target { "" } else { " (this run's size)" };
+        Compare {
+            name: format!(
+                "RSS per idle connection below uWebSockets.js', {} connections{size}",
+                thousands(n as f64)
+            ),
+            ours: rss(Kind::Roomcast),
+            reference: (uws, Kind::Uws.label()),
+            unit: "KiB",
+            decimals: 2,
+            ok: below,
+        }
+        .write(&mut out);
+    }
+
+    // CPU per delivery, saturated and at every paced rate.
+    let saturated = |k: Kind| med(&results.fanout, k, |r| r.cpu_us_per_delivery);
+    Compare {
+        name: "CPU per delivery below every peer's, saturated fan-out".into(),
+        ours: saturated(Kind::Roomcast),
+        reference: best(&saturated, false),
+        unit: "µs",
+        decimals: 3,
+        ok: below,
+    }
+    .write(&mut out);
+    // Roomcast not run at a rate because it fell behind at a lower one has not met it.
+    let skipped = |rate: f64| {
+        paced_runs(results, Kind::Roomcast, rate).next().is_none()
+            && results.paced_skipped.iter().any(|s| s.kind == Kind::Roomcast && s.deliveries_per_sec == rate)
+    };
+    let skipped_row = |out: &mut String, name: String| {
+        let _ = writeln!(out, "| {name} | skipped: fell behind at a lower rate | | – | **not met** |");
+    };
+    let rates = with_targets(full.paced.iter().map(|p| p.pace.rate()).collect(), paced_rates(results));
+    for (rate, target) in rates {
+        let name = format!(
+            "CPU per delivery below every peer's, paced {} deliveries/s{}",
+            thousands(rate),
+            if target { "" } else { " (this run's rate)" }
+        );
+        if skipped(rate) {
+            skipped_row(&mut out, name);
+            continue;
+        }
+        let cpu = |k: Kind| paced_med(results, k, rate, |r| r.cpu_us_per_delivery);
+        Compare {
+            name,
+            ours: cpu(Kind::Roomcast),
+            reference: best(&cpu, false),
+            unit: "µs",
+            decimals: 3,
+            ok: below,
+        }
+        .write(&mut out);
+    }
+
+    // Tail latency at 200,000 deliveries/s.
+    for (what, f) in [
+        ("p99", (|r: &FanoutResult| r.latency.p99_us) as fn(&FanoutResult) -> f64),
+        ("max", |r: &FanoutResult| r.latency.max_us),
+    ] {
+        let name = format!("latency {what} below every peer's, paced {} deliveries/s", thousands(TAIL_RATE));
+        if skipped(TAIL_RATE) {
+            skipped_row(&mut out, name);
+            continue;
+        }
+        let tail = |k: Kind| paced_med(results, k, TAIL_RATE, f);
+        Compare {
+            name,
+            ours: tail(Kind::Roomcast),
+            reference: best(&tail, false),
+            unit: "µs",
+            decimals: 0,
+            ok: below,
+        }
+        .write(&mut out);
+    }
+
+    // Connection rate, and no listen-queue overflow.
+    {
+        let rate = |k: Kind| med(&results.connect_rate, k, |r| r.connections_per_sec);
+        let fast =
+            if servers.contains(&Kind::Fastwebsockets) { rate(Kind::Fastwebsockets) } else { f64::NAN };
+        let (theirs, who) = match best(&rate, true) {
+            _ if fast.is_finite() => (fast, Kind::Fastwebsockets.label()),
+            (v, who) if v.is_finite() => (v, who),
+            _ => (f64::NAN, Kind::Fastwebsockets.label()),
+        };
+        let ours = rate(Kind::Roomcast);
+        let overflows: u64 = results
+            .connect_rate
+            .iter()
+            .filter(|(k, _)| *k == Kind::Roomcast)
+            .map(|(_, r)| r.listen_overflows)
+            .sum();
+        let reference = if theirs.is_finite() {
+            format!("{}/s ({who}); 0 overflows", thousands(theirs))
+        } else {
+            format!("not measured ({who})")
+        };
+        let ok = (ours.is_finite() && theirs.is_finite()).then_some(ours >= theirs && overflows == 0);
+        let _ = writeln!(
+            out,
+            "| connections/s at least fastwebsockets', and 0 listen-queue overflows | {} | {reference} | {} | {} |",
+            if ours.is_finite() {
+                format!("{}/s, {overflows} overflows", thousands(ours))
+            } else {
+                "not measured".into()
+            },
+            ratio(ours, theirs),
+            verdict_16(ok)
+        );
+    }
+
+    // Reload of a realistic plugin.
+    let plugin = sizes.reload_latency.as_ref().map_or("lobby", |p| &p.plugin);
+    match Spread::of(&pooled(results, |r| &r.live_ms)) {
+        Some(live) => {
+            let r = &results.reload_latency[0];
+            let unseen: u64 = results.reload_latency.iter().map(|r| r.unseen).sum();
+            let _ = writeln!(
+                out,
+                "| reload of a realistic plugin (`{plugin}`, {} KB, serde_json) live in p99 < 200 ms | {} ms \
+                 ({} reloads{}) | 200 ms | {} | {} |",
+                num(r.plugin_bytes as f64 / 1000.0, 0),
+                num(live.p99, 0),
+                pooled(results, |r| &r.live_ms).len(),
+                if unseen > 0 { format!(", {unseen} not live within 0.9 s") } else { String::new() },
+                ratio(live.p99, 200.0),
+                verdict_16(Some(live.p99 < 200.0 && unseen == 0))
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "| reload of a realistic plugin (`{plugin}`, serde_json) live in p99 < 200 ms | not measured | \
+                 200 ms | – | not measured |"
+            );
+        }
+    }
+
+    // Plugins: relay against no plugin, in every shape.
+    for params in sizes.plugin_shapes() {
+        let tp = |plugin| plugin_med(results, plugin, params, |r| r.deliveries_per_sec);
+        let cpu = |plugin| plugin_med(results, plugin, params, |r| r.cpu_us_per_delivery);
+        let (tp_ratio, cpu_ratio) = (tp("relay") / tp("none"), cpu("relay") / cpu("none"));
+        let ok =
+            (tp_ratio.is_finite() && cpu_ratio.is_finite()).then_some(tp_ratio >= 0.97 && cpu_ratio <= 1.03);
+        let _ = writeln!(
+            out,
+            "| relay ≥ 97% of no plugin's throughput and ≤ 1.03× its CPU per delivery, {} | {} | {} | {} | {} |",
+            plugin_shape(params),
+            if ok.is_some() {
+                format!("{}%, {} µs", num(tp_ratio * 100.0, 1), num(cpu("relay"), 3))
+            } else {
+                "not measured".into()
+            },
+            if ok.is_some() {
+                format!("{} deliveries/s, {} µs (no plugin)", thousands(tp("none")), num(cpu("none"), 3))
+            } else {
+                "not measured (no plugin)".into()
+            },
+            if ok.is_some() {
+                format!("{} / {}", ratio(tp_ratio, 1.0), ratio(cpu_ratio, 1.0))
+            } else {
+                "–".into()
+            },
+            verdict_16(ok)
+        );
     }
     out
 }
@@ -1346,7 +1671,8 @@ pub fn results_md(results: &Results, chart: Option<&str>) -> String {
         fan(k.label(), &format!("contended core, {}/s", thousands(rate)), r);
     }
     for p in &results.plugins {
-        fan("Roomcast", &format!("{} members, plugin {}", p.clients, p.plugin), &p.result);
+        let window = if p.window > 0 { format!(", {} in flight", p.window) } else { String::new() };
+        fan("Roomcast", &format!("{} members{window}, plugin {}", p.clients, p.plugin), &p.result);
     }
     for r in &results.reload {
         fan("Roomcast", "reload", &r.fanout);
@@ -1595,7 +1921,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 47 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 52 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          bench/run --compression-only # the compression scenario alone, about 6 minutes\n\
@@ -1631,9 +1957,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            otherwise; here every server is past its knee, and what is measured is how each\n\
            degrades, by batching or by queueing. The busy loop's CPU is shown apart, not as\n\
            noise.\n\
-         - **Idle**: connections from source addresses spread over 127.0.0.x that only answer\n\
-           pings (every server pings after the same interval); RSS growth over the fresh server\n\
-           divided by connections.\n\
+         - **Idle**: 10,000 and 19,000 connections (a fresh server for each) from source\n\
+           addresses spread over 127.0.0.x that only answer pings (every server pings after the\n\
+           same interval); RSS growth over the fresh server divided by connections.\n\
          - **Churn**: clients join and leave the room (half with a close frame, half by dropping\n\
            the TCP connection) while it broadcasts; the server's open descriptors and RSS before\n\
            the run and after everyone left show leaks.\n\
@@ -1654,7 +1980,9 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
            `/proc/net/netstat` (system-wide) over the phase.\n\
          - **Plugins**: the saturated fan-out through `relay` (passes everything on, the same\n\
            semantics as no plugin) and `moderation` (checks every message; limits set so none is\n\
-           dropped) against no plugin, on one Roomcast.\n\
+           dropped) against no plugin, on one Roomcast, in three shapes: 1000 members with 256\n\
+           messages in flight, 1000 members with 10 in flight (per-message costs that a wide\n\
+           window hides show), and 10 members who all send.\n\
          - **Reload under load**: a paced fan-out through `relay` while `relay.wasm` is replaced\n\
            every second (written under a temporary name, renamed over the old one; each copy\n\
            carries a different custom section so its content hash changes); lost and duplicated\n\
@@ -1717,5 +2045,117 @@ mod tests {
         assert_eq!(spread(&[], 2), "–");
         assert_eq!(spread(&[1.5], 2), "1.50");
         assert_eq!(spread(&[3.0, 1.0, 2.0, f64::NAN], 1), "2.0 (1.0–3.0)");
+    }
+
+    fn fanout(deliveries_per_sec: f64, cpu_us_per_delivery: f64) -> FanoutResult {
+        FanoutResult { deliveries_per_sec, cpu_us_per_delivery, ..FanoutResult::default() }
+    }
+
+    fn idle(connections: usize, rss_per_conn_kib: f64) -> IdleResult {
+        IdleResult { connections, opened: connections, rss_per_conn_kib, ..IdleResult::default() }
+    }
+
+    fn issue_16(md: &str) -> &str {
+        let start = md.find("### Targets (issue 16)").expect("the issue-16 table");
+        &md[start..]
+    }
+
+    #[test]
+    fn missing_servers_and_scenarios_are_not_measured() {
+        for quick in [true, false] {
+            let results = Results {
+                quick,
+                sizes: Some(Sizes::new(quick, None)),
+                servers: vec![Kind::Roomcast, Kind::Tungstenite],
+                fanout: vec![(Kind::Roomcast, fanout(1e6, 0.2))],
+                idle: vec![(Kind::Roomcast, idle(Sizes::new(quick, None).idle[0].connections, 3.0))],
+                ..Results::default()
+            };
+            let md = tables(&results);
+            assert!(!md.contains("NaN"), "{md}");
+            let targets = issue_16(&md);
+            // 2 idle sizes, saturated, 4 paced rates, p99 and max, connection rate, reload,
+            // 3 plugin shapes; a quick run adds its own idle sizes and rates.
+            let rows = targets.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| target")).count();
+            assert_eq!(rows, if quick { 18 } else { 14 }, "{targets}");
+            assert!(targets.lines().skip(4).all(|l| l.is_empty() || l.contains("not measured")), "{targets}");
+        }
+    }
+
+    #[test]
+    fn targets_compare_with_the_best_peer_and_uws() {
+        let sizes = Sizes::new(false, None);
+        let mut results = Results {
+            sizes: Some(sizes.clone()),
+            servers: vec![Kind::Roomcast, Kind::Tungstenite, Kind::Fastwebsockets, Kind::Uws],
+            fanout: vec![
+                (Kind::Roomcast, fanout(1e6, 0.2)),
+                (Kind::Tungstenite, fanout(1e6, 0.3)),
+                (Kind::Fastwebsockets, fanout(1e6, 0.25)),
+                (Kind::Uws, fanout(1e6, 0.15)),
+            ],
+            idle: vec![
+                (Kind::Roomcast, idle(10_000, 1.5)),
+                (Kind::Uws, idle(10_000, 2.0)),
+                (Kind::Roomcast, idle(19_000, 1.5)),
+                (Kind::Uws, idle(19_000, 1.0)),
+            ],
+            ..Results::default()
+        };
+        for (window, none, relay) in [(256, 0.2, 0.2), (10, 0.2, 0.25), (1024, 0.5, 0.5)] {
+            let params = sizes.plugin_shapes().into_iter().find(|p| window_of(p) == window).unwrap().clone();
+            for (plugin, cpu) in [("none", none), ("relay", relay)] {
+                results.plugins.push(PluginRun {
+                    plugin: plugin.into(),
+                    clients: params.clients,
+                    window,
+                    result: fanout(1e6, cpu),
+                });
+            }
+        }
+        let md = tables(&results);
+        let targets = issue_16(&md);
+        let line = |start: &str| targets.lines().find(|l| l.starts_with(start)).unwrap().to_owned();
+        assert!(line("| RSS per idle connection below uWebSockets.js', 10,000").ends_with("| met |"));
+        assert!(line("| RSS per idle connection below uWebSockets.js', 19,000").ends_with("**not met** |"));
+        let saturated = line("| CPU per delivery below every peer's, saturated");
+        assert!(
+            saturated.contains("(uWebSockets.js)") && saturated.ends_with("**not met** |"),
+            "{saturated}"
+        );
+        assert!(line("| relay ≥ 97% of no plugin's throughput and ≤ 1.03× its CPU per delivery, 1000 members, 10 senders, 256").ends_with("| met |"));
+        assert!(line("| relay ≥ 97% of no plugin's throughput and ≤ 1.03× its CPU per delivery, 1000 members, 10 senders, 10 ").ends_with("**not met** |"));
+        // The plugins table tells the two 1000-member shapes apart.
+        assert!(md.contains("| 1000 members, 10 senders, 10 in flight | relay |"));
+        assert!(md.contains("| 1000 members, 10 senders, 256 in flight | relay |"));
+    }
+
+    #[test]
+    fn plugin_runs_from_before_the_window_take_their_room_size() {
+        let sizes = Sizes::new(false, None);
+        let results = Results {
+            sizes: Some(sizes.clone()),
+            plugins: vec![PluginRun {
+                plugin: "relay".into(),
+                clients: 1000,
+                window: 0,
+                result: fanout(1e6, 0.2),
+            }],
+            ..Results::default()
+        };
+        assert_eq!(plugin_med(&results, "relay", &sizes.fanout, |r| r.cpu_us_per_delivery), 0.2);
+        let narrow = sizes.narrow_window.as_ref().unwrap();
+        assert!(plugin_med(&results, "relay", narrow, |r| r.cpu_us_per_delivery).is_nan());
+    }
+
+    #[test]
+    fn sizes_from_before_several_idle_sizes_read() {
+        let mut json = serde_json::to_value(Sizes::new(false, None)).unwrap();
+        json["idle"] = json["idle"][1].clone();
+        json.as_object_mut().unwrap().remove("narrow_window");
+        let sizes: Sizes = serde_json::from_value(json).unwrap();
+        assert_eq!(sizes.idle.len(), 1);
+        assert_eq!(sizes.idle[0].connections, 19_000);
+        assert_eq!(sizes.plugin_shapes().len(), 2);
     }
 }

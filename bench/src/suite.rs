@@ -41,7 +41,10 @@ pub struct Sizes {
     /// core: every server past its knee.
     #[serde(default)]
     pub contended: Option<FanoutParams>,
-    pub idle: IdleParams,
+    /// The idle scenario, one run per size, smallest first (results from before there
+    /// were several have one).
+    #[serde(deserialize_with = "one_or_more")]
+    pub idle: Vec<IdleParams>,
     pub churn: ChurnParams,
     /// New connections per second: connect, upgrade, one message, close.
     #[serde(default)]
@@ -49,6 +52,10 @@ pub struct Sizes {
     /// The plugin scenario runs `fanout` and this: a small room where every member
     /// sends, so the per-message cost (and a plugin call is one) weighs more.
     pub small_room: FanoutParams,
+    /// The plugin scenario's third shape: the large room with only a few messages in
+    /// flight, so that the per-message costs a wide window hides show.
+    #[serde(default)]
+    pub narrow_window: Option<FanoutParams>,
     pub reload: ReloadParams,
     /// How long a realistic plugin (`lobby`, about 160 KB, serde_json) takes to go live
     /// when replaced, during a paced fan-out through it.
@@ -70,13 +77,18 @@ pub struct Sizes {
     pub compression: Option<CompressionSizes>,
 }
 
-/// The paced sizes: a list, or the one rate of results from before there were several.
-fn one_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<FanoutParams>, D::Error> {
+/// The paced or idle sizes: a list, or the one size of results from before there were
+/// several.
+fn one_or_more<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum OneOrMore {
-        One(Box<FanoutParams>),
-        More(Vec<FanoutParams>),
+    enum OneOrMore<T> {
+        One(Box<T>),
+        More(Vec<T>),
     }
     Ok(match OneOrMore::deserialize(deserializer)? {
         OneOrMore::One(params) => vec![*params],
@@ -101,7 +113,7 @@ pub struct CompressionSizes {
 pub const RECOVERY_HISTORY: usize = 200;
 
 impl Sizes {
-    /// The full run (about 47 minutes here, 7 of them the room-protocol scenarios and 6
+    /// The full run (about 52 minutes here, 7 of them the room-protocol scenarios and 6
     /// the compression scenario) or a smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
@@ -148,7 +160,14 @@ impl Sizes {
                 node_messages: 500,
                 paced: vec![paced(200, 4, 20_000.0, 2.0), paced(200, 4, 40_000.0, 2.0)],
                 contended: Some(paced(200, 4, 50_000.0, 2.0)),
-                idle: IdleParams { connections: 2000, hold: Duration::from_secs(2), concurrency: 128 },
+                idle: [1000, 2000]
+                    .into_iter()
+                    .map(|connections| IdleParams {
+                        connections,
+                        hold: Duration::from_secs(2),
+                        concurrency: 128,
+                    })
+                    .collect(),
                 churn: ChurnParams {
                     members: 50,
                     messages_per_sec: 100.0,
@@ -162,6 +181,7 @@ impl Sizes {
                     size: client::STAMP_LEN,
                 }),
                 small_room: saturated(10, 10, 20_000, 256),
+                narrow_window: Some(saturated(200, 4, 400, 10)),
                 reload: reload("relay", paced(50, 2, 20_000.0, 3.5), false),
                 reload_latency: Some(reload("lobby", paced(50, 2, 20_000.0, 5.5), true)),
                 memberships: Some(MembershipParams {
@@ -206,7 +226,14 @@ impl Sizes {
                 // cannot pace above about 300,000 deliveries/s: on 2 cores, only a busy
                 // loop beside the server takes it past its knee.
                 contended: Some(paced(1000, 10, 250_000.0, 6.0)),
-                idle: IdleParams { connections: 19_000, hold: Duration::from_secs(12), concurrency: 128 },
+                idle: [10_000, 19_000]
+                    .into_iter()
+                    .map(|connections| IdleParams {
+                        connections,
+                        hold: Duration::from_secs(12),
+                        concurrency: 128,
+                    })
+                    .collect(),
                 churn: ChurnParams {
                     members: 100,
                     messages_per_sec: 200.0,
@@ -221,6 +248,8 @@ impl Sizes {
                     size: client::STAMP_LEN,
                 }),
                 small_room: saturated(10, 10, 200_000, 1024),
+                // At most 10 messages in flight: about 2–3 s here.
+                narrow_window: Some(saturated(1000, 10, 2000, 10)),
                 reload: reload("relay", paced(100, 4, 50_000.0, 10.0), false),
                 // 35 reloads a run: over 3 runs, the p99 of 105 is not just the slowest.
                 reload_latency: Some(reload("lobby", paced(100, 4, 50_000.0, 35.5), true)),
@@ -266,6 +295,17 @@ impl Sizes {
     pub fn base_paced(&self) -> &FanoutParams {
         self.paced.first().expect("at least one paced rate")
     }
+
+    /// The largest idle size: the one the chart and issue 5's target use.
+    pub fn largest_idle(&self) -> Option<&IdleParams> {
+        self.idle.iter().max_by_key(|p| p.connections)
+    }
+
+    /// The plugin scenario's shapes: the large room, the large room with a narrow
+    /// window, the small room.
+    pub fn plugin_shapes(&self) -> Vec<&FanoutParams> {
+        std::iter::once(&self.fanout).chain(&self.narrow_window).chain([&self.small_room]).collect()
+    }
 }
 
 /// The machine and software the numbers come from.
@@ -301,7 +341,19 @@ pub struct PluginRun {
     pub plugin: String,
     /// Members of the room.
     pub clients: usize,
+    /// Messages in flight at most (0: a run from before it was recorded, whose room
+    /// size alone tells its shape).
+    #[serde(default)]
+    pub window: usize,
     pub result: FanoutResult,
+}
+
+/// The window of a saturated fan-out (0 for a paced one).
+pub fn window_of(params: &FanoutParams) -> usize {
+    match params.pace {
+        Pace::Saturated { window } => window,
+        Pace::Paced { .. } => 0,
+    }
 }
 
 /// A Roomcast fan-out in raw or room-protocol mode.
@@ -496,11 +548,14 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 })
                 .await;
             }
-            scenario(&mut results, kind, run, "idle", &options, async |server| {
-                let target = Target::new(server.addr, "/ws/idle".into())?;
-                Ok(Outcome::Idle(idle::run(&target, &sizes.idle, server.pid).await?))
-            })
-            .await;
+            for params in &sizes.idle {
+                let name = format!("idle {}k", params.connections as f64 / 1000.0);
+                scenario(&mut results, kind, run, &name, &options, async |server| {
+                    let target = Target::new(server.addr, "/ws/idle".into())?;
+                    Ok(Outcome::Idle(idle::run(&target, params, server.pid).await?))
+                })
+                .await;
+            }
             scenario(&mut results, kind, run, "churn", &options, async |server| {
                 let target = Target::new(server.addr, "/ws/churn".into())?;
                 Ok(Outcome::Churn(churn::run(&target, &sizes.churn, server.pid).await?))
@@ -695,7 +750,8 @@ fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> 
     Ok(std::fs::canonicalize(&dir)?)
 }
 
-/// Saturated fan-out through no plugin, relay and moderation, on one Roomcast.
+/// Saturated fan-outs through no plugin, relay and moderation, in every plugin shape, on
+/// one Roomcast.
 async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
     quiet(results).await;
     let outcome = async {
@@ -706,18 +762,19 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
         // Rotate the order between runs so that no room always goes first.
         rooms.rotate_left((run - 1) % 3);
         let mut runs = Vec::new();
-        for params in [&sizes.fanout, &sizes.small_room] {
+        for params in sizes.plugin_shapes() {
+            let window = window_of(params);
             for &plugin in &rooms {
                 let room = if plugin == "none" { "bench" } else { plugin };
                 let target = Target::new(server.addr, format!("/ws/{room}"))?;
                 let conns = client::connect_all(&target, params.clients).await?;
                 let result = fanout::run(conns, params, Some(server.pid)).await?;
                 eprintln!(
-                    "  run {run} Roomcast          plugin {plugin:<10} {:>4} clients {}",
+                    "  run {run} Roomcast          plugin {plugin:<10} {:>4} clients, window {window:>4} {}",
                     params.clients,
                     fanout_line(&result)
                 );
-                runs.push(PluginRun { plugin: plugin.into(), clients: params.clients, result });
+                runs.push(PluginRun { plugin: plugin.into(), clients: params.clients, window, result });
             }
         }
         server.stop().await?;
