@@ -2,6 +2,7 @@
 //! the latest medians, the machine, and how to reproduce them.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use crate::fanout::{FanoutParams, FanoutResult, Pace};
 use crate::idle::IdleResult;
@@ -1913,10 +1914,14 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(&tables(results));
     out.push_str("\n## Machine\n\n");
     out.push_str(&machine(results));
-    // Measurements the suite cannot take itself (several nodes) are kept beside it.
-    if let Ok(cluster) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.md")) {
-        out.push('\n');
-        out.push_str(&cluster);
+    // Kept beside the suite: the scenarios run on their own (`--rooms-only`,
+    // `--compression-only`, by hand), whose reports a full run does not rewrite, and
+    // what the suite cannot measure itself (several nodes).
+    for kept in ["separate-runs.md", "cluster.md"] {
+        if let Ok(text) = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(kept)) {
+            out.push('\n');
+            out.push_str(&text);
+        }
     }
     out.push_str(
         "\n## How to reproduce\n\n\
