@@ -9,8 +9,10 @@
 //! server, for the live traffic's latency to compare.
 //!
 //! Each replacement is the original component with one custom section appended that
-//! holds a counter: the code is the same, but the content (and its hash) differs, so a
-//! server that skips identical content still has to load a new version each time.
+//! holds this run's start time and a counter: the code is the same, but the content
+//! (and its hash) differs from every earlier replacement of this run and of any run
+//! before, so neither a server that skips identical content nor its compiled-plugin
+//! cache (kept across runs) can skip loading a new version.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -144,6 +146,7 @@ pub async fn run(
         let temp: PathBuf = plugins_dir.join(format!(".{name}.wasm.tmp"));
         let every = params.every;
         let (admin, name) = (admin.cloned(), name.to_owned());
+        let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -154,7 +157,9 @@ pub async fn run(
                     break;
                 }
                 let n = replacements.load(Relaxed) + 1;
-                let bytes = with_custom_section(&original, "roomcast-bench-reload", &n.to_le_bytes());
+                let mut tag = run.to_le_bytes().to_vec();
+                tag.extend_from_slice(&n.to_le_bytes());
+                let bytes = with_custom_section(&original, "roomcast-bench-reload", &tag);
                 tokio::fs::write(&temp, &bytes).await?;
                 let serving = match &admin {
                     Some(admin) => room_version(admin, &room).await,
