@@ -146,7 +146,8 @@ pub async fn run(
         let temp: PathBuf = plugins_dir.join(format!(".{name}.wasm.tmp"));
         let every = params.every;
         let (admin, name) = (admin.cloned(), name.to_owned());
-        let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let run =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
