@@ -73,6 +73,19 @@ fn plugin_runs<'a>(
     })
 }
 
+/// How often each plugin shape ran through a room per run, when more than once.
+fn plugin_rounds_note(results: &Results, sizes: &Sizes) -> String {
+    let rounds = plugin_runs(results, "none", &sizes.fanout).count() / sizes.runs.max(1);
+    if rounds > 1 {
+        format!(
+            "Each shape ran {rounds} times through every room in each run (the order rotated); \
+             medians over all of them.\n\n"
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// Median of `f` over the plugin runs through `plugin` in the shape of `params`.
 pub fn plugin_med(
     results: &Results,
@@ -428,9 +441,10 @@ pub fn tables(results: &Results) -> String {
         let _ = writeln!(
             out,
             "\n### Plugins (Roomcast, saturated fan-out; relay passes everything on, moderation \
-             checks every message)\n\n\
+             checks every message)\n\n{}\
              | room | served by | deliveries/s | % of no plugin | CPU µs per delivery | CPU vs no plugin | lost |\n\
-             |---|---|---:|---:|---:|---:|---:|"
+             |---|---|---:|---:|---:|---:|---:|",
+            plugin_rounds_note(results, sizes)
         );
         for params in sizes.plugin_shapes() {
             if plugin_runs(results, "none", params).next().is_none()
@@ -1926,7 +1940,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
     out.push_str(
         "\n## How to reproduce\n\n\
          ```sh\n\
-         bench/run              # everything, about 52 minutes on 2 cores (plus the build)\n\
+         bench/run              # everything, about 45 minutes on 2 cores (plus the build)\n\
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          bench/run --compression-only # the compression scenario alone, about 6 minutes\n\

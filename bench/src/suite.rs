@@ -113,7 +113,7 @@ pub struct CompressionSizes {
 pub const RECOVERY_HISTORY: usize = 200;
 
 impl Sizes {
-    /// The full run (about 52 minutes here, 7 of them the room-protocol scenarios and 6
+    /// The full run (about 45 minutes here, 7 of them the room-protocol scenarios and 6
     /// the compression scenario) or a smoke run (about 4 minutes).
     pub fn new(quick: bool, runs: Option<usize>) -> Self {
         let saturated = |clients, senders, messages, window| FanoutParams {
@@ -751,8 +751,14 @@ fn plugin_folder(options: &SuiteOptions, name: &str) -> anyhow::Result<PathBuf> 
     Ok(std::fs::canonicalize(&dir)?)
 }
 
+/// How many times each plugin shape runs through every room in one run of the suite.
+/// One fan-out of the 10-in-flight shape through the same room on the same server
+/// varied from 1.04 to 1.49 µs of CPU per delivery (bench/PROFILE.md, section 12): a
+/// median of 3 cannot tell a 3% difference from that, a median of 9 comes closer.
+const PLUGIN_ROUNDS: usize = 3;
+
 /// Saturated fan-outs through no plugin, relay and moderation, in every plugin shape, on
-/// one Roomcast.
+/// one Roomcast, [`PLUGIN_ROUNDS`] times, the rooms' order rotated between rounds.
 async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &SuiteOptions) {
     quiet(results).await;
     let outcome = async {
@@ -763,9 +769,15 @@ async fn plugins(results: &mut Results, run: usize, sizes: &Sizes, options: &Sui
         // Rotate the order between runs so that no room always goes first.
         rooms.rotate_left((run - 1) % 3);
         let mut runs = Vec::new();
+        let rounds = if options.quick { 1 } else { PLUGIN_ROUNDS };
         for params in sizes.plugin_shapes() {
             let window = window_of(params);
-            for &plugin in &rooms {
+            let order = (0..rounds).flat_map(|round| {
+                let mut rooms = rooms.clone();
+                rooms.rotate_left(round % 3);
+                rooms
+            });
+            for plugin in order {
                 let room = if plugin == "none" { "bench" } else { plugin };
                 let target = Target::new(server.addr, format!("/ws/{room}"))?;
                 let conns = client::connect_all(&target, params.clients).await?;
