@@ -496,8 +496,14 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
             compression(&mut results, run, &sizes, &options).await;
             continue;
         }
-        let servers = if options.rooms_only { &[][..] } else { &options.servers[..] };
-        for &kind in servers {
+        // The servers' order rotates between runs, so that no server always meets the
+        // machine first, as the suite's start or the previous run left it.
+        let mut servers = if options.rooms_only { Vec::new() } else { options.servers.clone() };
+        if !servers.is_empty() {
+            let first = (run - 1) % servers.len();
+            servers.rotate_left(first);
+        }
+        for kind in servers {
             let params = FanoutParams {
                 messages: match kind {
                     Kind::Roomcast | Kind::Tungstenite | Kind::Fastwebsockets => sizes.fanout.messages,

@@ -15,13 +15,14 @@
 //! fastwebsockets' own (8 KiB; it has no setting). `/ws/{room}` picks the room; nothing
 //! is validated beyond the WebSocket handshake.
 
-use std::collections::HashMap;
+#[path = "../peer_rooms.rs"]
+mod peer_rooms;
+
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -35,7 +36,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 
 /// A frame on its way to a member: a message from the room, or what the read half owes
@@ -46,45 +46,16 @@ struct Out {
     payload: Bytes,
 }
 
-/// One room: member id -> that member's outbound channel.
-type Room = Mutex<HashMap<u64, mpsc::UnboundedSender<Out>>>;
-
-#[derive(Default)]
-struct Rooms {
-    by_name: Mutex<HashMap<String, Arc<Room>>>,
-}
-
-impl Rooms {
-    fn join(&self, name: &str, id: u64, tx: mpsc::UnboundedSender<Out>) -> Arc<Room> {
-        let mut rooms = self.by_name.lock().expect("rooms lock");
-        let room = rooms.entry(name.to_owned()).or_default().clone();
-        room.lock().expect("room lock").insert(id, tx);
-        room
-    }
-
-    fn leave(&self, name: &str, id: u64, room: &Room) {
-        let mut rooms = self.by_name.lock().expect("rooms lock");
-        let mut members = room.lock().expect("room lock");
-        members.remove(&id);
-        if members.is_empty() {
-            rooms.remove(name);
-        }
-    }
-}
+type Rooms = peer_rooms::Rooms<Out>;
+type Room = peer_rooms::Room<Out>;
 
 fn main() -> anyhow::Result<()> {
-    let port: u16 = std::env::args().nth(1).map(|p| p.parse()).transpose()?.unwrap_or(9004);
-    let heartbeat =
-        Duration::from_secs(std::env::var("HEARTBEAT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10));
+    let (port, heartbeat) = peer_rooms::args(9004)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(port, heartbeat))
 }
 
 async fn serve(port: u16, heartbeat: Duration) -> anyhow::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    let listener = socket.listen(4096)?;
-    println!("fastwebsockets peer listening on 127.0.0.1:{port}");
+    let listener = peer_rooms::listen("fastwebsockets peer", port)?;
     let rooms = Arc::new(Rooms::default());
     let next_id = AtomicU64::new(1);
     loop {

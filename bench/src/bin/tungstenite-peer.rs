@@ -10,58 +10,29 @@
 //! flushes once per batch. `/ws/{room}` picks the room; nothing is validated beyond
 //! the WebSocket handshake.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+#[path = "../peer_rooms.rs"]
+mod peer_rooms;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
-/// One room: member id -> that member's outbound channel.
-type Room = Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>;
-
-#[derive(Default)]
-struct Rooms {
-    by_name: Mutex<HashMap<String, Arc<Room>>>,
-}
-
-impl Rooms {
-    fn join(&self, name: &str, id: u64, tx: mpsc::UnboundedSender<Message>) -> Arc<Room> {
-        let mut rooms = self.by_name.lock().expect("rooms lock");
-        let room = rooms.entry(name.to_owned()).or_default().clone();
-        room.lock().expect("room lock").insert(id, tx);
-        room
-    }
-
-    fn leave(&self, name: &str, id: u64, room: &Room) {
-        let mut rooms = self.by_name.lock().expect("rooms lock");
-        let mut members = room.lock().expect("room lock");
-        members.remove(&id);
-        if members.is_empty() {
-            rooms.remove(name);
-        }
-    }
-}
+type Rooms = peer_rooms::Rooms<Message>;
 
 fn main() -> anyhow::Result<()> {
-    let port: u16 = std::env::args().nth(1).map(|p| p.parse()).transpose()?.unwrap_or(9003);
-    let heartbeat =
-        Duration::from_secs(std::env::var("HEARTBEAT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10));
+    let (port, heartbeat) = peer_rooms::args(9003)?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(port, heartbeat))
 }
 
 async fn serve(port: u16, heartbeat: Duration) -> anyhow::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    let listener = socket.listen(4096)?;
-    println!("tungstenite peer listening on 127.0.0.1:{port}");
+    let listener = peer_rooms::listen("tungstenite peer", port)?;
     let rooms = Arc::new(Rooms::default());
     let next_id = Arc::new(AtomicU64::new(1));
     loop {
