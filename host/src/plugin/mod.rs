@@ -24,7 +24,7 @@
 //!   discarded and the instance refuses further calls. The caller makes a new one.
 //! - Deadlines are measured in 1 ms epoch ticks of wall-clock time (the ticker thread
 //!   wakes once per shortest deadline while calls are short, every tick while one
-//!   runs, and not at all while none has run for 100 ms), but a
+//!   runs, and once a minute while none has run for 100 ms), but a
 //!   call that reaches its deadline while its thread mostly waited for a CPU gets
 //!   another window (see `HostState::deadline_reached`): a spinning guest is stopped
 //!   after about two deadlines of CPU time, a preempted honest one is not failed.

@@ -175,8 +175,15 @@ impl Drop for Shared {
 }
 
 /// After this many ticks without a call into a guest, the ticker sleeps until the next
-/// call: an idle server (or one without plugins) has no thread waking at all.
+/// call: an idle server (or one without plugins) has no thread waking every tick.
 const IDLE_TICKS: u64 = 100;
+
+/// The longest the ticker stays parked: then it brings the epochs up to real time and
+/// parks again. A call that starts after a park counts its deadline from real time, and
+/// the ticker's first look catches up every tick the park lasted, one increment each:
+/// without this bound, the first call after a day without calls could run for as long
+/// as 86 million increments take before its deadline is seen.
+const MAX_PARK: Duration = Duration::from_secs(60);
 
 /// The thread that keeps the engines' epochs in step with real time (one epoch per
 /// [`TICK`] since it started); stopped by [`EpochTicker::stop`].
@@ -251,7 +258,7 @@ impl EpochTicker {
                 if idle >= IDLE_TICKS {
                     state.parked.store(true, Ordering::SeqCst);
                     if state.calls.load(Ordering::SeqCst) == 0 && !state.stop.load(Ordering::SeqCst) {
-                        std::thread::park();
+                        std::thread::park_timeout(MAX_PARK);
                     }
                     state.parked.store(false, Ordering::SeqCst);
                     idle = 0;

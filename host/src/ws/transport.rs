@@ -182,12 +182,12 @@ impl Writer<'_> {
         }
     }
 
-    /// Close the sending side: a TLS `close_notify`, then the TCP FIN.
     /// Whether this is plain TCP (no TLS session to end).
     pub fn is_plain(&self) -> bool {
         matches!(self, Self::Plain(_))
     }
 
+    /// Close the sending side: a TLS `close_notify`, then the TCP FIN.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Self::Plain(stream) => SockRef::from(*stream).shutdown(Shutdown::Write),
