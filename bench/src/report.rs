@@ -475,10 +475,7 @@ pub fn tables(results: &Results) -> String {
 
     if !results.reload.is_empty() {
         let r = &sizes.reload;
-        let rate = match r.fanout.pace {
-            Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
-            Pace::Saturated { .. } => f64::NAN,
-        };
+        let rate = r.fanout.pace.rate();
         let _ = writeln!(
             out,
             "\n### Reload under load (Roomcast, relay replaced every {} s during a paced fan-out of {} deliveries/s to {} clients)\n\n\
@@ -752,10 +749,7 @@ fn compression(results: &Results) -> String {
         Pace::Saturated { window } => window,
         Pace::Paced { .. } => 0,
     };
-    let rate = match c.paced.pace {
-        Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
-        Pace::Saturated { .. } => f64::NAN,
-    };
+    let rate = c.paced.pace.rate();
     let _ = writeln!(
         out,
         "\n### Per-message compression (issue 15)\n\n\
@@ -951,10 +945,7 @@ fn reload_latency(results: &Results) -> String {
     if results.reload_latency.is_empty() {
         return out;
     }
-    let rate = match p.fanout.pace {
-        Pace::Paced { deliveries_per_sec } => deliveries_per_sec,
-        Pace::Saturated { .. } => f64::NAN,
-    };
+    let rate = p.fanout.pace.rate();
     let kb = results.reload_latency[0].plugin_bytes as f64 / 1000.0;
     let _ = writeln!(
         out,
