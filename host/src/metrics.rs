@@ -101,6 +101,8 @@ type PluginCallLabels = [(&'static str, String); 2];
 #[derive(Debug)]
 pub struct Metrics {
     pub connections: GaugeCell,
+    /// Open sessions parked: idle, without a task.
+    pub connections_parked: GaugeCell,
     pub rooms: GaugeCell,
     pub room_members: GaugeCell,
     pub messages_in: CounterCell,
@@ -153,6 +155,11 @@ impl Default for Metrics {
             gauge
         };
         let connections = gauge(&mut registry, "roomcast_connections", "Open WebSocket sessions");
+        let connections_parked = gauge(
+            &mut registry,
+            "roomcast_connections_parked",
+            "Open WebSocket sessions parked: idle, waiting without a task",
+        );
         let rooms = gauge(&mut registry, "roomcast_rooms", "Rooms with at least one member");
         let room_members = gauge(&mut registry, "roomcast_room_members", "Sum of members over all rooms");
 
@@ -211,6 +218,7 @@ impl Default for Metrics {
 
         Self {
             connections,
+            connections_parked,
             rooms,
             room_members,
             messages_in,
@@ -314,6 +322,7 @@ mod tests {
         let type_of = |name: &str| types.iter().find(|(n, _)| *n == name).map(|(_, kind)| *kind);
         for (name, kind) in [
             ("roomcast_connections", "gauge"),
+            ("roomcast_connections_parked", "gauge"),
             ("roomcast_rooms", "gauge"),
             ("roomcast_room_members", "gauge"),
             ("roomcast_connections_closed_total", "counter"),
@@ -328,10 +337,11 @@ mod tests {
         ] {
             assert_eq!(type_of(name), Some(kind), "{name}");
         }
-        assert_eq!(types.len(), 12, "one TYPE line per family: {types:?}");
+        assert_eq!(types.len(), 13, "one TYPE line per family: {types:?}");
 
         let mut expected: Vec<String> = [
             "connections",
+            "connections_parked",
             "rooms",
             "room_members",
             "messages_in_total",

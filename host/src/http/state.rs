@@ -15,8 +15,9 @@ use crate::room::Rooms;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    /// What every session is held to (from `config`), shared.
-    pub(crate) session_limits: Arc<crate::session::Limits>,
+    /// What every session shares: its limits (from `config`), the rooms, the parked
+    /// sessions.
+    pub(crate) session_context: Arc<crate::session::Context>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rooms: Arc<Rooms>,
     /// One permit per open WebSocket session (`--max-connections`).

@@ -104,10 +104,7 @@ pub(crate) async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request)
                 max_rooms: shared.config.max_rooms_per_connection,
             })
         }),
-        rooms: shared.rooms.clone(),
-        metrics: shared.metrics.clone(),
-        limits: shared.session_limits.clone(),
-        shutdown: shared.shutdown.clone(),
+        context: shared.session_context.clone(),
         permit,
     };
     // The session's own future, not one around it: see `Session::connection`.

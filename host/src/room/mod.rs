@@ -45,7 +45,7 @@ pub use crate::plugin::MemberId;
 pub use crate::protocol::Since;
 pub use gate::Gate;
 pub use history::{History, HistoryBudget, HistoryLimits, Recovery};
-pub use peer::{Ending, Invite, Peer};
+pub use peer::{Ending, Invite, Peer, Resume};
 
 /// How many events a room's inbox holds. A member whose message does not fit waits
 /// (its reader stops reading its socket) until the room catches up: backpressure on

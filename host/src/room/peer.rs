@@ -31,6 +31,36 @@ pub struct Peer {
     /// the teardown.
     kill: tokio::sync::Notify,
     departures: Mutex<Departures>,
+    /// Whether the session runs as a task or is parked without one.
+    park: Mutex<Park>,
+}
+
+/// A session parked without a task: what starts it again. The session layer
+/// implements it (`session::park`); the peer only keeps it and calls it when woken.
+pub trait Resume: Send {
+    /// Start the session's task again.
+    fn resume(self: Box<Self>, peer: Arc<Peer>);
+}
+
+/// Where a member's session is: running, on its way to parking, or parked.
+enum Park {
+    Active,
+    /// The session registered its wake-ups and is about to hand itself over; `woken`
+    /// is set if one of them fired meanwhile (the session then stays as it is).
+    Parking {
+        woken: bool,
+    },
+    Parked(Box<dyn Resume>),
+}
+
+impl std::fmt::Debug for Park {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Active => "Active",
+            Self::Parking { .. } => "Parking",
+            Self::Parked(_) => "Parked",
+        })
+    }
 }
 
 /// What others decided about a member, for its session to carry out.
@@ -54,6 +84,18 @@ pub const MAX_PENDING_INVITES: usize = 64;
 pub struct Invite {
     pub room: String,
     pub params: Option<Arc<str>>,
+}
+
+/// A parked session's wake-ups (its socket turning readable, a push to its queue, its
+/// heartbeat deadline) hold the peer as their waker.
+impl std::task::Wake for Peer {
+    fn wake(self: Arc<Self>) {
+        self.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.unpark();
+    }
 }
 
 /// Why a session ends, and the close frame it sends (if any).
@@ -96,7 +138,64 @@ impl Peer {
             protocol,
             kill: tokio::sync::Notify::new(),
             departures: Mutex::new(Departures::default()),
+            park: Mutex::new(Park::Active),
         }
+    }
+
+    /// Wake the session: its task through `kill`, or the session itself if parked.
+    fn signal(&self) {
+        self.kill.notify_one();
+        self.outbound.wake_parked();
+    }
+
+    /// The session is about to park: wake-ups from now on are remembered.
+    pub fn begin_park(&self) {
+        *self.park.lock().expect("park lock") = Park::Parking { woken: false };
+    }
+
+    /// Park with what `resume` makes, unless a wake-up came since
+    /// [`Peer::begin_park`]: then `resume` is not called, and `false` says the
+    /// session keeps its task.
+    pub fn finish_park(&self, resume: impl FnOnce() -> Box<dyn Resume>) -> bool {
+        let mut park = self.park.lock().expect("park lock");
+        match *park {
+            Park::Parking { woken: false } => {
+                *park = Park::Parked(resume());
+                true
+            }
+            _ => {
+                *park = Park::Active;
+                false
+            }
+        }
+    }
+
+    /// The session keeps its task after all.
+    pub fn cancel_park(&self) {
+        *self.park.lock().expect("park lock") = Park::Active;
+    }
+
+    /// Resume a parked session (a wake-up on its way to parking is remembered; a
+    /// running session is left alone: it waits on its own wake-ups).
+    pub fn unpark(self: &Arc<Self>) {
+        let resume = {
+            let mut park = self.park.lock().expect("park lock");
+            match std::mem::replace(&mut *park, Park::Active) {
+                Park::Parked(resume) => resume,
+                Park::Parking { .. } => {
+                    *park = Park::Parking { woken: true };
+                    return;
+                }
+                Park::Active => return,
+            }
+        };
+        resume.resume(self.clone());
+    }
+
+    /// Something waits for the session: an ending, evictions or invites.
+    pub fn has_departures(&self) -> bool {
+        let departures = self.departures.lock().expect("peer lock");
+        departures.ending.is_some() || !departures.evicted.is_empty() || !departures.invites.is_empty()
     }
 
     /// End the session from outside. The first call decides the reason.
@@ -105,7 +204,8 @@ impl Peer {
         if departures.ending.is_none() {
             departures.ending = Some(ending);
             // `notify_one` keeps a permit if the session is not waiting right now.
-            self.kill.notify_one();
+            drop(departures);
+            self.signal();
         }
     }
 
@@ -113,7 +213,7 @@ impl Peer {
     /// (`left`) and stopped delivering to it; its session leaves the room.
     pub fn evict(&self, room: Arc<str>, why: CloseReason) {
         self.departures.lock().expect("peer lock").evicted.push((room, why));
-        self.kill.notify_one();
+        self.signal();
     }
 
     /// Ask the session to join `invite.room` (room-protocol mode): a plugin added the
@@ -125,7 +225,8 @@ impl Peer {
             return;
         }
         departures.invites.push(invite);
-        self.kill.notify_one();
+        drop(departures);
+        self.signal();
     }
 
     /// The joins plugins asked for since the last call.
@@ -135,7 +236,7 @@ impl Peer {
 
     /// Wake the session again (it took a wake-up it could not act on yet).
     pub fn rewake(&self) {
-        self.kill.notify_one();
+        self.signal();
     }
 
     /// The memberships rooms ended since the last call.

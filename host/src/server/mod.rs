@@ -124,34 +124,41 @@ impl Server {
         if let Some(cluster) = &cluster {
             metrics.register_collector(cluster.metrics_collector());
         }
+        let gate = Arc::new(Gate::new(plugins.clone(), metrics.clone()));
+        let shutdown = CancellationToken::new();
+        let rooms = Arc::new(
+            Rooms::new(metrics.clone(), plugins, tracker.clone())
+                .with_cluster(cluster)
+                .with_history(
+                    (config.history_size > 0)
+                        .then_some(HistorySettings { size: config.history_size, ttl: config.history_ttl }),
+                    usize::try_from(config.max_queue_bytes / 2).unwrap_or(usize::MAX),
+                    usize::try_from(config.history_memory).unwrap_or(usize::MAX),
+                )
+                .with_compression(config.compression.then_some(config.compression_threshold)),
+        );
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            gate: Arc::new(Gate::new(plugins.clone(), metrics.clone())),
-            rooms: Arc::new(
-                Rooms::new(metrics.clone(), plugins, tracker.clone())
-                    .with_cluster(cluster)
-                    .with_history(
-                        (config.history_size > 0).then_some(HistorySettings {
-                            size: config.history_size,
-                            ttl: config.history_ttl,
-                        }),
-                        usize::try_from(config.max_queue_bytes / 2).unwrap_or(usize::MAX),
-                        usize::try_from(config.history_memory).unwrap_or(usize::MAX),
-                    )
-                    .with_compression(config.compression.then_some(config.compression_threshold)),
-            ),
-            metrics,
-            tracker,
-            shutdown: CancellationToken::new(),
+            gate,
             draining: AtomicBool::new(false),
             next_member: AtomicU64::new(1),
             tls,
             dashboard: Default::default(),
-            session_limits: Arc::new(crate::session::Limits {
-                heartbeat_interval: config.heartbeat_interval,
-                pong_timeout: config.pong_timeout,
-                max_message_bytes: config.max_message_bytes as usize,
-            }),
+            session_context: Arc::new(crate::session::Context::new(
+                rooms.clone(),
+                metrics.clone(),
+                crate::session::Limits {
+                    heartbeat_interval: config.heartbeat_interval,
+                    pong_timeout: config.pong_timeout,
+                    max_message_bytes: config.max_message_bytes as usize,
+                },
+                shutdown.clone(),
+                tracker.clone(),
+            )),
+            rooms,
+            metrics,
+            tracker,
+            shutdown,
             config,
         });
         // After each reload, every live room re-resolves its plugin at once.
@@ -185,6 +192,8 @@ impl Server {
         let router = router(shared.clone());
         // Told to stop when `run` returns (never waited for: it may be compiling).
         let _watcher = Watcher::start(shared.rooms.plugins().clone());
+        // Parked sessions' heartbeats; ends once shutdown has woken them all.
+        tokio::spawn(crate::session::park::keep_time(shared.session_context.clone()));
         if let Some(cluster) = shared.rooms.cluster() {
             // Member ids must be unique across the cluster: each node gets its own range.
             shared.next_member.store(cluster.start().await, Relaxed);

@@ -140,6 +140,12 @@ impl Decoder {
         Self { max_message, inflate: true, partial: None }
     }
 
+    /// No fragmented message is in progress: a decoder made anew would carry on the
+    /// same (what a session checks before it parks).
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_none()
+    }
+
     /// Decode the next complete event from `buf`, consuming its bytes. `Ok(None)` means
     /// more bytes are needed; the buffer is then reserved for the rest of the frame.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, DecodeError> {

@@ -31,8 +31,10 @@
 use crate::ws::transport::send_frames;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -47,6 +49,9 @@ pub struct Outbound {
     /// Wakes the writer task. `notify_one` stores a permit, so a push that happens
     /// while the writer is busy is never missed.
     wake: Notify,
+    /// Wakes a parked session (one without a task, see `session::park`): whatever
+    /// wakes the writer also wakes it, once per registration.
+    parked: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
@@ -150,7 +155,37 @@ impl State {
 
 impl Outbound {
     pub fn new(max_bytes: usize) -> Self {
-        Self { max_bytes, state: Mutex::new(State::default()), wake: Notify::new() }
+        Self {
+            max_bytes,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            parked: AtomicWaker::new(),
+        }
+    }
+
+    /// Wake the writer, and the session if it is parked.
+    fn notify(&self) {
+        self.wake.notify_one();
+        self.parked.wake();
+    }
+
+    /// Wake `waker` at the next push, control frame or close (see [`Outbound::notify`]):
+    /// a parked session's way to learn that it has something to write.
+    pub fn wake_on_push(&self, waker: &Waker) {
+        self.parked.register(waker);
+    }
+
+    /// Wake a parked session without queueing anything (its member was ended or
+    /// evicted).
+    pub fn wake_parked(&self) {
+        self.parked.wake();
+    }
+
+    /// Nothing is queued, no control frame waits, no write is in flight and the member
+    /// is not closing: the session has nothing to write.
+    pub fn is_idle(&self) -> bool {
+        let state = self.state.lock().expect("outbound lock");
+        state.is_empty() && !state.writing && !state.closed
     }
 
     /// Give the queue the session's socket, for write-through.
@@ -186,14 +221,14 @@ impl Outbound {
         }
         state.queue(left, self.max_bytes)?;
         drop(state);
-        self.wake.notify_one();
+        self.notify();
         Ok(())
     }
 
     /// Queue a ping (replacing one not yet sent); it goes out before any queued data.
     pub fn push_ping(&self, frame: Bytes) {
         self.state.lock().expect("outbound lock").ping = Some(frame);
-        self.wake.notify_one();
+        self.notify();
     }
 
     /// Queue a pong (replacing one not yet sent); it goes out before any queued data.
@@ -211,7 +246,7 @@ impl Outbound {
             }
             state.pong = Some(frame);
         }
-        self.wake.notify_one();
+        self.notify();
         Ok(())
     }
 
@@ -224,7 +259,7 @@ impl Outbound {
             state.data_bytes += frame.len();
             state.data.push_back(frame);
         }
-        self.wake.notify_one();
+        self.notify();
     }
 
     /// Drop queued data and queue a close frame as the last thing this member gets
@@ -236,7 +271,7 @@ impl Outbound {
             state.clear_data();
             state.close = Some(frame);
         }
-        self.wake.notify_one();
+        self.notify();
     }
 
     /// Whether the member is closing (set by [`Outbound::close`] or an overflow).

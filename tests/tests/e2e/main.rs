@@ -18,6 +18,7 @@ mod contract;
 mod dashboard;
 mod handshake;
 mod identity;
+mod parking;
 mod plugins;
 mod recovery;
 mod reload;
