@@ -15,9 +15,9 @@ pub struct Peer {
     pub id: MemberId,
     pub outbound: Outbound,
     /// The member's upgrade query string, remote address and agreed subprotocol.
-    pub query: String,
-    pub remote_addr: String,
-    pub protocol: Option<String>,
+    pub query: Box<str>,
+    pub remote_addr: Box<str>,
+    pub protocol: Option<Box<str>>,
     /// What the handshake attached to the connection (JSON text): every room's plugin
     /// sees it in the member's info.
     pub identity: Option<Arc<str>>,
@@ -31,8 +31,6 @@ pub struct Peer {
     /// the teardown.
     kill: tokio::sync::Notify,
     departures: Mutex<Departures>,
-    /// Whether the session runs as a task or is parked without one.
-    park: Mutex<Park>,
 }
 
 /// A session parked without a task: what starts it again. The session layer
@@ -43,7 +41,9 @@ pub trait Resume: Send {
 }
 
 /// Where a member's session is: running, on its way to parking, or parked.
+#[derive(Default)]
 enum Park {
+    #[default]
     Active,
     /// The session registered its wake-ups and is about to hand itself over; `woken`
     /// is set if one of them fired meanwhile (the session then stays as it is).
@@ -73,6 +73,9 @@ struct Departures {
     /// Rooms plugins asked the member to join (room-protocol mode), in order; at most
     /// [`MAX_PENDING_INVITES`].
     invites: Vec<Invite>,
+    /// Whether the session runs as a task or is parked without one (under the same
+    /// lock: a peer stays within 512 bytes).
+    park: Park,
 }
 
 /// The most joins plugins may have asked of one member before its session carries
@@ -130,15 +133,14 @@ impl Peer {
         Self {
             id,
             outbound: Outbound::new(max_queue_bytes),
-            query,
-            remote_addr,
+            query: query.into(),
+            remote_addr: remote_addr.into(),
             identity,
             tagged: protocol.as_deref() == Some(crate::protocol::SUBPROTOCOL),
             deflate,
-            protocol,
+            protocol: protocol.map(String::into_boxed_str),
             kill: tokio::sync::Notify::new(),
             departures: Mutex::new(Departures::default()),
-            park: Mutex::new(Park::Active),
         }
     }
 
@@ -150,14 +152,14 @@ impl Peer {
 
     /// The session is about to park: wake-ups from now on are remembered.
     pub fn begin_park(&self) {
-        *self.park.lock().expect("park lock") = Park::Parking { woken: false };
+        self.departures.lock().expect("peer lock").park = Park::Parking { woken: false };
     }
 
     /// Park with what `resume` makes, unless a wake-up came since
     /// [`Peer::begin_park`]: then `resume` is not called, and `false` says the
     /// session keeps its task.
     pub fn finish_park(&self, resume: impl FnOnce() -> Box<dyn Resume>) -> bool {
-        let mut park = self.park.lock().expect("park lock");
+        let park = &mut self.departures.lock().expect("peer lock").park;
         match *park {
             Park::Parking { woken: false } => {
                 *park = Park::Parked(resume());
@@ -172,15 +174,15 @@ impl Peer {
 
     /// The session keeps its task after all.
     pub fn cancel_park(&self) {
-        *self.park.lock().expect("park lock") = Park::Active;
+        self.departures.lock().expect("peer lock").park = Park::Active;
     }
 
     /// Resume a parked session (a wake-up on its way to parking is remembered; a
     /// running session is left alone: it waits on its own wake-ups).
     pub fn unpark(self: &Arc<Self>) {
         let resume = {
-            let mut park = self.park.lock().expect("park lock");
-            match std::mem::replace(&mut *park, Park::Active) {
+            let park = &mut self.departures.lock().expect("peer lock").park;
+            match std::mem::replace(park, Park::Active) {
                 Park::Parked(resume) => resume,
                 Park::Parking { .. } => {
                     *park = Park::Parking { woken: true };
@@ -259,9 +261,9 @@ impl Peer {
     pub fn info(&self) -> MemberInfo {
         MemberInfo {
             id: self.id,
-            query: self.query.clone(),
-            remote_addr: self.remote_addr.clone(),
-            protocol: self.protocol.clone(),
+            query: self.query.to_string(),
+            remote_addr: self.remote_addr.to_string(),
+            protocol: self.protocol.as_deref().map(str::to_owned),
             identity: self.identity.clone(),
             params: None,
         }
@@ -408,4 +410,59 @@ fn deflate_window(compress: Option<usize>, peer: &Peer, plain: &Bytes) -> Option
         _ => 2,
     };
     (plain.len().saturating_sub(header) >= threshold).then_some(window)
+}
+
+#[cfg(test)]
+mod park_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    /// Counts how often the parked session was started again.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Resume for Counted {
+        fn resume(self: Box<Self>, _peer: Arc<Peer>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn peer() -> Arc<Peer> {
+        Arc::new(Peer::new(1, 1 << 10, String::new(), String::new(), None, None, None))
+    }
+
+    #[test]
+    fn a_wake_up_on_the_way_to_parking_keeps_the_task() {
+        let peer = peer();
+        peer.begin_park();
+        std::task::Waker::from(peer.clone()).wake_by_ref();
+        assert!(!peer.finish_park(|| unreachable!("woken: the session keeps its task")));
+        // Running again: a wake-up now is the task's own business.
+        peer.unpark();
+    }
+
+    #[test]
+    fn a_parked_session_resumes_once_on_the_first_wake_up() {
+        let peer = peer();
+        let resumed = Arc::new(AtomicUsize::new(0));
+        peer.begin_park();
+        assert!(peer.finish_park(|| Box::new(Counted(resumed.clone()))));
+        assert_eq!(resumed.load(SeqCst), 0);
+        let waker = std::task::Waker::from(peer.clone());
+        waker.wake_by_ref();
+        waker.wake_by_ref();
+        assert_eq!(resumed.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn ending_a_parked_member_wakes_its_session() {
+        let peer = peer();
+        let resumed = Arc::new(AtomicUsize::new(0));
+        peer.begin_park();
+        peer.outbound.wake_on_push(&std::task::Waker::from(peer.clone()));
+        assert!(peer.finish_park(|| Box::new(Counted(resumed.clone()))));
+        assert!(!peer.has_departures());
+        peer.end(Ending::slow_consumer());
+        assert_eq!(resumed.load(SeqCst), 1);
+        assert!(peer.has_departures());
+    }
 }

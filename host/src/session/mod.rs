@@ -37,6 +37,10 @@ pub mod park;
 
 /// Bytes read per `read` call when no frame size is known yet.
 const READ_CHUNK: usize = 4096;
+/// Bytes the first read after a quiet spell (no read buffer) makes room for: most
+/// wake-ups of an idle connection are a pong or one short message, and a read that
+/// fills it is followed by reads of [`READ_CHUNK`].
+const FIRST_READ: usize = 256;
 /// How long a closing session keeps trying to deliver its close frame and wait for
 /// the client's answer before it drops the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -440,6 +444,7 @@ async fn read_loop(
             buf = BytesMut::new();
         }
 
+        let chunk = if buf.capacity() == 0 { FIRST_READ } else { READ_CHUNK };
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -464,7 +469,7 @@ async fn read_loop(
                 }
                 sleep.as_mut().reset(wake_at(heartbeat, park_at));
             }
-            read = reader.read_buf(&mut buf, READ_CHUNK) => match read {
+            read = reader.read_buf(&mut buf, chunk) => match read {
                 Ok(0) => return Step::End(Ending { reason: CloseReason::Reset, close: None }),
                 Ok(_) => {
                     let now = Instant::now();

@@ -127,7 +127,7 @@ pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, live: Live) -> Resu
         peer.cancel_park();
     } else if peer.finish_park(|| {
         let live = live.take().expect("the session's state");
-        Box::new(Parked { context: context.clone(), live, key, _token: context.tracker.token() })
+        Box::new(Parked { context: context.clone(), live, _token: context.tracker.token() })
     }) {
         context.metrics.connections_parked.fetch_add(1, Relaxed);
         return Ok(());
@@ -140,15 +140,15 @@ pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, live: Live) -> Resu
 struct Parked {
     context: Arc<Context>,
     live: Live,
-    key: Key,
     /// Keeps the server's shutdown waiting for the session, which has no task.
     _token: TaskTrackerToken,
 }
 
 impl Resume for Parked {
     fn resume(self: Box<Self>, peer: Arc<Peer>) {
-        let Parked { context, live, key, _token } = *self;
-        context.parking.remove(&key);
+        let Parked { context, live, _token } = *self;
+        // Its place in the wheel, as when it parked: the heartbeat did not change since.
+        context.parking.remove(&(live.heartbeat.next_wake(), peer.id));
         context.metrics.connections_parked.fetch_sub(1, Relaxed);
         let Some(handle) = Handle::try_current().ok().or_else(|| context.parking.handle.get().cloned())
         else {
