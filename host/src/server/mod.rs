@@ -60,6 +60,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("cannot set up the poll that watches idle connections")]
+    Parking(#[source] std::io::Error),
 }
 
 /// Bind the listening socket with an explicit backlog (tokio's default of 128
@@ -144,17 +146,20 @@ impl Server {
             next_member: AtomicU64::new(1),
             tls,
             dashboard: Default::default(),
-            session_context: Arc::new(crate::session::Context::new(
-                rooms.clone(),
-                metrics.clone(),
-                crate::session::Limits {
-                    heartbeat_interval: config.heartbeat_interval,
-                    pong_timeout: config.pong_timeout,
-                    max_message_bytes: config.max_message_bytes as usize,
-                },
-                shutdown.clone(),
-                tracker.clone(),
-            )),
+            session_context: Arc::new(
+                crate::session::Context::new(
+                    rooms.clone(),
+                    metrics.clone(),
+                    crate::session::Limits {
+                        heartbeat_interval: config.heartbeat_interval,
+                        pong_timeout: config.pong_timeout,
+                        max_message_bytes: config.max_message_bytes as usize,
+                    },
+                    shutdown.clone(),
+                    tracker.clone(),
+                )
+                .map_err(ServerError::Parking)?,
+            ),
             rooms,
             metrics,
             tracker,

@@ -78,8 +78,8 @@ impl Context {
         limits: Limits,
         shutdown: CancellationToken,
         tracker: TaskTracker,
-    ) -> Self {
-        Self { rooms, metrics, limits, shutdown, tracker, parking: park::Parking::default() }
+    ) -> io::Result<Self> {
+        Ok(Self { rooms, metrics, limits, shutdown, tracker, parking: park::Parking::new()? })
     }
 }
 
@@ -114,7 +114,9 @@ pub struct Session<C> {
 
 /// What a session keeps between its first frame and its last, task or no task.
 struct Live {
-    transport: Transport,
+    /// `None` while the socket is with the peer's queue (parked, or on the way in or
+    /// out of parking).
+    transport: Option<Transport>,
     member_rooms: Vec<Arc<Room>>,
     rooms_mode: Option<Box<RoomProtocol>>,
     heartbeat: Heartbeat,
@@ -154,7 +156,8 @@ impl<C: Future<Output = Option<(Transport, Bytes)>>> Session<C> {
             // Copy what the HTTP layer read ahead (usually nothing) and release its buffer.
             let buf = BytesMut::from(&read_ahead[..]);
             drop(read_ahead);
-            let live = Live { transport, member_rooms, rooms_mode, heartbeat, _permit: permit };
+            let live =
+                Live { transport: Some(transport), member_rooms, rooms_mode, heartbeat, _permit: permit };
             drive(context, peer, live, buf).await;
         }
     }
@@ -163,9 +166,21 @@ impl<C: Future<Output = Option<(Transport, Bytes)>>> Session<C> {
 /// Run a session until it parks or ends; when it ends, tear it down.
 async fn drive(context: Arc<Context>, peer: Arc<Peer>, mut live: Live, mut buf: BytesMut) {
     let ending = loop {
+        let transport = match &mut live.transport {
+            Some(transport) => transport,
+            // Resumed from parking: the socket comes back from the queue into tokio's
+            // reactor.
+            None => match park::unpark_socket(&context, &peer) {
+                Ok(socket) => live.transport.insert(Transport::Plain(socket)),
+                Err(error) => {
+                    tracing::debug!(member = peer.id, %error, "a parked session lost its socket");
+                    break Ending { reason: CloseReason::Reset, close: None };
+                }
+            },
+        };
         let step = {
-            let parkable = matches!(live.transport, Transport::Plain(_));
-            let (mut reader, mut writer) = live.transport.split();
+            let parkable = matches!(transport, Transport::Plain(_));
+            let (mut reader, mut writer) = transport.split();
             let heartbeat = &mut live.heartbeat;
             // Boxed in room-protocol mode: a raw connection's task keeps only the raw
             // loop's size.
@@ -234,7 +249,8 @@ async fn teardown(context: &Context, peer: &Peer, mut live: Live, ending: Ending
     metrics.connections.fetch_sub(1, Relaxed);
     tracing::debug!(member = peer.id, reason = ending.reason.label(), "session closed");
 
-    let (mut reader, mut writer) = live.transport.split();
+    let Some(transport) = &mut live.transport else { return };
+    let (mut reader, mut writer) = transport.split();
     if let Some((code, text)) = &ending.close {
         let frame = frame::encode_close(*code, text);
         if ending.reason == CloseReason::SlowConsumer {
@@ -458,7 +474,7 @@ async fn read_loop(
                 let now = Instant::now();
                 match heartbeat.poll(now) {
                     Beat::Reap => return Step::End(Ending { reason: CloseReason::Heartbeat, close: None }),
-                    Beat::Ping => peer.outbound.push_ping(frame::encode(frame::OP_PING, b"")),
+                    Beat::Ping => peer.outbound.push_ping(),
                     Beat::Idle => {}
                 }
                 if park_at.is_some_and(|at| now >= at) {
@@ -686,7 +702,8 @@ mod tests {
             pong_timeout: Duration::from_secs(10),
             max_message_bytes: 1 << 20,
         };
-        let context = Context::new(rooms, metrics, limits, CancellationToken::new(), TaskTracker::new());
+        let context =
+            Context::new(rooms, metrics, limits, CancellationToken::new(), TaskTracker::new()).unwrap();
         let session = Session {
             connection: std::future::ready(Some((Transport::Plain(Arc::new(stream)), Bytes::new()))),
             peer: Arc::new(Peer::new(1, 1 << 20, String::new(), String::new(), None, None, None)),

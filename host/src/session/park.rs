@@ -21,13 +21,19 @@
 //! needs no task, so a member that only receives stays parked while messages reach it.
 //! TLS sessions never park (their state lives in the task's stream).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::AsRawFd as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -35,49 +41,118 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::{Context, Live, drive};
 use crate::room::{MemberId, Peer, Resume};
+use crate::ws::heartbeat::{Beat, Heartbeat};
+use crate::ws::outbound::Arrived;
 use crate::ws::transport::Transport;
 
 /// How late past a deadline the wheel may wake, so that deadlines close together are
 /// served by one wake-up.
 const SLACK: Duration = Duration::from_millis(20);
+/// Readiness events taken from the parked sockets' poll at a time.
+const EVENTS: usize = 256;
 
 /// A parked session's place in the wheel: its heartbeat deadline, then its member id.
 type Key = (Instant, MemberId);
 
-/// The parked sessions, by heartbeat deadline.
-#[derive(Debug, Default)]
+/// The parked sessions: by heartbeat deadline, by member id (their sockets' token in
+/// the poll), and the poll that watches their sockets.
+#[derive(Debug)]
 pub struct Parking {
-    wheel: Mutex<BTreeMap<Key, Arc<Peer>>>,
+    sessions: Mutex<Sessions>,
     /// Tells [`keep_time`] that a deadline earlier than the one it sleeps for arrived.
     earlier: Notify,
     /// The runtime parked sessions resume on (set by [`keep_time`]), for a wake-up that
     /// comes from a thread outside it.
     handle: OnceLock<Handle>,
+    /// Where parked sockets are registered (edge-triggered, readable), each under its
+    /// member id; [`keep_time`] takes the poll and waits on it.
+    registry: Registry,
+    poll: Mutex<Option<Poll>>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    by_deadline: BTreeSet<Key>,
+    by_id: HashMap<MemberId, Arc<Peer>>,
 }
 
 impl Parking {
+    pub fn new() -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        Ok(Self {
+            sessions: Mutex::default(),
+            earlier: Notify::new(),
+            handle: OnceLock::new(),
+            registry,
+            poll: Mutex::new(Some(poll)),
+        })
+    }
+
     fn insert(&self, key: Key, peer: Arc<Peer>) {
-        let mut wheel = self.wheel.lock().expect("parking lock");
-        let earliest = wheel.first_key_value().is_none_or(|(first, _)| key < *first);
-        wheel.insert(key, peer);
-        drop(wheel);
+        let mut sessions = self.sessions.lock().expect("parking lock");
+        let earliest = sessions.by_deadline.first().is_none_or(|first| key < *first);
+        sessions.by_deadline.insert(key);
+        sessions.by_id.insert(key.1, peer);
+        drop(sessions);
         if earliest {
             self.earlier.notify_one();
         }
     }
 
     fn remove(&self, key: &Key) {
-        self.wheel.lock().expect("parking lock").remove(key);
+        let mut sessions = self.sessions.lock().expect("parking lock");
+        sessions.by_deadline.remove(key);
+        sessions.by_id.remove(&key.1);
+    }
+
+    /// Move a parked session to its new deadline (`old` may be gone: the wheel takes
+    /// due keys out before it serves them).
+    fn rekey(&self, old: &Key, new: Key) {
+        let mut sessions = self.sessions.lock().expect("parking lock");
+        sessions.by_deadline.remove(old);
+        sessions.by_deadline.insert(new);
+    }
+
+    /// Watch a parked session's socket: readable (bytes, FIN or reset) wakes it.
+    fn arm(&self, socket: &std::net::TcpStream, id: MemberId) -> io::Result<()> {
+        let token = Token(usize::try_from(id).map_err(io::Error::other)?);
+        self.registry.register(&mut SourceFd(&socket.as_raw_fd()), token, Interest::READABLE)
+    }
+
+    fn disarm(&self, socket: &std::net::TcpStream) {
+        // Fails only if it was never armed (a failed `arm`).
+        let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
+    }
+
+    /// The parked sessions of these tokens, or of these member ids.
+    fn peers(&self, ids: impl Iterator<Item = MemberId>) -> Vec<Arc<Peer>> {
+        let sessions = self.sessions.lock().expect("parking lock");
+        ids.filter_map(|id| sessions.by_id.get(&id).cloned()).collect()
     }
 }
 
-/// Wake each parked session when its heartbeat deadline comes, and all of them when
-/// the server shuts down. Runs for the server's life.
+/// Wake each parked session when its socket turns readable or its heartbeat deadline
+/// comes, and all of them when the server shuts down. Runs for the server's life.
 pub async fn keep_time(context: Arc<Context>) {
     let parking = &context.parking;
     let _ = parking.handle.set(Handle::current());
+    let Some(poll) = parking.poll.lock().expect("parking lock").take() else { return };
+    // The safe constructor, deprecated because a type could change its descriptor
+    // while registered; `Poll` owns its epoll descriptor for its whole life.
+    #[allow(deprecated)]
+    let watched = AsyncFd::with_interest(poll, tokio::io::Interest::READABLE);
+    let mut poll = match watched {
+        Ok(poll) => poll,
+        Err(error) => {
+            // Then nothing parks: see `park`.
+            tracing::error!(%error, "cannot watch parked sessions' sockets");
+            return;
+        }
+    };
+    let mut events = Events::with_capacity(EVENTS);
     loop {
-        let next = parking.wheel.lock().expect("parking lock").first_key_value().map(|((at, _), _)| *at);
+        let next = parking.sessions.lock().expect("parking lock").by_deadline.first().map(|(at, _)| *at);
         let due = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at + SLACK).await,
@@ -87,41 +162,111 @@ pub async fn keep_time(context: Arc<Context>) {
         tokio::select! {
             biased;
             () = context.shutdown.cancelled() => break,
+            ready = poll.readable_mut() => {
+                let Ok(mut ready) = ready else { continue };
+                loop {
+                    if ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)).is_err() {
+                        break;
+                    }
+                    let ids = events.iter().map(|event| event.token().0 as MemberId);
+                    let now = Instant::now();
+                    for peer in parking.peers(ids) {
+                        // A pong is read here and the session stays parked; anything
+                        // else is the session's to read.
+                        let alive = peer.with_parked(|parked| match peer.outbound.take_pongs() {
+                            Arrived::Nothing => true,
+                            Arrived::Pongs => {
+                                let heartbeat = parked.heartbeat();
+                                let old = (heartbeat.next_wake(), peer.id);
+                                heartbeat.seen(now);
+                                parking.rekey(&old, (heartbeat.next_wake(), peer.id));
+                                true
+                            }
+                            Arrived::Other => false,
+                        });
+                        if alive != Some(true) {
+                            peer.unpark();
+                        }
+                    }
+                    if events.iter().count() < EVENTS {
+                        break;
+                    }
+                }
+                ready.clear_ready();
+                continue;
+            }
             () = parking.earlier.notified() => continue,
             () = due => {}
         }
         let now = Instant::now();
         let due = {
-            let mut wheel = parking.wheel.lock().expect("parking lock");
-            let later = wheel.split_off(&(now, MemberId::MAX));
-            std::mem::replace(&mut *wheel, later)
+            let mut sessions = parking.sessions.lock().expect("parking lock");
+            let later = sessions.by_deadline.split_off(&(now, MemberId::MAX));
+            std::mem::replace(&mut sessions.by_deadline, later)
         };
-        for peer in due.into_values() {
-            peer.unpark();
+        for peer in parking.peers(due.into_iter().map(|(_, id)| id)) {
+            // A ping is sent from here, written through to the parked socket; a reap
+            // is the session's to carry out.
+            let kept = peer.with_parked(|parked| {
+                let heartbeat = parked.heartbeat();
+                let beat = heartbeat.poll(now);
+                let next = (heartbeat.next_wake(), peer.id);
+                match beat {
+                    Beat::Reap => false,
+                    Beat::Ping => {
+                        let sent = peer.outbound.push_ping_through();
+                        parking.rekey(&next, next);
+                        sent
+                    }
+                    Beat::Idle => {
+                        parking.rekey(&next, next);
+                        true
+                    }
+                }
+            });
+            if kept != Some(true) {
+                peer.unpark();
+            }
         }
     }
     // Every parked session resumes, and finds the server shutting down. A session that
     // parks from now on sees the cancellation and keeps its task.
-    let all = std::mem::take(&mut *parking.wheel.lock().expect("parking lock"));
-    for peer in all.into_values() {
+    let all = std::mem::take(&mut *parking.sessions.lock().expect("parking lock"));
+    for peer in all.by_id.into_values() {
         peer.unpark();
     }
 }
 
 /// Park the session: hand `live` to the peer and let the task end (`Ok`), or give it
 /// back (`Err`) if the session has something to do after all or cannot park (TLS).
-pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, live: Live) -> Result<(), Live> {
-    let Transport::Plain(socket) = &live.transport else { return Err(live) };
-    let socket = socket.clone();
+/// Given back, its transport may be `None`: the socket is then in the peer's queue, and
+/// [`unpark_socket`] takes it back.
+pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, mut live: Live) -> Result<(), Live> {
+    let Some(Transport::Plain(socket)) = live.transport.take() else { return Err(live) };
+    let parking = &context.parking;
+    if parking.handle.get().is_none() {
+        // `keep_time` is not watching parked sockets.
+        live.transport = Some(Transport::Plain(socket));
+        return Err(live);
+    }
     peer.begin_park();
     // Every wake-up first, then the checks: what happens after a check wakes the peer.
-    let waker = Waker::from(peer.clone());
-    let readable = socket.poll_read_ready(&mut std::task::Context::from_waker(&waker)).is_ready();
-    peer.outbound.wake_on_push(&waker);
     let key = (live.heartbeat.next_wake(), peer.id);
-    context.parking.insert(key, peer.clone());
-    let busy =
-        readable || !peer.outbound.is_idle() || peer.has_departures() || context.shutdown.is_cancelled();
+    parking.insert(key, peer.clone());
+    let armed = match peer.outbound.park_socket(socket, |socket| parking.arm(socket, peer.id)) {
+        Ok(armed) => armed,
+        Err(shared) => {
+            peer.cancel_park();
+            parking.remove(&key);
+            live.transport = Some(Transport::Plain(shared));
+            return Err(live);
+        }
+    };
+    peer.outbound.wake_on_push(&Waker::from(peer.clone()));
+    let busy = armed.is_err()
+        || !peer.outbound.is_idle()
+        || peer.has_departures()
+        || context.shutdown.is_cancelled();
     let mut live = Some(live);
     if busy {
         peer.cancel_park();
@@ -132,11 +277,17 @@ pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, live: Live) -> Resu
         context.metrics.connections_parked.fetch_add(1, Relaxed);
         return Ok(());
     }
-    context.parking.remove(&key);
+    parking.remove(&key);
     Err(live.expect("the session's state, not parked"))
 }
 
-/// A session without a task.
+/// Take a parked (or half-parked) session's socket back from its queue into tokio's
+/// reactor.
+pub(super) fn unpark_socket(context: &Context, peer: &Peer) -> io::Result<Arc<TcpStream>> {
+    peer.outbound.unpark_socket(|socket| context.parking.disarm(socket))
+}
+
+/// A session without a task; its socket is in its peer's queue.
 struct Parked {
     context: Arc<Context>,
     live: Live,
@@ -145,6 +296,10 @@ struct Parked {
 }
 
 impl Resume for Parked {
+    fn heartbeat(&mut self) -> &mut Heartbeat {
+        &mut self.live.heartbeat
+    }
+
     fn resume(self: Box<Self>, peer: Arc<Peer>) {
         let Parked { context, live, _token } = *self;
         // Its place in the wheel, as when it parked: the heartbeat did not change since.

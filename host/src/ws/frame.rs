@@ -67,6 +67,26 @@ impl DecodeError {
     }
 }
 
+/// The server's ping: empty (a parked session's queue keeps a flag for it).
+pub const EMPTY_PING: &[u8] = &[0x80 | OP_PING, 0];
+
+/// Whether `bytes` are whole client pongs and nothing else (each final, masked, no
+/// RSV bits, at most 125 bytes of payload): what a parked session's socket may hold
+/// without waking the session.
+pub fn only_pongs(mut bytes: &[u8]) -> bool {
+    if bytes.is_empty() {
+        return false;
+    }
+    while let [first, second, rest @ ..] = bytes {
+        let len = usize::from(second & 0x7F);
+        if *first != 0x80 | OP_PONG || second & 0x80 == 0 || len > 125 || rest.len() < 4 + len {
+            return false;
+        }
+        bytes = &rest[4 + len..];
+    }
+    bytes.is_empty()
+}
+
 /// Decoder state for one connection: the fragments of a message in progress.
 #[derive(Debug)]
 pub struct Decoder {
@@ -405,6 +425,20 @@ pub fn encode_client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_whole_masked_pongs_pass() {
+        let pong = [0x8A, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        assert!(only_pongs(&pong));
+        assert!(only_pongs(&[pong, pong].concat()));
+        assert!(!only_pongs(&pong[..7]), "part of a pong");
+        assert!(!only_pongs(&[0x8A, 0x02, b'h', b'i']), "unmasked");
+        assert!(!only_pongs(&[0x89, 0x80, 1, 2, 3, 4]), "a ping");
+        assert!(!only_pongs(&[0x0A, 0x80, 1, 2, 3, 4]), "not final");
+        assert!(!only_pongs(&[0x81, 0x80, 1, 2, 3, 4]), "a text frame");
+        assert!(!only_pongs(&[pong.as_slice(), &[0x81, 0x80, 1, 2, 3, 4]].concat()), "a pong, then data");
+        assert!(!only_pongs(&[]));
+    }
 
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 

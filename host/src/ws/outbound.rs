@@ -28,8 +28,10 @@
 //! woken. A room thus costs no task wake-up per recipient; under load it hands each
 //! member its whole batch at once ([`Outbound::push_batch`], one `sendmsg(2)`).
 
+use crate::ws::frame;
 use crate::ws::transport::send_frames;
 use std::collections::VecDeque;
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
@@ -37,6 +39,29 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// The socket a queue writes through to.
+#[derive(Debug, Default)]
+enum Direct {
+    /// TLS, or the session is over.
+    #[default]
+    None,
+    /// The session's socket, in tokio's reactor (the session has a task).
+    Tokio(Arc<TcpStream>),
+    /// A parked session's socket, out of tokio's reactor (see `session::park`).
+    Parked(std::net::TcpStream),
+}
+
+/// What a parked session's socket held (see [`Outbound::take_pongs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrived {
+    /// Nothing (a stale wake-up).
+    Nothing,
+    /// Only pongs, now read: the client is alive.
+    Pongs,
+    /// Something for the session.
+    Other,
+}
 
 /// The data queue would exceed its byte budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +84,9 @@ struct State {
     /// The unwritten rest of a frame the kernel took part of: it goes out first, and
     /// nothing clears it.
     rest: Option<Bytes>,
-    /// The control slots, sent in this order before any data.
-    ping: Option<Bytes>,
+    /// The control slots, sent in this order before any data (the server's ping is
+    /// always the same empty frame).
+    ping: bool,
     pong: Option<Bytes>,
     close: Option<Bytes>,
     /// Bytes of pongs asked for since the socket last took any bytes: counted against
@@ -72,7 +98,7 @@ struct State {
     /// Set once the member is being closed: data pushes are refused from then on.
     closed: bool,
     /// The session's socket, for write-through; `None` on TLS and once detached.
-    direct: Option<Arc<TcpStream>>,
+    direct: Direct,
     /// The writer holds a batch it has not given back yet: a write-through now could
     /// overtake it.
     writing: bool,
@@ -96,7 +122,7 @@ impl State {
 
     fn is_empty(&self) -> bool {
         self.rest.is_none()
-            && self.ping.is_none()
+            && !self.ping
             && self.pong.is_none()
             && self.close.is_none()
             && self.data.is_empty()
@@ -116,12 +142,14 @@ impl State {
         if self.writing || !self.is_empty() {
             return frames;
         }
-        let Some(socket) = &self.direct else {
-            return frames;
-        };
         // Refused, or a failed socket (the writer meets the error and ends the
         // session): everything is queued.
-        let mut sent = send_frames(socket, frames).unwrap_or(0);
+        let mut sent = match &self.direct {
+            Direct::None => return frames,
+            Direct::Tokio(socket) => send_frames(&**socket, frames),
+            Direct::Parked(socket) => send_frames(socket, frames),
+        }
+        .unwrap_or(0);
         self.progressed(sent);
         let mut left = frames;
         while let Some((first, others)) = left.split_first() {
@@ -190,13 +218,58 @@ impl Outbound {
 
     /// Give the queue the session's socket, for write-through.
     pub fn attach(&self, socket: Arc<TcpStream>) {
-        self.state.lock().expect("outbound lock").direct = Some(socket);
+        self.state.lock().expect("outbound lock").direct = Direct::Tokio(socket);
     }
 
     /// Take the socket back: nothing is written through once this returns, and the
-    /// queue holds no reference that would keep the connection open.
+    /// queue holds no reference that would keep the connection open (nor a parked
+    /// session's waker).
     pub fn detach(&self) {
-        self.state.lock().expect("outbound lock").direct = None;
+        self.state.lock().expect("outbound lock").direct = Direct::None;
+        drop(self.parked.take());
+    }
+
+    /// Hold the session's socket while the session parks: it leaves tokio's reactor
+    /// (its registration, 256 bytes, is freed) and the queue writes through to it as a
+    /// std socket, whose readability `arm` has watched elsewhere by then. All under the
+    /// queue's lock, so no write-through sees it half handed over. `Err` gives the
+    /// socket back as it was when something else shares it; `Ok(Err)` says that it
+    /// could not leave the reactor (and is lost) or `arm` failed (the queue holds it).
+    pub fn park_socket(
+        &self,
+        socket: Arc<TcpStream>,
+        arm: impl FnOnce(&std::net::TcpStream) -> io::Result<()>,
+    ) -> Result<io::Result<()>, Arc<TcpStream>> {
+        let mut state = self.state.lock().expect("outbound lock");
+        state.direct = Direct::None;
+        let stream = match Arc::try_unwrap(socket) {
+            Ok(stream) => stream,
+            Err(shared) => {
+                state.direct = Direct::Tokio(shared.clone());
+                return Err(shared);
+            }
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => return Ok(Err(error)),
+        };
+        let armed = arm(&stream);
+        state.direct = Direct::Parked(stream);
+        Ok(armed)
+    }
+
+    /// Give a parked session its socket back, registered with tokio's reactor again,
+    /// once `disarm` has undone `arm` (see [`Outbound::park_socket`]). Needs the
+    /// runtime.
+    pub fn unpark_socket(&self, disarm: impl FnOnce(&std::net::TcpStream)) -> io::Result<Arc<TcpStream>> {
+        let mut state = self.state.lock().expect("outbound lock");
+        let Direct::Parked(stream) = std::mem::take(&mut state.direct) else {
+            return Err(io::Error::other("the session's socket is not parked"));
+        };
+        disarm(&stream);
+        let socket = Arc::new(TcpStream::from_std(stream)?);
+        state.direct = Direct::Tokio(socket.clone());
+        Ok(socket)
     }
 
     /// One data frame: see [`Outbound::push_batch`].
@@ -225,10 +298,48 @@ impl Outbound {
         Ok(())
     }
 
-    /// Queue a ping (replacing one not yet sent); it goes out before any queued data.
-    pub fn push_ping(&self, frame: Bytes) {
-        self.state.lock().expect("outbound lock").ping = Some(frame);
+    /// Queue a ping (an empty one; one not yet sent stays the only one); it goes out
+    /// before any queued data.
+    pub fn push_ping(&self) {
+        self.state.lock().expect("outbound lock").ping = true;
         self.notify();
+    }
+
+    /// A parked session's ping: sent at once if nothing is queued (`true`), else
+    /// queued without waking anyone (`false`: the caller wakes the session, whose
+    /// writer sends it).
+    pub fn push_ping_through(&self) -> bool {
+        let mut state = self.state.lock().expect("outbound lock");
+        let ping = Bytes::from_static(frame::EMPTY_PING);
+        let frames = [&ping];
+        let queued = !state.write_through(&frames).is_empty();
+        if queued {
+            state.ping = true;
+        }
+        !queued && state.rest.is_none()
+    }
+
+    /// Read what a parked session's socket holds if it is only the client's pongs
+    /// (consumed: [`Arrived::Pongs`]), without the session: anything else stays
+    /// unread for the session ([`Arrived::Other`]; also the end of the stream, an
+    /// error, or a session that is not parked).
+    pub fn take_pongs(&self) -> Arrived {
+        /// More than a few pongs at once is not an idle client's heartbeat.
+        const PEEK: usize = 128;
+        let state = self.state.lock().expect("outbound lock");
+        let Direct::Parked(socket) = &state.direct else { return Arrived::Other };
+        let mut buf = [0u8; PEEK];
+        match socket.peek(&mut buf) {
+            Ok(n) if n < PEEK && frame::only_pongs(&buf[..n]) => {
+                // Only this reads the socket while the session is parked.
+                match io::Read::read(&mut &*socket, &mut buf[..n]) {
+                    Ok(read) if read == n => Arrived::Pongs,
+                    _ => Arrived::Other,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Arrived::Nothing,
+            _ => Arrived::Other,
+        }
     }
 
     /// Queue a pong (replacing one not yet sent); it goes out before any queued data.
@@ -288,8 +399,12 @@ impl Outbound {
             state.data_bytes -= rest.len();
             batch.push(rest);
         }
-        let State { ping, pong, close, .. } = &mut *state;
-        for slot in [ping, pong, close] {
+        if state.ping && batch.len() < max_frames {
+            state.ping = false;
+            batch.push(Bytes::from_static(frame::EMPTY_PING));
+        }
+        let State { pong, close, .. } = &mut *state;
+        for slot in [pong, close] {
             if batch.len() < max_frames
                 && let Some(frame) = slot.take()
             {
@@ -376,10 +491,10 @@ mod tests {
         let out = Outbound::new(10);
         out.push_data(&Bytes::from_static(b"12345"), true).unwrap();
         out.push_data(&Bytes::from_static(b"6789"), true).unwrap();
-        out.push_ping(Bytes::from_static(b"ping"));
+        out.push_ping();
         let mut batch = Vec::new();
         out.drain(&mut batch, 2);
-        assert_eq!(batch, [Bytes::from_static(b"ping"), Bytes::from_static(b"12345")]);
+        assert_eq!(batch, [Bytes::from_static(frame::EMPTY_PING), Bytes::from_static(b"12345")]);
         assert_eq!(out.queued_bytes(), 4);
         out.push_data(&Bytes::from_static(b"abcdef"), true).unwrap();
         assert_eq!(out.push_data(&Bytes::from_static(b"x"), false), Err(Overflow));
@@ -399,10 +514,14 @@ mod tests {
         for n in 0..4u8 {
             out.push_pong(Bytes::from(vec![n; 2])).unwrap();
         }
-        out.push_ping(Bytes::from_static(b"pi"));
+        out.push_ping();
         let mut batch = Vec::new();
         out.drain(&mut batch, 64);
-        assert_eq!(batch, [Bytes::from_static(b"pi"), Bytes::from(vec![3u8; 2])], "only the latest pong");
+        assert_eq!(
+            batch,
+            [Bytes::from_static(frame::EMPTY_PING), Bytes::from(vec![3u8; 2])],
+            "only the latest pong"
+        );
         // The socket took the ping and the pong: nothing is owed.
         out.requeue(&mut batch, 4);
         for n in 0..5u8 {
@@ -460,16 +579,16 @@ mod tests {
         assert!(batch.is_empty());
         assert_eq!(out.queued_bytes(), 3 + 4, "the rest of \"three\" and \"four\"");
         // A control frame queued now still waits for the frame begun.
-        out.push_ping(Bytes::from_static(b"ping"));
+        out.push_ping();
         out.drain(&mut batch, 64);
         assert_eq!(
             batch,
-            [Bytes::from_static(b"ree"), Bytes::from_static(b"ping"), Bytes::from_static(b"four")]
+            [Bytes::from_static(b"ree"), Bytes::from_static(frame::EMPTY_PING), Bytes::from_static(b"four")]
         );
-        server.try_write(b"reepingfour").unwrap();
-        out.requeue(&mut batch, 11);
+        server.try_write(b"ree\x89\x00four").unwrap();
+        out.requeue(&mut batch, 9);
         assert_eq!(out.queued_bytes(), 0);
-        assert_eq!(read_exactly(&mut client, 16).await, b"twothreepingfour");
+        assert_eq!(read_exactly(&mut client, 14).await, b"twothree\x89\x00four");
 
         out.push_data(&Bytes::from_static(b"five"), true).unwrap();
         assert_eq!(out.queued_bytes(), 0, "written through again once the writer is done");
@@ -479,6 +598,72 @@ mod tests {
         assert_eq!(Arc::strong_count(&server), 1, "detach lets the socket go");
         out.push_data(&Bytes::from_static(b"six"), true).unwrap();
         assert_eq!(out.queued_bytes(), 3, "no socket, no write-through");
+    }
+
+    #[tokio::test]
+    async fn a_parked_socket_is_written_through_and_given_back() {
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(1 << 20);
+        out.attach(Arc::clone(&server));
+        // Shared with someone else: given back as it was.
+        let shared = out.park_socket(Arc::clone(&server), |_| Ok(())).unwrap_err();
+        assert_eq!(Arc::strong_count(&shared), 3, "the caller's, the queue's and this one");
+        drop(shared);
+        let mut armed = false;
+        let parked = out.park_socket(server, |_| {
+            armed = true;
+            Ok(())
+        });
+        assert!(matches!(parked, Ok(Ok(()))) && armed);
+        out.push_data(&Bytes::from_static(b"parked"), true).unwrap();
+        assert_eq!(out.queued_bytes(), 0, "written through to the parked socket");
+        assert_eq!(read_exactly(&mut client, 6).await, b"parked");
+
+        let mut disarmed = false;
+        let socket = out.unpark_socket(|_| disarmed = true).unwrap();
+        assert!(disarmed);
+        assert_eq!(Arc::strong_count(&socket), 2, "the queue holds the socket again");
+        out.push_data(&Bytes::from_static(b"back"), true).unwrap();
+        assert_eq!(read_exactly(&mut client, 4).await, b"back");
+        assert!(out.unpark_socket(|_| {}).is_err(), "not parked any more");
+    }
+
+    #[tokio::test]
+    async fn a_parked_socket_is_pinged_and_its_pongs_read_without_the_session() {
+        use tokio::io::AsyncWriteExt as _;
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(1 << 20);
+        out.attach(Arc::clone(&server));
+        assert_eq!(out.take_pongs(), Arrived::Other, "not parked: the session reads");
+        assert!(matches!(out.park_socket(server, |_| Ok(())), Ok(Ok(()))));
+        assert_eq!(out.take_pongs(), Arrived::Nothing);
+
+        assert!(out.push_ping_through(), "sent at once");
+        assert_eq!(read_exactly(&mut client, 2).await, frame::EMPTY_PING);
+        assert_eq!(out.queued_bytes(), 0);
+
+        // Bytes on loopback are there once the write returns; the loop only guards
+        // against a slow kernel.
+        let arrived = |out: &Outbound| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match out.take_pongs() {
+                    Arrived::Nothing if std::time::Instant::now() < deadline => std::thread::yield_now(),
+                    arrived => return arrived,
+                }
+            }
+        };
+        client.write_all(&[0x8A, 0x80, 1, 2, 3, 4]).await.unwrap();
+        assert_eq!(arrived(&out), Arrived::Pongs);
+        assert_eq!(out.take_pongs(), Arrived::Nothing, "the pong was read");
+        // A pong and a message: both stay for the session.
+        client.write_all(&[0x8A, 0x80, 1, 2, 3, 4, 0x81, 0x80, 1, 2, 3, 4]).await.unwrap();
+        assert_eq!(arrived(&out), Arrived::Other);
+        assert_eq!(out.take_pongs(), Arrived::Other, "nothing was read");
+        let socket = out.unpark_socket(|_| {}).unwrap();
+        let mut buf = [0u8; 12];
+        socket.readable().await.unwrap();
+        assert_eq!(socket.try_read(&mut buf).unwrap(), 12);
     }
 
     #[tokio::test]

@@ -202,7 +202,7 @@ pub const MAX_FRAMES_PER_WRITE: usize = 64;
 /// One non-blocking `send(2)` of `frames` on `socket` (`sendmsg(2)` for several, up to
 /// [`MAX_FRAMES_PER_WRITE`]), without consulting tokio's readiness: the caller decides
 /// what a refusal means to it.
-pub fn send_frames(socket: &TcpStream, frames: &[impl AsRef<[u8]>]) -> io::Result<usize> {
+pub fn send_frames(socket: &impl std::os::fd::AsFd, frames: &[impl AsRef<[u8]>]) -> io::Result<usize> {
     let socket = SockRef::from(socket);
     if let [frame] = frames {
         return socket.send(frame.as_ref());
