@@ -1,13 +1,14 @@
-//! One WebSocket session: the task that owns an upgraded connection from its first
-//! frame to its last byte.
+//! One WebSocket session: what owns an upgraded connection from its first frame to
+//! its last byte — a task while the session is busy, parked without one while it is
+//! idle ([`park`]).
 //!
 //! The task runs two futures over the two halves of its [`Transport`]: the reader
-//! (decode frames, feed the room, answer pings, watch the heartbeat) and the writer
-//! (drain what the member's outbound queue holds, up to 64 frames per system call;
-//! most frames never get here, written through by the room). Whatever ends
-//! the session — a close frame, a reap, an error, an overflow, a plugin, shutdown — the
-//! task leaves every room first, then sends its close frame if it has one, and drops
-//! the socket.
+//! (decode frames, feed the room, answer pings, watch the heartbeat, park when idle)
+//! and the writer (drain what the member's outbound queue holds, up to 64 frames per
+//! system call; most frames never get here, written through by the room). Whatever
+//! ends the session — a close frame, a reap, an error, an overflow, a plugin, shutdown —
+//! the task leaves every room first, then sends its close frame if it has one, and
+//! drops the socket.
 
 use std::borrow::Cow;
 use std::io;

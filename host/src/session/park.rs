@@ -1,25 +1,28 @@
 //! Parked sessions: an idle connection without a task.
 //!
 //! A plain TCP session that has read nothing, has nothing to write and nothing to carry
-//! out for [`super::PARK_AFTER`] gives up its task. What it needs to go on (its socket,
-//! rooms, heartbeat, connection slot: [`Live`]) moves into its [`Peer`], and three
-//! things can start it again, all through the peer as a [`Waker`]:
+//! out for [`super::PARK_AFTER`] gives up its task. What it needs to go on (rooms,
+//! heartbeat, connection slot: [`Live`]) moves into its [`Peer`]; its socket leaves
+//! tokio's reactor and stays in the peer's queue as a std socket, which rooms still
+//! write through to, registered in one shared poll under the member's id. What
+//! happens to a parked session:
 //!
-//! - its socket turning readable (bytes, the client's FIN or a reset): the peer is the
-//!   waker in the socket's read slot;
-//! - anything for it to write or carry out (a frame the kernel refused on a
-//!   write-through, a control frame, a close, an ending, an eviction or an invite): the
-//!   peer is the waker in its outbound queue;
-//! - its heartbeat deadline (time to ping, or to reap): [`Parking`] keeps every parked
-//!   session by deadline, and one task ([`keep_time`]) wakes each when its time comes,
-//!   and every one of them when the server shuts down.
+//! - its socket turns readable: [`keep_time`] reads it if it holds only pongs (the
+//!   client is alive; the session stays parked), and wakes the session for anything
+//!   else (bytes, the client's FIN, a reset);
+//! - its heartbeat deadline comes: [`keep_time`] sends the ping through the queue, or
+//!   wakes the session to reap it;
+//! - something is queued for it to write or carry out (a frame the kernel refused on
+//!   a write-through, a close, an ending, an eviction or an invite): the queue wakes
+//!   the peer, which is a [`Waker`];
+//! - the server shuts down: [`keep_time`] wakes every parked session.
 //!
-//! Woken, the session gets a new task and carries on where it stopped. Parking is
-//! a hand-over with no gap: the session registers every wake-up first, then checks
-//! that nothing is pending, and only then hands itself to the peer; a wake-up in
-//! between makes it keep its task (see [`Peer::begin_park`]). A room's write-through
-//! needs no task, so a member that only receives stays parked while messages reach it.
-//! TLS sessions never park (their state lives in the task's stream).
+//! Woken, the session takes its socket back into the reactor, gets a new task and
+//! carries on where it stopped. Parking is a hand-over with no gap: the session arms
+//! every wake-up first, then checks that nothing is pending, and only then hands
+//! itself to the peer; a wake-up in between makes it keep its task (see
+//! [`Peer::begin_park`]). TLS sessions never park (their state lives in the task's
+//! stream).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -61,8 +64,8 @@ pub struct Parking {
     sessions: Mutex<Sessions>,
     /// Tells [`keep_time`] that a deadline earlier than the one it sleeps for arrived.
     earlier: Notify,
-    /// The runtime parked sessions resume on (set by [`keep_time`]), for a wake-up that
-    /// comes from a thread outside it.
+    /// The runtime parked sessions resume on, for a wake-up that comes from a thread
+    /// outside it; set once [`keep_time`] watches the poll, and no session parks before.
     handle: OnceLock<Handle>,
     /// Where parked sockets are registered (edge-triggered, readable), each under its
     /// member id; [`keep_time`] takes the poll and waits on it.
@@ -136,7 +139,6 @@ impl Parking {
 /// comes, and all of them when the server shuts down. Runs for the server's life.
 pub async fn keep_time(context: Arc<Context>) {
     let parking = &context.parking;
-    let _ = parking.handle.set(Handle::current());
     let Some(poll) = parking.poll.lock().expect("parking lock").take() else { return };
     // The safe constructor, deprecated because a type could change its descriptor
     // while registered; `Poll` owns its epoll descriptor for its whole life.
@@ -145,11 +147,13 @@ pub async fn keep_time(context: Arc<Context>) {
     let mut poll = match watched {
         Ok(poll) => poll,
         Err(error) => {
-            // Then nothing parks: see `park`.
+            // Then no session parks: see `park`.
             tracing::error!(%error, "cannot watch parked sessions' sockets");
             return;
         }
     };
+    // From now on sessions may park (see `park`).
+    let _ = parking.handle.set(Handle::current());
     let mut events = Events::with_capacity(EVENTS);
     loop {
         let next = parking.sessions.lock().expect("parking lock").by_deadline.first().map(|(at, _)| *at);
