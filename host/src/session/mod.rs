@@ -250,9 +250,9 @@ async fn teardown(context: &Context, peer: &Peer, mut live: Live, ending: Ending
     metrics.connections.fetch_sub(1, Relaxed);
     tracing::debug!(member = peer.id, reason = ending.reason.label(), "session closed");
 
-    let Some(transport) = &mut live.transport else { return };
-    let (mut reader, mut writer) = transport.split();
-    if let Some((code, text)) = &ending.close {
+    // No transport: the socket was lost on its way back from parking; nothing to send.
+    if let (Some(transport), Some((code, text))) = (&mut live.transport, &ending.close) {
+        let (mut reader, mut writer) = transport.split();
         let frame = frame::encode_close(*code, text);
         if ending.reason == CloseReason::SlowConsumer {
             // What it could not read is dropped; the close goes out first.
@@ -278,7 +278,7 @@ async fn teardown(context: &Context, peer: &Peer, mut live: Live, ending: Ending
         })
         .await;
     }
-    drop((reader, writer));
+    // Also drops the queue's waker, which is the peer itself.
     peer.outbound.detach();
     drop(live);
 }
