@@ -27,7 +27,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::AsRawFd as _;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Waker;
 use std::time::Duration;
@@ -65,8 +66,11 @@ pub struct Parking {
     /// Tells [`keep_time`] that a deadline earlier than the one it sleeps for arrived.
     earlier: Notify,
     /// The runtime parked sessions resume on, for a wake-up that comes from a thread
-    /// outside it; set once [`keep_time`] watches the poll, and no session parks before.
+    /// outside it (set by [`keep_time`]).
     handle: OnceLock<Handle>,
+    /// Whether [`keep_time`] watches the poll and the deadlines: sessions park only
+    /// while it does.
+    watching: AtomicBool,
     /// Where parked sockets are registered (edge-triggered, readable), each under its
     /// member id; [`keep_time`] takes the poll and waits on it.
     registry: Registry,
@@ -87,6 +91,7 @@ impl Parking {
             sessions: Mutex::default(),
             earlier: Notify::new(),
             handle: OnceLock::new(),
+            watching: AtomicBool::new(false),
             registry,
             poll: Mutex::new(Some(poll)),
         })
@@ -154,6 +159,7 @@ pub async fn keep_time(context: Arc<Context>) {
     };
     // From now on sessions may park (see `park`).
     let _ = parking.handle.set(Handle::current());
+    parking.watching.store(true, SeqCst);
     let mut events = Events::with_capacity(EVENTS);
     loop {
         let next = parking.sessions.lock().expect("parking lock").by_deadline.first().map(|(at, _)| *at);
@@ -167,7 +173,10 @@ pub async fn keep_time(context: Arc<Context>) {
             biased;
             () = context.shutdown.cancelled() => break,
             ready = poll.readable_mut() => {
-                let Ok(mut ready) = ready else { continue };
+                let Ok(mut ready) = ready else {
+                    tracing::error!("the poll of parked sessions' sockets failed: sessions no longer park");
+                    break;
+                };
                 loop {
                     if ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)).is_err() {
                         break;
@@ -233,8 +242,9 @@ pub async fn keep_time(context: Arc<Context>) {
             }
         }
     }
-    // Every parked session resumes, and finds the server shutting down. A session that
-    // parks from now on sees the cancellation and keeps its task.
+    // Every parked session resumes (at shutdown, to find the server shutting down). A
+    // session that parks from now on sees that nothing watches and keeps its task.
+    parking.watching.store(false, SeqCst);
     let all = std::mem::take(&mut *parking.sessions.lock().expect("parking lock"));
     for peer in all.by_id.into_values() {
         peer.unpark();
@@ -246,13 +256,17 @@ pub async fn keep_time(context: Arc<Context>) {
 /// Given back, its transport may be `None`: the socket is then in the peer's queue, and
 /// [`unpark_socket`] takes it back.
 pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, mut live: Live) -> Result<(), Live> {
-    let Some(Transport::Plain(socket)) = live.transport.take() else { return Err(live) };
     let parking = &context.parking;
-    if parking.handle.get().is_none() {
-        // `keep_time` is not watching parked sockets.
-        live.transport = Some(Transport::Plain(socket));
+    if !parking.watching.load(SeqCst) {
         return Err(live);
     }
+    let socket = match live.transport.take() {
+        Some(Transport::Plain(socket)) => socket,
+        other => {
+            live.transport = other;
+            return Err(live);
+        }
+    };
     peer.begin_park();
     // Every wake-up first, then the checks: what happens after a check wakes the peer.
     let key = (live.heartbeat.next_wake(), peer.id);
@@ -270,7 +284,8 @@ pub(super) fn park(context: &Arc<Context>, peer: &Arc<Peer>, mut live: Live) -> 
     let busy = armed.is_err()
         || !peer.outbound.is_idle()
         || peer.has_departures()
-        || context.shutdown.is_cancelled();
+        || context.shutdown.is_cancelled()
+        || !parking.watching.load(SeqCst);
     let mut live = Some(live);
     if busy {
         peer.cancel_park();
