@@ -254,15 +254,22 @@ impl Peer {
 
     /// The joins plugins asked for since the last call.
     pub fn take_invites(&self) -> Vec<Invite> {
-        let mut invites = Vec::new();
-        self.departures.lock().expect("peer lock").memberships.retain_mut(|m| match m {
-            Membership::Invited(invite) => {
-                invites.push(std::mem::replace(invite, Invite { room: String::new(), params: None }));
-                false
-            }
-            Membership::Evicted(..) => true,
-        });
-        invites
+        self.take_memberships(|m| match m {
+            Membership::Invited(invite) => Ok(invite),
+            other => Err(other),
+        })
+    }
+
+    /// Take out the pending membership changes `pick` accepts, in order; the others
+    /// stay, in order.
+    fn take_memberships<T>(&self, mut pick: impl FnMut(Membership) -> Result<T, Membership>) -> Vec<T> {
+        let mut departures = self.departures.lock().expect("peer lock");
+        let mut taken = Vec::new();
+        departures.memberships = std::mem::take(&mut departures.memberships)
+            .into_iter()
+            .filter_map(|m| pick(m).map(|t| taken.push(t)).err())
+            .collect();
+        taken
     }
 
     /// Wake the session again (it took a wake-up it could not act on yet).
@@ -272,15 +279,10 @@ impl Peer {
 
     /// The memberships rooms ended since the last call.
     pub fn take_evictions(&self) -> Vec<(Arc<str>, CloseReason)> {
-        let mut evicted = Vec::new();
-        self.departures.lock().expect("peer lock").memberships.retain(|m| match m {
-            Membership::Evicted(room, why) => {
-                evicted.push((room.clone(), *why));
-                false
-            }
-            Membership::Invited(_) => true,
-        });
-        evicted
+        self.take_memberships(|m| match m {
+            Membership::Evicted(room, why) => Ok((room, why)),
+            other => Err(other),
+        })
     }
 
     /// Resolves once [`Peer::end`] or [`Peer::evict`] was called (at once if it

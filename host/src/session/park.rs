@@ -122,6 +122,46 @@ impl Parking {
         sessions.by_deadline.insert(new);
     }
 
+    /// A parked session's socket turned readable: a pong is read here and the session
+    /// stays parked; anything else is the session's to read, and wakes it.
+    fn readable(&self, peer: &Arc<Peer>, now: Instant) {
+        let alive = peer.with_parked(|parked| match peer.outbound.take_pongs() {
+            Arrived::Nothing => true,
+            Arrived::Pongs => {
+                let heartbeat = parked.heartbeat();
+                let old = (heartbeat.next_wake(), peer.id);
+                heartbeat.seen(now);
+                self.rekey(&old, (heartbeat.next_wake(), peer.id));
+                true
+            }
+            Arrived::Other => false,
+        });
+        if alive != Some(true) {
+            peer.unpark();
+        }
+    }
+
+    /// A parked session's heartbeat deadline came (its key is out of the wheel): the
+    /// ping is written through from here; a reap, or a ping the kernel refused, is the
+    /// session's to carry out, and wakes it.
+    fn due(&self, peer: &Arc<Peer>, now: Instant) {
+        let kept = peer.with_parked(|parked| {
+            let heartbeat = parked.heartbeat();
+            let beat = heartbeat.poll(now);
+            let next = (heartbeat.next_wake(), peer.id);
+            let kept = match beat {
+                Beat::Reap => return false,
+                Beat::Ping => peer.outbound.push_ping_through(),
+                Beat::Idle => true,
+            };
+            self.rekey(&next, next);
+            kept
+        });
+        if kept != Some(true) {
+            peer.unpark();
+        }
+    }
+
     /// Watch a parked session's socket: readable (bytes, FIN or reset) wakes it.
     fn arm(&self, socket: &std::net::TcpStream, id: MemberId) -> io::Result<()> {
         let token = Token(usize::try_from(id).map_err(io::Error::other)?);
@@ -181,25 +221,9 @@ pub async fn keep_time(context: Arc<Context>) {
                     if ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)).is_err() {
                         break;
                     }
-                    let ids = events.iter().map(|event| event.token().0 as MemberId);
                     let now = Instant::now();
-                    for peer in parking.peers(ids) {
-                        // A pong is read here and the session stays parked; anything
-                        // else is the session's to read.
-                        let alive = peer.with_parked(|parked| match peer.outbound.take_pongs() {
-                            Arrived::Nothing => true,
-                            Arrived::Pongs => {
-                                let heartbeat = parked.heartbeat();
-                                let old = (heartbeat.next_wake(), peer.id);
-                                heartbeat.seen(now);
-                                parking.rekey(&old, (heartbeat.next_wake(), peer.id));
-                                true
-                            }
-                            Arrived::Other => false,
-                        });
-                        if alive != Some(true) {
-                            peer.unpark();
-                        }
+                    for peer in parking.peers(events.iter().map(|event| event.token().0 as MemberId)) {
+                        parking.readable(&peer, now);
                     }
                     if events.iter().count() < EVENTS {
                         break;
@@ -218,28 +242,7 @@ pub async fn keep_time(context: Arc<Context>) {
             std::mem::replace(&mut sessions.by_deadline, later)
         };
         for peer in parking.peers(due.into_iter().map(|(_, id)| id)) {
-            // A ping is sent from here, written through to the parked socket; a reap
-            // is the session's to carry out.
-            let kept = peer.with_parked(|parked| {
-                let heartbeat = parked.heartbeat();
-                let beat = heartbeat.poll(now);
-                let next = (heartbeat.next_wake(), peer.id);
-                match beat {
-                    Beat::Reap => false,
-                    Beat::Ping => {
-                        let sent = peer.outbound.push_ping_through();
-                        parking.rekey(&next, next);
-                        sent
-                    }
-                    Beat::Idle => {
-                        parking.rekey(&next, next);
-                        true
-                    }
-                }
-            });
-            if kept != Some(true) {
-                peer.unpark();
-            }
+            parking.due(&peer, now);
         }
     }
     // Every parked session resumes (at shutdown, to find the server shutting down). A

@@ -666,6 +666,31 @@ mod tests {
         assert_eq!(socket.try_read(&mut buf).unwrap(), 12);
     }
 
+    /// A client that floods pongs at a parked session is not read from outside the
+    /// session: past 128 bytes what the socket holds is left to the session (which
+    /// reads under the message limit and the heartbeat like any other).
+    #[tokio::test]
+    async fn a_pong_flood_is_left_to_the_session() {
+        use tokio::io::AsyncWriteExt as _;
+        let (server, mut client) = pair().await;
+        let out = Outbound::new(1 << 20);
+        out.attach(Arc::clone(&server));
+        assert!(matches!(out.park_socket(server, |_| Ok(())), Ok(Ok(()))));
+        let flood: Vec<u8> = [0x8A, 0x80, 1, 2, 3, 4].repeat(30);
+        client.write_all(&flood).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut arrived = out.take_pongs();
+        while arrived == Arrived::Nothing && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            arrived = out.take_pongs();
+        }
+        assert_eq!(arrived, Arrived::Other);
+        let socket = out.unpark_socket(|_| {}).unwrap();
+        let mut buf = vec![0u8; flood.len()];
+        socket.readable().await.unwrap();
+        assert_eq!(socket.try_read(&mut buf).unwrap(), flood.len(), "nothing was taken");
+    }
+
     #[tokio::test]
     async fn a_batch_is_written_through_with_one_call_or_queued_behind_what_waits() {
         let (server, mut client) = pair().await;
