@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use super::clustered::Clustered;
 use super::delivery::Target;
+use super::peer::Frames;
 use super::timers::Timers;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -28,8 +29,14 @@ const MESSAGE_BATCH: usize = 64;
 
 /// A room with at least this many members lets messages that are ready arrive before
 /// it sends one on its own (see `RoomActor::run`): the wait costs about one `epoll_wait`,
-/// a few percent of writing to this many sockets.
+/// a few percent of writing to this many sockets. Its messages go out in passes (see
+/// `RoomActor::message_pass`).
 pub(super) const GATHER_MEMBERS: usize = 16;
+
+/// How many members a pass writes to before it lets the worker run what is ready
+/// (see `RoomActor::message_pass`): about half a millisecond of `send(2)`s on loopback,
+/// for the price of one `epoll_wait`.
+pub(super) const PASS_SLICE: usize = 128;
 
 /// The sequential owner of a room's behaviour: the default broadcast, or the room's
 /// plugin instance.
@@ -60,11 +67,17 @@ pub(super) struct RoomActor {
     /// An event taken from the inbox while gathering a batch, handled next.
     pub(super) pending: Option<RoomEvent>,
     /// While a batch of messages is handled: deliveries wait here, in order, and go
-    /// out member by member at the end of the batch (or before a close).
+    /// out member by member, a slice of the members at a time (see
+    /// `RoomActor::message_pass`), and all at once before a close.
     pub(super) staging: bool,
-    /// Staged deliveries: the payload, its recipients, and its tagged frame when it
-    /// was encoded already (with a history offset).
-    pub(super) staged: Vec<(Payload, Target, Option<Bytes>)>,
+    /// Staged deliveries: their recipients and frames (encoded at most once per kind
+    /// of member, when the first such recipient is written to).
+    pub(super) staged: Vec<(Target, Frames)>,
+    /// How many of `staged` each member (by its place in `peers`) was given; missing
+    /// places are 0. Cleared with `staged`.
+    pub(super) sent: Vec<usize>,
+    /// Deliveries ever staged (tells a pass that something new needs writing).
+    pub(super) staged_count: u64,
     /// Members whose join is being decided and who await the reply, with its `ref` and
     /// recovery position: admitted, they get `joined` (then what they missed) before
     /// anything their join sends; refused, an `error`.
@@ -169,6 +182,8 @@ impl RoomActor {
             pending: None,
             staging: false,
             staged: Vec::new(),
+            sent: Vec::new(),
+            staged_count: 0,
             awaiting: Vec::new(),
             refused: Vec::new(),
             history: None,
@@ -265,8 +280,10 @@ impl RoomActor {
                     }
                 }
                 RoomEvent::Message { from, .. } if self.refused.contains(&from) => {}
-                RoomEvent::Message { from, payload } if self.batches() => {
-                    if self.write_through && self.peers.len() >= GATHER_MEMBERS {
+                RoomEvent::Message { from, payload }
+                    if self.batches() && self.peers.len() >= GATHER_MEMBERS =>
+                {
+                    if self.write_through {
                         // The sender's task woke this actor, and tokio runs a task
                         // woken that way first, ahead of the other readers that are
                         // ready: without this wait every message would find the inbox
@@ -277,6 +294,9 @@ impl RoomActor {
                         // core, the bigger the batches.
                         tokio::task::yield_now().await;
                     }
+                    self.message_pass(from, payload, &mut rx).await
+                }
+                RoomEvent::Message { from, payload } if self.batches() => {
                     self.message_batch(from, payload, &mut rx)
                 }
                 RoomEvent::Message { from, payload } => self.message(Origin::Member(from), payload, 0),
@@ -493,42 +513,101 @@ impl RoomActor {
         self.cluster.is_none() && !matches!(self.logic, Logic::Failed { .. })
     }
 
-    /// Messages under load: take the member messages already waiting in the inbox (up
-    /// to [`MESSAGE_BATCH`], and only while the plugin set is unchanged, so a reload
-    /// still takes over between two messages) and handle them one by one as usual,
-    /// plugin calls included, but stage their deliveries; then give each member all
-    /// the frames it is due with one push: one `sendmsg(2)` when nothing is queued for
-    /// it, else queued with one wake-up of its writer. A lone message goes the usual
-    /// way, written through when the inbox is empty.
+    /// Take the member messages waiting in the inbox, up to `room` of them and only
+    /// while the plugin set is unchanged (so a reload still takes over between two
+    /// messages), and handle each as usual, plugin calls included. Another event ends
+    /// the taking and is handled next. Returns how many were taken.
+    fn take_waiting(&mut self, room: usize, rx: &mut mpsc::Receiver<RoomEvent>) -> usize {
+        let mut taken = 0;
+        while taken < room && self.pending.is_none() && self.plugins.generation() == self.generation {
+            match rx.try_recv() {
+                Ok(RoomEvent::Message { from, .. }) if self.refused.contains(&from) => {}
+                Ok(RoomEvent::Message { from, payload }) => {
+                    self.message(Origin::Member(from), payload, 0);
+                    taken += 1;
+                }
+                Ok(other) => self.pending = Some(other),
+                Err(_) => break,
+            }
+        }
+        taken
+    }
+
+    /// Messages in a small room: take the member messages already waiting in the
+    /// inbox (up to [`MESSAGE_BATCH`]) with this one, stage their deliveries, then give
+    /// each member all the frames it is due with one push: one `sendmsg(2)` when
+    /// nothing is queued for it, else queued with one wake-up of its writer. A lone
+    /// message goes the usual way, written through when the inbox is empty.
     pub(super) fn message_batch(
         &mut self,
         from: MemberId,
         payload: Payload,
         rx: &mut mpsc::Receiver<RoomEvent>,
     ) {
-        let mut more = Vec::new();
-        while more.len() + 1 < MESSAGE_BATCH && self.plugins.generation() == self.generation {
-            match rx.try_recv() {
-                Ok(RoomEvent::Message { from, .. }) if self.refused.contains(&from) => {}
-                Ok(RoomEvent::Message { from, payload }) => more.push((from, payload)),
-                Ok(other) => {
-                    self.pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        if more.is_empty() {
+        if rx.is_empty() {
             return self.message(Origin::Member(from), payload, 0);
         }
-        self.metrics.messages_batched.fetch_add(more.len() as u64 + 1, Relaxed);
         self.staging = true;
         self.message(Origin::Member(from), payload, 0);
-        for (from, payload) in more {
-            self.message(Origin::Member(from), payload, 0);
+        let more = self.take_waiting(MESSAGE_BATCH - 1, rx);
+        self.staging = false;
+        self.flush_staged();
+        if more > 0 {
+            self.metrics.messages_batched.fetch_add(more as u64 + 1, Relaxed);
+        }
+    }
+
+    /// Messages in a large room: writing one message to every member takes long
+    /// enough (one `send(2)` each, about 5 µs on loopback) for the next to arrive
+    /// meanwhile. So the deliveries are staged and written [`PASS_SLICE`] members at a
+    /// time; between two slices the actor lets the worker run what is ready, and a
+    /// message that arrived meanwhile is handled and staged at once. Every member then
+    /// gets everything staged that it has not had yet, with one push, and the pass
+    /// goes round the members until each has everything. A message that arrives
+    /// while the previous one is half written thus rides along with it for the rest
+    /// of the members instead of waiting for a pass of its own: the nearer the core
+    /// is to saturation, the more messages each write carries, and no message waits
+    /// longer than about one round. A pass takes at most [`MESSAGE_BATCH`] messages
+    /// (then it finishes the round), and none once another event waits, so joins,
+    /// leaves and timers wait at most one round.
+    pub(super) async fn message_pass(
+        &mut self,
+        from: MemberId,
+        payload: Payload,
+        rx: &mut mpsc::Receiver<RoomEvent>,
+    ) {
+        self.staging = true;
+        self.message(Origin::Member(from), payload, 0);
+        let mut taken = 1 + self.take_waiting(MESSAGE_BATCH - 1, rx);
+        let mut seen = self.staged_count;
+        let mut cursor = 0;
+        // Members to write to before every one has everything staged.
+        let mut unwritten = self.peers.len();
+        while !self.staged.is_empty() && unwritten > 0 {
+            if cursor >= self.peers.len() {
+                // A plugin's close flushed the stage and took a member out.
+                cursor = 0;
+            }
+            let end = (cursor + PASS_SLICE).min(self.peers.len());
+            self.write_staged(cursor..end);
+            unwritten = unwritten.saturating_sub(end - cursor);
+            cursor = if end == self.peers.len() { 0 } else { end };
+            if unwritten == 0 || taken == MESSAGE_BATCH || self.pending.is_some() {
+                continue;
+            }
+            tokio::task::yield_now().await;
+            taken += self.take_waiting(MESSAGE_BATCH - taken, rx);
+            if self.staged_count != seen {
+                // Something new is staged: every member is due it.
+                seen = self.staged_count;
+                unwritten = self.peers.len();
+            }
         }
         self.staging = false;
         self.flush_staged();
+        if taken > 1 {
+            self.metrics.messages_batched.fetch_add(taken as u64, Relaxed);
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! Delivery: pushes onto members' bounded queues (never awaiting a member), and the
-//! staging that lets a batch of messages reach each member with one push.
+//! staging that lets a batch of messages reach each member with one push, member by
+//! member, so that a message staged while a batch is half written joins it for the
+//! members not yet written to.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -30,45 +32,55 @@ impl Target {
 }
 
 impl RoomActor {
-    /// Deliver the staged frames: each member gets the ones meant for it, in order,
-    /// with one push.
-    pub(super) fn flush_staged(&mut self) {
-        if self.staged.is_empty() {
-            return;
-        }
+    /// Stage a delivery (see `RoomActor::staged`).
+    fn stage(&mut self, target: Target, frames: Frames) {
+        self.staged.push((target, frames));
+        self.staged_count += 1;
+    }
+
+    /// Give each member in `members` (indices into `peers`) the staged frames meant for
+    /// it that it has not had yet, in order, with one push.
+    pub(super) fn write_staged(&mut self, members: std::ops::Range<usize>) {
+        // Membership does not change while frames are staged (a close flushes first):
+        // a member's place in `peers` is its place in `sent`.
+        debug_assert!(self.sent.len() <= self.peers.len(), "members left while frames were staged");
+        self.sent.resize(self.peers.len(), 0);
+        let room = &self.room.name;
         // Each staged payload encoded (and deflated) once per kind of member present.
-        let mut encoded: Vec<Frames> = self
-            .staged
-            .iter()
-            .map(|(payload, _, preset)| {
-                Frames::with_tagged(&self.room.name, payload, preset.clone(), self.compress)
-            })
-            .collect();
-        for peer in &self.peers {
-            for (frames, (_, target, _)) in encoded.iter_mut().zip(&self.staged) {
+        for (peer, from) in self.peers[members.clone()].iter().zip(&self.sent[members.clone()]) {
+            for (target, frames) in &mut self.staged[*from..] {
                 if target.includes(peer.id) {
-                    frames.prepare(peer);
+                    frames.prepare(room, peer);
                 }
             }
         }
         let mut frames = Vec::with_capacity(self.staged.len());
         let mut delivered = 0;
-        for peer in &self.peers {
+        for (peer, from) in self.peers[members.clone()].iter().zip(&mut self.sent[members]) {
             frames.clear();
             frames.extend(
-                self.staged
+                self.staged[*from..]
                     .iter()
-                    .zip(&encoded)
-                    .filter(|((_, target, _), _)| target.includes(peer.id))
+                    .filter(|(target, _)| target.includes(peer.id))
                     .map(|(_, frames)| frames.get(peer)),
             );
+            *from = self.staged.len();
             if !frames.is_empty() {
                 delivered += peer.deliver_batch(&frames);
             }
         }
         self.metrics.messages_out.fetch_add(delivered, Relaxed);
-        // Keeps its allocation for the next batch.
+    }
+
+    /// Deliver everything staged to every member that has not had it yet, and empty
+    /// the stage.
+    pub(super) fn flush_staged(&mut self) {
+        if !self.staged.is_empty() {
+            self.write_staged(0..self.peers.len());
+        }
+        // Both keep their allocations for the next batch.
         self.staged.clear();
+        self.sent.clear();
     }
 
     /// The default delivery: every member except the sender.
@@ -136,10 +148,11 @@ impl RoomActor {
     pub(super) fn deliver_to(&mut self, to: MemberId, payload: &Payload) -> bool {
         let Some(peer) = self.local(to) else { return false };
         if self.staging {
-            self.staged.push((payload.clone(), Target::One(to), None));
-        } else if peer
-            .deliver(Frames::new(&self.room.name, payload, self.compress).for_peer(peer), self.write_through)
-        {
+            self.stage(Target::One(to), Frames::new(payload.clone(), self.compress));
+        } else if peer.deliver(
+            Frames::new(payload.clone(), self.compress).for_peer(&self.room.name, peer),
+            self.write_through,
+        ) {
             self.metrics.messages_out.fetch_add(1, Relaxed);
         }
         true
@@ -148,14 +161,16 @@ impl RoomActor {
     /// Queue `payload` for every member except `except`, each kind of frame encoded
     /// once (`tagged`: the room-protocol frame, already encoded). Never awaits.
     pub(super) fn deliver_except(&mut self, payload: &Payload, except: &[MemberId], tagged: Option<Bytes>) {
+        let frames = Frames::with_tagged(payload.clone(), tagged, self.compress);
         if self.staging {
-            self.staged.push((payload.clone(), Target::Except(except.to_vec()), tagged));
+            self.stage(Target::Except(except.to_vec()), frames);
             return;
         }
-        let mut frames = Frames::with_tagged(&self.room.name, payload, tagged, self.compress);
+        let mut frames = frames;
         let mut delivered = 0;
+        let room = &self.room.name;
         for peer in &self.peers {
-            if !except.contains(&peer.id) && peer.deliver(frames.for_peer(peer), self.write_through) {
+            if !except.contains(&peer.id) && peer.deliver(frames.for_peer(room, peer), self.write_through) {
                 delivered += 1;
             }
         }

@@ -378,9 +378,8 @@ pub fn untag(frame: &Bytes) -> Option<Payload> {
 /// those deflated at most once per window size, for members that negotiated
 /// `permessage-deflate` (a broadcast is compressed once, whatever the room's size).
 #[derive(Debug)]
-pub struct Frames<'a> {
-    room: &'a str,
-    payload: &'a Payload,
+pub struct Frames {
+    payload: Payload,
     raw: Option<Bytes>,
     tagged: Option<Bytes>,
     /// Deflate frames whose payload has at least this many bytes (`None`: never).
@@ -390,33 +389,28 @@ pub struct Frames<'a> {
     deflated: Vec<(bool, u8, Option<Bytes>)>,
 }
 
-impl<'a> Frames<'a> {
-    pub fn new(room: &'a str, payload: &'a Payload, compress: Option<usize>) -> Self {
-        Self::with_tagged(room, payload, None, compress)
+impl Frames {
+    pub fn new(payload: Payload, compress: Option<usize>) -> Self {
+        Self::with_tagged(payload, None, compress)
     }
 
     /// With the tagged frame already encoded (it carries a history offset).
-    pub fn with_tagged(
-        room: &'a str,
-        payload: &'a Payload,
-        tagged: Option<Bytes>,
-        compress: Option<usize>,
-    ) -> Self {
-        Self { room, payload, raw: None, tagged, compress, deflated: Vec::new() }
+    pub fn with_tagged(payload: Payload, tagged: Option<Bytes>, compress: Option<usize>) -> Self {
+        Self { payload, raw: None, tagged, compress, deflated: Vec::new() }
     }
 
-    /// The frame for `peer`.
-    pub fn for_peer(&mut self, peer: &Peer) -> &Bytes {
-        self.prepare(peer);
+    /// The frame for `peer`, a member of `room`.
+    pub fn for_peer(&mut self, room: &str, peer: &Peer) -> &Bytes {
+        self.prepare(room, peer);
         self.get(peer)
     }
 
-    /// Encode (and deflate) the frame `peer` gets, if not done yet.
-    pub fn prepare(&mut self, peer: &Peer) {
+    /// Encode (and deflate) the frame `peer`, a member of `room`, gets, if not done yet.
+    pub fn prepare(&mut self, room: &str, peer: &Peer) {
         let plain = if peer.tagged {
-            self.tagged.get_or_insert_with(|| encode_tagged(self.room, self.payload, None))
+            self.tagged.get_or_insert_with(|| encode_tagged(room, &self.payload, None))
         } else {
-            self.raw.get_or_insert_with(|| encode(self.payload))
+            self.raw.get_or_insert_with(|| encode(&self.payload))
         };
         let Some(window) = deflate_window(self.compress, peer, plain) else { return };
         if !self.deflated.iter().any(|(tagged, w, _)| *tagged == peer.tagged && *w == window) {

@@ -172,3 +172,53 @@ async fn messages_ready_together_reach_a_large_room_as_one_batch() {
     );
     assert_eq!(metrics.messages_out.load(Relaxed) - out, 2 * (peers.len() as u64 - 1));
 }
+
+/// A message that arrives while a large room is half-way through writing the previous
+/// one rides along with it for the members not yet written to, instead of waiting for
+/// a pass of its own: a late member gets both with one push while an early one has
+/// only the first, and then every member has both, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_message_that_arrives_mid_pass_rides_along_for_the_members_not_yet_written() {
+    let metrics = Arc::new(Metrics::default());
+    let plugins = LivePlugins::load(None, HostCaps::default(), None, metrics.clone()).expect("no plugins");
+    let rooms = Arc::new(Rooms::new(metrics.clone(), Arc::new(plugins), TaskTracker::new()));
+    // Three slices of members.
+    let members = 2 * super::actor::PASS_SLICE + 44;
+    let peers: Vec<Arc<Peer>> = (1..=members as MemberId).map(peer).collect();
+    let mut room = None;
+    for peer in &peers {
+        room = Some(rooms.join("big", Joining::plain(peer)).await);
+    }
+    let room = room.expect("a room");
+    room.send(peers[0].id, Payload::text("warm")).await;
+    let last = peers.last().expect("members").clone();
+    for peer in &peers[1..] {
+        assert_eq!(next_text(peer).await, "warm");
+    }
+
+    // One task on the runtime's one worker: it sends the first message, waits (giving
+    // the actor the worker) until the first slice of members has it, sends the second,
+    // then waits until the last member has something.
+    let (early, late) = (peers[1].clone(), last.clone());
+    let (sender, sending) = (peers[0].id, room.clone());
+    let seen = tokio::spawn(async move {
+        sending.send(sender, Payload::text("first")).await;
+        while early.outbound.queued_bytes() == 0 {
+            tokio::task::yield_now().await;
+        }
+        sending.send(sender, Payload::text("second")).await;
+        while late.outbound.queued_bytes() == 0 {
+            tokio::task::yield_now().await;
+        }
+        (early.outbound.queued_bytes(), late.outbound.queued_bytes())
+    })
+    .await
+    .expect("sender");
+    // A text frame of n < 126 bytes is n + 2 bytes.
+    let (first, both) = ("first".len() + 2, "first".len() + 2 + "second".len() + 2);
+    assert_eq!(seen, (first, both), "the late member got both at once, the early one only the first");
+    for peer in &peers[1..] {
+        assert_eq!([next_text(peer).await, next_text(peer).await], ["first", "second"], "member {}", peer.id);
+    }
+    assert_eq!(metrics.messages_batched.load(Relaxed), 2, "both messages went in one pass");
+}
