@@ -23,8 +23,8 @@ use crate::plugin::{
 use crate::types::CloseReason;
 use crate::ws::frame::close_code;
 
-/// The most member messages a room takes from its inbox at once (see
-/// `RoomActor::message_batch`).
+/// The most member messages a room handles in one batch or pass (see
+/// `RoomActor::message_batch` and `RoomActor::message_pass`).
 const MESSAGE_BATCH: usize = 64;
 
 /// A room with at least this many members lets messages that are ready arrive before
