@@ -23,14 +23,13 @@ use crate::plugin::{
 use crate::types::CloseReason;
 use crate::ws::frame::close_code;
 
-/// The most member messages a room handles in one batch or pass (see
-/// `RoomActor::message_batch` and `RoomActor::message_pass`).
+/// The most member messages a room handles in one pass (see
+/// `RoomActor::message_pass`).
 const MESSAGE_BATCH: usize = 64;
 
 /// A room with at least this many members lets messages that are ready arrive before
 /// it sends one on its own (see `RoomActor::run`): the wait costs about one `epoll_wait`,
-/// a few percent of writing to this many sockets. Its messages go out in passes (see
-/// `RoomActor::message_pass`).
+/// a few percent of writing to this many sockets.
 pub(super) const GATHER_MEMBERS: usize = 16;
 
 /// How many members a pass writes to before it lets the worker run what is ready
@@ -280,10 +279,8 @@ impl RoomActor {
                     }
                 }
                 RoomEvent::Message { from, .. } if self.refused.contains(&from) => {}
-                RoomEvent::Message { from, payload }
-                    if self.batches() && self.peers.len() >= GATHER_MEMBERS =>
-                {
-                    if self.write_through {
+                RoomEvent::Message { from, payload } if self.batches() => {
+                    if self.write_through && self.peers.len() >= GATHER_MEMBERS {
                         // The sender's task woke this actor, and tokio runs a task
                         // woken that way first, ahead of the other readers that are
                         // ready: without this wait every message would find the inbox
@@ -295,9 +292,6 @@ impl RoomActor {
                         tokio::task::yield_now().await;
                     }
                     self.message_pass(from, payload, &mut rx).await
-                }
-                RoomEvent::Message { from, payload } if self.batches() => {
-                    self.message_batch(from, payload, &mut rx)
                 }
                 RoomEvent::Message { from, payload } => self.message(Origin::Member(from), payload, 0),
                 RoomEvent::Forward { from_room, payload, hops } => {
@@ -533,35 +527,18 @@ impl RoomActor {
         taken
     }
 
-    /// Messages in a small room: take the member messages already waiting in the
-    /// inbox (up to [`MESSAGE_BATCH`]) with this one, stage their deliveries, then give
-    /// each member all the frames it is due with one push: one `sendmsg(2)` when
-    /// nothing is queued for it, else queued with one wake-up of its writer. A lone
-    /// message goes the usual way, written through when the inbox is empty.
-    pub(super) fn message_batch(
-        &mut self,
-        from: MemberId,
-        payload: Payload,
-        rx: &mut mpsc::Receiver<RoomEvent>,
-    ) {
-        if rx.is_empty() {
-            return self.message(Origin::Member(from), payload, 0);
-        }
-        self.staging = true;
-        self.message(Origin::Member(from), payload, 0);
-        let more = self.take_waiting(MESSAGE_BATCH - 1, rx);
-        self.staging = false;
-        self.flush_staged();
-        if more > 0 {
-            self.metrics.messages_batched.fetch_add(more as u64 + 1, Relaxed);
-        }
-    }
-
-    /// Messages in a large room: writing one message to every member takes long
-    /// enough (one `send(2)` each, about 5 µs on loopback) for the next to arrive
-    /// meanwhile. So the deliveries are staged and written [`PASS_SLICE`] members at a
-    /// time; between two slices the actor lets the worker run what is ready, and a
-    /// message that arrived meanwhile is handled and staged at once. Every member then
+    /// Member messages, when the room batches: this one and those already waiting in
+    /// the inbox are handled as usual (plugin calls included) with their deliveries
+    /// staged, and each member gets all the frames it is due with one push: one
+    /// `sendmsg(2)` when nothing is queued for it, else queued with one wake-up of its
+    /// writer. A lone message in a room of at most [`PASS_SLICE`] members goes the
+    /// usual way, written through when the inbox is empty.
+    ///
+    /// In a larger room, writing one message to every member takes long enough (one
+    /// `send(2)` each, about 5 µs on loopback) for the next to arrive meanwhile. So
+    /// the staged deliveries are written [`PASS_SLICE`] members at a time; between two
+    /// slices the actor lets the worker run what is ready, and a message that arrived
+    /// meanwhile is handled and staged at once. Every member then
     /// gets everything staged that it has not had yet, with one push, and the pass
     /// goes round the members until each has everything. A message that arrives
     /// while the previous one is half written thus rides along with it for the rest
@@ -576,6 +553,9 @@ impl RoomActor {
         payload: Payload,
         rx: &mut mpsc::Receiver<RoomEvent>,
     ) {
+        if rx.is_empty() && self.peers.len() <= PASS_SLICE {
+            return self.message(Origin::Member(from), payload, 0);
+        }
         self.staging = true;
         self.message(Origin::Member(from), payload, 0);
         let mut taken = 1 + self.take_waiting(MESSAGE_BATCH - 1, rx);

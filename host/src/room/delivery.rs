@@ -161,12 +161,11 @@ impl RoomActor {
     /// Queue `payload` for every member except `except`, each kind of frame encoded
     /// once (`tagged`: the room-protocol frame, already encoded). Never awaits.
     pub(super) fn deliver_except(&mut self, payload: &Payload, except: &[MemberId], tagged: Option<Bytes>) {
-        let frames = Frames::with_tagged(payload.clone(), tagged, self.compress);
+        let mut frames = Frames::with_tagged(payload.clone(), tagged, self.compress);
         if self.staging {
             self.stage(Target::Except(except.to_vec()), frames);
             return;
         }
-        let mut frames = frames;
         let mut delivered = 0;
         let room = &self.room.name;
         for peer in &self.peers {
