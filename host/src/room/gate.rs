@@ -32,12 +32,16 @@ impl Gate {
         Self { plugins, metrics, calls: Semaphore::new(handshake_concurrency()) }
     }
 
-    /// Ask the room's plugin, if it has one, whether `request` may enter
-    /// `request.room`. Runs on a blocking thread: the call may take up to the plugin's
-    /// deadline.
-    pub async fn decide(&self, request: HandshakeRequest) -> Result<Accepted, Rejection> {
-        match self.plugin_for(&request.room)? {
-            Some(plugin) => self.ask(plugin, request).await,
+    /// Ask `room`'s plugin, if it has one, whether the upgrade `request` builds may
+    /// enter it (built only then: a room without a plugin copies no headers). Runs on a
+    /// blocking thread: the call may take up to the plugin's deadline.
+    pub async fn decide(
+        &self,
+        room: &str,
+        request: impl FnOnce() -> HandshakeRequest,
+    ) -> Result<Accepted, Rejection> {
+        match self.plugin_for(room)? {
+            Some(plugin) => self.ask(plugin, request()).await,
             None => Ok(Accepted::default()),
         }
     }

@@ -2,6 +2,7 @@
 //! with a handshake watchdog, the router (`/ws/{room}`, `/healthz`, `/metrics`), and
 //! [`run`], which returns only when every session and room has drained.
 
+mod head;
 pub mod shutdown;
 pub mod tls;
 pub mod watchdog;
@@ -15,8 +16,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -25,13 +27,14 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 
 use crate::config::Config;
-use crate::http::upgrade::ConnInfo;
+use crate::http::upgrade::{self, ConnInfo, UpgradeHead};
 use crate::http::{Shared, router};
 use crate::metrics::{Metrics, RejectReason};
 use crate::plugin::reload::{LivePlugins, PluginsError, Watcher};
 use crate::plugin::{HistorySettings, HostCaps};
 use crate::room::{Gate, Rooms};
 use crate::ws::handshake::Rejection;
+use crate::ws::transport::{Prefixed, Transport};
 use tls::TlsError;
 use watchdog::{Admitted, Overstay, Pending, Tracked, Watch, watchdog};
 
@@ -295,15 +298,20 @@ async fn accept_until(
 /// request target (431, 414) and a request with more than one `Host` (400, which an
 /// origin check could otherwise read two ways).
 fn refuse_head<B>(req: &hyper::Request<B>) -> Option<Rejection> {
-    let refuse = |status, message| Some(Rejection::new(status, RejectReason::BadRequest, message));
     let target = req.uri().path_and_query().map_or(0, |target| target.as_str().len());
+    refused(target, req.headers())
+}
+
+/// [`refuse_head`] on a request target's length and the headers.
+fn refused(target: usize, headers: &axum::http::HeaderMap) -> Option<Rejection> {
+    let refuse = |status, message| Some(Rejection::new(status, RejectReason::BadRequest, message));
     if target > MAX_HEADER_LINE {
         return refuse(StatusCode::URI_TOO_LONG, "request target too long");
     }
-    if req.headers().iter().any(|(name, value)| name.as_str().len() + value.len() > MAX_HEADER_LINE) {
+    if headers.iter().any(|(name, value)| name.as_str().len() + value.len() > MAX_HEADER_LINE) {
         return refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long");
     }
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return refuse(StatusCode::BAD_REQUEST, "more than one Host header");
     }
     None
@@ -322,13 +330,124 @@ async fn serve_connection(
     let accepted = Instant::now();
     let evicted = admitted.evicted.clone();
     match shared.tls.clone() {
-        None => serve_http(shared, router, stream, remote, accepted, evicted).await,
+        None => serve_plain(shared, router, stream, remote, accepted, evicted).await,
         // Boxed: the TLS states are several KiB, and inline they would make every
         // plain connection's task that large too.
         Some(tls) => Box::pin(serve_tls(shared, router, stream, remote, accepted, tls, evicted)).await,
     }
     // After an upgrade the session holds its own slot (`max_connections`).
     drop(admitted);
+}
+
+/// Plain TCP: the first request head is read here, and a WebSocket upgrade that passes
+/// every check is answered without hyper (see [`head`]); anything else is served by
+/// hyper, the bytes read so far in front of the socket.
+async fn serve_plain(
+    shared: Arc<Shared>,
+    router: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    accepted: Instant,
+    evicted: CancellationToken,
+) {
+    let timeout = shared.config.handshake_timeout;
+    let mut buf = BytesMut::new();
+    let first = tokio::select! {
+        first = head::read(&stream, &mut buf) => first,
+        () = tokio::time::sleep_until(accepted + timeout) => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            tracing::debug!(%remote, overstay = ?Overstay::NeverCompleted, "HTTP connection closed by the watchdog");
+            return;
+        }
+        () = evicted.cancelled() => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            tracing::debug!(%remote, "HTTP connection closed to make room for a newer one");
+            return;
+        }
+        () = shared.shutdown.cancelled() => return,
+    };
+    let stream = match first {
+        Ok(head::First::Upgrade(head)) => {
+            match upgrade_plain(&shared, stream, head, buf, remote, &evicted).await {
+                Some((stream, bytes)) => Prefixed::new(bytes, stream),
+                None => return,
+            }
+        }
+        Ok(head::First::Other) => Prefixed::new(buf.freeze(), stream),
+        Ok(head::First::Closed) | Err(_) => return,
+    };
+    serve_http(shared, router, stream, remote, accepted, evicted).await;
+}
+
+/// Answer an upgrade head read by [`serve_plain`]: the 101 and a session, or the
+/// plugin's refusal. A request that fails a check before the plugin's decision is
+/// given back (with the bytes read) for hyper to refuse, as it refuses every other.
+async fn upgrade_plain(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    head: head::Head,
+    mut buf: BytesMut,
+    remote: SocketAddr,
+    evicted: &CancellationToken,
+) -> Option<(TcpStream, Bytes)> {
+    let request = UpgradeHead {
+        method: &head.method,
+        version: head.version,
+        path: head.path(),
+        query: head.query(),
+        headers: &head.headers,
+        remote,
+    };
+    let Ok((valid, permit)) = upgrade::check(shared, &request) else {
+        return Some((stream, buf.freeze()));
+    };
+    // The request is this connection's now: its handling and the answer have the
+    // handshake timeout from here, as under hyper's watchdog.
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let answered = async {
+        match upgrade::decide(shared, &request, valid, permit).await {
+            Ok(upgrade) => {
+                stream.write_all(&upgrade.response_head()).await?;
+                Ok(Ok(upgrade))
+            }
+            Err(rejection) => {
+                shared.metrics.rejected(rejection.reason);
+                stream.write_all(&rejection.http1_response()).await?;
+                Ok(Err(()))
+            }
+        }
+    };
+    let answered: std::io::Result<_> = tokio::select! {
+        answered = answered => answered,
+        () = tokio::time::sleep_until(deadline) => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            return None;
+        }
+        () = evicted.cancelled() => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            return None;
+        }
+        () = shared.shutdown.cancelled() => return None,
+    };
+    match answered {
+        Ok(Ok(upgrade)) => {
+            // What the client sent after the head (its first frames) is the session's.
+            let rest = buf.split_off(head.len).freeze();
+            upgrade.start(shared, std::future::ready(Some((Transport::Plain(Arc::new(stream)), rest))));
+        }
+        Ok(Err(())) => {
+            // Refused: close once the client has read the answer (its unread bytes
+            // would make the kernel send a reset that can destroy it).
+            let _ = stream.shutdown().await;
+            let drain = async {
+                let mut scratch = [0u8; 512];
+                while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+            };
+            let _ = tokio::time::timeout_at(deadline, drain).await;
+        }
+        Err(error) => tracing::debug!(%remote, %error, "upgrade answer not written"),
+    }
+    None
 }
 
 async fn serve_tls(

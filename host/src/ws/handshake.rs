@@ -40,6 +40,24 @@ impl Rejection {
         self.header = Some((name, value));
         self
     }
+
+    /// The response as HTTP/1.1 bytes, the same status, header and body as
+    /// [`IntoResponse`]'s, and `connection: close` (the server closes after it).
+    pub fn http1_response(&self) -> Vec<u8> {
+        let body = format!("{}\n", self.message);
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some((name, value)) = &self.header {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        head.push_str(&body);
+        head.into_bytes()
+    }
 }
 
 impl IntoResponse for Rejection {

@@ -12,13 +12,15 @@
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -34,8 +36,21 @@ impl Transport {
     /// hyper read past the upgrade request. Gives `upgraded` back if its stream is
     /// neither of the server's own kinds.
     pub fn from_upgraded(upgraded: Upgraded) -> Result<(Self, Bytes), Upgraded> {
-        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => return Ok((Self::Plain(Arc::new(parts.io.into_inner())), parts.read_buf)),
+        let upgraded = match upgraded.downcast::<TokioIo<Prefixed>>() {
+            Ok(parts) => {
+                let Prefixed { prefix, stream } = parts.io.into_inner();
+                // hyper's unread bytes came off the stream before what is left of the
+                // prefix (only left when hyper's buffer could not take it all).
+                let rest = if prefix.is_empty() {
+                    parts.read_buf
+                } else {
+                    let mut rest = BytesMut::with_capacity(parts.read_buf.len() + prefix.len());
+                    rest.extend_from_slice(&parts.read_buf);
+                    rest.extend_from_slice(&prefix);
+                    rest.freeze()
+                };
+                return Ok((Self::Plain(Arc::new(stream)), rest));
+            }
             Err(upgraded) => upgraded,
         };
         let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>()?;
@@ -59,6 +74,59 @@ impl Transport {
                 (Reader::Tls(read), Writer::Tls(write))
             }
         }
+    }
+}
+
+/// A TCP stream with bytes already read off it in front: what the server read of a
+/// connection's first request head before it handed the connection to hyper (see
+/// `server::head`). Reads give the prefix first; writes go straight to the stream.
+#[derive(Debug)]
+pub struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        Self { prefix, stream }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

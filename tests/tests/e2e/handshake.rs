@@ -1,7 +1,12 @@
 //! Handshake validation over raw TCP: each malformed request gets the right status,
-//! header and one-line reason before any upgrade, and is counted by reason.
+//! header and one-line reason before any upgrade, and is counted by reason; and how the
+//! server reads a connection's first head itself (frames sent with it, a head that
+//! trickles in, an upgrade after another request, a plugin's refusal).
 
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use roomcast::config::{Config, OriginPolicy};
 use roomcast_tests::*;
@@ -224,5 +229,121 @@ async fn health_and_metrics_endpoints() {
     ] {
         assert!(metrics.lines().any(|l| l == series), "missing `{series}` in\n{metrics}");
     }
+    server.stop().await;
+}
+
+/// A client's text frame: FIN, opcode 1, masked.
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | u8::try_from(text.len()).expect("a short text")];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A server with one member listening in `room`, joined.
+async fn server_with_listener(room: &str) -> (TestServer, Client) {
+    let server = TestServer::start(test_config()).await;
+    let listener = server.connect(room).await;
+    server.wait_metric("roomcast_room_members", 1.0, Duration::from_secs(5)).await;
+    (server, listener)
+}
+
+/// Frames a client writes together with its upgrade request (in the same packet) are
+/// the session's first input: the server reads them with the head and hands them on.
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_reach_the_room() {
+    let (server, mut listener) = server_with_listener("eager").await;
+    let mut bytes = upgrade_request(server.addr, "/ws/eager", "").into_bytes();
+    bytes.extend(masked_text("first"));
+    bytes.extend(masked_text("second"));
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    read_upgrade_response(&mut stream).await.unwrap();
+    assert_eq!(recv_text(&mut listener).await, "first");
+    assert_eq!(recv_text(&mut listener).await, "second");
+    server.stop().await;
+}
+
+/// One whole response off a keep-alive connection: the head and its `content-length`
+/// body.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = header(&head, "content-length").expect("a length").parse().unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head + &String::from_utf8(body).unwrap()
+}
+
+/// The server answers a connection's first upgrade itself and hands anything else to
+/// its HTTP implementation with the bytes it read; an upgrade that comes later on the
+/// same keep-alive connection still gets its session, with the frames sent after it.
+#[tokio::test]
+async fn an_upgrade_after_another_request_on_the_same_connection() {
+    let (server, mut listener) = server_with_listener("later").await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let health = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr);
+    stream.write_all(health.as_bytes()).await.unwrap();
+    let response = read_response(&mut stream).await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    let mut bytes = upgrade_request(server.addr, "/ws/later", "").into_bytes();
+    bytes.extend(masked_text("after health"));
+    stream.write_all(&bytes).await.unwrap();
+    read_upgrade_response(&mut stream).await.unwrap();
+    assert_eq!(recv_text(&mut listener).await, "after health");
+    server.stop().await;
+}
+
+/// A head that arrives a byte at a time (well within the handshake timeout) is read
+/// to its end and answered.
+#[tokio::test]
+async fn an_upgrade_head_that_trickles_in_is_answered() {
+    let (server, mut listener) = server_with_listener("slow").await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for byte in upgrade_request(server.addr, "/ws/slow", "").bytes() {
+        stream.write_all(&[byte]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    read_upgrade_response(&mut stream).await.unwrap();
+    stream.write_all(&masked_text("made it")).await.unwrap();
+    assert_eq!(recv_text(&mut listener).await, "made it");
+    server.stop().await;
+}
+
+/// A plugin's refusal of an upgrade the server answers itself: the status and the
+/// reason, then the server closes the connection (it does not wait for more requests).
+#[tokio::test]
+async fn a_plugins_refusal_is_answered_and_the_connection_closed() {
+    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
+    let dir = PluginDir::new(&[("gate", Some(manifest))]);
+    let config =
+        Config { plugins: Some(dir.path.clone()), allowed_origins: OriginPolicy::Any, ..test_config() };
+    let server = TestServer::start(config).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut bytes =
+        upgrade_request(server.addr, "/ws/gate?token=guess", "Origin: https://app.example.com\r\n")
+            .into_bytes();
+    // Bytes the refused client sent on: they must not turn the close into a reset.
+    bytes.extend(masked_text("never read"));
+    stream.write_all(&bytes).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the server closes the connection")
+        .expect("a clean close, not a reset");
+    let response = String::from_utf8(response).unwrap();
+    assert_eq!(status_of(&response), Some(403), "{response}");
+    assert!(response.to_ascii_lowercase().contains("connection: close"), "{response}");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(body.contains("bad token"), "{response}");
+    assert_eq!(header(head, "content-length"), Some(body.len().to_string().as_str()), "{response}");
+    assert_eq!(server.metric("roomcast_handshakes_rejected_total{reason=\"plugin\"}").await, 1.0);
     server.stop().await;
 }
