@@ -11,8 +11,9 @@
 //! so far in front of the socket ([`Prefixed`]): every other endpoint and every
 //! rejection of a check is served by the one HTTP implementation, as before.
 //!
-//! The head is read within the handshake timeout of accept, like hyper's; the bytes
-//! held are bounded by [`MAX_HEAD_BYTES`] plus one read.
+//! The head is read within the handshake timeout of accept, like hyper's, into a
+//! buffer of 1 KiB, or of [`MAX_HEAD_BYTES`] and a byte once a head is longer: what
+//! hyper gets in front of the socket is at most that.
 //!
 //! [`Prefixed`]: crate::ws::transport::Prefixed
 
@@ -29,7 +30,7 @@ use super::MAX_HEAD_BYTES;
 /// The most headers the server parses itself; a request with more goes to hyper
 /// (which takes up to 100).
 pub const MAX_HEADERS: usize = 48;
-/// The first read's room; a longer head grows the buffer, up to [`MAX_HEAD_BYTES`].
+/// The first read's room; a longer head moves to a buffer of [`MAX_HEAD_BYTES`] and a byte.
 const FIRST_READ: usize = 1024;
 
 /// A complete upgrade request head.
@@ -69,8 +70,13 @@ pub enum First {
 pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
     loop {
         stream.readable().await?;
-        if buf.capacity() - buf.len() < FIRST_READ {
-            buf.reserve(buf.len().max(FIRST_READ));
+        if buf.len() == buf.capacity() {
+            // Room for a usual head first; past it, one allocation for the longest
+            // head and a byte (to tell that it is longer), never more.
+            let room = if buf.capacity() == 0 { FIRST_READ } else { MAX_HEAD_BYTES + 1 };
+            let mut grown = BytesMut::with_capacity(room);
+            grown.extend_from_slice(buf);
+            *buf = grown;
         }
         match stream.try_read_buf(buf) {
             Ok(0) => return Ok(First::Closed),

@@ -123,6 +123,27 @@ fn cases(addr: std::net::SocketAddr) -> Vec<Case> {
             None,
             Some("origin"),
         ),
+        case(
+            "two hosts",
+            format!("GET /ws/room HTTP/1.1\r\n{h}Host: other\r\n{up}{key}{ver}\r\n"),
+            400,
+            None,
+            Some("bad_request"),
+        ),
+        case(
+            "header line too long",
+            format!("GET /ws/room HTTP/1.1\r\n{h}{up}{key}{ver}X-Long: {}\r\n\r\n", "a".repeat(9000)),
+            431,
+            None,
+            Some("bad_request"),
+        ),
+        case(
+            "target too long",
+            format!("GET /ws/room?{} HTTP/1.1\r\n{h}{up}{key}{ver}\r\n", "a".repeat(9000)),
+            414,
+            None,
+            Some("bad_request"),
+        ),
     ]
 }
 
@@ -345,5 +366,25 @@ async fn a_plugins_refusal_is_answered_and_the_connection_closed() {
     assert!(body.contains("bad token"), "{response}");
     assert_eq!(header(head, "content-length"), Some(body.len().to_string().as_str()), "{response}");
     assert_eq!(server.metric("roomcast_handshakes_rejected_total{reason=\"plugin\"}").await, 1.0);
+    server.stop().await;
+}
+
+/// A head longer than 16 KiB (each line within its own bound) is refused with 431,
+/// whether it ends or not, and the connection closed.
+#[tokio::test]
+async fn a_head_past_16_kib_gets_431() {
+    let server = TestServer::start(test_config()).await;
+    let padding: String = (0..20).map(|i| format!("X-Pad-{i}: {}\r\n", "a".repeat(1000))).collect();
+    for end in ["\r\n", ""] {
+        let request = format!("{}{padding}{end}", upgrade_request(server.addr, "/ws/room", "").trim_end());
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        // The server may answer and close before it has read everything.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+        let response = String::from_utf8_lossy(&response);
+        assert_eq!(status_of(&response), Some(431), "ended: {}: {response}", !end.is_empty());
+    }
+    assert_eq!(server.metric("roomcast_connections").await, 0.0);
     server.stop().await;
 }
