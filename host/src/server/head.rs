@@ -23,6 +23,7 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::uri::PathAndQuery;
 use axum::http::{Method, Version};
 use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::MAX_HEAD_BYTES;
@@ -78,7 +79,24 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
             grown.extend_from_slice(buf);
             *buf = grown;
         }
-        match stream.try_read_buf(buf) {
+        // A read that does not fill the room it was given empties the socket: its
+        // readiness is cleared then (as `ws::transport` does), so that the session's
+        // first read waits for bytes instead of costing a `recvfrom` that finds none.
+        let room = buf.capacity() - buf.len();
+        let mut short = None;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = stream.try_read_buf(buf)?;
+            if n > 0 && n < room {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let read = match (read, short) {
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+            (read, _) => read,
+        };
+        match read {
             Ok(0) => return Ok(First::Closed),
             Ok(_) => match parse(buf) {
                 Parsed::Partial => {}
@@ -157,6 +175,26 @@ mod tests {
         assert_eq!((head.path(), head.query()), ("/ws/chat", "x=1"));
         assert_eq!(head.headers.get("sec-websocket-version").unwrap(), "13");
         assert_eq!(head.headers.len(), 5);
+    }
+
+    /// The read that took the head emptied the socket: the session's first read then
+    /// waits for bytes instead of trying (a `recvfrom` that finds nothing).
+    #[tokio::test]
+    async fn after_the_head_the_socket_waits_for_bytes() {
+        use std::task::Poll;
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        client.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(read(&stream, &mut buf).await.unwrap(), First::Upgrade(_)));
+        let readable = stream.readable();
+        tokio::pin!(readable);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(readable.as_mut().poll(cx))).await;
+        assert!(polled.is_pending(), "the socket is empty: a read waits ({polled:?})");
+        client.write_all(b"\x88\x80abcd").await.unwrap();
+        readable.await.unwrap();
     }
 
     #[test]

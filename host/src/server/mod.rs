@@ -350,21 +350,11 @@ async fn serve_plain(
     accepted: Instant,
     evicted: CancellationToken,
 ) {
-    let timeout = shared.config.handshake_timeout;
     let mut buf = BytesMut::new();
-    let first = tokio::select! {
-        first = head::read(&stream, &mut buf) => first,
-        () = tokio::time::sleep_until(accepted + timeout) => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            tracing::debug!(%remote, overstay = ?Overstay::NeverCompleted, "HTTP connection closed by the watchdog");
-            return;
-        }
-        () = evicted.cancelled() => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            tracing::debug!(%remote, "HTTP connection closed to make room for a newer one");
-            return;
-        }
-        () = shared.shutdown.cancelled() => return,
+    let deadline = accepted + shared.config.handshake_timeout;
+    let Some(first) = in_time(&shared, &evicted, deadline, head::read(&stream, &mut buf)).await else {
+        tracing::debug!(%remote, "no complete request head in time, or closed to make room");
+        return;
     };
     let stream = match first {
         Ok(head::First::Upgrade(head)) => {
@@ -417,18 +407,7 @@ async fn upgrade_plain(
             }
         }
     };
-    let answered: std::io::Result<_> = tokio::select! {
-        answered = answered => answered,
-        () = tokio::time::sleep_until(deadline) => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            return None;
-        }
-        () = evicted.cancelled() => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            return None;
-        }
-        () = shared.shutdown.cancelled() => return None,
-    };
+    let answered: std::io::Result<_> = in_time(shared, evicted, deadline, answered).await?;
     match answered {
         Ok(Ok(upgrade)) => {
             // What the client sent after the head (its first frames) is the session's.
@@ -448,6 +427,29 @@ async fn upgrade_plain(
         Err(error) => tracing::debug!(%remote, %error, "upgrade answer not written"),
     }
     None
+}
+
+/// Run `work` for a connection that has not upgraded, until `deadline`. `None` when the
+/// deadline passed or the connection is closed to make room (both counted as a
+/// handshake `timeout`, as the watchdog counts them under hyper), or at shutdown.
+async fn in_time<T>(
+    shared: &Shared,
+    evicted: &CancellationToken,
+    deadline: Instant,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        () = tokio::time::sleep_until(deadline) => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            None
+        }
+        () = evicted.cancelled() => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            None
+        }
+        () = shared.shutdown.cancelled() => None,
+    }
 }
 
 async fn serve_tls(
