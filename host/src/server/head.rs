@@ -23,10 +23,10 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::uri::PathAndQuery;
 use axum::http::{Method, Version};
 use bytes::BytesMut;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::MAX_HEAD_BYTES;
+use crate::ws::transport::try_read_emptying;
 
 /// The most headers the server parses itself; a request with more goes to hyper
 /// (which takes up to 100).
@@ -79,23 +79,9 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
             grown.extend_from_slice(buf);
             *buf = grown;
         }
-        // A read that does not fill the room it was given empties the socket: its
-        // readiness is cleared then (as `ws::transport` does), so that the session's
-        // first read waits for bytes instead of costing a `recvfrom` that finds none.
-        let room = buf.capacity() - buf.len();
-        let mut short = None;
-        let read = stream.try_io(Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
-            if n > 0 && n < room {
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let read = match (read, short) {
-            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
-            (read, _) => read,
-        };
+        // A short read clears readiness, so the session's first read waits for bytes
+        // instead of costing a `recvfrom` that finds none.
+        let read = try_read_emptying(stream, buf);
         match read {
             Ok(0) => return Ok(First::Closed),
             Ok(_) => match parse(buf) {

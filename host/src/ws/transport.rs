@@ -164,25 +164,7 @@ impl Reader<'_> {
                 // became readable, so an idle connection held it until its first pong.
                 std::future::poll_fn(|cx| half.poll_read_ready(cx)).await?;
                 reserve(buf);
-                // A read that did not fill the room it was given emptied the socket:
-                // readiness is cleared then (the closure's `WouldBlock` makes `try_io`
-                // clear it, unless an event came meanwhile), as tokio's own `poll_read`
-                // does, so the next read waits instead of costing a `recvfrom` that
-                // returns EAGAIN.
-                let room = buf.capacity() - buf.len();
-                let mut short = None;
-                let read = half.try_io(Interest::READABLE, || {
-                    let n = half.try_read_buf(buf)?;
-                    if n > 0 && n < room {
-                        short = Some(n);
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                match (read, short) {
-                    (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
-                    (read, _) => read,
-                }
+                try_read_emptying(half, buf)
             }
             Self::Tls(half) => {
                 reserve(buf);
@@ -261,6 +243,28 @@ impl Writer<'_> {
             Self::Plain(stream) => SockRef::from(*stream).shutdown(Shutdown::Write),
             Self::Tls(half) => half.shutdown().await,
         }
+    }
+}
+
+/// One non-blocking read into `buf`'s spare room. A read that did not fill the room it
+/// was given emptied the socket: readiness is cleared then (the closure's `WouldBlock`
+/// makes `try_io` clear it, unless an event came meanwhile), as tokio's own `poll_read`
+/// does, so the next wait for bytes waits instead of costing a `recvfrom` that returns
+/// EAGAIN. `WouldBlock` when there was nothing to read.
+pub fn try_read_emptying(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut short = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        if n > 0 && n < room {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (read, _) => read,
     }
 }
 
