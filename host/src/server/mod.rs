@@ -416,13 +416,18 @@ async fn upgrade_plain(
         }
         Ok(Err(())) => {
             // Refused: close once the client has read the answer (its unread bytes
-            // would make the kernel send a reset that can destroy it).
+            // would make the kernel send a reset that can destroy it), within the
+            // request's deadline, and at once when the place is needed or at shutdown.
             let _ = stream.shutdown().await;
             let drain = async {
                 let mut scratch = [0u8; 512];
                 while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
             };
-            let _ = tokio::time::timeout_at(deadline, drain).await;
+            tokio::select! {
+                _ = tokio::time::timeout_at(deadline, drain) => {}
+                () = evicted.cancelled() => {}
+                () = shared.shutdown.cancelled() => {}
+            }
         }
         Err(error) => tracing::debug!(%remote, %error, "upgrade answer not written"),
     }

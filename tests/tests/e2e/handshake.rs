@@ -388,3 +388,37 @@ async fn a_head_past_16_kib_gets_431() {
     assert_eq!(server.metric("roomcast_connections").await, 0.0);
     server.stop().await;
 }
+
+/// A client refused by a plugin that then neither reads on nor closes keeps its place
+/// under `max_http_connections` only until a new connection needs it (after 2 s), like
+/// any connection that has not upgraded: it cannot keep new clients out for the whole
+/// handshake timeout.
+#[tokio::test]
+async fn a_refused_client_that_lingers_makes_room_for_a_new_one() {
+    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
+    let dir = PluginDir::new(&[("gate", Some(manifest))]);
+    let config = Config {
+        plugins: Some(dir.path.clone()),
+        allowed_origins: OriginPolicy::Any,
+        max_http_connections: 1,
+        handshake_timeout: Duration::from_secs(60),
+        ..test_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut lingering = TcpStream::connect(server.addr).await.unwrap();
+    let request = upgrade_request(server.addr, "/ws/gate?token=guess", "Origin: https://app.example.com\r\n");
+    lingering.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    lingering.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 403");
+    // The one place is taken; a health check gets in once the lingering client has
+    // been closed to make room (raw requests give up after 5 s).
+    let (status, _) = http_get(server.addr, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), lingering.read_to_end(&mut rest))
+        .await
+        .expect("the lingering connection was closed")
+        .unwrap();
+    server.stop().await;
+}
