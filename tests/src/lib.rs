@@ -592,6 +592,20 @@ pub use roomcast_plugin_build::{built_plugins, plugins_workspace};
 pub mod browser;
 pub mod tls;
 
+/// The `gate` example plugin in a plugins folder, configured to admit the origin
+/// `https://app.example.com` with the token `s3cret`, and a server configuration that
+/// loads it and leaves origins to it. Keep the folder alive while the server runs.
+pub fn gate_setup() -> (PluginDir, Config) {
+    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
+    let dir = PluginDir::new(&[("gate", Some(manifest))]);
+    let config = Config {
+        plugins: Some(dir.path.clone()),
+        allowed_origins: roomcast::config::OriginPolicy::Any,
+        ..test_config()
+    };
+    (dir, config)
+}
+
 /// A temporary plugins folder holding copies of the named built plugins
 /// (`("chat", None)` copies chat.wasm; a second element writes NAME.toml).
 pub struct PluginDir {

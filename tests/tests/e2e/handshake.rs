@@ -342,10 +342,7 @@ async fn an_upgrade_head_that_trickles_in_is_answered() {
 /// reason, then the server closes the connection (it does not wait for more requests).
 #[tokio::test]
 async fn a_plugins_refusal_is_answered_and_the_connection_closed() {
-    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
-    let dir = PluginDir::new(&[("gate", Some(manifest))]);
-    let config =
-        Config { plugins: Some(dir.path.clone()), allowed_origins: OriginPolicy::Any, ..test_config() };
+    let (_dir, config) = gate_setup();
     let server = TestServer::start(config).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let mut bytes =
@@ -395,15 +392,8 @@ async fn a_head_past_16_kib_gets_431() {
 /// handshake timeout.
 #[tokio::test]
 async fn a_refused_client_that_lingers_makes_room_for_a_new_one() {
-    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
-    let dir = PluginDir::new(&[("gate", Some(manifest))]);
-    let config = Config {
-        plugins: Some(dir.path.clone()),
-        allowed_origins: OriginPolicy::Any,
-        max_http_connections: 1,
-        handshake_timeout: Duration::from_secs(60),
-        ..test_config()
-    };
+    let (_dir, config) = gate_setup();
+    let config = Config { max_http_connections: 1, handshake_timeout: Duration::from_secs(60), ..config };
     let server = TestServer::start(config).await;
     let mut lingering = TcpStream::connect(server.addr).await.unwrap();
     let request = upgrade_request(server.addr, "/ws/gate?token=guess", "Origin: https://app.example.com\r\n");

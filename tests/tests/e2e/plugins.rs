@@ -135,13 +135,7 @@ close_after = 1
 
 #[tokio::test]
 async fn gate_checks_origin_and_token() {
-    let manifest = "[config]\norigins = [\"https://app.example.com\"]\ntoken = \"s3cret\"\n";
-    let dir = PluginDir::new(&[("gate", Some(manifest))]);
-    let config = Config {
-        plugins: Some(dir.path.clone()),
-        allowed_origins: roomcast::config::OriginPolicy::Any,
-        ..test_config()
-    };
+    let (_dir, config) = gate_setup();
     let server = TestServer::start(config).await;
     let attempt = |origin: &'static str, query: &'static str| {
         let request =
