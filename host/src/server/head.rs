@@ -21,7 +21,6 @@ use std::io;
 
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::uri::PathAndQuery;
-use axum::http::{Method, Version};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
@@ -34,11 +33,9 @@ pub const MAX_HEADERS: usize = 48;
 /// The first read's room; a longer head moves to a buffer of [`MAX_HEAD_BYTES`] and a byte.
 const FIRST_READ: usize = 1024;
 
-/// A complete upgrade request head.
+/// A complete upgrade request head: a `GET` of HTTP/1.1.
 #[derive(Debug)]
 pub struct Head {
-    pub method: Method,
-    pub version: Version,
     pub target: PathAndQuery,
     pub headers: HeaderMap,
     /// Its length in bytes, the blank line included: what follows is the client's.
@@ -67,9 +64,12 @@ pub enum First {
 }
 
 /// Read the first request head of `stream` into `buf`. Cancel-safe: bytes read stay in
-/// `buf`.
+/// `buf`. The head is parsed once a read may have ended it (a blank line in what it
+/// brought) or it is past its bound, so a head that trickles in costs one parse, not
+/// one per read.
 pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
     loop {
+        let before = buf.len();
         stream.readable().await?;
         if buf.len() == buf.capacity() {
             // Room for a usual head first; past it, one allocation for the longest
@@ -84,6 +84,7 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
         let read = try_read_emptying(stream, buf);
         match read {
             Ok(0) => return Ok(First::Closed),
+            Ok(_) if !ends_head(&buf[before.saturating_sub(2)..]) && buf.len() <= MAX_HEAD_BYTES => {}
             Ok(_) => match parse(buf) {
                 Parsed::Partial => {}
                 Parsed::Upgrade(head) => return Ok(First::Upgrade(head)),
@@ -93,6 +94,12 @@ pub async fn read(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<First> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether `bytes` hold the blank line that ends a head (`\n\n` or `\n\r\n`: httparse,
+/// like hyper, also takes lines that end in a bare `\n`).
+fn ends_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 enum Parsed {
@@ -135,7 +142,7 @@ fn parse(bytes: &[u8]) -> Parsed {
     {
         return Parsed::Other;
     }
-    Parsed::Upgrade(Head { method: Method::GET, version: Version::HTTP_11, target, headers: map, len })
+    Parsed::Upgrade(Head { target, headers: map, len })
 }
 
 #[cfg(test)]
@@ -181,6 +188,31 @@ mod tests {
         assert!(polled.is_pending(), "the socket is empty: a read waits ({polled:?})");
         client.write_all(b"\x88\x80abcd").await.unwrap();
         readable.await.unwrap();
+    }
+
+    /// The head is parsed when its blank line arrives, also when that line is split
+    /// between two reads or its lines end in a bare `\n`.
+    #[tokio::test]
+    async fn a_head_is_read_whichever_way_its_end_arrives() {
+        use tokio::io::AsyncWriteExt as _;
+        let bare = UPGRADE.replace("\r\n", "\n");
+        for (head, cut) in [(UPGRADE.to_owned(), UPGRADE.len() - 1), (bare.clone(), bare.len() - 1)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            client.write_all(&head.as_bytes()[..cut]).await.unwrap();
+            let mut buf = BytesMut::new();
+            let reading = read(&stream, &mut buf);
+            tokio::pin!(reading);
+            let early = tokio::time::timeout(std::time::Duration::from_millis(50), &mut reading).await;
+            assert!(early.is_err(), "a head without its last byte is not whole: {early:?}");
+            client.write_all(&head.as_bytes()[cut..]).await.unwrap();
+            let whole = tokio::time::timeout(std::time::Duration::from_secs(5), reading).await;
+            match whole.expect("the last byte ends the head").unwrap() {
+                First::Upgrade(read) => assert_eq!(read.len, head.len()),
+                other => panic!("{other:?} for {head:?}"),
+            }
+        }
     }
 
     #[test]

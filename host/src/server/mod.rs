@@ -381,8 +381,8 @@ async fn upgrade_plain(
     evicted: &CancellationToken,
 ) -> Option<(TcpStream, Bytes)> {
     let request = UpgradeHead {
-        method: &head.method,
-        version: head.version,
+        method: &axum::http::Method::GET,
+        version: axum::http::Version::HTTP_11,
         path: head.path(),
         query: head.query(),
         headers: &head.headers,
