@@ -4,6 +4,7 @@
 
 mod head;
 pub mod shutdown;
+mod sockopt;
 pub mod tls;
 pub mod watchdog;
 
@@ -69,12 +70,16 @@ pub enum ServerError {
 
 /// Bind the listening socket with an explicit backlog (tokio's default of 128
 /// overflows under a reconnect storm, and clients then wait a second for a SYN
-/// retransmit).
+/// retransmit) and, on Linux, deferred accept (see [`sockopt::defer_accept`]).
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
     let bind = |socket: TcpSocket| -> std::io::Result<TcpListener> {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
+        if let Err(error) = sockopt::defer_accept(&socket) {
+            // Not fatal: connections are then accepted on the handshake's last ACK.
+            tracing::warn!(%error, "cannot defer accept until a connection's first bytes");
+        }
         socket.listen(backlog)
     };
     socket.and_then(bind).map_err(|source| {
