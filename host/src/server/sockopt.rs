@@ -14,9 +14,10 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 /// ACK. The server then accepts and reads in one wake-up instead of two (paired
 /// measurement in bench/PROFILE.md section 17), and a client that connects and sends
 /// nothing holds no descriptor and no place under `max_http_connections` for its first
-/// [`DEFER_ACCEPT_SECS`]: until then it is a request socket in the kernel's SYN queue
-/// (bounded by the backlog, with SYN cookies past it). After that it is accepted and
-/// the handshake timeout runs as for any connection.
+/// [`DEFER_ACCEPT_SECS`]: until then it is a request socket in the kernel's SYN queue,
+/// which the listen backlog bounds (past it the kernel answers with SYN cookies, and
+/// such a connection is accepted on its last ACK as without this option). After that
+/// it is accepted and the handshake timeout runs as for any connection.
 #[cfg(target_os = "linux")]
 pub(super) fn defer_accept(socket: &TcpSocket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
