@@ -428,11 +428,8 @@ async fn upgrade_plain(
                 let mut scratch = [0u8; 512];
                 while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
             };
-            tokio::select! {
-                _ = tokio::time::timeout_at(deadline, drain) => {}
-                () = evicted.cancelled() => {}
-                () = shared.shutdown.cancelled() => {}
-            }
+            // The refusal is counted already: an end of the drain is not a timeout.
+            let _ = within(shared, evicted, deadline, drain).await;
         }
         Err(error) => tracing::debug!(%remote, %error, "upgrade answer not written"),
     }
@@ -448,17 +445,37 @@ async fn in_time<T>(
     deadline: Instant,
     work: impl Future<Output = T>,
 ) -> Option<T> {
+    match within(shared, evicted, deadline, work).await {
+        Ok(done) => Some(done),
+        Err(Cut::Shutdown) => None,
+        Err(Cut::Expired) => {
+            shared.metrics.rejected(RejectReason::Timeout);
+            None
+        }
+    }
+}
+
+/// What ended a connection's wait before its work was done.
+enum Cut {
+    /// The deadline passed, or the connection is closed to make room under
+    /// `max_http_connections`.
+    Expired,
+    Shutdown,
+}
+
+/// Run `work` until `deadline`, the connection's eviction or shutdown, whichever comes
+/// first; counts nothing (see [`in_time`]).
+async fn within<T>(
+    shared: &Shared,
+    evicted: &CancellationToken,
+    deadline: Instant,
+    work: impl Future<Output = T>,
+) -> Result<T, Cut> {
     tokio::select! {
-        done = work => Some(done),
-        () = tokio::time::sleep_until(deadline) => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            None
-        }
-        () = evicted.cancelled() => {
-            shared.metrics.rejected(RejectReason::Timeout);
-            None
-        }
-        () = shared.shutdown.cancelled() => None,
+        done = work => Ok(done),
+        () = tokio::time::sleep_until(deadline) => Err(Cut::Expired),
+        () = evicted.cancelled() => Err(Cut::Expired),
+        () = shared.shutdown.cancelled() => Err(Cut::Shutdown),
     }
 }
 
