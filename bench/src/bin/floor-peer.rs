@@ -12,7 +12,9 @@
 //! uWebSockets does. What the kernel does not take waits in the member's buffer for
 //! writability. Bounds, so that it cannot be made to hold memory: a request head of
 //! 16 KiB, a frame of 64 KiB, 64 MiB queued for one member (past it the member is cut);
-//! fragmented messages and reserved opcodes close the connection.
+//! fragmented messages and reserved opcodes close the connection. It has no timeouts
+//! (a connection that never completes its upgrade keeps its descriptor): a loopback
+//! reference for the load generator, not a server to expose.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
