@@ -37,6 +37,7 @@ fn short(kind: Kind) -> &'static str {
         Kind::Fastwebsockets => "fastwebs.",
         Kind::Uws => "uWS.js",
         Kind::Ws => "Node ws",
+        Kind::Floor => "floor",
     }
 }
 

@@ -323,6 +323,10 @@ struct SuiteArgs {
     /// server that can compress, compression on and off
     #[arg(long, conflicts_with = "rooms_only")]
     compression_only: bool,
+    /// Only the paced fan-out, at every rate, for every server given (with `floor` among
+    /// them: how far each is from the least a server can do per delivery)
+    #[arg(long, conflicts_with_all = ["rooms_only", "compression_only"])]
+    paced_only: bool,
     /// Runs of every scenario [default: 3, quick: 1]
     #[arg(long)]
     runs: Option<usize>,
@@ -335,6 +339,8 @@ struct SuiteArgs {
     tungstenite_peer: PathBuf,
     #[arg(long, default_value = "target/release/fastwebsockets-peer")]
     fastwebsockets_peer: PathBuf,
+    #[arg(long, default_value = "target/release/floor-peer")]
+    floor_peer: PathBuf,
     #[arg(long, default_value = "bench/peers")]
     peers_dir: PathBuf,
     #[arg(long, default_value = "node")]
@@ -523,12 +529,14 @@ fn suite_options(args: SuiteArgs) -> anyhow::Result<suite::SuiteOptions> {
         quick: args.quick,
         rooms_only: args.rooms_only,
         compression_only: args.compression_only,
+        paced_only: args.paced_only,
         runs: args.runs,
         servers,
         programs: Programs {
             roomcast: args.roomcast,
             tungstenite_peer: args.tungstenite_peer,
             fastwebsockets_peer: args.fastwebsockets_peer,
+            floor_peer: args.floor_peer,
             peers_dir: args.peers_dir,
             node: args.node,
             logs: args.work_dir.join("logs"),

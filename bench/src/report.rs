@@ -236,12 +236,10 @@ pub fn tables(results: &Results) -> String {
         &mut out,
         "lost / duplicated deliveries (all runs)",
         servers.iter().map(|&k| {
-            let (lost, dup) = results
-                .fanout
-                .iter()
-                .filter(|(s, _)| *s == k)
-                .fold((0, 0), |(l, d), (_, r)| (l + r.lost, d + r.duplicates));
-            format!("{lost} / {dup}")
+            let runs: Vec<&FanoutResult> =
+                results.fanout.iter().filter(|(s, _)| *s == k).map(|(_, r)| r).collect();
+            let (lost, dup) = runs.iter().fold((0, 0), |(l, d), r| (l + r.lost, d + r.duplicates));
+            if runs.is_empty() { "–".to_owned() } else { format!("{lost} / {dup}") }
         }),
     );
     row(&mut out, "other programs' CPU during the phase, s (noise)", cell(|x| x.fanout_other_s, 2));
@@ -1242,7 +1240,7 @@ fn targets(results: &Results, m: &[Medians]) -> String {
         "\n### Targets (issue 5)\n\n| target | Roomcast | reference | verdict |\n|---|---:|---:|---|"
     );
     let best_peer = (0..servers.len())
-        .filter(|&i| i != rc && m[i].cpu_us_per_delivery.is_finite())
+        .filter(|&i| i != rc && !servers[i].is_reference() && m[i].cpu_us_per_delivery.is_finite())
         .min_by(|&a, &b| m[a].cpu_us_per_delivery.total_cmp(&m[b].cpu_us_per_delivery));
     if let Some(best) = best_peer {
         let (ours, theirs) = (m[rc].cpu_us_per_delivery, m[best].cpu_us_per_delivery);
@@ -1404,7 +1402,8 @@ fn targets_16(results: &Results) -> String {
         "\n### Targets (issue 16)\n\n\
          | target | Roomcast | reference | ratio | verdict |\n|---|---:|---:|---:|---|"
     );
-    let peers: Vec<Kind> = servers.iter().copied().filter(|&k| k != Kind::Roomcast).collect();
+    let peers: Vec<Kind> =
+        servers.iter().copied().filter(|&k| k != Kind::Roomcast && !k.is_reference()).collect();
     // The best peer by `f` (the lowest, or the highest when `higher`), with its name.
     let best = |f: &dyn Fn(Kind) -> f64, higher: bool| -> (f64, &'static str) {
         peers
@@ -1608,7 +1607,7 @@ fn machine(results: &Results) -> String {
          | Rust | {} |\n| Node | {} |\n| uWebSockets.js | npm `uwebsockets@{}`, integrity `{}` |\n\
          | Node ws | `ws@{}` |\n| tokio-tungstenite | 0.30 (bench/src/bin/tungstenite-peer.rs, 4 KiB read buffer) |\n\
          | fastwebsockets | 0.10 (bench/src/bin/fastwebsockets-peer.rs, upgrade through hyper 1, split halves) |\n\
-         | load average before → after | {} → {} |\n",
+         {}| load average before → after | {} → {} |\n",
         m.date,
         m.commit,
         m.roomcast_sha256.get(..16).unwrap_or("?"),
@@ -1624,6 +1623,12 @@ fn machine(results: &Results) -> String {
         m.uws_version,
         m.uws_integrity,
         m.ws_version,
+        if results.servers.contains(&Kind::Floor) {
+            "| floor (reference) | bench/src/bin/floor-peer.rs (one mio epoll loop, one write per member per \
+             iteration, no heartbeat) |\n"
+        } else {
+            ""
+        },
         m.load_before,
         m.load_after
     )
@@ -1935,6 +1940,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          bench/run --quick      # a 4-minute smoke run with small sizes\n\
          bench/run --rooms-only # the room-protocol scenarios alone, about 7 minutes\n\
          bench/run --compression-only # the compression scenario alone, about 6 minutes\n\
+         bench/run --paced-only # the paced fan-out beside the floor, about 12 minutes\n\
          ```\n\n\
          `bench/run` installs what it needs (the Debian font for the chart, the Node peers with\n\
          `npm ci` from `bench/peers/package-lock.json`), builds Roomcast, the plugins and the\n\
@@ -2041,7 +2047,11 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          (`bench/src/bin/fastwebsockets-peer.rs`: the handshake through hyper 1, then the\n\
          socket split so that one task reads while it writes; fastwebsockets' reads are not\n\
          cancel-safe). Both Rust peers keep one queue per member, drained by the member's task\n\
-         and flushed once per batch. Roomcast runs with `--max-queue-bytes 64MiB`.\n",
+         and flushed once per batch. Roomcast runs with `--max-queue-bytes 64MiB`. The floor\n\
+         (`bench/src/bin/floor-peer.rs`, when a run names it: `bench/run --paced-only`) is a\n\
+         reference, not a peer: one epoll loop that gives every member each loop iteration's\n\
+         messages in one write, with no heartbeat and no runtime; it runs the paced fan-out\n\
+         only, and no verdict takes it as the best peer.\n",
     );
     out
 }
@@ -2138,6 +2148,38 @@ mod tests {
         // The plugins table tells the two 1000-member shapes apart.
         assert!(md.contains("| 1000 members, 10 senders, 10 in flight | relay |"));
         assert!(md.contains("| 1000 members, 10 senders, 256 in flight | relay |"));
+    }
+
+    #[test]
+    fn the_floor_is_never_the_best_peer() {
+        let sizes = Sizes::new(false, None);
+        let rate = sizes.paced[0].pace.rate();
+        let results = Results {
+            sizes: Some(sizes.clone()),
+            servers: vec![Kind::Roomcast, Kind::Uws, Kind::Floor],
+            fanout: vec![(Kind::Roomcast, fanout(1e6, 0.2)), (Kind::Uws, fanout(1e6, 0.3))],
+            paced: vec![
+                (Kind::Roomcast, fanout(rate, 5.0)),
+                (Kind::Uws, fanout(rate, 5.5)),
+                (Kind::Floor, fanout(rate, 4.0)),
+            ],
+            ..Results::default()
+        };
+        let md = tables(&results);
+        let targets = issue_16(&md);
+        let name = format!("| CPU per delivery below every peer's, paced {} deliveries/s", thousands(rate));
+        let paced = targets.lines().find(|l| l.starts_with(&name)).unwrap();
+        assert!(paced.contains("(uWebSockets.js)") && paced.ends_with("| met |"), "{paced}");
+        let saturated = targets
+            .lines()
+            .find(|l| l.starts_with("| CPU per delivery below every peer's, saturated"))
+            .unwrap();
+        assert!(saturated.contains("(uWebSockets.js)") && saturated.ends_with("| met |"), "{saturated}");
+        // Its column shows what it ran: the paced fan-out, against Roomcast's 1.25×; no
+        // saturated run, so no count of losses there either.
+        assert!(md.contains("floor (reference)"), "{md}");
+        assert!(md.contains("| lost / duplicated deliveries (all runs) | 0 / 0 | 0 / 0 | – |"), "{md}");
+        assert!(md.contains("1.25×"), "{md}");
     }
 
     #[test]

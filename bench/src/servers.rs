@@ -20,10 +20,14 @@ pub enum Kind {
     Fastwebsockets,
     Uws,
     Ws,
+    /// `floor-peer`: the least a server can do per delivery; a reference that runs the
+    /// paced fan-out only and is never a peer in a verdict.
+    Floor,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Roomcast, Kind::Tungstenite, Kind::Fastwebsockets, Kind::Uws, Kind::Ws];
+    pub const ALL: [Kind; 6] =
+        [Kind::Roomcast, Kind::Tungstenite, Kind::Fastwebsockets, Kind::Uws, Kind::Ws, Kind::Floor];
 
     /// The short name used on the command line.
     pub fn id(self) -> &'static str {
@@ -33,6 +37,7 @@ impl Kind {
             Kind::Fastwebsockets => "fastwebsockets",
             Kind::Uws => "uws",
             Kind::Ws => "ws",
+            Kind::Floor => "floor",
         }
     }
 
@@ -44,7 +49,14 @@ impl Kind {
             Kind::Fastwebsockets => "fastwebsockets",
             Kind::Uws => "uWebSockets.js",
             Kind::Ws => "Node ws",
+            Kind::Floor => "floor (reference)",
         }
+    }
+
+    /// Whether it is a reference rather than a server people would pick: it runs the
+    /// paced fan-out only, and no verdict takes it as the best peer.
+    pub fn is_reference(self) -> bool {
+        self == Kind::Floor
     }
 
     pub fn parse(id: &str) -> anyhow::Result<Self> {
@@ -61,6 +73,7 @@ pub struct Programs {
     pub roomcast: PathBuf,
     pub tungstenite_peer: PathBuf,
     pub fastwebsockets_peer: PathBuf,
+    pub floor_peer: PathBuf,
     /// The folder with `uws.js`, `ws.js` and their `node_modules`.
     pub peers_dir: PathBuf,
     pub node: String,
@@ -91,7 +104,7 @@ pub const COMPRESSION_THRESHOLD: usize = 256;
 impl Kind {
     /// Whether the server can compress messages (permessage-deflate).
     pub fn compresses(self) -> bool {
-        !matches!(self, Kind::Tungstenite | Kind::Fastwebsockets)
+        !matches!(self, Kind::Tungstenite | Kind::Fastwebsockets | Kind::Floor)
     }
 }
 
@@ -139,6 +152,9 @@ impl Server {
             }
             Kind::Fastwebsockets => {
                 command.arg(&programs.fastwebsockets_peer).arg(port.to_string());
+            }
+            Kind::Floor => {
+                command.arg(&programs.floor_peer).arg(port.to_string());
             }
             Kind::Uws | Kind::Ws => {
                 let script = programs.peers_dir.join(format!("{}.js", kind.id()));

@@ -457,6 +457,8 @@ pub struct SuiteOptions {
     pub rooms_only: bool,
     /// Only the compression scenario.
     pub compression_only: bool,
+    /// Only the paced fan-out, for every server given.
+    pub paced_only: bool,
     pub runs: Option<usize>,
     pub servers: Vec<Kind>,
     pub programs: Programs,
@@ -504,20 +506,26 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
             servers.rotate_left(first);
         }
         for kind in servers {
+            // A reference (the floor), or a paced-only run: the paced fan-out alone.
+            let everything = !options.paced_only && !kind.is_reference();
             let params = FanoutParams {
                 messages: match kind {
-                    Kind::Roomcast | Kind::Tungstenite | Kind::Fastwebsockets => sizes.fanout.messages,
+                    Kind::Roomcast | Kind::Tungstenite | Kind::Fastwebsockets | Kind::Floor => {
+                        sizes.fanout.messages
+                    }
                     Kind::Uws | Kind::Ws => sizes.node_messages,
                 },
                 ..sizes.fanout.clone()
             };
-            scenario(&mut results, kind, run, "fan-out", &options, async |server| {
-                let target = Target::new(server.addr, "/ws/bench".into())?;
-                let conns = client::connect_all(&target, params.clients).await?;
-                let r = fanout::run(conns, &params, Some(server.pid)).await?;
-                Ok(Outcome::Fanout(r))
-            })
-            .await;
+            if everything {
+                scenario(&mut results, kind, run, "fan-out", &options, async |server| {
+                    let target = Target::new(server.addr, "/ws/bench".into())?;
+                    let conns = client::connect_all(&target, params.clients).await?;
+                    let r = fanout::run(conns, &params, Some(server.pid)).await?;
+                    Ok(Outcome::Fanout(r))
+                })
+                .await;
+            }
             // Lowest rate first; once the server fell behind, the higher rates are skipped
             // (and the report says so).
             let mut behind: Option<String> = None;
@@ -541,6 +549,9 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 if let Some((_, r)) = results.paced.get(before) {
                     behind = fell_behind(r, rate).map(|why| format!("at {rate:.0} deliveries/s {why}"));
                 }
+            }
+            if !everything {
+                continue;
             }
             if let Some(params) = &sizes.contended {
                 scenario(&mut results, kind, run, "contended", &options, async |server| {
@@ -575,6 +586,9 @@ pub async fn run(options: SuiteOptions) -> anyhow::Result<()> {
                 })
                 .await;
             }
+        }
+        if options.paced_only {
+            continue;
         }
         if options.servers.contains(&Kind::Roomcast) {
             if !options.rooms_only {
@@ -1168,8 +1182,9 @@ pub fn write_reports(
     }
     let (md, json, png) = (with_ext(".md"), with_ext(".json"), with_ext(".png"));
     std::fs::write(&json, serde_json::to_string_pretty(results)?)?;
-    // A run of scenarios the chart does not draw (room protocol, compression) gets none.
-    let drawable = !(results.fanout.is_empty() && results.paced.is_empty() && results.idle.is_empty());
+    // A run without the saturated fan-out and the idle connections (room protocol,
+    // compression, paced only) gets no chart: two of its three panels would be empty.
+    let drawable = !(results.fanout.is_empty() && results.idle.is_empty());
     let chart_error = if drawable {
         chart::draw(results, &png, font).err()
     } else {
