@@ -145,7 +145,8 @@ fn draw_panel<DB: DrawingBackend>(
         .x_labels(n)
         .x_label_formatter(&formatter)
         .y_desc(panel.unit)
-        .y_label_formatter(&|v| format!("{v}"))
+        // Rounded, so that a tick such as 0.6000000000000001 reads 0.6.
+        .y_label_formatter(&|v| format!("{}", (v * 1e6).round() / 1e6))
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 13))
         .draw()

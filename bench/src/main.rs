@@ -331,7 +331,7 @@ struct SuiteArgs {
     #[arg(long)]
     runs: Option<usize>,
     /// Servers to run, comma-separated
-    #[arg(long, default_value = "roomcast,tungstenite,fastwebsockets,uws,ws", value_delimiter = ',')]
+    #[arg(long, default_value = "roomcast,tungstenite,fastwebsockets,uws,ws,floor", value_delimiter = ',')]
     servers: Vec<String>,
     #[arg(long, default_value = "target/release/roomcast")]
     roomcast: PathBuf,

@@ -2048,7 +2048,7 @@ pub fn benchmarks_md(results: &Results, results_file: &str, chart: Option<&str>)
          socket split so that one task reads while it writes; fastwebsockets' reads are not\n\
          cancel-safe). Both Rust peers keep one queue per member, drained by the member's task\n\
          and flushed once per batch. Roomcast runs with `--max-queue-bytes 64MiB`. The floor\n\
-         (`bench/src/bin/floor-peer.rs`, when a run names it: `bench/run --paced-only`) is a\n\
+         (`bench/src/bin/floor-peer.rs`; in the full run and in `bench/run --paced-only`) is a\n\
          reference, not a peer: one epoll loop that gives every member each loop iteration's\n\
          messages in one write, with no heartbeat and no runtime; it runs the paced fan-out\n\
          only, and no verdict takes it as the best peer.\n",
