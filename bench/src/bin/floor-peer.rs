@@ -10,11 +10,13 @@
 //! member of a room gets all of that iteration's messages from others in one write (one
 //! `send(2)` for one message, one `writev(2)` for several), which is the batching
 //! uWebSockets does. What the kernel does not take waits in the member's buffer for
-//! writability. Bounds, so that it cannot be made to hold memory: a request head of
-//! 16 KiB, a frame of 64 KiB, 64 MiB queued for one member (past it the member is cut);
-//! fragmented messages and reserved opcodes close the connection. It has no timeouts
-//! (a connection that never completes its upgrade keeps its descriptor): a loopback
-//! reference for the load generator, not a server to expose.
+//! writability. Bounds: a request head of
+//! 16 KiB, a frame of 64 KiB, 64 MiB queued for one member, pongs included (past it the
+//! member is cut); fragmented messages and reserved opcodes close the connection. It has
+//! no timeouts (a connection that never completes its upgrade keeps its descriptor) and
+//! no read budget (a sender that writes faster than the loop reads keeps the loop on
+//! its socket, its messages gathering until it pauses): a loopback reference for the
+//! load generator, not a server to expose.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
@@ -150,7 +152,8 @@ impl Server {
                 }
             }
             conn.read.drain(..at);
-            if bad {
+            // Pongs owed to a client that pings and never reads count against its queue.
+            if bad || conn.queued.len() > MAX_QUEUED {
                 break self.ended.push(slot);
             }
         }
